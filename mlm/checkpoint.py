@@ -1,0 +1,238 @@
+"""TrainState, atomic resumable checkpoints, resume, and the plain Hugging Face export.
+
+Two kinds of checkpoint: `checkpoints/step-N/` holds every piece of state needed to continue exactly;
+`best/` is a save_pretrained export anyone can load with AutoModelForMaskedLM or pipeline("fill-mask").
+Both are written into a temporary directory, flushed, and renamed into place (invariant 5); a checkpoint's
+manifest (file sizes and SHA-256) is written last, so a checkpoint without a valid manifest is incomplete.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import logging
+import os
+import random
+import re
+import shutil
+from dataclasses import dataclass, field
+from typing import Any, Optional
+
+import numpy as np
+import torch
+
+from .config import UserError
+
+log = logging.getLogger("mlm")
+_STEP_DIR = re.compile(r"^step-(\d+)$")
+MANIFEST = "manifest.json"
+
+
+@dataclass
+class TrainState:
+    step: int = 0               # optimizer steps done
+    epoch: int = 0              # current epoch
+    micro_in_epoch: int = 0     # micro-batches of this epoch already consumed (per rank)
+    best_metric: Optional[float] = None  # best evaluation perplexity
+    best_step: Optional[int] = None
+    bad_evals: int = 0          # evaluations since the last improvement (early stopping)
+    stopped_early: bool = False
+    world_size: int = 1
+    per_device_train_batch_size: int = 0
+    tracker_run_id: Optional[str] = None
+    extra: dict[str, Any] = field(default_factory=dict)
+
+    def state_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    def load_state_dict(self, d: dict[str, Any]) -> None:
+        for k, v in d.items():
+            if hasattr(self, k):
+                setattr(self, k, v)
+
+
+# ---------------------------------------------------------------------- files, atomically
+def _fsync_dir(path: str) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def _sha256(path: str) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as fh:
+        for block in iter(lambda: fh.read(1 << 22), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
+def write_json_atomic(path: str, obj: Any) -> None:
+    tmp = f"{path}.tmp"
+    with open(tmp, "w", encoding="utf-8") as fh:
+        json.dump(obj, fh, indent=1, default=str)
+        fh.flush()
+        os.fsync(fh.fileno())
+    os.replace(tmp, path)
+
+
+def _finish_dir(tmp: str, final: str) -> None:
+    """Flush every file under tmp, then move it to final; an older final is removed only after the move."""
+    for dirpath, _, files in os.walk(tmp):
+        for name in files:
+            with open(os.path.join(dirpath, name), "rb+") as fh:
+                os.fsync(fh.fileno())
+    _fsync_dir(tmp)
+    old = None
+    if os.path.exists(final):
+        old = f"{final}.old"
+        shutil.rmtree(old, ignore_errors=True)
+        os.rename(final, old)
+    os.rename(tmp, final)
+    _fsync_dir(os.path.dirname(final) or ".")
+    if old:
+        shutil.rmtree(old, ignore_errors=True)
+
+
+def _write_manifest(path: str) -> None:
+    files = {n: {"bytes": os.path.getsize(os.path.join(path, n)), "sha256": _sha256(os.path.join(path, n))}
+             for n in sorted(os.listdir(path)) if n != MANIFEST}
+    write_json_atomic(os.path.join(path, MANIFEST), {"files": files})
+
+
+def is_complete(path: str, verify_hashes: bool = False) -> bool:
+    try:
+        with open(os.path.join(path, MANIFEST)) as fh:
+            files = json.load(fh)["files"]
+        for name, info in files.items():
+            p = os.path.join(path, name)
+            if os.path.getsize(p) != info["bytes"] or (verify_hashes and _sha256(p) != info["sha256"]):
+                return False
+        return True
+    except (OSError, ValueError, KeyError):
+        return False
+
+
+# ---------------------------------------------------------------------- RNG
+def rng_state() -> dict[str, Any]:
+    np_state = np.random.get_state()
+    state = {"torch": torch.get_rng_state(), "python": random.getstate(),
+             "numpy": (np_state[0], torch.from_numpy(np_state[1].astype(np.int64)), *np_state[2:])}
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state()
+    return state
+
+
+def set_rng_state(state: dict[str, Any]) -> None:
+    torch.set_rng_state(state["torch"])
+    random.setstate(state["python"])
+    name, keys, *rest = state["numpy"]
+    np.random.set_state((name, keys.numpy().astype(np.uint32), *rest))
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state(state["cuda"])
+
+
+# ---------------------------------------------------------------------- resumable checkpoints
+def checkpoint_dirs(output_dir: str) -> list[tuple[int, str]]:
+    root = os.path.join(output_dir, "checkpoints")
+    if not os.path.isdir(root):
+        return []
+    found = [(int(m.group(1)), os.path.join(root, n)) for n in os.listdir(root) if (m := _STEP_DIR.match(n))]
+    return sorted(found)
+
+
+def latest_complete_checkpoint(output_dir: str) -> Optional[str]:
+    for step, path in reversed(checkpoint_dirs(output_dir)):
+        if is_complete(path, verify_hashes=True):
+            return path
+        log.warning(f"skipping incomplete checkpoint {path}")
+    return None
+
+
+def save_checkpoint(output_dir: str, state: TrainState, model: torch.nn.Module, optimizer, scheduler, scaler,
+                    rng_states: list[dict[str, Any]], save_total_limit: int) -> str:
+    """Rank 0 only: every rank's RNG state arrives gathered in rng_states."""
+    from safetensors.torch import save_model
+    root = os.path.join(output_dir, "checkpoints")
+    os.makedirs(root, exist_ok=True)
+    final = os.path.join(root, f"step-{state.step}")
+    tmp = os.path.join(root, f".tmp-step-{state.step}")
+    shutil.rmtree(tmp, ignore_errors=True)
+    os.makedirs(tmp)
+    save_model(model, os.path.join(tmp, "model.safetensors"))  # handles the tied embedding/decoder weights
+    torch.save(optimizer.state_dict(), os.path.join(tmp, "optimizer.pt"))
+    torch.save(scheduler.state_dict(), os.path.join(tmp, "scheduler.pt"))
+    torch.save(scaler.state_dict(), os.path.join(tmp, "scaler.pt"))
+    torch.save(rng_states, os.path.join(tmp, "rng_states.pt"))
+    write_json_atomic(os.path.join(tmp, "trainer_state.json"), state.state_dict())
+    _write_manifest(tmp)
+    _finish_dir(tmp, final)
+    for _, old in checkpoint_dirs(output_dir)[:-save_total_limit]:
+        shutil.rmtree(old, ignore_errors=True)
+    return final
+
+
+def load_checkpoint(path: str, state: TrainState, model: torch.nn.Module, optimizer, scheduler, scaler,
+                    rank: int, device: torch.device) -> None:
+    from safetensors.torch import load_model
+    if not is_complete(path):
+        raise UserError(f"checkpoint {path!r} is incomplete or damaged (no valid {MANIFEST}); pass another "
+                        "--resume_from_checkpoint or 'auto'")
+    with open(os.path.join(path, "trainer_state.json")) as fh:
+        saved = json.load(fh)
+    if saved["world_size"] != state.world_size or \
+            saved["per_device_train_batch_size"] != state.per_device_train_batch_size:
+        raise UserError(f"checkpoint {path!r} was written by {saved['world_size']} processes x batch "
+                        f"{saved['per_device_train_batch_size']}; resume with the same --nproc_per_node and "
+                        "--per_device_train_batch_size, or start afresh with --overwrite_output_dir")
+    state.load_state_dict(saved)
+    load_model(model, os.path.join(path, "model.safetensors"), device=str(device))
+    load = lambda name: torch.load(os.path.join(path, name), map_location=device, weights_only=True)
+    optimizer.load_state_dict(load("optimizer.pt"))
+    scheduler.load_state_dict(load("scheduler.pt"))
+    scaler.load_state_dict(load("scaler.pt"))
+    set_rng_state(torch.load(os.path.join(path, "rng_states.pt"), map_location="cpu", weights_only=True)[rank])
+
+
+# ---------------------------------------------------------------------- export
+def export_pretrained(model: torch.nn.Module, tokenizer, path: str, metrics: dict[str, Any]) -> None:
+    """A plain Hugging Face directory (safetensors weights, config, tokenizer), replaced atomically."""
+    tmp = f"{path}.tmp"
+    shutil.rmtree(tmp, ignore_errors=True)
+    model.save_pretrained(tmp, safe_serialization=True)
+    tokenizer.save_pretrained(tmp)
+    write_json_atomic(os.path.join(tmp, "eval_results.json"), metrics)
+    _finish_dir(tmp, path)
+
+
+# ---------------------------------------------------------------------- the run directory
+OWNED = ("checkpoints", "best", "training_history.json", "run_config.json", "wandb")
+
+
+def choose_resume(output_dir: str, resume_from_checkpoint: Optional[str], overwrite: bool) -> Optional[str]:
+    """Rank 0: which checkpoint to resume from, after clearing the run directory when asked to.
+
+    Default (None) and 'auto' resume from the newest complete checkpoint when there is one; overwrite starts
+    afresh and deletes only what a run writes (checkpoints, best/, history, run config).
+    """
+    if overwrite:
+        for name in OWNED:
+            p = os.path.join(output_dir, name)
+            shutil.rmtree(p, ignore_errors=True) if os.path.isdir(p) else (os.path.exists(p) and os.remove(p))
+    if resume_from_checkpoint not in (None, "auto", "none"):
+        return resume_from_checkpoint
+    found = checkpoint_dirs(output_dir)
+    if resume_from_checkpoint == "none" and found:
+        raise UserError(f"{output_dir!r} holds checkpoints of an earlier run; resume it (the default), or pass "
+                        "--overwrite_output_dir to start afresh")
+    return latest_complete_checkpoint(output_dir) if found and resume_from_checkpoint != "none" else None
+
+
+def read_history(output_dir: str) -> list[dict]:
+    try:
+        with open(os.path.join(output_dir, "training_history.json")) as fh:
+            return json.load(fh)
+    except (OSError, ValueError):
+        return []

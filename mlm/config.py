@@ -1,0 +1,363 @@
+"""TrainConfig: one typed dataclass, Hugging Face argument names, every value checked before any work.
+
+The command line is built from the dataclass fields, so a field, its type, its default and its help
+live in one place. `--config FILE` (YAML or JSON) supplies values; the command line overrides them.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import os
+import shutil
+import sys
+import typing
+from dataclasses import dataclass, field
+from typing import Any, Optional, Sequence
+
+DEFAULT_MODEL = "bert-base-uncased"
+PRECISIONS = ("auto", "fp32", "fp16", "bf16")
+SCHEDULERS = ("linear", "cosine", "cosine_with_restarts", "polynomial", "constant", "constant_with_warmup")
+REPORT_TO = ("all", "wandb", "none")
+LOCAL_SUFFIXES = (".txt", ".raw", ".json", ".jsonl", ".parquet", ".csv")
+WIKITEXT_FILES = ("wiki.train.raw", "wiki.valid.raw")
+
+
+class UserError(Exception):
+    """A problem with what the user asked for: reported as one line, no traceback, non-zero exit."""
+
+
+def _f(default: Any, help: str, group: str, **kw: Any) -> Any:
+    return field(default=default, metadata={"help": help, "group": group, **kw})
+
+
+@dataclass
+class TrainConfig:
+    # --- model ---
+    model_name_or_path: Optional[str] = _f(
+        None, f"Hub id or local directory of a pretrained masked LM (default {DEFAULT_MODEL} when neither "
+        "--config_name nor --config_overrides is given; with either, the model is built from scratch).", "model")
+    config_name: Optional[str] = _f(None, "Config (Hub id or directory) to build a model from scratch.", "model")
+    tokenizer_name: Optional[str] = _f(None, "Tokenizer (Hub id or directory); default: the model's.", "model")
+    config_overrides: Optional[str] = _f(
+        None, "Overrides for a from-scratch config, e.g. 'num_hidden_layers=2,hidden_size=128'.", "model")
+    attn_implementation: str = _f("sdpa", "Attention kernel: sdpa (fused scaled-dot-product) or eager.", "model",
+                                  choices=("sdpa", "eager"))
+    trust_remote_code: bool = _f(False, "Allow custom model code from the Hub (off: only transformers' own).", "model")
+    gradient_checkpointing: bool = _f(False, "Recompute activations in backward to save memory.", "model")
+    # --- data ---
+    dataset_name: Optional[str] = _f("wikitext", "Hub dataset name (ignored with --train_file or --dataset_dir).",
+                                     "data")
+    dataset_config_name: Optional[str] = _f("wikitext-2-raw-v1", "Hub dataset configuration name.", "data")
+    train_file: Optional[str] = _f(None, "Local training text: .txt/.raw (a text per line), .json/.jsonl "
+                                   "(a 'text' column), .parquet or .csv.", "data")
+    validation_file: Optional[str] = _f(None, "Local validation text, same formats as --train_file.", "data")
+    dataset_dir: Optional[str] = _f(None, "Directory with WikiText raw files wiki.train.raw and wiki.valid.raw.",
+                                    "data")
+    validation_split_percentage: int = _f(
+        5, "Percent of the training rows held out for validation when the source has no validation split.", "data")
+    max_seq_length: int = _f(128, "Tokens per example, [CLS] and [SEP] included.", "data")
+    line_by_line: bool = _f(False, "One example per non-empty line (padded per batch) instead of packed chunks.",
+                            "data")
+    max_train_samples: Optional[int] = _f(None, "Keep only the first N training examples (debugging, quick runs).",
+                                          "data")
+    max_eval_samples: Optional[int] = _f(None, "Keep only the first N evaluation examples.", "data")
+    preprocessing_num_workers: Optional[int] = _f(None, "Threads the fast tokenizer uses (default: all cores).",
+                                                  "data")
+    data_cache_dir: Optional[str] = _f(None, "Where tokenised data is cached (default: $XDG_CACHE_HOME/mlm-ddp or "
+                                       "~/.cache/mlm-ddp).", "data")
+    # --- masking ---
+    mlm_probability: float = _f(0.15, "Fraction of maskable tokens selected for prediction.", "masking")
+    mask_replace_prob: float = _f(0.8, "Of the selected tokens, the fraction replaced by [MASK].", "masking")
+    random_replace_prob: float = _f(0.1, "Of the selected tokens, the fraction replaced by a random token "
+                                    "(the rest stay unchanged).", "masking")
+    whole_word_mask: bool = _f(False, "Select whole words: every WordPiece of a chosen word is masked together.",
+                               "masking")
+    # --- optimisation ---
+    per_device_train_batch_size: int = _f(32, "Training examples per process per micro-step.", "training")
+    per_device_eval_batch_size: int = _f(64, "Evaluation examples per process per batch.", "training")
+    gradient_accumulation_steps: int = _f(1, "Micro-steps per optimizer step.", "training")
+    learning_rate: float = _f(5e-5, "Peak AdamW learning rate.", "training")
+    weight_decay: float = _f(0.01, "AdamW weight decay (never on biases and LayerNorm weights).", "training")
+    adam_beta1: float = _f(0.9, "AdamW beta1.", "training")
+    adam_beta2: float = _f(0.999, "AdamW beta2.", "training")
+    adam_epsilon: float = _f(1e-8, "AdamW epsilon.", "training")
+    max_grad_norm: float = _f(1.0, "Clip the global gradient norm to this (0 disables clipping).", "training")
+    num_train_epochs: float = _f(10.0, "Epochs to train (early stopping may end sooner).", "training")
+    max_train_steps: Optional[int] = _f(None, "Optimizer steps to train; overrides --num_train_epochs.", "training")
+    lr_scheduler_type: str = _f("linear", "Learning-rate schedule after warmup.", "training", choices=SCHEDULERS)
+    num_warmup_steps: Optional[int] = _f(None, "Warmup steps; overrides --warmup_ratio.", "training")
+    warmup_ratio: float = _f(0.06, "Warmup as a fraction of the total optimizer steps.", "training")
+    precision: str = _f("auto", "auto: bf16 on GPUs that support it, else fp16 with GradScaler on CUDA, fp32 on "
+                        "CPU.", "training", choices=PRECISIONS)
+    seed: int = _f(42, "Seed for initialisation, shuffling and masks.", "training")
+    # --- evaluation, checkpoints, stopping ---
+    eval_steps: Optional[int] = _f(None, "Evaluate every N optimizer steps (default: at the end of each epoch).",
+                                   "evaluation")
+    eval_on_start: bool = _f(True, "Evaluate once before training, as the baseline to beat.", "evaluation")
+    save_steps: Optional[int] = _f(None, "Save a resumable checkpoint every N steps (default: at every "
+                                   "evaluation); one is always saved at the end.", "evaluation")
+    save_total_limit: int = _f(2, "Keep only the newest N resumable checkpoints.", "evaluation")
+    early_stopping_patience: int = _f(3, "Stop after N evaluations without improvement (0 disables).", "evaluation")
+    early_stopping_min_delta: float = _f(0.0, "Perplexity must drop by more than this to count as improvement.",
+                                         "evaluation")
+    # --- output ---
+    output_dir: Optional[str] = _f(None, "Run directory (default: outputs/<model>-<dataset>).", "output")
+    overwrite_output_dir: bool = _f(False, "Start afresh in a non-empty output_dir (deletes its checkpoints).",
+                                    "output")
+    resume_from_checkpoint: Optional[str] = _f(
+        None, "auto (newest checkpoint in output_dir; the default when one exists), none, or a checkpoint path.",
+        "output")
+    report_to: str = _f("all", "Trackers: wandb, none, or all (wandb when it is installed and has a key or "
+                        "WANDB_MODE=offline).", "output", choices=REPORT_TO)
+    wandb_project: str = _f("mlm-ddp", "W&B project.", "output")
+    wandb_run_name: Optional[str] = _f(None, "W&B run name (default: the output_dir name).", "output")
+    logging_steps: int = _f(20, "Log training metrics every N optimizer steps.", "output")
+
+    # ------------------------------------------------------------------ derived values
+    @property
+    def from_scratch(self) -> bool:
+        return self.model_name_or_path is None and (self.config_name is not None or
+                                                    self.config_overrides is not None)
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    # ------------------------------------------------------------------ checks
+    def resolve_and_validate(self) -> "TrainConfig":
+        """Fill derived defaults and check every value; raise UserError naming the problem and the fix."""
+        if self.model_name_or_path is None and not self.from_scratch:
+            self.model_name_or_path = DEFAULT_MODEL
+        if self.train_file or self.dataset_dir:
+            self.dataset_name = self.dataset_config_name = None
+        if self.output_dir is None:
+            self.output_dir = os.path.join("outputs", default_run_name(self))
+        _check_numbers(self)
+        _check_sources(self)
+        _check_model_paths(self)
+        _check_output(self)
+        return self
+
+
+def default_run_name(cfg: TrainConfig) -> str:
+    model = cfg.model_name_or_path or cfg.config_name or "scratch"
+    data = (cfg.dataset_config_name or cfg.dataset_name if cfg.dataset_name else
+            os.path.basename(os.path.normpath(cfg.dataset_dir or cfg.train_file or "data")))
+    name = f"{os.path.basename(os.path.normpath(model))}-{data}"
+    return "".join(c if c.isalnum() or c in "-_." else "_" for c in name)
+
+
+def _require(ok: bool, message: str) -> None:
+    if not ok:
+        raise UserError(message)
+
+
+def _check_numbers(c: TrainConfig) -> None:
+    for f in dataclasses.fields(c):  # choices again: values from a --config file bypass argparse's check
+        choices, v = f.metadata.get("choices"), getattr(c, f.name)
+        _require(choices is None or v in choices, f"--{f.name} must be one of {', '.join(choices or ())}, got {v!r}")
+    _require(0.0 < c.mlm_probability < 1.0,
+             f"--mlm_probability must be in (0, 1), got {c.mlm_probability}; 0.15 is the BERT recipe")
+    for name in ("mask_replace_prob", "random_replace_prob"):
+        v = getattr(c, name)
+        _require(0.0 <= v <= 1.0, f"--{name} must be in [0, 1], got {v}")
+    _require(c.mask_replace_prob + c.random_replace_prob <= 1.0 + 1e-9,
+             f"--mask_replace_prob + --random_replace_prob must not exceed 1, got "
+             f"{c.mask_replace_prob + c.random_replace_prob:g}; the rest of the selected tokens stay unchanged")
+    for name in ("per_device_train_batch_size", "per_device_eval_batch_size", "gradient_accumulation_steps",
+                 "logging_steps", "save_total_limit"):
+        v = getattr(c, name)
+        _require(v >= 1, f"--{name} must be at least 1, got {v}")
+    for name in ("max_train_steps", "eval_steps", "save_steps", "max_train_samples", "max_eval_samples",
+                 "preprocessing_num_workers"):
+        v = getattr(c, name)
+        _require(v is None or v >= 1, f"--{name} must be at least 1 (or left unset), got {v}")
+    _require(c.max_seq_length >= 8, f"--max_seq_length must be at least 8, got {c.max_seq_length}")
+    _require(c.learning_rate > 0, f"--learning_rate must be positive, got {c.learning_rate}")
+    _require(c.weight_decay >= 0, f"--weight_decay must be non-negative, got {c.weight_decay}")
+    for name in ("adam_beta1", "adam_beta2"):
+        v = getattr(c, name)
+        _require(0.0 <= v < 1.0, f"--{name} must be in [0, 1), got {v}")
+    _require(c.adam_epsilon > 0, f"--adam_epsilon must be positive, got {c.adam_epsilon}")
+    _require(c.max_grad_norm >= 0, f"--max_grad_norm must be non-negative (0 disables clipping), got "
+             f"{c.max_grad_norm}")
+    _require(c.num_train_epochs > 0, f"--num_train_epochs must be positive, got {c.num_train_epochs}")
+    _require(0.0 <= c.warmup_ratio < 1.0, f"--warmup_ratio must be in [0, 1), got {c.warmup_ratio}")
+    _require(c.num_warmup_steps is None or c.num_warmup_steps >= 0,
+             f"--num_warmup_steps must be non-negative, got {c.num_warmup_steps}")
+    _require(0 <= c.validation_split_percentage < 100,
+             f"--validation_split_percentage must be in [0, 100), got {c.validation_split_percentage}")
+    _require(c.early_stopping_patience >= 0, f"--early_stopping_patience must be >= 0 (0 disables), got "
+             f"{c.early_stopping_patience}")
+    _require(c.early_stopping_min_delta >= 0, f"--early_stopping_min_delta must be >= 0, got "
+             f"{c.early_stopping_min_delta}")
+    _require(c.seed >= 0, f"--seed must be non-negative, got {c.seed}")
+    if c.precision == "fp16":
+        import torch  # imported here: validation of everything else needs no torch
+        _require(torch.cuda.is_available(), "--precision fp16 needs a CUDA GPU (GradScaler); on CPU use "
+                 "--precision bf16 or fp32")
+
+
+def _check_local_file(flag: str, path: str) -> None:
+    _require(os.path.isfile(path), f"--{flag} {path!r} does not exist; give the path of an existing text file")
+    _require(path.endswith(LOCAL_SUFFIXES), f"--{flag} {path!r} has an unsupported extension; use one of "
+             f"{', '.join(LOCAL_SUFFIXES)}")
+    _require(os.path.getsize(path) > 0, f"--{flag} {path!r} is empty; give a file that holds text")
+
+
+def _check_sources(c: TrainConfig) -> None:
+    _require(not (c.train_file and c.dataset_dir), "give either --train_file or --dataset_dir, not both")
+    _require(not (c.validation_file and not c.train_file),
+             "--validation_file needs --train_file; with --dataset_dir the validation file is wiki.valid.raw")
+    if c.dataset_dir:
+        _require(os.path.isdir(c.dataset_dir), f"--dataset_dir {c.dataset_dir!r} is not a directory; give the "
+                 "folder holding wiki.train.raw and wiki.valid.raw")
+        for name in WIKITEXT_FILES:
+            _check_local_file("dataset_dir", os.path.join(c.dataset_dir, name))
+    if c.train_file:
+        _check_local_file("train_file", c.train_file)
+    if c.validation_file:
+        _check_local_file("validation_file", c.validation_file)
+    _require(bool(c.dataset_name or c.train_file or c.dataset_dir),
+             "no training data: give --dataset_name, --train_file or --dataset_dir")
+
+
+def _looks_like_path(name: str) -> bool:
+    return name.startswith((".", "/", "~")) or os.sep in name.strip("/") and name.count("/") > 1
+
+
+def _check_model_paths(c: TrainConfig) -> None:
+    for flag in ("model_name_or_path", "config_name", "tokenizer_name"):
+        name = getattr(c, flag)
+        if name is None:
+            continue
+        if os.path.isdir(name):
+            _require(os.path.isfile(os.path.join(name, "config.json")) or flag == "tokenizer_name",
+                     f"--{flag} {name!r} is a directory with no config.json, so it holds no model; give a Hub id "
+                     "(e.g. bert-base-uncased) or a directory written by save_pretrained")
+            if flag == "tokenizer_name" or flag == "model_name_or_path":
+                has_tok = any(os.path.isfile(os.path.join(name, f)) for f in
+                              ("tokenizer.json", "vocab.txt", "tokenizer_config.json"))
+                _require(has_tok or flag == "model_name_or_path" and c.tokenizer_name is not None,
+                         f"--{flag} {name!r} holds no tokenizer files; add them with tokenizer.save_pretrained or "
+                         "pass --tokenizer_name")
+        elif os.path.isfile(name):
+            _require(flag == "config_name" and name.endswith(".json"),
+                     f"--{flag} {name!r} is a file; give a Hub id or a directory written by save_pretrained")
+        else:
+            _require(not _looks_like_path(name), f"--{flag} {name!r} does not exist; give a Hub id or an "
+                     "existing directory")
+    _require(not (c.from_scratch and c.tokenizer_name is None and c.config_name is None),
+             "--config_overrides alone has no tokenizer; pass --tokenizer_name (and --config_name to start from a "
+             "known architecture)")
+
+
+def _check_output(c: TrainConfig) -> None:
+    out = c.output_dir
+    _require(not os.path.isfile(out), f"--output_dir {out!r} is a file; give a directory path")
+    existing = out
+    while existing and not os.path.exists(existing):
+        existing = os.path.dirname(existing)
+    existing = existing or "."
+    _require(os.path.isdir(existing) and os.access(existing, os.W_OK | os.X_OK),
+             f"--output_dir {out!r} cannot be created: {existing!r} is not a writable directory; choose another "
+             "--output_dir")
+    _require(shutil.disk_usage(existing).free > 64 * 2**20,
+             f"--output_dir {out!r}: less than 64 MiB free on its disk; free space or choose another --output_dir")
+    r = c.resume_from_checkpoint
+    if r not in (None, "auto", "none"):
+        _require(os.path.isdir(r), f"--resume_from_checkpoint {r!r} is not a directory; give a checkpoints/step-N "
+                 "folder, 'auto' or 'none'")
+
+
+# ---------------------------------------------------------------------- command line
+def _str2bool(v: str) -> bool:
+    if v.lower() in ("1", "true", "yes", "y", "on"):
+        return True
+    if v.lower() in ("0", "false", "no", "n", "off"):
+        return False
+    raise argparse.ArgumentTypeError(f"expected true or false, got {v!r}")
+
+
+def _base_type(tp: Any) -> Any:
+    args = [a for a in typing.get_args(tp) if a is not type(None)]
+    return args[0] if args else tp
+
+
+class _Parser(argparse.ArgumentParser):
+    """argparse with one-line errors: the problem, and where to look for the fix."""
+
+    def error(self, message: str) -> typing.NoReturn:
+        raise UserError(f"{message} (run `python {self.prog} --help` to list the options)")
+
+
+def build_parser(prog: str = "train_ddp.py") -> argparse.ArgumentParser:
+    p = _Parser(prog=prog, description="Masked-LM fine-tuning of BERT-style models on PyTorch DDP. Launch with "
+                "torchrun --nproc_per_node=N train_ddp.py [options], or bash launch.sh [options].",
+                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p.add_argument("--config", default=None, help="YAML or JSON file of options; the command line overrides it.")
+    hints = typing.get_type_hints(TrainConfig)
+    groups: dict[str, argparse._ArgumentGroup] = {}
+    for f in dataclasses.fields(TrainConfig):
+        meta = f.metadata
+        g = groups.setdefault(meta["group"], p.add_argument_group(meta["group"]))
+        tp = _base_type(hints[f.name])
+        if tp is bool:
+            g.add_argument(f"--{f.name}", type=_str2bool, nargs="?", const=True, default=f.default,
+                           metavar="BOOL", help=meta["help"])
+            g.add_argument(f"--no_{f.name}", dest=f.name, action="store_false", help=argparse.SUPPRESS)
+        else:
+            g.add_argument(f"--{f.name}", type=tp, default=f.default, choices=meta.get("choices"),
+                           help=meta["help"])
+    return p
+
+
+def load_config_file(path: str) -> dict[str, Any]:
+    _require(os.path.isfile(path), f"--config {path!r} does not exist; give a YAML or JSON file")
+    with open(path, encoding="utf-8") as fh:
+        text = fh.read()
+    try:
+        if path.endswith(".json"):
+            data = json.loads(text)
+        else:
+            import yaml
+            data = yaml.safe_load(text)
+    except Exception as e:  # any parse error is the user's file, not our bug
+        raise UserError(f"--config {path!r} could not be parsed ({type(e).__name__}: "
+                        f"{str(e).splitlines()[0]}); fix the file's syntax") from None
+    data = data or {}
+    _require(isinstance(data, dict), f"--config {path!r} must hold a mapping of option names to values")
+    known = {f.name for f in dataclasses.fields(TrainConfig)}
+    unknown = sorted(set(data) - known)
+    _require(not unknown, f"--config {path!r} has unknown option(s) {', '.join(unknown)}; see "
+             "`python train_ddp.py --help`")
+    return data
+
+
+def parse_args(argv: Optional[Sequence[str]] = None, prog: str = "train_ddp.py") -> TrainConfig:
+    """Parse the command line (and --config file) into a validated TrainConfig."""
+    parser = build_parser(prog)
+    argv = list(sys.argv[1:] if argv is None else argv)
+    pre, _ = parser.parse_known_args(argv)
+    if pre.config:
+        file_values = load_config_file(pre.config)
+        # Values from the file pass through the same type conversion as the command line.
+        parser.set_defaults(**{k: _coerce(k, v) for k, v in file_values.items()})
+    ns = parser.parse_args(argv)
+    values = {f.name: getattr(ns, f.name) for f in dataclasses.fields(TrainConfig)}
+    return TrainConfig(**values).resolve_and_validate()
+
+
+def _coerce(name: str, value: Any) -> Any:
+    tp = _base_type(typing.get_type_hints(TrainConfig)[name])
+    if value is None:
+        return None
+    try:
+        if tp is bool:
+            return value if isinstance(value, bool) else _str2bool(str(value))
+        if tp is int and isinstance(value, float) and not value.is_integer():
+            raise ValueError
+        return tp(value)
+    except (ValueError, TypeError, argparse.ArgumentTypeError):
+        raise UserError(f"option {name} in the config file: {value!r} is not a valid {tp.__name__}") from None

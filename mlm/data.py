@@ -1,0 +1,344 @@
+"""Text source -> one flat token stream per split (cached on disk) -> fixed-length examples -> DataLoaders.
+
+The cache holds the tokenised stream and the per-text lengths, keyed by the tokenizer (a hash of its full
+definition), the source's content fingerprint and the mode. Chunking into `max_seq_length` examples is a
+zero-copy view of the stream, so one cache serves every sequence length. A batch is one fancy-index into the
+array: no per-example Python work.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import itertools
+import json
+import logging
+import os
+import shutil
+import tempfile
+import time
+from dataclasses import dataclass
+from typing import Callable, Iterator, Optional, Sequence
+
+import numpy as np
+import torch
+from torch.utils.data import DataLoader, DistributedSampler
+
+from .config import TrainConfig, UserError
+from .distributed import DistEnv, main_process_first
+
+log = logging.getLogger("mlm")
+CACHE_VERSION = 1
+TOKENIZE_BATCH = 8192
+
+
+# ---------------------------------------------------------------------- sources
+@dataclass(frozen=True)
+class Source:
+    """Where each split's texts come from: a name for messages, a fingerprint, and a loader of texts."""
+    description: str
+    fingerprint: str
+    load: Callable[[], dict[str, list[str]]]
+
+
+def _sha256_file(path: str) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as fh:
+        for block in iter(lambda: fh.read(1 << 22), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
+def read_text_file(path: str) -> list[str]:
+    """Texts of a local file: a line each for .txt/.raw; the 'text' column for .json/.jsonl/.parquet/.csv."""
+    if path.endswith((".txt", ".raw")):
+        with open(path, encoding="utf-8") as fh:
+            lines = fh.read().split("\n")
+        return lines[:-1] if lines and lines[-1] == "" else lines
+    import datasets
+    kind = {"jsonl": "json"}.get(path.rsplit(".", 1)[-1], path.rsplit(".", 1)[-1])
+    try:
+        ds = datasets.load_dataset(kind, data_files=path, split="train")
+    except Exception as e:
+        raise UserError(f"could not read {path!r} as {kind} ({type(e).__name__}); check the file's format") from None
+    if "text" not in ds.column_names:
+        raise UserError(f"{path!r} has no 'text' column (columns: {', '.join(ds.column_names)}); name the column "
+                        "holding the text 'text'")
+    return [t or "" for t in ds["text"]]
+
+
+def _carve_validation(texts: list[str], percentage: int, origin: str) -> dict[str, list[str]]:
+    """Hold out the first `percentage`% of rows, as run_mlm's train[:N%] / train[N%:] split does."""
+    if percentage == 0:
+        raise UserError(f"{origin} has no validation split; give --validation_file or a "
+                        "--validation_split_percentage above 0")
+    n_val = len(texts) * percentage // 100
+    return {"train": texts[n_val:], "validation": texts[:n_val]}
+
+
+def _local_source(cfg: TrainConfig) -> Source:
+    if cfg.dataset_dir:
+        files = {"train": os.path.join(cfg.dataset_dir, "wiki.train.raw"),
+                 "validation": os.path.join(cfg.dataset_dir, "wiki.valid.raw")}
+        return Source(f"WikiText directory {cfg.dataset_dir}",
+                      "wikitext-dir:" + ",".join(_sha256_file(p) for p in files.values()),
+                      lambda: {split: read_text_file(p) for split, p in files.items()})
+    train, valid = cfg.train_file, cfg.validation_file
+    fp = f"files:{_sha256_file(train)}:{train.rsplit('.', 1)[-1]}"
+    if valid:
+        fp += f":{_sha256_file(valid)}:{valid.rsplit('.', 1)[-1]}"
+        return Source(f"{train} + {valid}", fp, lambda: {"train": read_text_file(train),
+                                                        "validation": read_text_file(valid)})
+    pct = cfg.validation_split_percentage
+    return Source(f"{train} ({pct}% held out)", f"{fp}:holdout{pct}",
+                  lambda: _carve_validation(read_text_file(train), pct, train))
+
+
+def _hub_source(cfg: TrainConfig) -> Source:
+    import datasets
+    name, conf = cfg.dataset_name, cfg.dataset_config_name
+    label = f"{name}/{conf}" if conf else name
+    try:
+        dd = datasets.load_dataset(name, conf)
+    except Exception as e:
+        offline = os.environ.get("HF_DATASETS_OFFLINE") == "1" or os.environ.get("HF_HUB_OFFLINE") == "1"
+        why = "the Hub is unreachable in offline mode and it is not cached" if offline else \
+            f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"
+        raise UserError(f"could not load dataset {label!r} ({why}); check the name and your connection, or use "
+                        "local data with --train_file or --dataset_dir") from None
+    if "train" not in dd:
+        raise UserError(f"dataset {label!r} has no 'train' split (splits: {', '.join(dd)})")
+    column = "text" if "text" in dd["train"].column_names else None
+    if column is None:
+        raise UserError(f"dataset {label!r} has no 'text' column (columns: {', '.join(dd['train'].column_names)})")
+    pct = cfg.validation_split_percentage
+    fp = f"hub:{label}:" + ",".join(f"{k}={v._fingerprint}" for k, v in sorted(dd.items()))
+
+    def load() -> dict[str, list[str]]:
+        if "validation" in dd:
+            return {"train": list(dd["train"][column]), "validation": list(dd["validation"][column])}
+        return _carve_validation(list(dd["train"][column]), pct, label)
+    return Source(f"Hub dataset {label}", fp if "validation" in dd else f"{fp}:holdout{pct}", load)
+
+
+def build_source(cfg: TrainConfig) -> Source:
+    return _local_source(cfg) if (cfg.dataset_dir or cfg.train_file) else _hub_source(cfg)
+
+
+# ---------------------------------------------------------------------- tokenisation and cache
+@dataclass(frozen=True)
+class TokenStream:
+    """One split: every text's tokens back to back, and each text's token count."""
+    tokens: np.ndarray   # [N] uint16 or int32
+    lengths: np.ndarray  # [texts] int64
+
+
+def tokenizer_fingerprint(tokenizer) -> str:
+    """Hash of the tokenizer's complete definition (vocabulary, normaliser, pre-tokeniser)."""
+    backend = getattr(tokenizer, "backend_tokenizer", None)
+    if backend is None:
+        raise UserError(f"{type(tokenizer).__name__} is not a fast tokenizer; use a model whose tokenizer has a "
+                        "tokenizer.json (all common BERT-style models do)")
+    return hashlib.sha256(backend.to_str().encode()).hexdigest()
+
+
+def tokenize_texts(tokenizer, texts: Sequence[str]) -> TokenStream:
+    """Batched fast tokenisation without special tokens; concatenated into one array."""
+    backend = tokenizer.backend_tokenizer
+    encode = getattr(backend, "encode_batch_fast", backend.encode_batch)  # _fast skips offsets we never use
+    dtype = np.uint16 if len(tokenizer) <= np.iinfo(np.uint16).max + 1 else np.int32
+    pieces, lengths = [], []
+    for start in range(0, len(texts), TOKENIZE_BATCH):
+        ids = [e.ids for e in encode(list(texts[start:start + TOKENIZE_BATCH]), add_special_tokens=False)]
+        n = np.fromiter(map(len, ids), dtype=np.int64, count=len(ids))
+        pieces.append(np.fromiter(itertools.chain.from_iterable(ids), dtype=dtype, count=int(n.sum())))
+        lengths.append(n)
+    tokens = np.concatenate(pieces) if pieces else np.zeros(0, dtype=dtype)
+    return TokenStream(tokens, np.concatenate(lengths) if lengths else np.zeros(0, dtype=np.int64))
+
+
+def default_cache_dir() -> str:
+    base = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
+    return os.path.join(base, "mlm-ddp")
+
+
+def cache_key(tokenizer_fp: str, source_fp: str) -> str:
+    blob = json.dumps({"v": CACHE_VERSION, "tokenizer": tokenizer_fp, "source": source_fp}, sort_keys=True)
+    return hashlib.sha256(blob.encode()).hexdigest()[:24]
+
+
+def _write_cache(path: str, streams: dict[str, TokenStream], meta: dict) -> None:
+    """Write into a temporary sibling, then rename: a reader never sees half a cache."""
+    os.makedirs(os.path.dirname(path), exist_ok=True)
+    tmp = tempfile.mkdtemp(prefix=".tmp-", dir=os.path.dirname(path))
+    try:
+        for split, s in streams.items():
+            np.save(os.path.join(tmp, f"{split}.tokens.npy"), s.tokens)
+            np.save(os.path.join(tmp, f"{split}.lengths.npy"), s.lengths)
+        with open(os.path.join(tmp, "meta.json"), "w") as fh:
+            json.dump(meta, fh, indent=1)
+        os.rename(tmp, path)
+    except OSError:
+        shutil.rmtree(tmp, ignore_errors=True)
+        if not os.path.isfile(os.path.join(path, "meta.json")):  # not a lost race with another writer
+            raise
+
+
+def _read_cache(path: str) -> Optional[dict[str, TokenStream]]:
+    if not os.path.isfile(os.path.join(path, "meta.json")):
+        return None
+    with open(os.path.join(path, "meta.json")) as fh:
+        splits = json.load(fh)["splits"]
+    return {s: TokenStream(np.load(os.path.join(path, f"{s}.tokens.npy"), mmap_mode="r"),
+                           np.load(os.path.join(path, f"{s}.lengths.npy"))) for s in splits}
+
+
+def load_token_streams(cfg: TrainConfig, tokenizer, cache_dir: str,
+                       builder: Callable = tokenize_texts) -> tuple[dict[str, TokenStream], bool]:
+    """Token streams for train and validation, from the cache or built (and cached). Returns (streams, hit)."""
+    source = build_source(cfg)
+    path = os.path.join(cache_dir, cache_key(tokenizer_fingerprint(tokenizer), source.fingerprint))
+    cached = _read_cache(path)
+    if cached is not None:
+        return cached, True
+    if cfg.preprocessing_num_workers:
+        os.environ["RAYON_NUM_THREADS"] = str(cfg.preprocessing_num_workers)
+    t0 = time.perf_counter()
+    texts = source.load()
+    streams = {split: builder(tokenizer, t) for split, t in texts.items()}
+    meta = {"source": source.description, "fingerprint": source.fingerprint, "splits": sorted(streams),
+            "build_seconds": round(time.perf_counter() - t0, 3),
+            "tokens": {s: int(v.tokens.size) for s, v in streams.items()}}
+    _write_cache(path, streams, meta)
+    return _read_cache(path) or streams, False
+
+
+# ---------------------------------------------------------------------- datasets
+class ChunkDataset(torch.utils.data.Dataset):
+    """Packed examples: the stream cut into bodies of max_seq_length - 2 tokens, framed by [CLS] ... [SEP].
+    The final remainder shorter than one body is dropped (and reported)."""
+
+    def __init__(self, stream: TokenStream, max_seq_length: int, cls_id: int, sep_id: int,
+                 limit: Optional[int] = None):
+        body = max_seq_length - 2
+        n = stream.tokens.size // body
+        n = min(n, limit) if limit else n
+        self.bodies = stream.tokens[: n * body].reshape(n, body)
+        self.max_seq_length, self.cls_id, self.sep_id = max_seq_length, cls_id, sep_id
+        self.dropped_tokens = int(stream.tokens.size % body)  # the chunking remainder
+
+    def __len__(self) -> int:
+        return self.bodies.shape[0]
+
+    def __getitems__(self, indices: list[int]) -> dict[str, torch.Tensor]:
+        idx = np.asarray(indices, dtype=np.int64)
+        ids = np.empty((idx.size, self.max_seq_length), dtype=np.int64)
+        ids[:, 0], ids[:, -1] = self.cls_id, self.sep_id
+        ids[:, 1:-1] = self.bodies[idx]
+        return {"input_ids": torch.from_numpy(ids), "index": torch.from_numpy(idx)}
+
+    def __getitem__(self, i: int) -> dict[str, torch.Tensor]:
+        return {k: v[0] for k, v in self.__getitems__([i]).items()}
+
+
+class LineDataset(torch.utils.data.Dataset):
+    """One example per non-empty text, truncated to max_seq_length; a batch is padded to its longest
+    example, rounded up to a multiple of 8 (tensor-core friendly)."""
+
+    def __init__(self, stream: TokenStream, max_seq_length: int, cls_id: int, sep_id: int, pad_id: int,
+                 limit: Optional[int] = None):
+        offsets = np.concatenate([[0], np.cumsum(stream.lengths)])
+        keep = np.nonzero(stream.lengths > 0)[0]
+        keep = keep[:limit] if limit else keep
+        self.starts, self.lengths = offsets[keep], np.minimum(stream.lengths[keep], max_seq_length - 2)
+        self.tokens = stream.tokens
+        self.cls_id, self.sep_id, self.pad_id = cls_id, sep_id, pad_id
+        self.dropped_tokens = int(stream.lengths[keep].sum() - self.lengths.sum())
+
+    def __len__(self) -> int:
+        return self.starts.size
+
+    def __getitems__(self, indices: list[int]) -> dict[str, torch.Tensor]:
+        idx = np.asarray(indices, dtype=np.int64)
+        lens = self.lengths[idx]
+        width = -(-(int(lens.max()) + 2) // 8) * 8
+        ids = np.full((idx.size, width), self.pad_id, dtype=np.int64)
+        ids[:, 0] = self.cls_id
+        for row, (start, n) in enumerate(zip(self.starts[idx], lens)):
+            ids[row, 1:n + 1] = self.tokens[start:start + n]
+            ids[row, n + 1] = self.sep_id
+        attention = (np.arange(width)[None, :] < (lens[:, None] + 2)).astype(np.int64)
+        return {"input_ids": torch.from_numpy(ids), "attention_mask": torch.from_numpy(attention),
+                "index": torch.from_numpy(idx)}
+
+    def __getitem__(self, i: int) -> dict[str, torch.Tensor]:
+        return {k: v[0] for k, v in self.__getitems__([i]).items()}
+
+
+# ---------------------------------------------------------------------- samplers and loaders
+class ResumableDistributedSampler(DistributedSampler):
+    """DistributedSampler that can start part-way through an epoch without loading the skipped batches."""
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.start_index = 0
+
+    def __iter__(self) -> Iterator[int]:
+        return itertools.islice(super().__iter__(), self.start_index, None)
+
+    def __len__(self) -> int:
+        return self.num_samples - self.start_index
+
+
+def eval_shard(n: int, rank: int, world_size: int) -> range:
+    """Contiguous, disjoint shards covering every example once: no sampler padding, so evaluation is exact."""
+    return range(n * rank // world_size, n * (rank + 1) // world_size)
+
+
+def _identity(batch):
+    return batch
+
+
+@dataclass
+class DataBundle:
+    train_loader: DataLoader
+    eval_loader: DataLoader
+    train_sampler: ResumableDistributedSampler
+    stats: dict
+
+
+def build_datasets(cfg: TrainConfig, streams: dict[str, TokenStream], tokenizer):
+    ids = dict(cls_id=tokenizer.cls_token_id, sep_id=tokenizer.sep_token_id)
+    if None in ids.values():
+        raise UserError("the tokenizer has no [CLS]/[SEP] tokens; use a BERT-style tokenizer")
+    if cfg.line_by_line:
+        make = lambda s, limit: LineDataset(s, cfg.max_seq_length, pad_id=tokenizer.pad_token_id, limit=limit,
+                                            **ids)
+    else:
+        make = lambda s, limit: ChunkDataset(s, cfg.max_seq_length, limit=limit, **ids)
+    train, valid = make(streams["train"], cfg.max_train_samples), make(streams["validation"], cfg.max_eval_samples)
+    for split, ds in (("training", train), ("validation", valid)):
+        if len(ds) == 0:
+            n = int(streams["train" if split == "training" else "validation"].tokens.size)
+            raise UserError(f"the {split} data gives no example of {cfg.max_seq_length} tokens (it has {n} tokens); "
+                            "give a file that holds more text, or a smaller --max_seq_length")
+    return train, valid
+
+
+def build_data(cfg: TrainConfig, env: DistEnv, tokenizer) -> DataBundle:
+    cache_dir = cfg.data_cache_dir or default_cache_dir()
+    t0 = time.perf_counter()
+    streams, hit = main_process_first(env, lambda: load_token_streams(cfg, tokenizer, cache_dir))
+    train, valid = build_datasets(cfg, streams, tokenizer)
+    sampler = ResumableDistributedSampler(train, num_replicas=env.world_size, rank=env.rank, shuffle=True,
+                                          seed=cfg.seed, drop_last=False)
+    pin = env.device.type == "cuda"
+    train_loader = DataLoader(train, batch_size=cfg.per_device_train_batch_size, sampler=sampler,
+                              collate_fn=_identity, pin_memory=pin)
+    eval_loader = DataLoader(valid, batch_size=cfg.per_device_eval_batch_size,
+                             sampler=eval_shard(len(valid), env.rank, env.world_size), collate_fn=_identity,
+                             pin_memory=pin)
+    stats = {"train_examples": len(train), "eval_examples": len(valid),
+             "train_tokens": int(streams["train"].tokens.size), "eval_tokens": int(streams["validation"].tokens.size),
+             "train_dropped_tokens": train.dropped_tokens, "eval_dropped_tokens": valid.dropped_tokens,
+             "cache_hit": hit, "data_seconds": round(time.perf_counter() - t0, 3)}
+    return DataBundle(train_loader, eval_loader, sampler, stats)

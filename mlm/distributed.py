@@ -1,0 +1,140 @@
+"""Process-group setup and the only calls to torch.distributed collectives in the project.
+
+DDP is detected from the variables torchrun sets (RANK, LOCAL_RANK, WORLD_SIZE), not from a flag: a plain
+`python train_ddp.py` is a world of one and every helper here degrades to a no-op.
+"""
+
+from __future__ import annotations
+
+import datetime
+import logging
+import os
+from dataclasses import dataclass
+from typing import Callable, TypeVar
+
+import torch
+import torch.distributed as dist
+
+T = TypeVar("T")
+log = logging.getLogger("mlm")
+
+
+class PeerFailed(Exception):
+    """Another rank failed in a step this rank waits on; that rank reports the error."""
+
+
+@dataclass(frozen=True)
+class DistEnv:
+    rank: int
+    local_rank: int
+    world_size: int
+    device: torch.device
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+    @property
+    def distributed(self) -> bool:
+        return self.world_size > 1
+
+
+def env_rank() -> int:
+    """Global rank from torchrun's environment, usable before the process group exists."""
+    return int(os.environ.get("RANK", "0"))
+
+
+def init_distributed(timeout_minutes: float = 30.0) -> DistEnv:
+    rank, world = env_rank(), int(os.environ.get("WORLD_SIZE", "1"))
+    local_rank = int(os.environ.get("LOCAL_RANK", "0"))
+    if torch.cuda.is_available():
+        device = torch.device("cuda", local_rank)
+        torch.cuda.set_device(device)
+        backend = "nccl"
+    else:
+        device, backend = torch.device("cpu"), "gloo"
+    if world > 1 and not dist.is_initialized():
+        dist.init_process_group(backend, timeout=datetime.timedelta(minutes=timeout_minutes),
+                                device_id=device if backend == "nccl" else None)
+    return DistEnv(rank=rank, local_rank=local_rank, world_size=world, device=device)
+
+
+def teardown() -> None:
+    if dist.is_available() and dist.is_initialized():
+        dist.destroy_process_group()
+
+
+def dist_sum(t: torch.Tensor) -> torch.Tensor:
+    """Sum over ranks, in place and returned (no host sync)."""
+    if dist.is_initialized():
+        dist.all_reduce(t, op=dist.ReduceOp.SUM)
+    return t
+
+
+def dist_max(t: torch.Tensor) -> torch.Tensor:
+    if dist.is_initialized():
+        dist.all_reduce(t, op=dist.ReduceOp.MAX)
+    return t
+
+
+def dist_mean(t: torch.Tensor) -> torch.Tensor:
+    if dist.is_initialized():
+        dist.all_reduce(t, op=dist.ReduceOp.SUM)
+        t /= dist.get_world_size()
+    return t
+
+
+def broadcast_flag(flag: bool, device: torch.device) -> bool:
+    """Rank 0's decision, made once and given to every rank, so all leave a loop at the same step."""
+    t = torch.tensor([int(flag)], device=device)
+    if dist.is_initialized():
+        dist.broadcast(t, src=0)
+    return bool(t.item())
+
+
+def any_rank(flag: bool, device: torch.device) -> bool:
+    """True on every rank when it is true on some rank."""
+    return bool(dist_max(torch.tensor([int(flag)], device=device)).item())
+
+
+def barrier() -> None:
+    if dist.is_initialized():
+        dist.barrier()
+
+
+def main_process_first(env: DistEnv, fn: Callable[[], T]) -> T:
+    """Run fn on rank 0 first (it downloads or builds caches), then on the others, which read the result.
+
+    A failure on rank 0 is broadcast, so the other ranks stop instead of waiting at a barrier forever.
+    """
+    if not env.distributed:
+        return fn()
+    if env.is_main:
+        try:
+            result = fn()
+        except BaseException:
+            broadcast_flag(False, env.device)
+            raise
+        broadcast_flag(True, env.device)
+        return result
+    if not broadcast_flag(False, env.device):
+        raise PeerFailed("rank 0 failed while preparing shared files")
+    return fn()
+
+
+def gather_to_main(obj: T, env: DistEnv) -> list[T] | None:
+    """Every rank's obj, in rank order, on rank 0 (None elsewhere)."""
+    if not env.distributed:
+        return [obj]
+    out: list = [None] * env.world_size if env.is_main else None
+    dist.gather_object(obj, out, dst=0)
+    return out
+
+
+def broadcast_object(obj: T, env: DistEnv) -> T:
+    """Rank 0's obj on every rank (a decision taken once, e.g. which checkpoint to resume)."""
+    if not env.distributed:
+        return obj
+    box = [obj]
+    dist.broadcast_object_list(box, src=0)
+    return box[0]

@@ -1,0 +1,171 @@
+"""The control loop: train steps, and when to log, evaluate, export best/, save and stop.
+
+Rank 0 owns the decisions (best model, early stopping); each is broadcast so every rank leaves the loop at
+the same step (invariant 6). Host-device syncs happen only at logging, evaluation and checkpoint steps.
+"""
+
+from __future__ import annotations
+
+import itertools
+import math
+import os
+import time
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+
+from .checkpoint import TrainState, export_pretrained, rng_state, save_checkpoint
+from .config import TrainConfig
+from .data import DataBundle
+from .distributed import DistEnv, broadcast_flag, dist_max, dist_sum, gather_to_main
+from .engine import StepResult, evaluate, prepare_batch, train_step
+from .masking import MaskingSpec, MaskingTables
+from .modeling import MaskedLMLoss
+from .tracking import Tracker
+
+
+@dataclass
+class Run:
+    """Everything fit() wires together; built by train_ddp.py."""
+    cfg: TrainConfig
+    env: DistEnv
+    loss_module: MaskedLMLoss
+    model: torch.nn.Module  # loss_module, DDP-wrapped when distributed
+    optimizer: torch.optim.Optimizer
+    scheduler: Any
+    scaler: torch.amp.GradScaler
+    tokenizer: Any
+    data: DataBundle
+    spec: MaskingSpec
+    tables: MaskingTables
+    precision: str
+    state: TrainState
+    tracker: Tracker
+    total_steps: int
+    micro_per_epoch: int
+
+
+def micro_batches_per_epoch(data: DataBundle, batch_size: int) -> int:
+    return math.ceil(data.train_sampler.num_samples / batch_size)
+
+
+def total_train_steps(cfg: TrainConfig, micro_per_epoch: int) -> tuple[int, int]:
+    """(optimizer steps per epoch, total optimizer steps)."""
+    per_epoch = math.ceil(micro_per_epoch / cfg.gradient_accumulation_steps)
+    total = cfg.max_train_steps or math.ceil(cfg.num_train_epochs * per_epoch)
+    return per_epoch, total
+
+
+class _Meter:
+    """Running sums of the steps since the last log, kept on the device: no sync until logging."""
+
+    def __init__(self, device: torch.device):
+        self.device = device
+        self.reset()
+
+    def reset(self) -> None:
+        self.sums = torch.zeros(4, dtype=torch.float64, device=self.device)  # NLL, masked, tokens, skipped
+        self.grad_norm = torch.zeros((), device=self.device)
+        self.t0 = time.perf_counter()
+        self.excluded = 0.0  # seconds spent evaluating or saving: not training throughput
+
+    def exclude_since(self, t: float) -> None:
+        self.excluded += time.perf_counter() - t
+
+    def add(self, r: StepResult) -> None:
+        self.sums += torch.stack([r.loss_sum.double(), r.masked_tokens.double(),
+                                  torch.tensor(float(r.tokens), device=self.device, dtype=torch.float64),
+                                  r.skipped.double()])
+        self.grad_norm = r.grad_norm
+
+    def collect(self) -> dict[str, float]:
+        """Collective: every rank calls it at the same step."""
+        local_mean = self.sums[0] / self.sums[1].clamp(min=1)
+        loss_max = dist_max(local_mean.clone()).item()
+        nll, masked, tokens, skipped = dist_sum(self.sums.clone()).tolist()
+        seconds = max(time.perf_counter() - self.t0 - self.excluded, 1e-9)
+        return {"loss": nll / max(masked, 1), "loss_max": loss_max, "grad_norm": float(self.grad_norm),
+                "tokens_per_s": tokens / seconds, "skipped_steps": int(skipped)}
+
+
+def _epoch_float(run: Run) -> float:
+    return run.state.epoch + run.state.micro_in_epoch / run.micro_per_epoch
+
+
+def evaluate_and_decide(run: Run) -> bool:
+    """Evaluate; on rank 0 keep the best perplexity, export best/, count patience. Returns the agreed stop flag."""
+    cfg, state = run.cfg, run.state
+    metrics = evaluate(run.loss_module, run.data.eval_loader, run.env, run.spec, run.tables, run.precision)
+    stop = False
+    if run.env.is_main:
+        run.tracker.log_eval(state.step, _epoch_float(run), metrics)
+        ppl = metrics["perplexity"]
+        improved = state.best_metric is None or ppl < state.best_metric - cfg.early_stopping_min_delta
+        if improved:
+            state.best_metric, state.best_step, state.bad_evals = ppl, state.step, 0
+            export_pretrained(run.loss_module.model, run.tokenizer, os.path.join(cfg.output_dir, "best"),
+                              {"step": state.step, "epoch": _epoch_float(run), **metrics})
+            run.tracker.write(f"new best perplexity {ppl:.3f} at step {state.step}: exported best/")
+        else:
+            state.bad_evals += 1
+        stop = cfg.early_stopping_patience > 0 and state.bad_evals >= cfg.early_stopping_patience
+        run.tracker.summary({"best/perplexity": state.best_metric, "best/step": state.best_step})
+    stop = broadcast_flag(stop, run.env.device)
+    if stop:
+        state.stopped_early = True
+        run.tracker.write(f"early stopping at step {state.step}: no improvement in "
+                          f"{cfg.early_stopping_patience} evaluations (best perplexity {state.best_metric})")
+    return stop
+
+
+def save(run: Run) -> None:
+    rngs = gather_to_main(rng_state(), run.env)
+    if run.env.is_main:
+        run.state.tracker_run_id = run.tracker.run_id
+        path = save_checkpoint(run.cfg.output_dir, run.state, run.loss_module.model, run.optimizer,
+                               run.scheduler, run.scaler, rngs, run.cfg.save_total_limit)
+        run.tracker.write(f"saved checkpoint {path}")
+
+
+def fit(run: Run) -> TrainState:
+    cfg, state, env = run.cfg, run.state, run.env
+    meter = _Meter(env.device)
+    last_saved = state.step if state.step else -1
+    stop = False
+    if cfg.eval_on_start and state.step == 0 and state.best_metric is None:
+        stop = evaluate_and_decide(run)
+    run.model.train()
+    while state.step < run.total_steps and not stop:
+        run.data.train_sampler.set_epoch(state.epoch)
+        run.data.train_sampler.start_index = state.micro_in_epoch * cfg.per_device_train_batch_size
+        batches = iter(run.data.train_loader)
+        while group := list(itertools.islice(batches, cfg.gradient_accumulation_steps)):
+            micro = [prepare_batch(raw, state.epoch, run.spec, run.tables, env.device) for raw in group]
+            meter.add(train_step(run.model, run.loss_module, run.optimizer, run.scheduler, run.scaler, micro,
+                                 env, run.precision, cfg.max_grad_norm))
+            state.step += 1
+            state.micro_in_epoch += len(group)
+            epoch_end = state.micro_in_epoch >= run.micro_per_epoch
+            if epoch_end:  # recorded before any save, so a checkpoint here resumes at the next epoch
+                state.epoch, state.micro_in_epoch = state.epoch + 1, 0
+            run.tracker.advance()
+            if state.step % cfg.logging_steps == 0 or state.step == run.total_steps:
+                metrics = meter.collect()
+                run.tracker.log_train(state.step, _epoch_float(run),
+                                      {**metrics, "lr": run.scheduler.get_last_lr()[0]})
+                meter.reset()
+            t_pause = time.perf_counter()
+            final = state.step >= run.total_steps
+            eval_due = (state.step % cfg.eval_steps == 0 if cfg.eval_steps else epoch_end) or final
+            if eval_due:
+                stop = evaluate_and_decide(run)
+            if (state.step % cfg.save_steps == 0 if cfg.save_steps else eval_due) or stop:
+                save(run)
+                last_saved = state.step
+            meter.exclude_since(t_pause)
+            if stop or final or epoch_end:
+                break
+    if last_saved != state.step:
+        save(run)
+    return state

@@ -1,0 +1,122 @@
+"""BERT's 80/10/10 masking, written here, vectorised on the device.
+
+Every random draw is a counter-based hash of (seed, epoch, example index, position, stream), not a draw from
+a stateful generator. So masks are a pure function of those values (invariant 1): they do not depend on the
+world size, the batch an example sits in, loader workers or where a run was resumed. Evaluation uses a fixed
+epoch value, so its masks never change.
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+
+import torch
+
+IGNORE_INDEX = -100
+EVAL_EPOCH = 0xFFFFFFFF  # the "epoch" of evaluation masks: fixed for good, never a training epoch
+_M32 = 0xFFFFFFFF
+_STREAM_SELECT, _STREAM_ACTION, _STREAM_TOKEN = 1, 2, 3
+_UNUSED = re.compile(r"^\[unused\d+\]$")
+
+
+@dataclass(frozen=True)
+class MaskingTables:
+    """Per-vocabulary lookups, built once from the tokenizer and kept on the device."""
+    special: torch.Tensor       # bool [V]: never selected
+    continuation: torch.Tensor  # bool [V]: a WordPiece "##" piece (whole-word masking)
+    ordinary_ids: torch.Tensor  # long [K]: candidates for random replacement
+    mask_id: int
+
+
+@dataclass(frozen=True)
+class MaskingSpec:
+    mlm_probability: float = 0.15
+    mask_replace_prob: float = 0.8
+    random_replace_prob: float = 0.1
+    whole_word_mask: bool = False
+    seed: int = 42
+
+
+def build_masking_tables(tokenizer, device: torch.device | str = "cpu") -> MaskingTables:
+    """Special tokens (and padding) are never selected; random replacements are ordinary tokens only,
+    never special tokens nor the [unusedN] placeholders, which no real text contains."""
+    vocab = tokenizer.get_vocab()
+    size = max(len(tokenizer), max(vocab.values()) + 1)
+    special = torch.zeros(size, dtype=torch.bool)
+    special[sorted(set(tokenizer.all_special_ids))] = True
+    continuation = torch.zeros(size, dtype=torch.bool)
+    unused = torch.zeros(size, dtype=torch.bool)
+    for piece, i in vocab.items():
+        continuation[i] = piece.startswith("##")
+        unused[i] = bool(_UNUSED.match(piece))
+    ordinary = torch.nonzero(~special & ~unused).flatten()
+    if tokenizer.mask_token_id is None:
+        raise ValueError("the tokenizer has no mask token, so it cannot be used for masked-LM training")
+    return MaskingTables(special=special.to(device), continuation=continuation.to(device),
+                         ordinary_ids=ordinary.to(device), mask_id=int(tokenizer.mask_token_id))
+
+
+def _mul32(h: torch.Tensor, c: int) -> torch.Tensor:
+    """(h * c) mod 2**32 for 0 <= h < 2**32, in 16-bit halves so no int64 product overflows."""
+    lo, hi = h & 0xFFFF, h >> 16
+    return (lo * c + ((hi * (c & 0xFFFF)) << 16)) & _M32
+
+
+def _fmix(h: torch.Tensor) -> torch.Tensor:
+    """MurmurHash3's 32-bit finaliser: every input bit flips each output bit with probability ~1/2."""
+    h = h ^ (h >> 16)
+    h = _mul32(h, 0x85EBCA6B)
+    h = h ^ (h >> 13)
+    h = _mul32(h, 0xC2B2AE35)
+    return h ^ (h >> 16)
+
+
+def _combine(h: torch.Tensor, x: torch.Tensor | int) -> torch.Tensor:
+    x = x & _M32 if isinstance(x, torch.Tensor) else torch.tensor(x & _M32, device=h.device)
+    return _fmix(h ^ _mul32(x, 0x9E3779B1))
+
+
+def token_hashes(seed: int, epoch: int, example_index: torch.Tensor, length: int, stream: int) -> torch.Tensor:
+    """A 32-bit hash per (example, position): int64 tensor [B, length] with values in [0, 2**32)."""
+    device = example_index.device
+    h = _fmix(torch.tensor(seed & _M32, dtype=torch.int64, device=device))
+    h = _combine(h, epoch)
+    h = _combine(h.expand(example_index.shape[0]).clone(), example_index.to(torch.int64))
+    pos = torch.arange(length, dtype=torch.int64, device=device)
+    return _combine(_combine(h[:, None] ^ _mul32(pos, 0x27D4EB2F)[None, :], pos), stream)
+
+
+def _uniform(h: torch.Tensor) -> torch.Tensor:
+    return (h >> 8).to(torch.float32) * (1.0 / (1 << 24))
+
+
+def _word_start_positions(input_ids: torch.Tensor, tables: MaskingTables) -> torch.Tensor:
+    """For each token, the position of the first WordPiece of its word ([B, T])."""
+    special = tables.special[input_ids]
+    prev_special = torch.ones_like(special)
+    prev_special[:, 1:] = special[:, :-1]
+    # A "##" piece right after a special token (a word cut by a chunk boundary) starts its own word.
+    is_start = ~tables.continuation[input_ids] | special | prev_special
+    pos = torch.arange(input_ids.shape[1], device=input_ids.device).expand_as(input_ids)
+    return torch.where(is_start, pos, torch.zeros_like(pos)).cummax(dim=1).values
+
+
+def mask_tokens(input_ids: torch.Tensor, example_index: torch.Tensor, epoch: int, spec: MaskingSpec,
+                tables: MaskingTables) -> tuple[torch.Tensor, torch.Tensor]:
+    """Return (masked input ids, labels): labels hold the original id at selected positions, else -100."""
+    batch, length = input_ids.shape
+    maskable = ~tables.special[input_ids]
+    u_select = _uniform(token_hashes(spec.seed, epoch, example_index, length, _STREAM_SELECT))
+    if spec.whole_word_mask:
+        # Every piece of a word takes the draw of the word's first piece, so a word is selected whole.
+        u_select = u_select.gather(1, _word_start_positions(input_ids, tables))
+    selected = maskable & (u_select < spec.mlm_probability)
+    u_action = _uniform(token_hashes(spec.seed, epoch, example_index, length, _STREAM_ACTION))
+    to_mask = selected & (u_action < spec.mask_replace_prob)
+    to_random = selected & ~to_mask & (u_action < spec.mask_replace_prob + spec.random_replace_prob)
+    random_pick = token_hashes(spec.seed, epoch, example_index, length, _STREAM_TOKEN) % tables.ordinary_ids.numel()
+    masked = torch.where(to_mask, torch.full_like(input_ids, tables.mask_id), input_ids)
+    masked = torch.where(to_random, tables.ordinary_ids[random_pick], masked)
+    labels = torch.where(selected, input_ids, torch.full_like(input_ids, IGNORE_INDEX))
+    return masked, labels

