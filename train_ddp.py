@@ -46,7 +46,8 @@ def build_run(cfg: TrainConfig, env: DistEnv):
     modeling.check_model_config(cfg, model_config)
     tokenizer = main_process_first(env, lambda: modeling.load_tokenizer(cfg))
     resume = main_process_first(env, lambda: checkpoint.choose_resume(
-        cfg.output_dir, cfg.resume_from_checkpoint, cfg.overwrite_output_dir) if env.is_main else None)
+        cfg.output_dir, cfg.resume_from_checkpoint, cfg.overwrite_output_dir) if env.is_main and cfg.do_train
+        else None)
     resume = broadcast_object(resume, env)
     bundle = data.build_data(cfg, env, tokenizer)
     model = main_process_first(env, lambda: modeling.build_model(cfg, model_config, tokenizer)).to(env.device)
@@ -98,17 +99,30 @@ def build_run(cfg: TrainConfig, env: DistEnv):
                     precision, state, tracker, total_steps, micro_per_epoch)
 
 
+def evaluate_only(run) -> None:
+    from mlm import checkpoint, engine
+    metrics = engine.evaluate(run.loss_module, run.data.eval_loader, run.env, run.spec, run.tables, run.precision)
+    if run.env.is_main:
+        checkpoint.write_json_atomic(os.path.join(run.cfg.output_dir, "eval_results.json"), metrics)
+        print("eval: " + json.dumps(metrics), flush=True)
+
+
 def train(cfg: TrainConfig, env: DistEnv) -> None:
     from mlm import loop
     run = build_run(cfg, env)
     try:
+        if not cfg.do_train:
+            return evaluate_only(run)
         state = loop.fit(run)
     finally:
         run.tracker.close()
+    ranks_agree = loop.same_step_on_all_ranks(state.step, env)
     if env.is_main:
         how = "stopped early" if state.stopped_early else "finished"
-        print(f"{how} at step {state.step}; best perplexity {state.best_metric:.3f} at step {state.best_step}; "
-              f"best model in {os.path.join(cfg.output_dir, 'best')}", flush=True)
+        print(f"{how} at step {state.step} on all {env.world_size} ranks" if ranks_agree else
+              f"ranks disagree on the final step (rank 0 at {state.step})", flush=True)
+        print(f"best perplexity {state.best_metric:.4f} at step {state.best_step}; best model in "
+              f"{os.path.join(cfg.output_dir, 'best')}", flush=True)
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -17,6 +17,7 @@ from dataclasses import dataclass, field
 from typing import Any, Optional, Sequence
 
 DEFAULT_MODEL = "bert-base-uncased"
+DEFAULT_DATASET, DEFAULT_DATASET_CONFIG = "wikitext", "wikitext-2-raw-v1"
 PRECISIONS = ("auto", "fp32", "fp16", "bf16")
 SCHEDULERS = ("linear", "cosine", "cosine_with_restarts", "polynomial", "constant", "constant_with_warmup")
 REPORT_TO = ("all", "wandb", "none")
@@ -47,9 +48,11 @@ class TrainConfig:
     trust_remote_code: bool = _f(False, "Allow custom model code from the Hub (off: only transformers' own).", "model")
     gradient_checkpointing: bool = _f(False, "Recompute activations in backward to save memory.", "model")
     # --- data ---
-    dataset_name: Optional[str] = _f("wikitext", "Hub dataset name (ignored with --train_file or --dataset_dir).",
-                                     "data")
-    dataset_config_name: Optional[str] = _f("wikitext-2-raw-v1", "Hub dataset configuration name.", "data")
+    dataset_name: Optional[str] = _f(DEFAULT_DATASET, "Hub dataset name (ignored with --train_file or "
+                                     "--dataset_dir).", "data")
+    # None, not wikitext's configuration: another --dataset_name must not inherit wikitext-2-raw-v1.
+    dataset_config_name: Optional[str] = _f(None, f"Hub dataset configuration name ({DEFAULT_DATASET_CONFIG} "
+                                            f"when --dataset_name is {DEFAULT_DATASET}).", "data")
     train_file: Optional[str] = _f(None, "Local training text: .txt/.raw (a text per line), .json/.jsonl "
                                    "(a 'text' column), .parquet or .csv.", "data")
     validation_file: Optional[str] = _f(None, "Local validation text, same formats as --train_file.", "data")
@@ -95,6 +98,8 @@ class TrainConfig:
     # --- evaluation, checkpoints, stopping ---
     eval_steps: Optional[int] = _f(None, "Evaluate every N optimizer steps (default: at the end of each epoch).",
                                    "evaluation")
+    do_train: bool = _f(True, "Train; with --do_train false, only evaluate the model once and write "
+                        "eval_results.json.", "evaluation")
     eval_on_start: bool = _f(True, "Evaluate once before training, as the baseline to beat.", "evaluation")
     save_steps: Optional[int] = _f(None, "Save a resumable checkpoint every N steps (default: at every "
                                    "evaluation); one is always saved at the end.", "evaluation")
@@ -131,6 +136,8 @@ class TrainConfig:
             self.model_name_or_path = DEFAULT_MODEL
         if self.train_file or self.dataset_dir:
             self.dataset_name = self.dataset_config_name = None
+        elif self.dataset_name == DEFAULT_DATASET and self.dataset_config_name is None:
+            self.dataset_config_name = DEFAULT_DATASET_CONFIG
         if self.output_dir is None:
             self.output_dir = os.path.join("outputs", default_run_name(self))
         _check_numbers(self)

@@ -132,18 +132,31 @@ class TokenStream:
     lengths: np.ndarray  # [texts] int64
 
 
-def tokenizer_fingerprint(tokenizer) -> str:
-    """Hash of the tokenizer's complete definition (vocabulary, normaliser, pre-tokeniser)."""
+def plain_backend(tokenizer):
+    """A copy of the fast tokenizer with padding and truncation off.
+
+    Some tokenizer.json files ship with padding/truncation enabled (the MiniLM one pads to 128), and the
+    transformers wrapper only resets them around its own calls; the raw backend would pad every text.
+    """
+    from tokenizers import Tokenizer
     backend = getattr(tokenizer, "backend_tokenizer", None)
     if backend is None:
         raise UserError(f"{type(tokenizer).__name__} is not a fast tokenizer; use a model whose tokenizer has a "
                         "tokenizer.json (all common BERT-style models do)")
-    return hashlib.sha256(backend.to_str().encode()).hexdigest()
+    plain = Tokenizer.from_str(backend.to_str())
+    plain.no_padding()
+    plain.no_truncation()
+    return plain
+
+
+def tokenizer_fingerprint(tokenizer) -> str:
+    """Hash of the tokenizer's complete definition (vocabulary, normaliser, pre-tokeniser)."""
+    return hashlib.sha256(plain_backend(tokenizer).to_str().encode()).hexdigest()
 
 
 def tokenize_texts(tokenizer, texts: Sequence[str]) -> TokenStream:
     """Batched fast tokenisation without special tokens; concatenated into one array."""
-    backend = tokenizer.backend_tokenizer
+    backend = plain_backend(tokenizer)
     encode = getattr(backend, "encode_batch_fast", backend.encode_batch)  # _fast skips offsets we never use
     dtype = np.uint16 if len(tokenizer) <= np.iinfo(np.uint16).max + 1 else np.int32
     pieces, lengths = [], []
@@ -205,6 +218,9 @@ def load_token_streams(cfg: TrainConfig, tokenizer, cache_dir: str,
     t0 = time.perf_counter()
     texts = source.load()
     streams = {split: builder(tokenizer, t) for split, t in texts.items()}
+    if streams["train"].tokens.size == 0:  # checked before caching, so an empty stream is never cached
+        raise UserError(f"the training text ({source.description}) holds no tokens, only blank lines or "
+                        "whitespace; give a file that holds text")
     meta = {"source": source.description, "fingerprint": source.fingerprint, "splits": sorted(streams),
             "build_seconds": round(time.perf_counter() - t0, 3),
             "tokens": {s: int(v.tokens.size) for s, v in streams.items()}}

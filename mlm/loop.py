@@ -128,6 +128,13 @@ def save(run: Run) -> None:
         run.tracker.write(f"saved checkpoint {path}")
 
 
+def same_step_on_all_ranks(step: int, env: DistEnv) -> bool:
+    """Check that every rank left the loop at the same step (invariant 6)."""
+    t = torch.tensor([step, -step], dtype=torch.float64, device=env.device)
+    hi, neg_lo = dist_max(t).tolist()
+    return hi == -neg_lo
+
+
 def fit(run: Run) -> TrainState:
     cfg, state, env = run.cfg, run.state, run.env
     meter = _Meter(env.device)

@@ -1,0 +1,115 @@
+#!/usr/bin/env bash
+# torchrun wrapper for train_ddp.py: one process per GPU (or a CPU/gloo run), one node or several.
+# Every argument goes to train_ddp.py unchanged; the launch itself is configured by environment variables.
+set -euo pipefail
+
+usage() {
+    cat <<'EOF'
+Usage: [VAR=value ...] bash launch.sh [train_ddp.py options]
+
+Starts train_ddp.py under torchrun with one process per visible GPU (NCCL). With no GPU it starts a CPU run
+(gloo). Every argument is passed to train_ddp.py; run `python train_ddp.py --help` for the training options.
+
+Environment:
+  NPROC         processes on this node (default: the GPU count; on CPU 2 with at least 4 cores, else 1)
+  NNODES        number of nodes (default 1: a standalone single-node run)
+  NODE_RANK     this node's rank, 0 .. NNODES-1 (default 0)
+  MASTER_ADDR   host of the c10d rendezvous; required when NNODES > 1 (e.g. the first node's address)
+  MASTER_PORT   port of the c10d rendezvous (default 29500)
+  RDZV_ID       rendezvous id shared by all nodes of one job (default mlm-ddp)
+  MAX_RESTARTS  torchrun --max-restarts: restart the workers this many times after a failure (default 0)
+  OMP_NUM_THREADS  threads per process; on CPU it defaults to cores / NPROC
+  PYTHON        the interpreter, run as PYTHON -m torch.distributed.run (default: torchrun on the PATH)
+  LAUNCH_DRY_RUN=1  print the torchrun command instead of running it
+
+Examples:
+  bash launch.sh --model_name_or_path bert-base-uncased --output_dir outputs/bert-wt2
+  NPROC=2 bash launch.sh --train_file my.txt --max_train_steps 1000
+  # two nodes with 8 GPUs each; run on both, NODE_RANK=0 on node-a and NODE_RANK=1 on node-b:
+  NNODES=2 NODE_RANK=0 MASTER_ADDR=node-a MASTER_PORT=29500 bash launch.sh --config run.yaml
+EOF
+}
+
+fail() {  # one line on stderr, exit 2 (the same convention as train_ddp.py)
+    echo "launch.sh: error: $*" >&2
+    exit 2
+}
+
+is_count() { [[ "$1" =~ ^[1-9][0-9]*$ ]]; }
+
+if [[ "${1:-}" == "-h" || "${1:-}" == "--help" ]]; then
+    usage
+    exit 0
+fi
+
+here="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)"
+python="${PYTHON:-$(command -v python || command -v python3 || true)}"
+[[ -n "$python" ]] || fail "no python found; set PYTHON to the interpreter that has torch installed"
+
+count_gpus() {
+    if command -v nvidia-smi >/dev/null 2>&1 && nvidia-smi -L >/dev/null 2>&1; then
+        if [[ -n "${CUDA_VISIBLE_DEVICES+set}" ]]; then
+            # nvidia-smi ignores CUDA_VISIBLE_DEVICES, so a restricted set is counted from the variable.
+            local ids="${CUDA_VISIBLE_DEVICES//[[:space:]]/}"
+            if [[ -z "$ids" || "$ids" == -1* ]]; then echo 0; else awk -F, '{print NF}' <<<"$ids"; fi
+        else
+            nvidia-smi -L | grep -c '^GPU ' || true
+        fi
+    else  # no driver tool: ask torch (it honours CUDA_VISIBLE_DEVICES)
+        "$python" -c 'import torch; print(torch.cuda.device_count())' 2>/dev/null || echo 0
+    fi
+}
+
+# GNU nproc reports OMP_NUM_THREADS when it is set; the cores usable by this process are wanted here.
+cores="$(env -u OMP_NUM_THREADS -u OMP_THREAD_LIMIT nproc 2>/dev/null || getconf _NPROCESSORS_ONLN 2>/dev/null || echo 1)"
+gpus="$(count_gpus)"
+if [[ -n "${NPROC:-}" ]]; then
+    is_count "$NPROC" || fail "NPROC must be a whole number of processes >= 1, got '$NPROC'"
+    nproc_per_node="$NPROC"
+elif (( gpus > 0 )); then
+    nproc_per_node="$gpus"
+else
+    # CPU DDP is for trying the distributed path, not for speed: each process wants at least two threads
+    # for its matmuls, and more processes than core pairs only adds all-reduce traffic. So 2 processes
+    # (enough to exercise DDP) when there are 4 or more cores, else 1.
+    nproc_per_node=$(( cores >= 4 ? 2 : 1 ))
+fi
+if (( gpus == 0 )) && [[ -z "${OMP_NUM_THREADS:-}" ]]; then
+    # torchrun would set 1 thread per process, which leaves most cores idle in a CPU run.
+    threads=$(( cores / nproc_per_node ))
+    export OMP_NUM_THREADS=$(( threads > 0 ? threads : 1 ))
+fi
+
+nnodes="${NNODES:-1}"
+is_count "$nnodes" || fail "NNODES must be a whole number of nodes >= 1, got '$nnodes'"
+max_restarts="${MAX_RESTARTS:-0}"
+[[ "$max_restarts" =~ ^[0-9]+$ ]] || fail "MAX_RESTARTS must be a whole number >= 0, got '$max_restarts'"
+
+if [[ -z "${PYTHON:-}" ]] && command -v torchrun >/dev/null 2>&1; then
+    torchrun=(torchrun)
+else
+    torchrun=("$python" -m torch.distributed.run)
+fi
+cmd=("${torchrun[@]}" "--nproc_per_node=$nproc_per_node" "--max-restarts=$max_restarts")
+if (( nnodes > 1 )); then
+    [[ -n "${MASTER_ADDR:-}" ]] || fail "NNODES=$nnodes needs MASTER_ADDR, the rendezvous host (e.g. the first" \
+        "node's address); set MASTER_ADDR (and MASTER_PORT, default 29500) on every node"
+    node_rank="${NODE_RANK:-0}"
+    [[ "$node_rank" =~ ^[0-9]+$ ]] && (( node_rank < nnodes )) || \
+        fail "NODE_RANK must be in 0..$(( nnodes - 1 )), got '$node_rank'"
+    port="${MASTER_PORT:-29500}"
+    cmd+=("--nnodes=$nnodes" "--node_rank=$node_rank" "--rdzv_backend=c10d"
+          "--rdzv_endpoint=$MASTER_ADDR:$port" "--rdzv_id=${RDZV_ID:-mlm-ddp}")
+else
+    cmd+=(--standalone)  # a private rendezvous on a free port: MASTER_ADDR and MASTER_PORT are not needed
+fi
+cmd+=("$here/train_ddp.py" "$@")
+
+if (( gpus > 0 )); then device="$gpus GPU(s), nccl"; else device="cpu, gloo, OMP_NUM_THREADS=$OMP_NUM_THREADS"; fi
+echo "launch.sh: $nnodes node(s) x $nproc_per_node process(es) ($device)" >&2
+if [[ "${LAUNCH_DRY_RUN:-0}" == "1" ]]; then
+    printf '%q ' "${cmd[@]}"
+    echo
+    exit 0
+fi
+exec "${cmd[@]}"

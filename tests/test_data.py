@@ -1,0 +1,132 @@
+"""Acceptance (b): chunking, the on-disk cache, sources, line-by-line batches and exact eval sharding."""
+
+import json
+import os
+
+import numpy as np
+import pytest
+
+from helpers import SHARED_WIKITEXT, make_text_file
+from mlm.config import TrainConfig, UserError
+from mlm.data import (ChunkDataset, LineDataset, TokenStream, eval_shard, load_token_streams, read_text_file,
+                      tokenize_texts)
+
+
+def cfg_for(tmp_path, **kw) -> TrainConfig:
+    kw.setdefault("output_dir", str(tmp_path / "out"))
+    return TrainConfig(**kw).resolve_and_validate()
+
+
+def reference_stream(tokenizer, texts) -> list[int]:
+    out = []
+    for t in texts:
+        out += tokenizer(t, add_special_tokens=False)["input_ids"]
+    return out
+
+
+def test_tokenised_stream_equals_per_text_tokenisation(tokenizer, text_file):
+    texts = read_text_file(text_file)
+    stream = tokenize_texts(tokenizer, texts)
+    assert stream.tokens.tolist() == reference_stream(tokenizer, texts)
+    assert stream.lengths.sum() == stream.tokens.size and len(stream.lengths) == len(texts)
+
+
+@pytest.mark.parametrize("seq", [16, 32, 128])
+def test_chunks_are_exact_framed_and_lose_only_the_remainder(tokenizer, text_file, seq):
+    stream = tokenize_texts(tokenizer, read_text_file(text_file))
+    ds = ChunkDataset(stream, seq, tokenizer.cls_token_id, tokenizer.sep_token_id)
+    batch = ds.__getitems__(list(range(len(ds))))["input_ids"].numpy()
+    assert batch.shape == (len(ds), seq)
+    assert (batch[:, 0] == tokenizer.cls_token_id).all() and (batch[:, -1] == tokenizer.sep_token_id).all()
+    joined = batch[:, 1:-1].reshape(-1)
+    assert joined.tolist() == stream.tokens[: joined.size].tolist()  # nothing reordered or lost ...
+    assert stream.tokens.size - joined.size == ds.dropped_tokens < seq - 2  # ... but the final remainder
+    # Batches fetched in any order hold the same rows.
+    idx = [5, 0, 3]
+    assert (ds.__getitems__(idx)["input_ids"].numpy() == batch[idx]).all()
+
+
+def test_wikitext_chunking_on_real_data(tokenizer, tmp_path):
+    if not os.path.isdir(SHARED_WIKITEXT):
+        pytest.skip("../shared WikiText-2 is not beside this checkout")
+    cfg = cfg_for(tmp_path, dataset_dir=SHARED_WIKITEXT, tokenizer_name=None)
+    streams, hit = load_token_streams(cfg, tokenizer, str(tmp_path / "cache"))
+    assert not hit and streams["train"].tokens.size > 2_000_000
+    ds = ChunkDataset(streams["train"], 128, tokenizer.cls_token_id, tokenizer.sep_token_id)
+    assert len(ds) == streams["train"].tokens.size // 126
+    assert ds.bodies.reshape(-1).tolist() == streams["train"].tokens[: len(ds) * 126].tolist()
+
+
+def test_second_build_is_served_from_the_cache(tokenizer, text_file, tmp_path):
+    cfg = cfg_for(tmp_path, train_file=text_file, validation_split_percentage=10)
+    calls = []
+
+    def builder(tok, texts):
+        calls.append(len(texts))
+        return tokenize_texts(tok, texts)
+
+    first, hit1 = load_token_streams(cfg, tokenizer, str(tmp_path / "cache"), builder=builder)
+    assert not hit1 and len(calls) == 2  # train and validation built
+
+    def must_not_build(tok, texts):
+        raise AssertionError("the builder ran although the cache holds this data")
+
+    second, hit2 = load_token_streams(cfg, tokenizer, str(tmp_path / "cache"), builder=must_not_build)
+    assert hit2
+    for split in ("train", "validation"):
+        assert np.array_equal(first[split].tokens, second[split].tokens)
+    # Another source (other content) misses the cache.
+    other = make_text_file(str(tmp_path / "other.txt"), n_lines=50, seed=9)
+    _, hit3 = load_token_streams(cfg_for(tmp_path, train_file=other), tokenizer, str(tmp_path / "cache"),
+                                 builder=builder)
+    assert not hit3
+
+
+def test_validation_is_carved_from_the_first_rows(tokenizer, text_file, tmp_path):
+    cfg = cfg_for(tmp_path, train_file=text_file, validation_split_percentage=10)
+    streams, _ = load_token_streams(cfg, tokenizer, str(tmp_path / "cache"))
+    texts = read_text_file(text_file)
+    n_val = len(texts) // 10
+    assert streams["validation"].tokens.tolist() == reference_stream(tokenizer, texts[:n_val])
+    assert streams["train"].tokens.tolist() == reference_stream(tokenizer, texts[n_val:])
+    with pytest.raises(UserError, match="no validation split"):
+        load_token_streams(cfg_for(tmp_path, train_file=text_file, validation_split_percentage=0), tokenizer,
+                           str(tmp_path / "cache2"))
+
+
+def test_local_formats_read_the_text_column(tmp_path):
+    rows = ["first text", "second one", "third"]
+    with open(tmp_path / "a.jsonl", "w") as fh:
+        fh.writelines(json.dumps({"text": r, "id": i}) + "\n" for i, r in enumerate(rows))
+    with open(tmp_path / "a.csv", "w") as fh:
+        fh.write("id,text\n" + "".join(f"{i},{r}\n" for i, r in enumerate(rows)))
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+    pq.write_table(pa.table({"text": rows}), tmp_path / "a.parquet")
+    for name in ("a.jsonl", "a.csv", "a.parquet"):
+        assert read_text_file(str(tmp_path / name)) == rows
+    with open(tmp_path / "b.jsonl", "w") as fh:
+        fh.write(json.dumps({"body": "x"}) + "\n")
+    with pytest.raises(UserError, match="no 'text' column"):
+        read_text_file(str(tmp_path / "b.jsonl"))
+
+
+def test_line_by_line_pads_to_a_multiple_of_8(tokenizer):
+    lengths = np.array([3, 0, 10, 40])
+    stream = TokenStream(np.arange(1000, 1000 + lengths.sum(), dtype=np.int32), lengths)
+    ds = LineDataset(stream, 32, tokenizer.cls_token_id, tokenizer.sep_token_id, tokenizer.pad_token_id)
+    assert len(ds) == 3  # the empty text is skipped
+    b = ds.__getitems__([0, 1])
+    ids, attn = b["input_ids"].numpy(), b["attention_mask"].numpy()
+    assert ids.shape == (2, 16)  # longest is 10 + 2 specials = 12 -> 16
+    assert ids[0, :5].tolist() == [tokenizer.cls_token_id, 1000, 1001, 1002, tokenizer.sep_token_id]
+    assert (ids[0, 5:] == tokenizer.pad_token_id).all() and attn[0].tolist() == [1] * 5 + [0] * 11
+    long = ds.__getitems__([2])["input_ids"].numpy()
+    assert long.shape == (1, 32) and long[0, -1] == tokenizer.sep_token_id  # truncated to max_seq_length
+
+
+@pytest.mark.parametrize("n", [0, 1, 7, 100, 101])
+def test_eval_shards_cover_every_example_once(n):
+    for world in (1, 2, 3, 4):
+        seen = [i for r in range(world) for i in eval_shard(n, r, world)]
+        assert seen == list(range(n))
