@@ -59,9 +59,9 @@ def build_run(cfg: TrainConfig, env: DistEnv):
     scaler = engine.build_scaler(precision, env.device)
     state = checkpoint.TrainState(world_size=env.world_size,
                                   per_device_train_batch_size=cfg.per_device_train_batch_size)
+    torch.manual_seed(cfg.seed + env.rank)  # dropout differs per rank; a resume restores the saved states
     if resume:
         checkpoint.load_checkpoint(resume, state, model, optimizer, scheduler, scaler, env.rank, env.device)
-    torch.manual_seed(cfg.seed + env.rank + 1000 * state.step)  # dropout differs per rank
     ddp = DDP(loss_module, device_ids=[env.device.index] if env.device.type == "cuda" else None) \
         if env.distributed else loss_module
     global_batch = cfg.per_device_train_batch_size * env.world_size * cfg.gradient_accumulation_steps

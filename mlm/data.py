@@ -348,11 +348,14 @@ def build_data(cfg: TrainConfig, env: DistEnv, tokenizer) -> DataBundle:
     sampler = ResumableDistributedSampler(train, num_replicas=env.world_size, rank=env.rank, shuffle=True,
                                           seed=cfg.seed, drop_last=False)
     pin = env.device.type == "cuda"
+    # Own generators: creating a DataLoader iterator draws a seed from the global RNG, which would shift the
+    # dropout stream (and break exact resume) every time an epoch or an evaluation starts.
+    gen = lambda: torch.Generator().manual_seed(cfg.seed)
     train_loader = DataLoader(train, batch_size=cfg.per_device_train_batch_size, sampler=sampler,
-                              collate_fn=_identity, pin_memory=pin)
+                              collate_fn=_identity, pin_memory=pin, generator=gen())
     eval_loader = DataLoader(valid, batch_size=cfg.per_device_eval_batch_size,
                              sampler=eval_shard(len(valid), env.rank, env.world_size), collate_fn=_identity,
-                             pin_memory=pin)
+                             pin_memory=pin, generator=gen())
     stats = {"train_examples": len(train), "eval_examples": len(valid),
              "train_tokens": int(streams["train"].tokens.size), "eval_tokens": int(streams["validation"].tokens.size),
              "train_dropped_tokens": train.dropped_tokens, "eval_dropped_tokens": valid.dropped_tokens,
