@@ -177,7 +177,7 @@ def main() -> None:
           f"{cfg.mlm_probability}, lr {cfg.learning_rate}, wd {cfg.weight_decay}, clip {cfg.max_grad_norm}\n"
           f"measurement    {a.warmup} warm-up + {a.steps} timed steps per run, {a.repeats} runs per side, "
           f"alternated ours/HF; each run a fresh model with seed {cfg.seed}\n"
-          f"ours           MaskedLMLoss + prepare_batch + train_step; AdamW foreach; head at masked positions\n"
+          f"ours           MaskedLMLoss + prepare_batch + train_step; AdamW from build_optimizer (fused on CPU); head at masked positions\n"
           f"HF             Trainer + DataCollatorForLanguageModeling; optim {optim}; head at all positions\n"
           f"ours samples/s {common.fmt_runs(ours_s)}\n"
           f"HF   samples/s {common.fmt_runs(hf_s)}\n"
