@@ -11,6 +11,7 @@ import json
 import logging
 import os
 import sys
+import time
 import warnings
 
 from mlm.config import TrainConfig, UserError, parse_args
@@ -19,6 +20,7 @@ from mlm.distributed import DistEnv, PeerFailed, broadcast_object, env_rank, ini
 
 EXIT_USER_ERROR = 2
 EXIT_PEER_FAILED = 1
+USER_ERROR_GRACE_S = 3.0
 log = logging.getLogger("mlm")
 
 
@@ -137,6 +139,9 @@ def main(argv: list[str] | None = None) -> int:
     except UserError as e:
         if rank == 0:  # every rank sees the same error; one line from rank 0 is enough
             print(f"error: {e}", file=sys.stderr, flush=True)
+        elif int(os.environ.get("WORLD_SIZE", "1")) > 1:
+            # torchrun stops the other workers as soon as one exits: leave rank 0 time to print the error.
+            time.sleep(USER_ERROR_GRACE_S)
         return EXIT_USER_ERROR
     except PeerFailed:
         return EXIT_PEER_FAILED

@@ -18,6 +18,7 @@ from typing import Any, Optional, Sequence
 
 DEFAULT_MODEL = "bert-base-uncased"
 DEFAULT_DATASET, DEFAULT_DATASET_CONFIG = "wikitext", "wikitext-2-raw-v1"
+OUTPUTS_ROOT = "outputs"  # default run directories are outputs/<model>-<dataset>; predict.py looks here too
 PRECISIONS = ("auto", "fp32", "fp16", "bf16")
 SCHEDULERS = ("linear", "cosine", "cosine_with_restarts", "polynomial", "constant", "constant_with_warmup")
 REPORT_TO = ("all", "wandb", "none")
@@ -139,7 +140,7 @@ class TrainConfig:
         elif self.dataset_name == DEFAULT_DATASET and self.dataset_config_name is None:
             self.dataset_config_name = DEFAULT_DATASET_CONFIG
         if self.output_dir is None:
-            self.output_dir = os.path.join("outputs", default_run_name(self))
+            self.output_dir = os.path.join(OUTPUTS_ROOT, default_run_name(self))
         _check_numbers(self)
         _check_sources(self)
         _check_model_paths(self)
@@ -230,7 +231,7 @@ def _check_sources(c: TrainConfig) -> None:
              "no training data: give --dataset_name, --train_file or --dataset_dir")
 
 
-def _looks_like_path(name: str) -> bool:
+def looks_like_path(name: str) -> bool:
     return name.startswith((".", "/", "~")) or os.sep in name.strip("/") and name.count("/") > 1
 
 
@@ -253,7 +254,7 @@ def _check_model_paths(c: TrainConfig) -> None:
             _require(flag == "config_name" and name.endswith(".json"),
                      f"--{flag} {name!r} is a file; give a Hub id or a directory written by save_pretrained")
         else:
-            _require(not _looks_like_path(name), f"--{flag} {name!r} does not exist; give a Hub id or an "
+            _require(not looks_like_path(name), f"--{flag} {name!r} does not exist; give a Hub id or an "
                      "existing directory")
     _require(not (c.from_scratch and c.tokenizer_name is None and c.config_name is None),
              "--config_overrides alone has no tokenizer; pass --tokenizer_name (and --config_name to start from a "
@@ -292,7 +293,7 @@ def _base_type(tp: Any) -> Any:
     return args[0] if args else tp
 
 
-class _Parser(argparse.ArgumentParser):
+class Parser(argparse.ArgumentParser):
     """argparse with one-line errors: the problem, and where to look for the fix."""
 
     def error(self, message: str) -> typing.NoReturn:
@@ -300,7 +301,7 @@ class _Parser(argparse.ArgumentParser):
 
 
 def build_parser(prog: str = "train_ddp.py") -> argparse.ArgumentParser:
-    p = _Parser(prog=prog, description="Masked-LM fine-tuning of BERT-style models on PyTorch DDP. Launch with "
+    p = Parser(prog=prog, description="Masked-LM fine-tuning of BERT-style models on PyTorch DDP. Launch with "
                 "torchrun --nproc_per_node=N train_ddp.py [options], or bash launch.sh [options].",
                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     p.add_argument("--config", default=None, help="YAML or JSON file of options; the command line overrides it.")

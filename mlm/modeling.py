@@ -18,7 +18,7 @@ log = logging.getLogger("mlm")
 _OFFSET_POSITIONS = {"roberta", "xlm-roberta", "camembert", "longformer"}
 
 
-def _load_error(what: str, name: str, e: Exception) -> UserError:
+def load_error(what: str, name: str, e: Exception) -> UserError:
     offline = os.environ.get("HF_HUB_OFFLINE") == "1" or os.environ.get("TRANSFORMERS_OFFLINE") == "1"
     why = "offline and not in the local cache" if offline and not os.path.isdir(name) else \
         f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"
@@ -33,7 +33,7 @@ def load_model_config(cfg: TrainConfig):
     try:
         config = AutoConfig.from_pretrained(name, trust_remote_code=cfg.trust_remote_code) if name else BertConfig()
     except Exception as e:
-        raise _load_error("model config", name, e) from None
+        raise load_error("model config", name, e) from None
     if cfg.from_scratch and cfg.config_overrides:
         try:
             config.update_from_string(cfg.config_overrides)
@@ -63,7 +63,7 @@ def load_tokenizer(cfg: TrainConfig):
     try:
         tok = AutoTokenizer.from_pretrained(name, use_fast=True, trust_remote_code=cfg.trust_remote_code)
     except Exception as e:
-        raise _load_error("tokenizer", name, e) from None
+        raise load_error("tokenizer", name, e) from None
     if tok.mask_token_id is None:
         raise UserError(f"the tokenizer {name!r} has no mask token, so it cannot train a masked LM")
     return tok
@@ -83,7 +83,7 @@ def build_model(cfg: TrainConfig, config, tokenizer) -> nn.Module:
                                                          attn_implementation=cfg.attn_implementation,
                                                          trust_remote_code=cfg.trust_remote_code)
         except Exception as e:
-            raise _load_error("model", cfg.model_name_or_path, e) from None
+            raise load_error("model", cfg.model_name_or_path, e) from None
     if len(tokenizer) > model.get_input_embeddings().num_embeddings:
         raise UserError(f"the tokenizer has {len(tokenizer)} tokens but the model only "
                         f"{model.get_input_embeddings().num_embeddings} embeddings; use the model's own tokenizer")
@@ -92,7 +92,7 @@ def build_model(cfg: TrainConfig, config, tokenizer) -> nn.Module:
     return model
 
 
-def _split_encoder_head(model: nn.Module) -> tuple[nn.Module, Optional[Callable[[torch.Tensor], torch.Tensor]]]:
+def split_encoder_head(model: nn.Module) -> tuple[nn.Module, Optional[Callable[[torch.Tensor], torch.Tensor]]]:
     """The encoder, and the prediction head as a function of hidden states, for the families we know.
 
     With the head separate, vocabulary logits are computed only at masked positions (~15% of tokens).
@@ -116,7 +116,7 @@ class MaskedLMLoss(nn.Module):
     def __init__(self, model: nn.Module):
         super().__init__()
         self.model = model
-        self.encoder, self.head = _split_encoder_head(model)
+        self.encoder, self.head = split_encoder_head(model)
 
     def masked_logits(self, input_ids: torch.Tensor, labels: torch.Tensor,
                       attention_mask: Optional[torch.Tensor] = None) -> tuple[torch.Tensor, torch.Tensor]:

@@ -12,7 +12,8 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
 import pytest  # noqa: E402
 
-from helpers import TINY_BERT, make_text_file, minilm_path, write_tiny_config  # noqa: E402
+from helpers import TINY_BERT, make_text_file, minilm_path, sharpened_minilm, train_forced_model, \
+    write_tiny_config  # noqa: E402
 
 
 @pytest.fixture(scope="session")
@@ -34,3 +35,13 @@ def tiny_config_dir(tmp_path_factory) -> str:
 @pytest.fixture()
 def text_file(tmp_path) -> str:
     return make_text_file(str(tmp_path / "train.txt"), n_lines=400, seed=0)
+
+
+@pytest.fixture(scope="session")
+def forced_model_dir(tmp_path_factory) -> str:
+    return train_forced_model(str(tmp_path_factory.mktemp("forced-bert")))
+
+
+@pytest.fixture(scope="session")
+def minilm_dir(tmp_path_factory) -> str:
+    return sharpened_minilm(str(tmp_path_factory.mktemp("minilm-sharp")))

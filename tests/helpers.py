@@ -47,8 +47,13 @@ def make_text_file(path: str, n_lines: int = 400, seed: int = 0, words_per_line:
 @dataclass
 class Result:
     returncode: int
-    output: str
+    stdout: str
+    stderr: str
     seconds: float
+
+    @property
+    def output(self) -> str:
+        return self.stdout + self.stderr
 
 
 def _env(extra: Optional[dict] = None) -> dict:
@@ -59,8 +64,21 @@ def _env(extra: Optional[dict] = None) -> dict:
     return env
 
 
+def run_command(cmd: list[str], timeout: float, extra_env: Optional[dict] = None, cwd: str = ROOT,
+                stdin: Optional[str] = None) -> Result:
+    """A subprocess with a timeout, so a hang fails the test instead of blocking CI."""
+    t0 = time.perf_counter()
+    try:
+        p = subprocess.run(cmd, cwd=cwd, env=_env(extra_env), capture_output=True, text=True, timeout=timeout,
+                           input=stdin, stdin=None if stdin is not None else subprocess.DEVNULL)
+    except subprocess.TimeoutExpired as e:
+        out = (e.stdout or b"").decode() if isinstance(e.stdout, bytes) else (e.stdout or "")
+        raise AssertionError(f"timed out after {timeout}s (a hang): {' '.join(cmd)}\n{out[-4000:]}")
+    return Result(p.returncode, p.stdout, p.stderr, time.perf_counter() - t0)
+
+
 def run_train(args: list[str], nproc: int = 1, timeout: float = 300, extra_env: Optional[dict] = None,
-              torchrun_args: Optional[list[str]] = None) -> Result:
+              torchrun_args: Optional[list[str]] = None, cwd: str = ROOT) -> Result:
     """train_ddp.py under torchrun (nproc >= 1) with gloo, or plain python when nproc == 0."""
     if nproc == 0:
         cmd = [sys.executable, os.path.join(ROOT, "train_ddp.py"), *args]
@@ -68,13 +86,11 @@ def run_train(args: list[str], nproc: int = 1, timeout: float = 300, extra_env: 
         cmd = [sys.executable, "-m", "torch.distributed.run", f"--nproc_per_node={nproc}",
                "--standalone", *(torchrun_args or []),
                os.path.join(ROOT, "train_ddp.py"), *args]
-    t0 = time.perf_counter()
-    try:
-        p = subprocess.run(cmd, cwd=ROOT, env=_env(extra_env), capture_output=True, text=True, timeout=timeout)
-    except subprocess.TimeoutExpired as e:
-        out = (e.stdout or b"").decode() if isinstance(e.stdout, bytes) else (e.stdout or "")
-        raise AssertionError(f"timed out after {timeout}s (a hang): {' '.join(cmd)}\n{out[-4000:]}")
-    return Result(p.returncode, p.stdout + p.stderr, time.perf_counter() - t0)
+    return run_command(cmd, timeout, extra_env, cwd)
+
+
+def run_predict(args: list[str], cwd: str = ROOT, stdin: Optional[str] = None, timeout: float = 120) -> Result:
+    return run_command([sys.executable, os.path.join(ROOT, "predict.py"), *args], timeout, cwd=cwd, stdin=stdin)
 
 
 def tiny_args(config_dir: str, tokenizer: str, output_dir: str, cache_dir: str, **kw) -> list[str]:
@@ -93,3 +109,62 @@ def tiny_args(config_dir: str, tokenizer: str, output_dir: str, cache_dir: str, 
 def read_json(path: str):
     with open(path) as fh:
         return json.load(fh)
+
+
+# Two sentences a tiny model learns by heart: with every content word masked, the joint fills must be exactly
+# these two, while independent per-mask guesses can mix them ("she is a bad man").
+FORCED_SENTENCES = ("he is a good man .", "she was a bad woman .")
+
+
+def forced_tokenizer():
+    """A WordPiece tokenizer whose vocabulary is the special tokens and the words of FORCED_SENTENCES.
+
+    A small vocabulary keeps the forced model's training to seconds; its behaviour is all we test there."""
+    from transformers import BertTokenizer
+    words = sorted({w for s in FORCED_SENTENCES for w in s.split()})
+    vocab = {t: i for i, t in enumerate(["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]", *words])}
+    return BertTokenizer(vocab=vocab, do_lower_case=True)
+
+
+def train_forced_model(directory: str, steps: int = 400, seed: int = 0) -> str:
+    """A tiny BERT trained in-process to complete FORCED_SENTENCES, saved with its tokenizer."""
+    import torch
+    from transformers import BertConfig, BertForMaskedLM
+    torch.manual_seed(seed)
+    tok = forced_tokenizer()
+    model = BertForMaskedLM(BertConfig(vocab_size=len(tok), **TINY_BERT))
+    ids = torch.tensor([tok(s)["input_ids"] for s in FORCED_SENTENCES])  # same length: no padding needed
+    inner = torch.zeros_like(ids, dtype=torch.bool)
+    inner[:, 1:-1] = True  # never mask [CLS]/[SEP]
+    content = inner & (ids != tok.convert_tokens_to_ids("a")) & (ids != tok.convert_tokens_to_ids("."))
+    opt = torch.optim.AdamW(model.parameters(), lr=3e-3)
+    for _ in range(steps):
+        # Half the rows random masks, half every content word masked: there the two sentences are equally
+        # likely, so the model must learn that whichever word is filled first decides the rest.
+        batch = ids.repeat(32, 1)
+        masked = torch.cat([(torch.rand((32, ids.shape[1])) < 0.5) & inner.repeat(16, 1), content.repeat(16, 1)])
+        labels = torch.where(masked, batch, -100)
+        loss = model(input_ids=batch.masked_fill(masked, tok.mask_token_id), labels=labels).loss
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    model.save_pretrained(directory)
+    tok.save_pretrained(directory)
+    return directory
+
+
+def sharpened_minilm(directory: str) -> str:
+    """The real MiniLM encoder and tokenizer with its fresh MLM head (seeded) made confident, saved.
+
+    The checkpoint has no MLM head; a fresh one spreads probability almost evenly (top scores ~0.003), which
+    would make a score comparison within 1e-5 meaningless. Scaling the head's LayerNorm sharpens it (top
+    scores ~0.1-0.9)."""
+    import torch
+    from transformers import AutoModelForMaskedLM, AutoTokenizer
+    torch.manual_seed(0)
+    model = AutoModelForMaskedLM.from_pretrained(minilm_path())
+    with torch.no_grad():
+        model.cls.predictions.transform.LayerNorm.weight.mul_(3.0)
+    model.save_pretrained(directory)
+    AutoTokenizer.from_pretrained(minilm_path()).save_pretrained(directory)
+    return directory

@@ -124,21 +124,13 @@ def test_bad_input_under_torchrun(name, tmp_path, tiny_config_dir, tokenizer_pat
     assert not any(line.startswith("error") for line in lines(out1 + err1)), f"rank 1 printed:\n{out1}{err1}"
 
 
-def run_plain(args: list[str], extra_env: dict) -> tuple[subprocess.CompletedProcess, float]:
-    """python train_ddp.py with stdout and stderr kept apart (helpers.run_train merges them)."""
-    t0 = time.perf_counter()
-    p = subprocess.run([sys.executable, os.path.join(ROOT, "train_ddp.py"), *args], cwd=ROOT,
-                       env=_env(extra_env), capture_output=True, text=True, timeout=120)
-    return p, time.perf_counter() - t0
-
-
 @pytest.mark.parametrize("name", CASES)
 def test_bad_input_under_plain_python(name, tmp_path, tiny_config_dir, tokenizer_path):
     case = build_case(name, tmp_path, tiny_config_dir, tokenizer_path)
-    p, seconds = run_plain(case.args, case.env)
-    assert "Traceback" not in p.stdout + p.stderr, p.stdout + p.stderr
-    assert p.returncode == 2, f"exit {p.returncode}\n{p.stdout}{p.stderr}"
-    assert seconds < TIME_LIMIT_S
+    p = run_train(case.args, nproc=0, timeout=120, extra_env=case.env)
+    assert "Traceback" not in p.output, p.output
+    assert p.returncode == 2, f"exit {p.returncode}\n{p.output}"
+    assert p.seconds < TIME_LIMIT_S
     check_error_line(p.stderr, case)
     assert not lines(p.stdout), p.stdout
 

@@ -1,0 +1,392 @@
+"""Fill-mask prediction: the top-k tokens at each mask, and the top-k joint fills of inputs with several masks.
+
+    from mlm.fill_mask import FillMask
+    preds = FillMask("outputs/my-run").predict(["The capital of France is [MASK]."], top_k=5)
+
+**Per mask** (`Prediction.masks`): the softmax over the vocabulary at that position, given the input as
+written (the other masks stay masked). These are the numbers of transformers' `pipeline("fill-mask")`:
+same scores, same order, same `token` and `sequence` strings.
+
+**Joint fills** (`Prediction.fills`): complete sentences with every mask filled. Independent per-mask guesses
+can contradict each other ("he was was a good man"), so the fills are decoded step by step: a beam search over
+partial fillings, where each step takes, for every sentence on the beam, the remaining mask whose best token is
+most probable, tries its `num_beams` most probable tokens, and re-runs the model on the extended sentences. A
+fill's `log_score` is the sum of the log-probabilities of its tokens, each taken when it was filled (so given
+the tokens filled before it): the chain-rule log-likelihood of the fill in its fill order. `score` is its exp,
+the product of those probabilities, in (0, 1]. Two paths that reach the same filling are merged, keeping the
+higher score. Every fill of an input fills the same number of masks, so scores compare without a length
+penalty. With one mask the fills are that mask's top tokens as sentences, with the same scores.
+
+Inference is batched (inputs sorted by length, padded per batch), runs under `torch.inference_mode()`, and
+the vocabulary head runs only at mask positions (as in training; see `mlm.modeling.split_encoder_head`).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import math
+import os
+import re
+from dataclasses import dataclass, field
+from typing import Any, Optional, Sequence, Union
+
+import torch
+from torch import nn
+
+from .config import OUTPUTS_ROOT, UserError, looks_like_path
+
+log = logging.getLogger("mlm")
+# Either spelling of a mask, BERT's or RoBERTa's, in any case; translated to the tokenizer's own mask token.
+_MASK_SPELLINGS = re.compile(r"\[mask\]|<mask>", re.IGNORECASE)
+_SANE_MAX_LENGTH = 1_000_000  # tokenizers without a limit report model_max_length as a huge sentinel
+
+
+# ---------------------------------------------------------------------- results
+@dataclass
+class Candidate:
+    """One token proposed for one mask."""
+    token_id: int
+    token: str      # the token decoded on its own ("paris", "##ing"), as the pipeline's token_str
+    score: float    # its probability at this mask, given the input as written
+    sequence: str   # the input with this token at this mask (other masks kept), special tokens removed
+
+
+@dataclass
+class MaskPrediction:
+    position: int   # index of the mask in the tokenised input ([CLS] is 0)
+    candidates: list[Candidate]
+
+
+@dataclass
+class JointFill:
+    """The input with every mask filled."""
+    sequence: str
+    tokens: list[str]       # the token at each mask, masks left to right
+    token_ids: list[int]
+    score: float            # exp(log_score): the product of the tokens' probabilities as they were filled
+    log_score: float        # sum of the log-probabilities of the tokens, each given the ones filled before it
+    fill_order: list[int]   # mask numbers (0 = leftmost) in the order they were filled
+
+
+@dataclass
+class Prediction:
+    text: str               # the input as given
+    model: str
+    masks: list[MaskPrediction]
+    fills: list[JointFill]
+    compare: Optional["Prediction"] = None  # the same input through a second model (predict.py --compare)
+
+    def to_dict(self) -> dict[str, Any]:
+        d = dataclasses.asdict(self)
+        if self.compare is None:
+            del d["compare"]
+        return d
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> "Prediction":
+        return cls(text=d["text"], model=d["model"],
+                   masks=[MaskPrediction(m["position"], [Candidate(**c) for c in m["candidates"]])
+                          for m in d["masks"]],
+                   fills=[JointFill(**f) for f in d["fills"]],
+                   compare=cls.from_dict(d["compare"]) if d.get("compare") else None)
+
+
+@dataclass(order=True)
+class _Partial:
+    """A sentence on the beam: some masks filled. Ordered by (-log_score, ids) for a deterministic beam."""
+    neg_log_score: float
+    ids: tuple[int, ...]
+    order: tuple[int, ...] = field(compare=False)
+
+
+# ---------------------------------------------------------------------- finding and loading a model
+def find_default_model(root: str = OUTPUTS_ROOT) -> tuple[str, str]:
+    """The newest best/ under root (where train_ddp.py writes its runs by default), and a note saying which."""
+    runs = []
+    if os.path.isdir(root):
+        for name in os.listdir(root):
+            best = os.path.join(root, name, "best")
+            if os.path.isfile(os.path.join(best, "config.json")):
+                runs.append((max(os.path.getmtime(os.path.join(best, f)) for f in os.listdir(best)), best))
+    if not runs:
+        raise UserError(f"no trained model under {root}/ (train one with `torchrun --nproc_per_node=2 "
+                        "train_ddp.py`), or pass --model with a run directory, a saved model or a Hub id")
+    runs.sort(reverse=True)
+    note = f"the newest best/ under {root}/" if len(runs) == 1 else \
+        f"the newest of {len(runs)} runs under {root}/; the others: " + \
+        ", ".join(os.path.dirname(p) for _, p in runs[1:])
+    return runs[0][1], note
+
+
+def resolve_model_path(name: str, flag: str = "--model") -> str:
+    """A run directory means its best/; a save_pretrained directory itself; anything else a Hub id."""
+    if os.path.isdir(name):
+        if os.path.isfile(os.path.join(name, "config.json")):
+            return name
+        if os.path.isfile(os.path.join(name, "best", "config.json")):
+            return os.path.join(name, "best")
+        if os.path.isfile(os.path.join(name, "trainer_state.json")):
+            raise UserError(f"{flag} {name!r} is a resumable training checkpoint, not an exported model; pass the "
+                            "run directory (its best/ is used) or a directory written by save_pretrained")
+        raise UserError(f"{flag} {name!r} holds no model (no config.json, and no best/ of a training run); pass a "
+                        "run directory, a directory written by save_pretrained, or a Hub id")
+    if os.path.exists(name):
+        raise UserError(f"{flag} {name!r} is a file; pass a run directory, a saved model directory or a Hub id")
+    if looks_like_path(name):
+        raise UserError(f"{flag} {name!r} does not exist; pass a run directory, a saved model directory or a Hub id")
+    return name
+
+
+def resolve_device(device: str) -> torch.device:
+    if device == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if device.startswith("cuda") and not torch.cuda.is_available():
+        raise UserError(f"--device {device}: no CUDA GPU is visible; use --device cpu or auto")
+    try:
+        return torch.device(device)
+    except RuntimeError:
+        raise UserError(f"--device {device!r} is not a device; use auto, cpu or cuda") from None
+
+
+def load_model(path: str, device: torch.device, flag: str = "--model") -> tuple[nn.Module, Any]:
+    """Tokenizer and masked LM from a resolved path or Hub id; a fresh (untrained) MLM head is warned about."""
+    from transformers import AutoModelForMaskedLM, AutoTokenizer
+    from .modeling import load_error
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(path, use_fast=True)
+    except Exception as e:
+        raise load_error("tokenizer", path, e) from None
+    if tokenizer.mask_token_id is None:
+        raise UserError(f"{flag} {path!r}: its tokenizer has no mask token, so it is not a masked LM")
+    torch.manual_seed(0)  # a head missing from the checkpoint is initialised the same way on every run
+    try:
+        model, info = AutoModelForMaskedLM.from_pretrained(path, output_loading_info=True)
+    except Exception as e:
+        raise load_error("model", path, e) from None
+    fresh = sorted(k for k in info.get("missing_keys", ()) if "embeddings.position_ids" not in k)
+    if fresh:
+        log.warning(f"warning: {path} has no trained weights for {', '.join(fresh[:3])}"
+                    f"{' ...' if len(fresh) > 3 else ''}; they are freshly initialised, so its predictions "
+                    "are not meaningful (an encoder without its MLM head?)")
+    return model.to(device).eval(), tokenizer
+
+
+def max_input_length(config, tokenizer) -> int:
+    from .modeling import usable_positions
+    limit = usable_positions(config)
+    if 0 < tokenizer.model_max_length < _SANE_MAX_LENGTH:
+        limit = min(limit, tokenizer.model_max_length)
+    return limit
+
+
+# ---------------------------------------------------------------------- prediction
+class FillMask:
+    """Fill-mask predictions from a masked LM: `FillMask(path_or_hub_id)` or `FillMask(model, tokenizer)`."""
+
+    def __init__(self, model: Union[str, nn.Module], tokenizer: Any = None, device: str = "auto",
+                 name: Optional[str] = None):
+        from .data import plain_backend
+        from .modeling import split_encoder_head
+        if isinstance(model, str):
+            name = name or model
+            model, tokenizer = load_model(resolve_model_path(model), resolve_device(device))
+        elif tokenizer is None:
+            raise TypeError("FillMask(model, tokenizer): a model object needs its tokenizer")
+        self.model, self.tokenizer = model.eval(), tokenizer
+        self.name = name or type(model).__name__
+        self.device = next(model.parameters()).device
+        self.encoder, self.head = split_encoder_head(model)
+        self.max_length = max_input_length(model.config, tokenizer)
+        self.mask_id: int = tokenizer.mask_token_id
+        self.pad_id: int = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
+        self._special = set(tokenizer.all_special_ids) - {self.mask_id}
+        # The raw fast tokenizer, padding and truncation off: a long input is reported, never cut silently.
+        self._backend = plain_backend(tokenizer)
+
+    # -------------------------------------------------------------- inputs
+    def normalize(self, text: str) -> str:
+        """[MASK] and <mask> (any case) become the tokenizer's own mask token."""
+        return _MASK_SPELLINGS.sub(lambda _: self.tokenizer.mask_token, text)
+
+    def encode(self, texts: Sequence[str]) -> list[list[int]]:
+        """Token ids with special tokens; every input checked first (empty, no mask, too long)."""
+        for i, t in enumerate(texts):
+            if not t.strip():
+                raise UserError(f"input {i + 1} is empty; give a text with {self.tokenizer.mask_token} where the "
+                                "model should predict a token")
+        encodings = self._backend.encode_batch([self.normalize(t) for t in texts], add_special_tokens=True)
+        seqs = [e.ids for e in encodings]
+        for i, (t, ids) in enumerate(zip(texts, seqs)):
+            if self.mask_id not in ids:
+                raise UserError(f"input {i + 1} ({_short(t)!r}) has no mask token; put "
+                                f"{self.tokenizer.mask_token} where the model should predict a token")
+            if len(ids) > self.max_length:
+                raise UserError(f"input {i + 1} ({_short(t)!r}) is {len(ids)} tokens long but the model reads at "
+                                f"most {self.max_length}; shorten it (nothing is cut off silently)")
+        return seqs
+
+    def target_ids(self, targets: Sequence[str]) -> list[int]:
+        """Vocabulary ids of the target words, as the HF pipeline resolves them: the word itself when it is
+        in the vocabulary, else the first token of its tokenisation (with a warning)."""
+        vocab = self.tokenizer.get_vocab()
+        ids = []
+        for target in targets:
+            tid = vocab.get(target)
+            if tid is None:
+                pieces = self._backend.encode(target, add_special_tokens=False).ids
+                if not pieces or pieces[0] == self.tokenizer.unk_token_id:  # the pipeline would score [UNK]
+                    log.warning(f"warning: target {target!r} is not in this vocabulary; ignored")
+                    continue
+                tid = pieces[0]
+                if len(pieces) > 1:  # a case or accent difference alone ("Paris" -> "paris") needs no warning
+                    log.warning(f"warning: target {target!r} is {len(pieces)} tokens in this vocabulary; scoring "
+                                f"its first token {self.tokenizer.convert_ids_to_tokens(tid)!r}")
+            ids.append(tid)
+        ids = sorted(set(ids))
+        if not ids:
+            raise UserError(f"--targets {','.join(targets)!r}: none of the words is in the model's vocabulary; "
+                            "give words the tokenizer knows")
+        return ids
+
+    # -------------------------------------------------------------- the model
+    def _forward_masks(self, seqs: Sequence[Sequence[int]], batch_size: int) -> list[torch.Tensor]:
+        """Float32 vocabulary logits at each sequence's mask positions ([masks, V] each), in input order.
+
+        Sequences are sorted by length and padded per batch, so a batch costs little more than its longest
+        member; the head runs only at mask positions."""
+        order = sorted(range(len(seqs)), key=lambda i: len(seqs[i]))
+        out: list[Optional[torch.Tensor]] = [None] * len(seqs)
+        with torch.inference_mode():
+            for start in range(0, len(order), batch_size):
+                rows = order[start:start + batch_size]
+                width = max(len(seqs[i]) for i in rows)
+                ids = torch.full((len(rows), width), self.pad_id, dtype=torch.long)
+                attention = torch.zeros((len(rows), width), dtype=torch.long)
+                for r, i in enumerate(rows):
+                    ids[r, :len(seqs[i])] = torch.tensor(seqs[i])
+                    attention[r, :len(seqs[i])] = 1
+                ids, attention = ids.to(self.device), attention.to(self.device)
+                selected = ids == self.mask_id
+                if self.head is not None:
+                    logits = self.head(self.encoder(input_ids=ids, attention_mask=attention)[0][selected])
+                else:
+                    logits = self.model(input_ids=ids, attention_mask=attention).logits[selected]
+                counts = selected.sum(dim=1).tolist()  # one sync per batch
+                for i, chunk in zip(rows, logits.float().cpu().split(counts)):
+                    out[i] = chunk
+        return out  # type: ignore[return-value]
+
+    # -------------------------------------------------------------- decoding
+    def _sequence(self, ids: Sequence[int]) -> str:
+        """The text of ids without [CLS]/[SEP]/padding; masks not yet filled stay visible."""
+        return self.tokenizer.decode([t for t in ids if t not in self._special], skip_special_tokens=False)
+
+    def _per_mask(self, seq: list[int], logits: torch.Tensor, top_k: int,
+                  targets: Optional[list[int]]) -> list[MaskPrediction]:
+        probs = logits.softmax(dim=-1)  # as the pipeline: softmax over the whole vocabulary, then the targets
+        if targets is not None:
+            probs = probs[:, targets]
+        values, indices = probs.topk(min(top_k, probs.shape[-1]))
+        positions = [p for p, t in enumerate(seq) if t == self.mask_id]
+        result = []
+        for pos, vals, idxs in zip(positions, values.tolist(), indices.tolist()):
+            cands = []
+            for v, j in zip(vals, idxs):
+                tok = targets[j] if targets is not None else j
+                filled = list(seq)
+                filled[pos] = tok
+                cands.append(Candidate(tok, self.tokenizer.decode([tok]), v, self._sequence(filled)))
+            result.append(MaskPrediction(pos, cands))
+        return result
+
+    def _expand(self, state: _Partial, logits: torch.Tensor, beam: int, targets: Optional[list[int]],
+                into: dict[tuple[int, ...], _Partial]) -> None:
+        """Fill the most confident remaining mask of one beam sentence with each of its `beam` best tokens."""
+        logp = logits.log_softmax(dim=-1)
+        if targets is not None:
+            logp = logp[:, targets]
+        j = int(logp.max(dim=-1).values.argmax())  # the remaining mask whose best token is most probable
+        pos = [p for p, t in enumerate(state.ids) if t == self.mask_id][j]
+        values, indices = logp[j].topk(min(beam, logp.shape[-1]))
+        for v, k in zip(values.tolist(), indices.tolist()):
+            ids = list(state.ids)
+            ids[pos] = targets[k] if targets is not None else k
+            child = _Partial(state.neg_log_score - v, tuple(ids), state.order + (pos,))
+            known = into.get(child.ids)
+            if known is None or child.neg_log_score < known.neg_log_score:
+                into[child.ids] = child
+
+    def _joint_fills(self, seqs: list[list[int]], first: list[torch.Tensor], top_k: int, beam: int,
+                     targets: Optional[list[int]], batch_size: int) -> list[list[JointFill]]:
+        """Beam search over fillings, all inputs at once: one batched forward per fill step."""
+        beams = [[_Partial(0.0, tuple(s), ())] for s in seqs]
+        logits = [[f] for f in first]  # the first step reuses the per-mask forward
+        active = list(range(len(seqs)))
+        while active:
+            for i in active:
+                expanded: dict[tuple[int, ...], _Partial] = {}
+                for state, lg in zip(beams[i], logits[i]):
+                    self._expand(state, lg, beam, targets, expanded)
+                beams[i] = sorted(expanded.values())[:beam]
+            active = [i for i in active if self.mask_id in beams[i][0].ids]
+            flat = [(i, s.ids) for i in active for s in beams[i]]
+            outs = self._forward_masks([ids for _, ids in flat], batch_size)
+            for i in active:
+                logits[i] = []
+            for (i, _), out in zip(flat, outs):
+                logits[i].append(out)
+        return [[self._fill(seq, state) for state in beam_i[:top_k]] for seq, beam_i in zip(seqs, beams)]
+
+    def _fill(self, seq: list[int], state: _Partial) -> JointFill:
+        positions = [p for p, t in enumerate(seq) if t == self.mask_id]
+        ids = [state.ids[p] for p in positions]
+        log_score = -state.neg_log_score
+        return JointFill(sequence=self._sequence(state.ids), tokens=[self.tokenizer.decode([t]) for t in ids],
+                         token_ids=ids, score=math.exp(log_score), log_score=log_score,
+                         fill_order=[positions.index(p) for p in state.order])
+
+    # -------------------------------------------------------------- the API
+    def predict(self, texts: Union[str, Sequence[str]], top_k: int = 5, targets: Optional[Sequence[str]] = None,
+                batch_size: int = 32, num_beams: Optional[int] = None) -> list[Prediction]:
+        """Per-mask top-k and the top-k joint fills for each text (a list, in input order).
+
+        targets restricts every candidate to these words (scores stay probabilities over the whole vocabulary);
+        num_beams is the beam width of the joint fills (default and minimum: top_k)."""
+        texts = [texts] if isinstance(texts, str) else list(texts)
+        for name, v in (("top_k", top_k), ("batch_size", batch_size), ("num_beams", num_beams or 1)):
+            if v < 1:
+                raise UserError(f"--{name} must be at least 1, got {v}")
+        if not texts:
+            raise UserError("no input text; give at least one text with " + self.tokenizer.mask_token)
+        seqs = self.encode(texts)
+        target_ids = self.target_ids(targets) if targets else None
+        first = self._forward_masks(seqs, batch_size)
+        fills = self._joint_fills(seqs, first, top_k, max(num_beams or top_k, top_k), target_ids, batch_size)
+        return [Prediction(text, self.name, self._per_mask(seq, lg, top_k, target_ids), f)
+                for text, seq, lg, f in zip(texts, seqs, first, fills)]
+
+
+def _short(text: str, n: int = 40) -> str:
+    return text if len(text) <= n else text[:n - 3] + "..."
+
+
+# ---------------------------------------------------------------------- text for people
+def _prob(p: float) -> str:
+    return f"{p:.4f}" if p >= 1e-3 else f"{p:.1e}"
+
+
+def render(pred: Prediction, indent: str = "  ") -> list[str]:
+    """Lines a person reads at a glance: each mask's top tokens with their probabilities; then, with several
+    masks, the joint fills with their scores (see the module docstring)."""
+    lines = []
+    n = len(pred.masks)
+    width = max((len(c.token) for m in pred.masks for c in m.candidates), default=0)
+    for k, m in enumerate(pred.masks):
+        label = "mask" if n == 1 else f"mask {k + 1}"
+        cells = "  ".join(f"{c.token:<{width}} {_prob(c.score)}" for c in m.candidates)
+        lines.append(f"{indent}{label:<7} {cells}")
+    if n > 1:
+        lines.append(f"{indent}joint fills:")
+        lines += [f"{indent}  {_prob(f.score)}  {f.sequence}" for f in pred.fills]
+    return lines
