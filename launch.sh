@@ -17,7 +17,8 @@ Environment:
   MASTER_ADDR   host of the c10d rendezvous; required when NNODES > 1 (e.g. the first node's address)
   MASTER_PORT   port of the c10d rendezvous (default 29500)
   RDZV_ID       rendezvous id shared by all nodes of one job (default mlm-ddp)
-  MAX_RESTARTS  torchrun --max-restarts: restart the workers this many times after a failure (default 0)
+  MAX_RESTARTS  torchrun --max-restarts: after a worker fails or is killed, restart the group this many times;
+                each restart resumes from the newest complete checkpoint (default 3)
   OMP_NUM_THREADS  threads per process; on CPU it defaults to cores / NPROC
   PYTHON        the interpreter, run as PYTHON -m torch.distributed.run (default: torchrun on the PATH)
   LAUNCH_DRY_RUN=1  print the torchrun command instead of running it
@@ -82,7 +83,7 @@ fi
 
 nnodes="${NNODES:-1}"
 is_count "$nnodes" || fail "NNODES must be a whole number of nodes >= 1, got '$nnodes'"
-max_restarts="${MAX_RESTARTS:-0}"
+max_restarts="${MAX_RESTARTS:-3}"
 [[ "$max_restarts" =~ ^[0-9]+$ ]] || fail "MAX_RESTARTS must be a whole number >= 0, got '$max_restarts'"
 
 if [[ -z "${PYTHON:-}" ]] && command -v torchrun >/dev/null 2>&1; then
@@ -112,4 +113,6 @@ if [[ "${LAUNCH_DRY_RUN:-0}" == "1" ]]; then
     echo
     exit 0
 fi
+# Check the options once here: a bad value would otherwise fail every torchrun restart attempt in turn.
+PYTHONPATH="$here${PYTHONPATH:+:$PYTHONPATH}" "$python" -m mlm.config "$@" || exit $?
 exec "${cmd[@]}"

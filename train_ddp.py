@@ -14,12 +14,19 @@ import sys
 import time
 import warnings
 
-from mlm.config import TrainConfig, UserError, parse_args
-from mlm.distributed import DistEnv, PeerFailed, broadcast_object, env_rank, init_distributed, \
-    main_process_first, teardown
+from torch.distributed.elastic.multiprocessing.errors import record
 
-EXIT_USER_ERROR = 2
+from mlm.config import TrainConfig, UserError, parse_args
+from mlm.distributed import DistEnv, broadcast_object, control_group, env_rank, init_distributed, \
+    is_peer_failure, main_only, main_process_first, teardown
+from mlm.loop import NonFiniteLoss
+from mlm.preemption import Preempted, StopRequest
+
+# Exit codes (README, "Exit codes"): 0 done; 1 a failure (this rank's traceback, or another rank's); 2 a user
+# error, one line; 3 the loss stayed non-finite; 128 + signal (143 SIGTERM, 130 SIGINT) stopped with a checkpoint.
 EXIT_PEER_FAILED = 1
+EXIT_USER_ERROR = 2
+EXIT_NONFINITE = 3
 USER_ERROR_GRACE_S = 3.0
 log = logging.getLogger("mlm")
 
@@ -38,7 +45,7 @@ def versions() -> dict[str, str]:
     return {m.__name__: m.__version__ for m in (torch, transformers, datasets, numpy)}
 
 
-def build_run(cfg: TrainConfig, env: DistEnv):
+def build_run(cfg: TrainConfig, env: DistEnv, stop_request: StopRequest):
     import torch
     from torch.nn.parallel import DistributedDataParallel as DDP
     from mlm import checkpoint, data, engine, loop, masking, modeling, tracking
@@ -53,6 +60,7 @@ def build_run(cfg: TrainConfig, env: DistEnv):
     resume = broadcast_object(resume, env)
     bundle = data.build_data(cfg, env, tokenizer)
     model = main_process_first(env, lambda: modeling.build_model(cfg, model_config, tokenizer)).to(env.device)
+    main_only(env, lambda: checkpoint.check_free_space(cfg.output_dir, model) if cfg.do_train else None)
     loss_module = modeling.MaskedLMLoss(model)
     optimizer = modeling.build_optimizer(cfg, loss_module, env.device)
     micro_per_epoch = loop.micro_batches_per_epoch(bundle, cfg.per_device_train_batch_size)
@@ -98,7 +106,7 @@ def build_run(cfg: TrainConfig, env: DistEnv):
         "output": cfg.output_dir + (f" (resuming from {resume}, step {state.step})" if resume else ""),
     }))
     return loop.Run(cfg, env, loss_module, ddp, optimizer, scheduler, scaler, tokenizer, bundle, spec, tables,
-                    precision, state, tracker, total_steps, micro_per_epoch)
+                    precision, state, tracker, total_steps, micro_per_epoch, stop_request)
 
 
 def evaluate_only(run) -> None:
@@ -109,9 +117,9 @@ def evaluate_only(run) -> None:
         print("eval: " + json.dumps(metrics), flush=True)
 
 
-def train(cfg: TrainConfig, env: DistEnv) -> None:
+def train(cfg: TrainConfig, env: DistEnv, stop_request: StopRequest) -> None:
     from mlm import loop
-    run = build_run(cfg, env)
+    run = build_run(cfg, env, stop_request)
     try:
         if not cfg.do_train:
             return evaluate_only(run)
@@ -127,14 +135,24 @@ def train(cfg: TrainConfig, env: DistEnv) -> None:
               f"{os.path.join(cfg.output_dir, 'best')}", flush=True)
 
 
+def restart_count() -> int:
+    """How many times torchrun has restarted this worker group (--max-restarts); 0 on the first attempt."""
+    return int(os.environ.get("TORCHELASTIC_RESTART_COUNT", "0"))
+
+
+@record  # torchelastic's error file: torchrun names the failing rank and its error once, in its summary
 def main(argv: list[str] | None = None) -> int:
     rank = env_rank()
     setup_logging(rank)
-    env = None
+    stop_request = None
     try:
         cfg = parse_args(argv)
-        env = init_distributed()
-        train(cfg, env)
+        if restart_count() > 0 and cfg.overwrite_output_dir:
+            # A restarted attempt continues its own run: overwriting would delete the checkpoints it resumes from.
+            cfg.overwrite_output_dir = False
+        env = init_distributed(cfg.ddp_timeout)
+        stop_request = StopRequest(cfg.stop_grace_seconds, control_group()).install()
+        train(cfg, env, stop_request)
         return 0
     except UserError as e:
         if rank == 0:  # every rank sees the same error; one line from rank 0 is enough
@@ -143,9 +161,23 @@ def main(argv: list[str] | None = None) -> int:
             # torchrun stops the other workers as soon as one exits: leave rank 0 time to print the error.
             time.sleep(USER_ERROR_GRACE_S)
         return EXIT_USER_ERROR
-    except PeerFailed:
+    except Preempted as e:
+        if rank == 0:
+            print(f"{e} at a step boundary on every rank; checkpoint saved. Run the same command again to resume "
+                  f"(exit code {e.exit_code})", file=sys.stderr, flush=True)
+        return e.exit_code
+    except NonFiniteLoss as e:
+        if rank == 0:
+            print(f"error: {e}", file=sys.stderr, flush=True)
+        return EXIT_NONFINITE
+    except Exception as e:
+        if not is_peer_failure(e):
+            raise  # a real error on this rank: its traceback, recorded for torchrun by @record
+        # Another rank failed (or left) and reports its own error; this one ends quietly, so it is told once.
         return EXIT_PEER_FAILED
     finally:
+        if stop_request is not None:
+            stop_request.uninstall()
         teardown()
 
 

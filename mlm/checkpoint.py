@@ -147,8 +147,57 @@ def latest_complete_checkpoint(output_dir: str) -> Optional[str]:
     for step, path in reversed(checkpoint_dirs(output_dir)):
         if is_complete(path, verify_hashes=True):
             return path
-        log.warning(f"skipping incomplete checkpoint {path}")
+        log.warning(f"warning: skipping checkpoint {path}: incomplete or damaged (its {MANIFEST} is missing or a "
+                    "file's size or SHA-256 differs); trying an older one")
     return None
+
+
+def recover_interrupted_saves(output_dir: str) -> None:
+    """Rank 0, before choosing a checkpoint: clean up after a process that died while saving.
+
+    A save writes `.tmp-step-N` (or `best.tmp`) and renames it into place; replacing an existing directory
+    first moves the old one to `<name>.old`. A crash leaves one of these behind: the unfinished copy is removed,
+    and an old copy whose replacement never arrived is put back."""
+    candidates = [os.path.join(output_dir, "best")]
+    root = os.path.join(output_dir, "checkpoints")
+    if os.path.isdir(root):
+        for name in os.listdir(root):
+            path = os.path.join(root, name)
+            if name.startswith(".tmp-step-"):
+                log.warning(f"warning: removing {path}: an unfinished save (the process stopped while writing it)")
+                shutil.rmtree(path, ignore_errors=True)
+            elif name.endswith(".old"):
+                candidates.append(path[:-len(".old")])
+    for final in candidates:
+        tmp, old = f"{final}.tmp", f"{final}.old"
+        if os.path.isdir(tmp):
+            log.warning(f"warning: removing {tmp}: an unfinished save (the process stopped while writing it)")
+            shutil.rmtree(tmp, ignore_errors=True)
+        if os.path.isdir(old):
+            if os.path.exists(final):
+                shutil.rmtree(old, ignore_errors=True)
+            else:
+                log.warning(f"warning: restoring {final} from {old}: a save stopped between its two renames")
+                os.rename(old, final)
+
+
+def checkpoint_bytes(model: torch.nn.Module) -> int:
+    """About what one checkpoint and one best/ export take: fp32 weights, AdamW's two moments, the export."""
+    params = sum(p.numel() for p in model.parameters())
+    return params * 4 * 4
+
+
+def check_free_space(output_dir: str, model: torch.nn.Module) -> None:
+    """Rank 0, before training: room for one more checkpoint (the older ones are removed only after it)."""
+    need = checkpoint_bytes(model)
+    existing = os.path.abspath(output_dir)
+    while not os.path.exists(existing):
+        existing = os.path.dirname(existing)
+    free = shutil.disk_usage(existing).free
+    if free < need * 1.2:
+        raise UserError(f"--output_dir {output_dir!r}: {free / 2**30:.2f} GiB free on its disk, but one checkpoint "
+                        f"of this model needs about {need / 2**30:.2f} GiB; free space, lower --save_total_limit, or "
+                        "choose another --output_dir")
 
 
 def save_checkpoint(output_dir: str, state: TrainState, model: torch.nn.Module, optimizer, scheduler, scaler,
@@ -217,6 +266,7 @@ def choose_resume(output_dir: str, resume_from_checkpoint: Optional[str], overwr
     Default (None) and 'auto' resume from the newest complete checkpoint when there is one; overwrite starts
     afresh and deletes only what a run writes (checkpoints, best/, history, run config).
     """
+    recover_interrupted_saves(output_dir)
     if overwrite:
         for name in OWNED:
             p = os.path.join(output_dir, name)

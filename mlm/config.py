@@ -9,6 +9,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
+import math
 import os
 import shutil
 import sys
@@ -108,6 +109,14 @@ class TrainConfig:
     early_stopping_patience: int = _f(3, "Stop after N evaluations without improvement (0 disables).", "evaluation")
     early_stopping_min_delta: float = _f(0.0, "Perplexity must drop by more than this to count as improvement.",
                                          "evaluation")
+    max_nonfinite_steps: int = _f(25, "Stop (exit code 3, keeping the last good checkpoint and best/) after N "
+                                  "consecutive steps skipped for a non-finite loss or gradient; checked every "
+                                  "logging_steps (0 disables).", "evaluation")
+    stop_grace_seconds: float = _f(25.0, "After SIGTERM/SIGINT, exit anyway if the agreed stop and its checkpoint "
+                                   "are not done within this many seconds (torchrun kills workers after 30).",
+                                   "evaluation")
+    ddp_timeout: int = _f(1800, "Process-group timeout in seconds (a collective waiting longer fails).",
+                          "evaluation")
     # --- output ---
     output_dir: Optional[str] = _f(None, "Run directory (default: outputs/<model>-<dataset>).", "output")
     overwrite_output_dir: bool = _f(False, "Start afresh in a non-empty output_dir (deletes its checkpoints).",
@@ -165,6 +174,12 @@ def _check_numbers(c: TrainConfig) -> None:
     for f in dataclasses.fields(c):  # choices again: values from a --config file bypass argparse's check
         choices, v = f.metadata.get("choices"), getattr(c, f.name)
         _require(choices is None or v in choices, f"--{f.name} must be one of {', '.join(choices or ())}, got {v!r}")
+    for f in dataclasses.fields(c):
+        v = getattr(c, f.name)
+        _require(not isinstance(v, float) or math.isfinite(v), f"--{f.name} must be a finite number, got {v}")
+    _require(c.max_nonfinite_steps >= 0, f"--max_nonfinite_steps must be 0 (off) or more, got {c.max_nonfinite_steps}")
+    _require(c.stop_grace_seconds > 0, f"--stop_grace_seconds must be positive, got {c.stop_grace_seconds}")
+    _require(c.ddp_timeout >= 10, f"--ddp_timeout must be at least 10 seconds, got {c.ddp_timeout}")
     _require(0.0 < c.mlm_probability < 1.0,
              f"--mlm_probability must be in (0, 1), got {c.mlm_probability}; 0.15 is the BERT recipe")
     for name in ("mask_replace_prob", "random_replace_prob"):
@@ -369,3 +384,11 @@ def _coerce(name: str, value: Any) -> Any:
         return tp(value)
     except (ValueError, TypeError, argparse.ArgumentTypeError):
         raise UserError(f"option {name} in the config file: {value!r} is not a valid {tp.__name__}") from None
+
+
+if __name__ == "__main__":  # python -m mlm.config [options]: check options without starting (launch.sh does)
+    try:
+        parse_args(sys.argv[1:])
+    except UserError as e:
+        print(f"error: {e}", file=sys.stderr)
+        sys.exit(2)

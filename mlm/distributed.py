@@ -44,7 +44,7 @@ def env_rank() -> int:
     return int(os.environ.get("RANK", "0"))
 
 
-def init_distributed(timeout_minutes: float = 30.0) -> DistEnv:
+def init_distributed(timeout_seconds: float = 1800.0) -> DistEnv:
     rank, world = env_rank(), int(os.environ.get("WORLD_SIZE", "1"))
     local_rank = int(os.environ.get("LOCAL_RANK", "0"))
     if torch.cuda.is_available():
@@ -54,12 +54,35 @@ def init_distributed(timeout_minutes: float = 30.0) -> DistEnv:
     else:
         device, backend = torch.device("cpu"), "gloo"
     if world > 1 and not dist.is_initialized():
-        dist.init_process_group(backend, timeout=datetime.timedelta(minutes=timeout_minutes),
+        dist.init_process_group(backend, timeout=datetime.timedelta(seconds=timeout_seconds),
                                 device_id=device if backend == "nccl" else None)
     return DistEnv(rank=rank, local_rank=local_rank, world_size=world, device=device)
 
 
+_control_group = None
+
+
+def control_group():
+    """A CPU (gloo) group for small control messages (stop flags): asking costs no GPU sync. Collective the
+    first time on GPU runs, where it is created next to the NCCL group; on CPU runs it is the default group."""
+    global _control_group
+    if not dist.is_initialized():
+        return None
+    if _control_group is None:
+        _control_group = dist.group.WORLD if dist.get_backend() == "gloo" else dist.new_group(backend="gloo")
+    return _control_group
+
+
+def is_peer_failure(exc: BaseException) -> bool:
+    """An error of a collective: another rank died or left, and that rank (or torchrun) reports why."""
+    return isinstance(exc, (PeerFailed, dist.DistError)) or (
+        isinstance(exc, RuntimeError) and any(s in str(exc) for s in ("Connection closed by peer", "Connection reset",
+                                                                      "Broken pipe", "[gloo", "NCCL")))
+
+
 def teardown() -> None:
+    global _control_group
+    _control_group = None
     if dist.is_available() and dist.is_initialized():
         dist.destroy_process_group()
 
@@ -69,6 +92,10 @@ def dist_sum(t: torch.Tensor) -> torch.Tensor:
     if dist.is_initialized():
         dist.all_reduce(t, op=dist.ReduceOp.SUM)
     return t
+
+
+def dist_world() -> int:
+    return dist.get_world_size() if dist.is_initialized() else 1
 
 
 def dist_max(t: torch.Tensor) -> torch.Tensor:
@@ -120,6 +147,21 @@ def main_process_first(env: DistEnv, fn: Callable[[], T]) -> T:
     if not broadcast_flag(False, env.device):
         raise PeerFailed("rank 0 failed while preparing shared files")
     return fn()
+
+
+def main_only(env: DistEnv, fn: Callable[[], None]) -> None:
+    """Run a check on rank 0 alone; when it fails there, the other ranks stop too instead of waiting."""
+    if not env.distributed:
+        return fn()
+    if env.is_main:
+        try:
+            fn()
+        except BaseException:
+            broadcast_flag(False, env.device)
+            raise
+        broadcast_flag(True, env.device)
+    elif not broadcast_flag(False, env.device):
+        raise PeerFailed("rank 0 failed a check")
 
 
 def gather_to_main(obj: T, env: DistEnv) -> list[T] | None:

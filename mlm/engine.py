@@ -92,12 +92,31 @@ def train_step(model: nn.Module, loss_module: MaskedLMLoss, optimizer: torch.opt
         loss_sum += nll.detach()
     scaler.unscale_(optimizer)  # clip the true gradients, not the scaled ones
     grad_norm = torch.nn.utils.clip_grad_norm_(loss_module.parameters(), max_grad_norm or math.inf, foreach=True)
-    scaler.step(optimizer)  # skipped by the scaler when the gradients hold inf/nan
-    scaler.update()
+    nonfinite = ~torch.isfinite(grad_norm)  # the same on every rank: DDP has averaged the gradients
+    if scaler.is_enabled():
+        scaler.step(optimizer)  # skipped by the scaler when the gradients hold inf/nan
+        scaler.update()
+    else:
+        skip_nonfinite_step(optimizer, nonfinite)
     scheduler.step()
     optimizer.zero_grad(set_to_none=True)
     tokens = sum(b.input_ids.numel() for b in micro_batches)
-    return StepResult(loss_sum, local_count, tokens, grad_norm.detach(), (~torch.isfinite(grad_norm)).long())
+    return StepResult(loss_sum, local_count, tokens, grad_norm.detach(), nonfinite.long())
+
+
+def skip_nonfinite_step(optimizer: torch.optim.Optimizer, nonfinite: torch.Tensor) -> None:
+    """optimizer.step(), skipped when the gradients are not finite (bf16/fp32, where no GradScaler checks).
+
+    A fused optimizer takes the flag as a device tensor and skips inside its kernel, as under GradScaler, so
+    there is no host sync; any other optimizer needs the flag on the host."""
+    if optimizer.defaults.get("fused"):
+        optimizer.found_inf = nonfinite.float()  # 0-dim, like the step counters it is subtracted from
+        try:
+            optimizer.step()
+        finally:
+            del optimizer.found_inf
+    elif not bool(nonfinite):
+        optimizer.step()
 
 
 def safe_exp(x: float) -> float:

@@ -18,11 +18,16 @@ import torch
 from .checkpoint import TrainState, export_pretrained, rng_state, save_checkpoint
 from .config import TrainConfig
 from .data import DataBundle
-from .distributed import DistEnv, broadcast_flag, dist_max, dist_sum, gather_to_main
+from .distributed import DistEnv, broadcast_flag, dist_max, dist_sum, dist_world, gather_to_main
 from .engine import StepResult, evaluate, prepare_batch, train_step
 from .masking import MaskingSpec, MaskingTables
 from .modeling import MaskedLMLoss
+from .preemption import Preempted, StopRequest
 from .tracking import Tracker
+
+
+class NonFiniteLoss(Exception):
+    """Raised on every rank at the same step when the loss stayed non-finite for max_nonfinite_steps steps."""
 
 
 @dataclass
@@ -44,6 +49,7 @@ class Run:
     tracker: Tracker
     total_steps: int
     micro_per_epoch: int
+    stop_request: StopRequest
 
 
 def micro_batches_per_epoch(data: DataBundle, batch_size: int) -> int:
@@ -67,6 +73,8 @@ class _Meter:
     def reset(self) -> None:
         self.sums = torch.zeros(4, dtype=torch.float64, device=self.device)  # NLL, masked, tokens, skipped
         self.grad_norm = torch.zeros((), device=self.device)
+        if not hasattr(self, "consecutive"):  # not reset by logging: a run of skipped steps spans log lines
+            self.consecutive = torch.zeros((), dtype=torch.long, device=self.device)
         self.t0 = time.perf_counter()
         self.excluded = 0.0  # seconds spent evaluating or saving: not training throughput
 
@@ -78,15 +86,18 @@ class _Meter:
                                   torch.tensor(float(r.tokens), device=self.device, dtype=torch.float64),
                                   r.skipped.double()])
         self.grad_norm = r.grad_norm
+        self.consecutive = (self.consecutive + 1) * r.skipped  # consecutive skipped steps, 0 after a good one
 
     def collect(self) -> dict[str, float]:
         """Collective: every rank calls it at the same step."""
         local_mean = self.sums[0] / self.sums[1].clamp(min=1)
-        loss_max = dist_max(local_mean.clone()).item()
+        loss_max, consecutive = dist_max(torch.stack([local_mean, self.consecutive.double()])).tolist()
         nll, masked, tokens, skipped = dist_sum(self.sums.clone()).tolist()
         seconds = max(time.perf_counter() - self.t0 - self.excluded, 1e-9)
+        # skipped_steps is summed over ranks, and every rank skips the same steps: divide it back.
         return {"loss": nll / max(masked, 1), "loss_max": loss_max, "grad_norm": float(self.grad_norm),
-                "tokens_per_s": tokens / seconds, "skipped_steps": int(skipped)}
+                "tokens_per_s": tokens / seconds, "skipped_steps": round(skipped / dist_world()),
+                "consecutive_skipped": int(consecutive)}
 
 
 def _epoch_float(run: Run) -> float:
@@ -128,6 +139,20 @@ def save(run: Run) -> None:
         run.tracker.write(f"saved checkpoint {path}")
 
 
+def signal_name(signum: int) -> str:
+    import signal
+    return signal.Signals(signum).name
+
+
+def nonfinite_message(run: Run, consecutive: int) -> str:
+    from .checkpoint import checkpoint_dirs
+    saved = checkpoint_dirs(run.cfg.output_dir)
+    return (f"training stopped at step {run.state.step}: the loss or the gradients were not finite for "
+            f"{consecutive} consecutive steps (those steps were skipped, so the weights are unchanged since the "
+            f"last good step); kept {saved[-1][1] if saved else 'no checkpoint yet'} and best/ as they were. "
+            f"Lower --learning_rate or --max_grad_norm, check the data, or use --precision bf16/fp32")
+
+
 def same_step_on_all_ranks(step: int, env: DistEnv) -> bool:
     """Check that every rank left the loop at the same step (invariant 6)."""
     t = torch.tensor([step, -step], dtype=torch.float64, device=env.device)
@@ -159,9 +184,19 @@ def fit(run: Run) -> TrainState:
             run.tracker.advance()
             if state.step % cfg.logging_steps == 0 or state.step == run.total_steps:
                 metrics = meter.collect()
+                consecutive = metrics.pop("consecutive_skipped")
                 run.tracker.log_train(state.step, _epoch_float(run),
                                       {**metrics, "lr": run.scheduler.get_last_lr()[0]})
                 meter.reset()
+                if cfg.max_nonfinite_steps and consecutive >= cfg.max_nonfinite_steps:
+                    raise NonFiniteLoss(nonfinite_message(run, consecutive))
+            signum = run.stop_request.agreed()  # every step: all ranks leave at the same boundary
+            if signum:
+                run.tracker.write(f"stop requested ({signal_name(signum)}): saving a checkpoint at step "
+                                  f"{state.step} on all ranks")
+                if last_saved != state.step:
+                    save(run)
+                raise Preempted(signum)
             t_pause = time.perf_counter()
             final = state.step >= run.total_steps
             eval_due = (state.step % cfg.eval_steps == 0 if cfg.eval_steps else epoch_end) or final

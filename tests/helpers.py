@@ -78,15 +78,57 @@ def run_command(cmd: list[str], timeout: float, extra_env: Optional[dict] = None
 
 
 def run_train(args: list[str], nproc: int = 1, timeout: float = 300, extra_env: Optional[dict] = None,
-              torchrun_args: Optional[list[str]] = None, cwd: str = ROOT) -> Result:
-    """train_ddp.py under torchrun (nproc >= 1) with gloo, or plain python when nproc == 0."""
+              torchrun_args: Optional[list[str]] = None, cwd: str = ROOT, fault: Optional[dict] = None) -> Result:
+    """train_ddp.py under torchrun (nproc >= 1) with gloo, or plain python when nproc == 0.
+
+    fault: run tests/faulty_train.py instead, with this fault injected (see that file)."""
+    script = os.path.join(ROOT, "tests", "faulty_train.py") if fault else os.path.join(ROOT, "train_ddp.py")
+    if fault:
+        extra_env = {**(extra_env or {}), "MLM_FAULT": json.dumps(fault)}
     if nproc == 0:
-        cmd = [sys.executable, os.path.join(ROOT, "train_ddp.py"), *args]
+        cmd = [sys.executable, script, *args]
     else:
         cmd = [sys.executable, "-m", "torch.distributed.run", f"--nproc_per_node={nproc}",
-               "--standalone", *(torchrun_args or []),
-               os.path.join(ROOT, "train_ddp.py"), *args]
+               "--standalone", *(torchrun_args or []), script, *args]
     return run_command(cmd, timeout, extra_env, cwd)
+
+
+def free_port() -> int:
+    import socket
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def start_ranks(args: list[str], nproc: int = 2, fault: Optional[dict] = None,
+                extra_env: Optional[dict] = None) -> list[subprocess.Popen]:
+    """Start the ranks by hand, with the variables torchrun sets, so a test can signal and wait on each one."""
+    script = os.path.join(ROOT, "tests", "faulty_train.py") if fault else os.path.join(ROOT, "train_ddp.py")
+    port, procs = free_port(), []
+    for rank in range(nproc):
+        env = _env({**(extra_env or {}), "RANK": str(rank), "LOCAL_RANK": str(rank), "WORLD_SIZE": str(nproc),
+                    "LOCAL_WORLD_SIZE": str(nproc), "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port),
+                    **({"MLM_FAULT": json.dumps(fault)} if fault else {})})
+        procs.append(subprocess.Popen([sys.executable, script, *args], cwd=ROOT, env=env, stdout=subprocess.PIPE,
+                                      stderr=subprocess.PIPE, stdin=subprocess.DEVNULL, text=True))
+    return procs
+
+
+def wait_all(procs: list[subprocess.Popen], timeout: float) -> list[Result]:
+    """Each process's result; a process still running after timeout seconds is a hang: kill all, fail."""
+    t0, results = time.perf_counter(), []
+    try:
+        for p in procs:
+            out, err = p.communicate(timeout=max(0.1, timeout - (time.perf_counter() - t0)))
+            results.append(Result(p.returncode, out, err, time.perf_counter() - t0))
+    except subprocess.TimeoutExpired:
+        raise AssertionError(f"a rank was still running after {timeout:.0f} s (a hang)") from None
+    finally:
+        for p in procs:
+            if p.poll() is None:
+                p.kill()
+                p.communicate()
+    return results
 
 
 def run_predict(args: list[str], cwd: str = ROOT, stdin: Optional[str] = None, timeout: float = 120) -> Result:

@@ -11,14 +11,11 @@ from __future__ import annotations
 
 import glob
 import os
-import subprocess
-import sys
-import time
 from dataclasses import dataclass, field
 
 import pytest
 
-from helpers import ROOT, _env, make_text_file, run_train, tiny_args
+from helpers import make_text_file, run_train, start_ranks, tiny_args, wait_all
 
 TIME_LIMIT_S = 60.0
 NOT_CACHED = "some_dataset_that_is_not_cached"
@@ -135,13 +132,6 @@ def test_bad_input_under_plain_python(name, tmp_path, tiny_config_dir, tokenizer
     assert not lines(p.stdout), p.stdout
 
 
-def free_port() -> int:
-    import socket
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 # Under torchrun a rank that would hang is killed by the launcher once another rank fails, so the test above
 # cannot see it. Here the two ranks are started by hand, with the variables torchrun sets, and each one must
 # exit by itself, non-zero and quietly, within the limit. The first case fails before the process group
@@ -150,27 +140,9 @@ def free_port() -> int:
                                   "max_seq_length_beyond_positions"])
 def test_every_rank_exits_by_itself(name, tmp_path, tiny_config_dir, tokenizer_path):
     case = build_case(name, tmp_path, tiny_config_dir, tokenizer_path)
-    port = free_port()
-    procs = []
-    for rank in range(2):
-        env = _env({**case.env, "RANK": str(rank), "LOCAL_RANK": str(rank), "WORLD_SIZE": "2",
-                    "LOCAL_WORLD_SIZE": "2", "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port)})
-        procs.append(subprocess.Popen([sys.executable, os.path.join(ROOT, "train_ddp.py"), *case.args], cwd=ROOT,
-                                      env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True))
-    t0, results = time.perf_counter(), []
-    try:
-        for p in procs:
-            out, err = p.communicate(timeout=max(1.0, TIME_LIMIT_S - (time.perf_counter() - t0)))
-            results.append((p.returncode, out, err))
-    except subprocess.TimeoutExpired:
-        raise AssertionError(f"a rank was still running after {TIME_LIMIT_S:.0f} s (a hang)") from None
-    finally:
-        for p in procs:
-            if p.poll() is None:
-                p.kill()
-                p.communicate()
-    for rank, (rc, out, err) in enumerate(results):
-        assert rc != 0 and "Traceback" not in out + err, f"rank {rank} exit {rc}:\n{out}{err}"
-    assert results[0][0] == 2
-    check_error_line(results[0][2], case)
-    assert not lines(results[1][1] + results[1][2]), f"rank 1 printed:\n{results[1][1]}{results[1][2]}"
+    results = wait_all(start_ranks(case.args, nproc=2, extra_env=case.env), timeout=TIME_LIMIT_S)
+    for rank, r in enumerate(results):
+        assert r.returncode != 0 and "Traceback" not in r.output, f"rank {rank} exit {r.returncode}:\n{r.output}"
+    assert results[0].returncode == 2
+    check_error_line(results[0].stderr, case)
+    assert not lines(results[1].output), f"rank 1 printed:\n{results[1].output}"

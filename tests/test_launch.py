@@ -51,7 +51,7 @@ def test_one_process_per_gpu_and_arguments_pass_through(tmp_path):
     env.pop("CUDA_VISIBLE_DEVICES", None)
     p = launch(["--output_dir", "a b", "--seed", "3"], env)
     assert p.returncode == 0, p.stderr
-    assert "--nproc_per_node=4" in p.stdout and "--standalone" in p.stdout and "--max-restarts=0" in p.stdout
+    assert "--nproc_per_node=4" in p.stdout and "--standalone" in p.stdout and "--max-restarts=3" in p.stdout
     assert p.stdout.rstrip().endswith(f"{os.path.join(ROOT, 'train_ddp.py')} --output_dir a\\ b --seed 3")
     p = launch([], {**env, "CUDA_VISIBLE_DEVICES": "1,3"})
     assert "--nproc_per_node=2" in p.stdout
@@ -104,3 +104,13 @@ def test_cpu_run_to_completion(tmp_path, tiny_config_dir, tokenizer_path):
     assert p.returncode == 0, p.stdout[-3000:] + p.stderr[-3000:]
     assert "finished at step 2 on all 2 ranks" in p.stdout, p.stdout[-3000:]
     assert os.path.isfile(tmp_path / "out" / "best" / "config.json")
+
+
+def test_a_bad_option_is_reported_once_before_torchrun_starts(tmp_path):
+    # With MAX_RESTARTS torchrun would retry a failing group: the options are checked once, before it starts.
+    p = launch(["--mlm_probability", "2", "--output_dir", str(tmp_path / "out")],
+               {"NPROC": "2", "CUDA_VISIBLE_DEVICES": "", "MAX_RESTARTS": "3"})
+    assert p.returncode == 2, p.stdout + p.stderr
+    errors = [line for line in p.stderr.splitlines() if "error" in line]
+    assert len(errors) == 1 and errors[0].startswith("error: --mlm_probability"), p.stderr
+    assert "Traceback" not in p.stderr and "mlm-ddp" not in p.stdout  # no worker ever ran

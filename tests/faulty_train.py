@@ -1,0 +1,85 @@
+"""train_ddp.py with faults injected, for the resilience tests: `torchrun ... tests/faulty_train.py [options]`.
+
+MLM_FAULT (JSON) says what goes wrong, where and when; only the tests set it, and nothing of it lives in the
+product's code. Steps count this process's optimizer steps, so on a fresh run they are the global step.
+  {"kind": "sigkill" | "sigterm" | "raise", "rank": R, "step": S}   after step S on rank R
+  {"kind": "nan", "rank": R, "step": S}        rank R's loss is NaN from step S on
+  {"kind": "save_crash", "rank": 0, "step": S}  SIGKILL in the middle of writing checkpoint step-S
+  "attempt": A   only in torchrun's attempt A (default 0; a restarted group runs clean)
+  "sleep": T     sleep T seconds after every step, on every rank (so a test can act mid-run)
+  "marker": P    append "<kind> <rank> <time>" to file P when the fault fires
+"""
+
+import json
+import os
+import signal
+import sys
+import time
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, ROOT)
+
+import torch  # noqa: E402
+
+import train_ddp  # noqa: E402
+from mlm import checkpoint, loop, modeling  # noqa: E402
+
+
+def install(fault: dict) -> None:
+    rank = int(os.environ.get("RANK", "0"))
+    attempt = int(os.environ.get("TORCHELASTIC_RESTART_COUNT", "0"))
+    armed = rank == fault.get("rank", rank) and attempt == fault.get("attempt", 0)
+    kind, at = fault.get("kind"), fault.get("step", 0)
+    steps = {"done": 0}
+
+    def fire() -> None:
+        if fault.get("marker"):
+            with open(fault["marker"], "a") as fh:
+                fh.write(f"{kind} {rank} {time.time()}\n")
+
+    original_step = loop.train_step
+
+    def train_step(*args, **kwargs):
+        result = original_step(*args, **kwargs)
+        steps["done"] += 1
+        if fault.get("sleep"):
+            time.sleep(fault["sleep"])
+        if armed and steps["done"] == at:
+            if kind in ("sigkill", "sigterm"):
+                fire()
+                os.kill(os.getpid(), signal.SIGKILL if kind == "sigkill" else signal.SIGTERM)
+            elif kind == "raise":
+                fire()
+                raise RuntimeError(f"injected failure on rank {rank} at step {at}")
+        return result
+
+    loop.train_step = train_step
+
+    if armed and kind == "nan":
+        original_forward = modeling.MaskedLMLoss.forward
+
+        def forward(self, *args, **kwargs):
+            nll = original_forward(self, *args, **kwargs)
+            if steps["done"] + 1 >= at:  # the step being computed is steps["done"] + 1
+                if steps["done"] + 1 == at:
+                    fire()
+                return nll * float("nan")
+            return nll
+
+        modeling.MaskedLMLoss.forward = forward
+
+    if armed and kind == "save_crash":
+        original_torch_save = torch.save
+
+        def save(obj, path, *args, **kwargs):
+            original_torch_save(obj, path, *args, **kwargs)
+            if f".tmp-step-{at}" in str(path) and str(path).endswith("scheduler.pt"):
+                fire()  # weights and optimizer written, the rest and the manifest not: a torn checkpoint
+                os.kill(os.getpid(), signal.SIGKILL)
+
+        checkpoint.torch.save = save
+
+
+if __name__ == "__main__":
+    install(json.loads(os.environ.get("MLM_FAULT", "{}")))
+    sys.exit(train_ddp.main())
