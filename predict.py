@@ -22,16 +22,6 @@ from mlm.config import Parser, UserError
 EXIT_USER_ERROR = 2
 LEGEND = ("per mask: the top tokens and their probabilities there; joint fills (several masks): whole sentences, "
           "scored by the product of each token's probability when it was filled, most confident mask first")
-SAMPLES = (
-    "The capital of France is [MASK].",
-    "Learning a new language can be [MASK] but rewarding.",
-    "The [MASK] barked at the postman all morning.",
-    "She poured a cup of [MASK] and opened the newspaper.",
-    "The film was released in [MASK] and received positive reviews.",
-    "You are my [MASK] that shines my [MASK].",
-    "He [MASK] [MASK] [MASK] a good man.",
-    "The [MASK] of the [MASK] was played in [MASK].",
-)
 
 
 def build_parser() -> Parser:
@@ -81,7 +71,8 @@ def gather_texts(args) -> list[str]:
             raise UserError(f"--file {args.file!r} holds no text; give a file with one text with [MASK] per line")
         texts += got
     if not texts and not args.texts and not args.file and not args.interactive:
-        texts = list(SAMPLES)
+        from mlm.fill_mask import SAMPLE_SENTENCES
+        texts = list(SAMPLE_SENTENCES)
     return texts
 
 

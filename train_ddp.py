@@ -48,9 +48,12 @@ def versions() -> dict[str, str]:
 def build_run(cfg: TrainConfig, env: DistEnv, stop_request: StopRequest):
     import torch
     from torch.nn.parallel import DistributedDataParallel as DDP
-    from mlm import checkpoint, data, engine, loop, masking, modeling, tracking
+    from mlm import checkpoint, data, engine, loop, masking, metrics, modeling, tracking
+    from mlm.distributed import dist_sum
 
     precision = engine.resolve_precision(cfg.precision, env.device)
+    if env.device.type == "cuda":
+        torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = cfg.tf32
     model_config = main_process_first(env, lambda: modeling.load_model_config(cfg))
     modeling.check_model_config(cfg, model_config)
     tokenizer = main_process_first(env, lambda: modeling.load_tokenizer(cfg))
@@ -61,7 +64,7 @@ def build_run(cfg: TrainConfig, env: DistEnv, stop_request: StopRequest):
     bundle = data.build_data(cfg, env, tokenizer)
     model = main_process_first(env, lambda: modeling.build_model(cfg, model_config, tokenizer)).to(env.device)
     main_only(env, lambda: checkpoint.check_free_space(cfg.output_dir, model) if cfg.do_train else None)
-    loss_module = modeling.MaskedLMLoss(model)
+    loss_module = modeling.MaskedLMLoss(model, compile_encoder=cfg.torch_compile)
     optimizer = modeling.build_optimizer(cfg, loss_module, env.device)
     micro_per_epoch = loop.micro_batches_per_epoch(bundle, cfg.per_device_train_batch_size)
     steps_per_epoch, total_steps = loop.total_train_steps(cfg, micro_per_epoch)
@@ -83,6 +86,8 @@ def build_run(cfg: TrainConfig, env: DistEnv, stop_request: StopRequest):
     tracker = tracking.Tracker(cfg, env.is_main, total_steps, state.step,
                                checkpoint.read_history(cfg.output_dir) if env.is_main else [], run_config,
                                state.tracker_run_id)
+    peak, peak_source = metrics.device_peak(env.device, precision)  # every rank at once, as in training
+    peak_total = float(dist_sum(torch.tensor([peak], dtype=torch.float64, device=env.device)).item())
     tables = masking.build_masking_tables(tokenizer, env.device)
     spec = masking.MaskingSpec(cfg.mlm_probability, cfg.mask_replace_prob, cfg.random_replace_prob,
                                cfg.whole_word_mask, cfg.seed)
@@ -103,10 +108,12 @@ def build_run(cfg: TrainConfig, env: DistEnv, stop_request: StopRequest):
         "eval": f"{s['eval_examples']} examples from {s['eval_tokens']} tokens; "
                 f"{s['eval_dropped_tokens']} dropped by chunking",
         "data": f"{'cache hit' if s['cache_hit'] else 'tokenised and cached'} in {s['data_seconds']:.2f} s",
+        "peak (for MFU)": f"{peak_total / 1e12:.3g} TFLOP/s over {env.world_size} rank(s) ({peak_source})",
         "output": cfg.output_dir + (f" (resuming from {resume}, step {state.step})" if resume else ""),
     }))
     return loop.Run(cfg, env, loss_module, ddp, optimizer, scheduler, scaler, tokenizer, bundle, spec, tables,
-                    precision, state, tracker, total_steps, micro_per_epoch, stop_request)
+                    precision, state, tracker, total_steps, micro_per_epoch, stop_request,
+                    metrics.MlmShape.from_config(model.config), peak_total)
 
 
 def evaluate_only(run) -> None:
@@ -124,6 +131,8 @@ def train(cfg: TrainConfig, env: DistEnv, stop_request: StopRequest) -> None:
         if not cfg.do_train:
             return evaluate_only(run)
         state = loop.fit(run)
+        if cfg.wandb_log_model:
+            run.tracker.log_model(os.path.join(cfg.output_dir, "best"))
     finally:
         run.tracker.close()
     ranks_agree = loop.same_step_on_all_ranks(state.step, env)

@@ -49,6 +49,10 @@ class TrainConfig:
                                   choices=("sdpa", "eager"))
     trust_remote_code: bool = _f(False, "Allow custom model code from the Hub (off: only transformers' own).", "model")
     gradient_checkpointing: bool = _f(False, "Recompute activations in backward to save memory.", "model")
+    torch_compile: bool = _f(False, "torch.compile the encoder (fixed shapes: packed chunks); the head at the "
+                             "masked positions stays eager. Pays on GPUs; the first steps compile.", "model")
+    tf32: bool = _f(True, "Allow TF32 matmuls for fp32 work on Ampere and newer GPUs (no effect elsewhere).",
+                    "model")
     # --- data ---
     dataset_name: Optional[str] = _f(DEFAULT_DATASET, "Hub dataset name (ignored with --train_file or "
                                      "--dataset_dir).", "data")
@@ -126,8 +130,13 @@ class TrainConfig:
         "output")
     report_to: str = _f("all", "Trackers: wandb, none, or all (wandb when it is installed and has a key or "
                         "WANDB_MODE=offline).", "output", choices=REPORT_TO)
-    wandb_project: str = _f("mlm-ddp", "W&B project.", "output")
-    wandb_run_name: Optional[str] = _f(None, "W&B run name (default: the output_dir name).", "output")
+    wandb_project: Optional[str] = _f(None, "W&B project (default: $WANDB_PROJECT, else mlm-ddp).", "output")
+    wandb_entity: Optional[str] = _f(None, "W&B entity, a user or team (default: $WANDB_ENTITY, else your "
+                                     "default entity).", "output")
+    wandb_run_name: Optional[str] = _f(None, "W&B run name (default: $WANDB_NAME, else the output_dir name).",
+                                       "output")
+    wandb_tags: Optional[str] = _f(None, "Comma-separated W&B tags (default: $WANDB_TAGS).", "output")
+    wandb_log_model: bool = _f(False, "Upload best/ to W&B as a model artifact at the end of training.", "output")
     logging_steps: int = _f(20, "Log training metrics every N optimizer steps.", "output")
 
     # ------------------------------------------------------------------ derived values

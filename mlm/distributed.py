@@ -54,8 +54,13 @@ def init_distributed(timeout_seconds: float = 1800.0) -> DistEnv:
     else:
         device, backend = torch.device("cpu"), "gloo"
     if world > 1 and not dist.is_initialized():
-        dist.init_process_group(backend, timeout=datetime.timedelta(seconds=timeout_seconds),
-                                device_id=device if backend == "nccl" else None)
+        timeout = datetime.timedelta(seconds=timeout_seconds)
+        store, _, _ = next(dist.rendezvous("env://", rank=rank, world_size=world, timeout=timeout))
+        # torchrun restarts a failed group against the same store: without a prefix per attempt, a worker can
+        # read the previous attempt's (dead) peer addresses and fail or hang while connecting.
+        attempt = os.environ.get("TORCHELASTIC_RESTART_COUNT", "0")
+        dist.init_process_group(backend, store=dist.PrefixStore(f"mlm-ddp/attempt-{attempt}", store), rank=rank,
+                                world_size=world, timeout=timeout, device_id=device if backend == "nccl" else None)
     return DistEnv(rank=rank, local_rank=local_rank, world_size=world, device=device)
 
 

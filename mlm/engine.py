@@ -63,7 +63,9 @@ class StepResult:
     """Device tensors; nothing here has been synced to the host."""
     loss_sum: torch.Tensor      # NLL summed over this rank's masked tokens
     masked_tokens: torch.Tensor  # this rank's masked-token count
-    tokens: int                 # this rank's input tokens (known on the host without a sync)
+    tokens: int                 # this rank's input tokens, padding included (known on the host without a sync)
+    sequences: int              # this rank's sequences
+    sum_sq_lengths: int         # sum of each sequence's padded length squared (attention FLOPs)
     grad_norm: torch.Tensor
     skipped: torch.Tensor       # 1 when the step was skipped (non-finite gradients under fp16)
 
@@ -100,8 +102,10 @@ def train_step(model: nn.Module, loss_module: MaskedLMLoss, optimizer: torch.opt
         skip_nonfinite_step(optimizer, nonfinite)
     scheduler.step()
     optimizer.zero_grad(set_to_none=True)
-    tokens = sum(b.input_ids.numel() for b in micro_batches)
-    return StepResult(loss_sum, local_count, tokens, grad_norm.detach(), nonfinite.long())
+    shapes = [b.input_ids.shape for b in micro_batches]
+    return StepResult(loss_sum, local_count, tokens=sum(r * w for r, w in shapes),
+                      sequences=sum(r for r, _ in shapes), sum_sq_lengths=sum(r * w * w for r, w in shapes),
+                      grad_norm=grad_norm.detach(), skipped=nonfinite.long())
 
 
 def skip_nonfinite_step(optimizer: torch.optim.Optimizer, nonfinite: torch.Tensor) -> None:

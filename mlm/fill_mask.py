@@ -42,6 +42,19 @@ _MASK_SPELLINGS = re.compile(r"\[mask\]|<mask>", re.IGNORECASE)
 _SANE_MAX_LENGTH = 1_000_000  # tokenizers without a limit report model_max_length as a huge sentinel
 
 
+# Built-in sentences: predict.py's default inputs and the W&B predictions table at each evaluation.
+SAMPLE_SENTENCES = (
+    "The capital of France is [MASK].",
+    "Learning a new language can be [MASK] but rewarding.",
+    "The [MASK] barked at the postman all morning.",
+    "She poured a cup of [MASK] and opened the newspaper.",
+    "The film was released in [MASK] and received positive reviews.",
+    "You are my [MASK] that shines my [MASK].",
+    "He [MASK] [MASK] [MASK] a good man.",
+    "The [MASK] of the [MASK] was played in [MASK].",
+)
+
+
 # ---------------------------------------------------------------------- results
 @dataclass
 class Candidate:

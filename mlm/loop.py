@@ -21,6 +21,7 @@ from .data import DataBundle
 from .distributed import DistEnv, broadcast_flag, dist_max, dist_sum, dist_world, gather_to_main
 from .engine import StepResult, evaluate, prepare_batch, train_step
 from .masking import MaskingSpec, MaskingTables
+from .metrics import MlmShape, mlm_step_flops, peak_memory_bytes
 from .modeling import MaskedLMLoss
 from .preemption import Preempted, StopRequest
 from .tracking import Tracker
@@ -50,6 +51,8 @@ class Run:
     total_steps: int
     micro_per_epoch: int
     stop_request: StopRequest
+    shape: MlmShape        # for the model FLOPs of a step
+    peak_flops: float      # sum over ranks of each device's peak FLOP/s (MFU's denominator)
 
 
 def micro_batches_per_epoch(data: DataBundle, batch_size: int) -> int:
@@ -64,17 +67,18 @@ def total_train_steps(cfg: TrainConfig, micro_per_epoch: int) -> tuple[int, int]
 
 
 class _Meter:
-    """Running sums of the steps since the last log, kept on the device: no sync until logging."""
+    """Running sums of the steps since the last log: device values stay on the device (no sync until logging),
+    shape counts stay on the host."""
 
-    def __init__(self, device: torch.device):
-        self.device = device
+    def __init__(self, device: torch.device, shape: MlmShape, peak_flops: float):
+        self.device, self.shape, self.peak_flops = device, shape, peak_flops
+        self.consecutive = torch.zeros((), dtype=torch.long, device=device)  # kept across logs
         self.reset()
 
     def reset(self) -> None:
-        self.sums = torch.zeros(4, dtype=torch.float64, device=self.device)  # NLL, masked, tokens, skipped
+        self.sums = torch.zeros(3, dtype=torch.float64, device=self.device)  # NLL, masked, skipped
+        self.counts = [0, 0, 0]  # tokens, sequences, sum of squared lengths
         self.grad_norm = torch.zeros((), device=self.device)
-        if not hasattr(self, "consecutive"):  # not reset by logging: a run of skipped steps spans log lines
-            self.consecutive = torch.zeros((), dtype=torch.long, device=self.device)
         self.t0 = time.perf_counter()
         self.excluded = 0.0  # seconds spent evaluating or saving: not training throughput
 
@@ -82,22 +86,26 @@ class _Meter:
         self.excluded += time.perf_counter() - t
 
     def add(self, r: StepResult) -> None:
-        self.sums += torch.stack([r.loss_sum.double(), r.masked_tokens.double(),
-                                  torch.tensor(float(r.tokens), device=self.device, dtype=torch.float64),
-                                  r.skipped.double()])
+        self.sums += torch.stack([r.loss_sum.double(), r.masked_tokens.double(), r.skipped.double()])
+        self.counts = [a + b for a, b in zip(self.counts, (r.tokens, r.sequences, r.sum_sq_lengths))]
         self.grad_norm = r.grad_norm
         self.consecutive = (self.consecutive + 1) * r.skipped  # consecutive skipped steps, 0 after a good one
 
     def collect(self) -> dict[str, float]:
-        """Collective: every rank calls it at the same step."""
+        """Collective: every rank calls it at the same step. train/loss is the exact global mean: the NLL
+        summed over every rank's masked tokens divided by their total count (ranks weigh by their tokens)."""
         local_mean = self.sums[0] / self.sums[1].clamp(min=1)
-        loss_max, consecutive = dist_max(torch.stack([local_mean, self.consecutive.double()])).tolist()
-        nll, masked, tokens, skipped = dist_sum(self.sums.clone()).tolist()
+        memory = torch.tensor(float(peak_memory_bytes(self.device)), dtype=torch.float64, device=self.device)
+        loss_max, consecutive, memory = dist_max(torch.stack([local_mean, self.consecutive.double(), memory])).tolist()
+        totals = torch.cat([self.sums, torch.tensor(self.counts, dtype=torch.float64, device=self.device)])
+        nll, masked, skipped, tokens, sequences, sum_sq = dist_sum(totals).tolist()
         seconds = max(time.perf_counter() - self.t0 - self.excluded, 1e-9)
+        flops = mlm_step_flops(self.shape, tokens, sum_sq, masked)
         # skipped_steps is summed over ranks, and every rank skips the same steps: divide it back.
         return {"loss": nll / max(masked, 1), "loss_max": loss_max, "grad_norm": float(self.grad_norm),
-                "tokens_per_s": tokens / seconds, "skipped_steps": round(skipped / dist_world()),
-                "consecutive_skipped": int(consecutive)}
+                "tokens_per_s": tokens / seconds, "samples_per_s": sequences / seconds,
+                "mfu": flops / seconds / self.peak_flops, "peak_memory_gib": memory / 2**30,
+                "skipped_steps": round(skipped / dist_world()), "consecutive_skipped": int(consecutive)}
 
 
 def _epoch_float(run: Run) -> float:
@@ -113,15 +121,17 @@ def evaluate_and_decide(run: Run) -> bool:
         run.tracker.log_eval(state.step, _epoch_float(run), metrics)
         ppl = metrics["perplexity"]
         improved = state.best_metric is None or ppl < state.best_metric - cfg.early_stopping_min_delta
+        run.tracker.log_predictions(state.step, run.loss_module.model, run.tokenizer)
         if improved:
             state.best_metric, state.best_step, state.bad_evals = ppl, state.step, 0
             export_pretrained(run.loss_module.model, run.tokenizer, os.path.join(cfg.output_dir, "best"),
                               {"step": state.step, "epoch": _epoch_float(run), **metrics})
             run.tracker.write(f"new best perplexity {ppl:.3f} at step {state.step}: exported best/")
+            run.tracker.summary({"best/perplexity": ppl, "best/loss": metrics["loss"],
+                                 "best/accuracy": metrics["accuracy"], "best/step": state.step})
         else:
             state.bad_evals += 1
         stop = cfg.early_stopping_patience > 0 and state.bad_evals >= cfg.early_stopping_patience
-        run.tracker.summary({"best/perplexity": state.best_metric, "best/step": state.best_step})
     stop = broadcast_flag(stop, run.env.device)
     if stop:
         state.stopped_early = True
@@ -162,7 +172,7 @@ def same_step_on_all_ranks(step: int, env: DistEnv) -> bool:
 
 def fit(run: Run) -> TrainState:
     cfg, state, env = run.cfg, run.state, run.env
-    meter = _Meter(env.device)
+    meter = _Meter(env.device, run.shape, run.peak_flops)
     last_saved = state.step if state.step else -1
     stop = False
     if cfg.eval_on_start and state.step == 0 and state.best_metric is None:

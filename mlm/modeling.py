@@ -113,10 +113,14 @@ class MaskedLMLoss(nn.Module):
     """Wraps a masked LM so DDP sees one module whose forward returns the NLL summed over the masked
     positions only. The caller normalises by the global masked-token count (invariant 2)."""
 
-    def __init__(self, model: nn.Module):
+    def __init__(self, model: nn.Module, compile_encoder: bool = False):
         super().__init__()
         self.model = model
         self.encoder, self.head = split_encoder_head(model)
+        if compile_encoder and self.head is not None:
+            # The encoder sees fixed [batch, length] shapes; the head's row count (masked tokens) varies per
+            # batch and would recompile, so it stays eager. The exported model is the uncompiled one.
+            self.encoder = torch.compile(self.encoder)
 
     def masked_logits(self, input_ids: torch.Tensor, labels: torch.Tensor,
                       attention_mask: Optional[torch.Tensor] = None) -> tuple[torch.Tensor, torch.Tensor]:

@@ -59,6 +59,9 @@ class Tracker:
         self.path = os.path.join(cfg.output_dir, "training_history.json")
         # Resume: entries after the resumed step are dropped, so no step is recorded twice.
         self.history = [h for h in history if h.get("step", 0) <= initial_step]
+        # The W&B run being continued already holds the steps the previous attempt logged after its last
+        # checkpoint; they are not sent again (an exact resume recomputes the same values).
+        self.wandb_floor = max((h.get("step", 0) for h in history), default=-1) if run_id else -1
         self.wandb = None
         self.run_id = run_id
         self.interactive = sys.stderr.isatty()
@@ -75,10 +78,43 @@ class Tracker:
 
     def _init_wandb(self, cfg: TrainConfig, run_config: dict) -> None:
         import wandb
-        self.wandb = wandb.init(project=os.environ.get("WANDB_PROJECT", cfg.wandb_project),
-                                name=cfg.wandb_run_name or os.path.basename(os.path.normpath(cfg.output_dir)),
+        # Explicit options win, then the usual WANDB_* variables (wandb reads them itself when given None).
+        tags = cfg.wandb_tags.split(",") if cfg.wandb_tags else None
+        self.wandb = wandb.init(project=cfg.wandb_project or os.environ.get("WANDB_PROJECT") or "mlm-ddp",
+                                entity=cfg.wandb_entity, tags=[t.strip() for t in tags if t.strip()] if tags else None,
+                                name=cfg.wandb_run_name or os.environ.get("WANDB_NAME") or
+                                os.path.basename(os.path.normpath(cfg.output_dir)),
                                 dir=cfg.output_dir, config=run_config, id=self.run_id, resume="allow")
         self.run_id = self.wandb.id
+
+    def log_predictions(self, step: int, model, tokenizer) -> None:
+        """A W&B Table of fill-mask predictions on fixed sentences at this evaluation: the curve and what the
+        model predicts side by side. Rank 0, the unwrapped model, no collectives; training mode is restored."""
+        if not (self.enabled and self.wandb) or step <= self.wandb_floor:
+            return
+        import wandb
+        from .fill_mask import SAMPLE_SENTENCES, FillMask
+        was_training = model.training
+        try:
+            preds = FillMask(model, tokenizer, name="training").predict(list(SAMPLE_SENTENCES), top_k=5)
+        finally:
+            model.train(was_training)
+        table = wandb.Table(columns=["step", "text", "top tokens per mask", "best joint fill", "fill score"])
+        for p in preds:
+            per_mask = " | ".join(", ".join(f"{c.token} {c.score:.3f}" for c in m.candidates) for m in p.masks)
+            best = p.fills[0] if p.fills else None
+            table.add_data(step, p.text, per_mask, best.sequence if best else "", best.score if best else None)
+        self.wandb.log({"eval/predictions": table}, step=step)
+
+    def log_model(self, best_dir: str) -> None:
+        """--wandb_log_model: best/ as a model artifact of this run."""
+        if not (self.enabled and self.wandb and os.path.isdir(best_dir)):
+            return
+        import wandb
+        artifact = wandb.Artifact(f"model-{self.wandb.id}", type="model",
+                                  metadata={"source": os.path.abspath(best_dir)})
+        artifact.add_dir(best_dir)
+        self.wandb.log_artifact(artifact, aliases=["best", "latest"])
 
     def _record(self, entry: dict) -> None:
         self.history.append(entry)
@@ -88,22 +124,23 @@ class Tracker:
         if not self.enabled:
             return
         self._record({"step": step, "epoch": round(epoch, 4), **metrics})
-        if self.wandb:
+        if self.wandb and step > self.wandb_floor:
             self.wandb.log({f"train/{k}": v for k, v in metrics.items()}, step=step)
         if self.bar is not None:
-            self.bar.set_postfix(loss=f"{metrics['loss']:.4f}", lr=f"{metrics['lr']:.2e}",
-                                 tok_s=f"{metrics['tokens_per_s']:.0f}", refresh=False)
+            self.bar.set_postfix(loss=f"{metrics['loss']:.4f}", tok_s=f"{metrics['tokens_per_s']:.0f}",
+                                 mem=f"{metrics['peak_memory_gib']:.1f}G", mfu=f"{metrics['mfu']:.0%}", refresh=False)
         else:
             eta = (time.perf_counter() - self.t0) / max(step - self.step0, 1) * (self.total_steps - step)
             print(f"step {step}/{self.total_steps} epoch {epoch:.2f} loss {metrics['loss']:.4f} "
                   f"lr {metrics['lr']:.3e} grad_norm {metrics['grad_norm']:.3f} "
-                  f"tokens/s {metrics['tokens_per_s']:.0f} eta {eta / 60:.1f} min", flush=True)
+                  f"tokens/s {metrics['tokens_per_s']:.0f} mfu {metrics['mfu']:.1%} "
+                  f"mem {metrics['peak_memory_gib']:.2f} GiB eta {eta / 60:.1f} min", flush=True)
 
     def log_eval(self, step: int, epoch: float, metrics: dict[str, Any]) -> None:
         if not self.enabled:
             return
         self._record({"step": step, "epoch": round(epoch, 4), "eval": metrics})
-        if self.wandb:
+        if self.wandb and step > self.wandb_floor:
             self.wandb.log({f"eval/{k}": v for k, v in metrics.items()}, step=step)
         self.write(f"eval at step {step}: loss {metrics['loss']:.4f} perplexity {metrics['perplexity']:.3f} "
                    f"accuracy {metrics['accuracy']:.4f} ({metrics['masked_tokens']} masked tokens)")

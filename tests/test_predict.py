@@ -14,6 +14,7 @@ import torch
 
 import predict
 from helpers import make_text_file, run_predict, run_train, tiny_args
+from mlm.fill_mask import SAMPLE_SENTENCES
 from mlm.fill_mask import FillMask, Prediction
 
 MULTI = "[MASK] [MASK] a [MASK] [MASK] ."
@@ -191,9 +192,9 @@ def test_default_run_end_to_end(tmp_path, tiny_config_dir, tokenizer_path):
     r = run_predict([], cwd=str(work))
     assert r.returncode == 0, r.output
     assert r.stdout.startswith(f"model: {best} (the newest best/ under outputs/)")
-    for sample in predict.SAMPLES:
+    for sample in SAMPLE_SENTENCES:
         assert f"\n> {sample}\n" in r.stdout
-    assert r.stdout.count("  joint fills:\n") == sum(s.count("[MASK]") > 1 for s in predict.SAMPLES)
+    assert r.stdout.count("  joint fills:\n") == sum(s.count("[MASK]") > 1 for s in SAMPLE_SENTENCES)
 
     # A second, newer run: the newest best/ is used, and the note says which and names the other.
     time.sleep(0.01)

@@ -138,9 +138,9 @@ def test_sigterm_to_torchrun_saves_and_resumes_exactly(setup, reference, tmp_pat
 def test_sigkill_under_torchrun_restarts_and_completes_exactly(setup, reference, tmp_path, tokenizer_path):
     out = str(tmp_path / "run")
     marker = str(tmp_path / "fired")
-    # --max-restarts=3, launch.sh's default: once in a loaded full test run the restarted gloo group failed its
-    # first connect ("Connection refused") and needed a second restart; the job must still finish by itself.
-    r = run_train(args_for(setup, out, tokenizer_path), nproc=2, torchrun_args=["--max-restarts=3"],
+    # One restart is all it may take. (Before init_distributed prefixed the store per attempt, the restarted
+    # group could read the dead attempt's peer addresses and fail or hang connecting, under load.)
+    r = run_train(args_for(setup, out, tokenizer_path), nproc=2, torchrun_args=["--max-restarts=1"],
                   fault={"kind": "sigkill", "rank": 1, "step": 6, "marker": marker}, timeout=300)
     assert r.returncode == 0, r.output[-4000:]
     assert open(marker).read().count("sigkill 1") == 1  # the worker really was killed, once

@@ -1,0 +1,111 @@
+"""Curves without W&B: `python -m mlm.plot OUTPUT_DIR [--out DIR]` draws training_history.json into PNG files.
+
+    loss.png           training loss per logged step, evaluation loss at each evaluation
+    perplexity.png     evaluation perplexity (log scale), the best one marked
+    learning_rate.png  the learning-rate schedule as it ran
+
+matplotlib is an optional extra (`pip install -r requirements-extras.txt`).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import sys
+
+from .config import Parser, UserError
+
+
+def load_history(output_dir: str) -> list[dict]:
+    path = os.path.join(output_dir, "training_history.json")
+    if not os.path.isfile(path):
+        raise UserError(f"{output_dir!r} has no training_history.json; pass the output_dir of a training run")
+    try:
+        with open(path, encoding="utf-8") as fh:
+            history = json.load(fh)
+    except (OSError, ValueError) as e:
+        raise UserError(f"{path!r} is not readable JSON ({e}); was it written by train_ddp.py?") from None
+    if not isinstance(history, list) or not history:
+        raise UserError(f"{path!r} holds no logged steps yet; plot after the first logging_steps")
+    return history
+
+
+def series(history: list[dict]) -> dict[str, tuple[list[float], list[float]]]:
+    """(steps, values) per curve; non-finite values are dropped (a log scale cannot show them)."""
+    def pick(rows, key):
+        pts = [(h["step"], v) for h in rows if isinstance(v := key(h), (int, float)) and math.isfinite(v)]
+        return [p[0] for p in pts], [p[1] for p in pts]
+    train = [h for h in history if "loss" in h]
+    evals = [h for h in history if "eval" in h]
+    return {"train_loss": pick(train, lambda h: h["loss"]), "lr": pick(train, lambda h: h.get("lr")),
+            "eval_loss": pick(evals, lambda h: h["eval"].get("loss")),
+            "eval_perplexity": pick(evals, lambda h: h["eval"].get("perplexity"))}
+
+
+def plot(output_dir: str, out_dir: str | None = None) -> list[str]:
+    try:
+        import matplotlib
+        matplotlib.use("Agg")  # files only: no display needed
+        import matplotlib.pyplot as plt
+    except ImportError:
+        raise UserError("matplotlib is not installed: pip install matplotlib (or -r requirements-extras.txt)") \
+            from None
+    s = series(load_history(output_dir))
+    out_dir = out_dir or output_dir
+    os.makedirs(out_dir, exist_ok=True)
+    written = []
+
+    def save(fig, name: str) -> None:
+        path = os.path.join(out_dir, name)
+        fig.tight_layout()
+        fig.savefig(path, dpi=120)
+        plt.close(fig)
+        written.append(path)
+
+    fig, ax = plt.subplots(figsize=(7, 4))
+    ax.plot(*s["train_loss"], label="train loss", linewidth=1)
+    ax.plot(*s["eval_loss"], "o-", label="eval loss")
+    ax.set(xlabel="optimizer step", ylabel="masked-token loss (nats)", title=f"loss: {os.path.basename(output_dir)}")
+    ax.legend()
+    ax.grid(alpha=0.3)
+    save(fig, "loss.png")
+
+    fig, ax = plt.subplots(figsize=(7, 4))
+    steps, ppl = s["eval_perplexity"]
+    ax.plot(steps, ppl, "o-", color="tab:green", label="eval perplexity")
+    if ppl:
+        best = min(range(len(ppl)), key=ppl.__getitem__)
+        ax.plot([steps[best]], [ppl[best]], "*", markersize=14, color="tab:red",
+                label=f"best {ppl[best]:.3f} at step {steps[best]}")
+        ax.set_yscale("log")
+    ax.set(xlabel="optimizer step", ylabel="perplexity", title="evaluation perplexity")
+    ax.legend()
+    ax.grid(alpha=0.3)
+    save(fig, "perplexity.png")
+
+    fig, ax = plt.subplots(figsize=(7, 3))
+    ax.plot(*s["lr"], color="tab:orange")
+    ax.set(xlabel="optimizer step", ylabel="learning rate", title="learning-rate schedule")
+    ax.grid(alpha=0.3)
+    save(fig, "learning_rate.png")
+    return written
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = Parser(prog="python -m mlm.plot", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("output_dir", help="A training run's output_dir (it holds training_history.json).")
+    p.add_argument("--out", default=None, help="Where to write the PNG files (default: output_dir).")
+    try:
+        args = p.parse_args(argv)
+        for path in plot(args.output_dir, args.out):
+            print(path)
+        return 0
+    except UserError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

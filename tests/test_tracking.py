@@ -1,0 +1,160 @@
+"""Weights & Biases (offline, read back from wandb's own files), the logged metrics, MFU's FLOPs, and the
+curves drawn without W&B."""
+
+from __future__ import annotations
+
+import os
+import shutil
+
+import pytest
+import torch
+
+from helpers import TINY_BERT, make_text_file, read_json, run_command, run_train, tiny_args
+from mlm.fill_mask import SAMPLE_SENTENCES
+from wandb_offline import offline_runs, read_run
+
+
+@pytest.fixture(scope="module")
+def corpus(tmp_path_factory):
+    d = tmp_path_factory.mktemp("tracking-corpus")
+    return {"train": make_text_file(str(d / "train.txt"), n_lines=300, seed=1),
+            "valid": make_text_file(str(d / "valid.txt"), n_lines=60, seed=2), "cache": str(d / "cache")}
+
+
+def args(corpus, config, tokenizer, out, **kw) -> list[str]:
+    opts = {**dict(train_file=corpus["train"], validation_file=corpus["valid"], max_train_steps=6, eval_steps=3,
+                   logging_steps=2, report_to="wandb", seed=5), **kw}
+    return tiny_args(config, str(tokenizer), out, corpus["cache"], **opts)
+
+
+def train_steps(run) -> list[int]:
+    return [h["_step"] for h in run.history if "train/loss" in h]
+
+
+def test_two_ranks_write_one_wandb_run_with_the_series_and_config(corpus, tiny_config_dir, tokenizer_path, tmp_path):
+    out = str(tmp_path / "run")
+    r = run_train(args(corpus, tiny_config_dir, tokenizer_path, out, wandb_log_model="true", wandb_tags="exp,tiny",
+                       wandb_project="mlm-test"), nproc=2, extra_env={"WANDB_MODE": "offline"}, cwd=str(tmp_path))
+    assert r.returncode == 0, r.output[-3000:]
+    runs = offline_runs(out)
+    assert len(runs) == 1, runs  # rank 1 started no run of its own
+    assert not os.path.exists(tmp_path / "wandb")  # nor anywhere else
+    run = read_run(runs[0])
+    assert run.project == "mlm-test" and run.tags == ["exp", "tiny"]
+    assert train_steps(run) == [2, 4, 6]
+    assert [h["_step"] for h in run.history if "eval/perplexity" in h] == [0, 3, 6]
+    for h in run.history:
+        if "train/loss" in h:
+            for key in ("loss_max", "lr", "grad_norm", "tokens_per_s", "samples_per_s", "mfu", "peak_memory_gib",
+                        "skipped_steps"):
+                assert f"train/{key}" in h, key
+            assert 0 < h["train/mfu"] < 1 and h["train/peak_memory_gib"] > 0.05
+            assert h["train/loss_max"] >= h["train/loss"]
+        if "eval/perplexity" in h:
+            assert h["eval/predictions/nrows"] == len(SAMPLE_SENTENCES) and h["eval/predictions/ncols"] == 5
+    assert run.config["world_size"] == 2 and run.config["learning_rate"] == 1e-3
+    assert run.config["precision_resolved"] == "fp32" and "torch" in run.config["versions"]
+    best = read_json(os.path.join(out, "best", "eval_results.json"))
+    assert run.summary["best/perplexity"] == pytest.approx(best["perplexity"])
+    assert run.summary["best/step"] == best["step"]
+    assert f"model-{run.run_id}" in run.artifacts
+    # The local history holds the same series.
+    history = read_json(os.path.join(out, "training_history.json"))
+    local = {h["step"]: h["loss"] for h in history if "loss" in h}
+    assert {h["_step"]: h["train/loss"] for h in run.history if "train/loss" in h} == pytest.approx(local)
+
+
+def test_logged_loss_is_the_mean_over_all_ranks(corpus, tiny_config_dir, tokenizer_path, tmp_path):
+    """Two ranks on different data log the loss of the whole global batch: the same number a single process
+    logs when it sees that batch through accumulation. Rank 0's own loss would differ (loss_max shows it)."""
+    common = dict(report_to="none", logging_steps=1, eval_steps=100, eval_on_start="false", max_train_steps=3)
+    two, one = str(tmp_path / "two"), str(tmp_path / "one")
+    r = run_train(args(corpus, tiny_config_dir, tokenizer_path, two, **common), nproc=2)
+    assert r.returncode == 0, r.output[-3000:]
+    r = run_train(args(corpus, tiny_config_dir, tokenizer_path, one, gradient_accumulation_steps=2, **common), nproc=1)
+    assert r.returncode == 0, r.output[-3000:]
+    h2 = [h for h in read_json(os.path.join(two, "training_history.json")) if "loss" in h]
+    h1 = [h for h in read_json(os.path.join(one, "training_history.json")) if "loss" in h]
+    assert [h["step"] for h in h2] == [h["step"] for h in h1] == [1, 2, 3]
+    for a, b in zip(h2, h1):
+        assert a["loss"] == pytest.approx(b["loss"], abs=1e-5)
+        assert a["loss_max"] > a["loss"] + 1e-4  # the ranks' own means differ: the logged one is neither alone
+        assert a["samples_per_s"] > 0 and a["skipped_steps"] == 0
+
+
+def test_resumed_run_continues_the_same_wandb_run_without_duplicate_steps(corpus, tiny_config_dir, tokenizer_path,
+                                                                          tmp_path):
+    out = str(tmp_path / "run")
+    run_args = args(corpus, tiny_config_dir, tokenizer_path, out, logging_steps=1, save_steps=2)
+    # Rank 0 fails right after computing step 4, before logging or saving it: the newest checkpoint is step 2,
+    # while W&B already holds steps 1-3. The relaunch recomputes step 3 and must not send it again.
+    r = run_train(run_args, nproc=2, fault={"kind": "raise", "rank": 0, "step": 4})
+    assert r.returncode != 0
+    first = read_run(offline_runs(out)[0])
+    assert train_steps(first) == [1, 2, 3]
+    r = run_train(run_args, nproc=2)
+    assert r.returncode == 0, r.output[-3000:]
+    assert "step 2)" in r.output  # resumed from the step-2 checkpoint: step 3 is computed again
+    runs = [read_run(d) for d in offline_runs(out)]
+    assert len(runs) == 2 and runs[0].run_id == runs[1].run_id
+    steps = train_steps(runs[0]) + train_steps(runs[1])
+    assert steps == [1, 2, 3, 4, 5, 6], steps  # step 3 is not sent twice
+    evals = [h["_step"] for run in runs for h in run.history if "eval/loss" in h]
+    assert evals == [0, 3, 6], evals
+    history = read_json(os.path.join(out, "training_history.json"))
+    assert [h["step"] for h in history if "loss" in h] == [1, 2, 3, 4, 5, 6]
+
+
+def test_mfu_flops_match_a_count_of_the_models_own_matmuls():
+    """mlm_step_flops against a count taken from the model itself: every nn.Linear of the encoder at every
+    token, the two attention matmuls per layer, the head's Linears at the masked positions only; x3 for
+    forward + backward."""
+    from transformers import BertConfig, BertForMaskedLM
+    from mlm.metrics import MlmShape, mlm_step_flops
+    config = BertConfig(vocab_size=1000, **TINY_BERT)
+    model = BertForMaskedLM(config)
+    sequences, length, masked = 4, 32, 19
+    tokens = sequences * length
+    linear_macs = lambda module: sum(m.in_features * m.out_features for m in module.modules()
+                                     if isinstance(m, torch.nn.Linear))
+    encoder = 2 * linear_macs(model.bert.encoder) * tokens
+    attention = 2 * config.num_hidden_layers * 2 * length * length * config.hidden_size * sequences
+    head = 2 * linear_macs(model.cls) * masked  # transform dense + decoder onto the vocabulary
+    expected = 3 * (encoder + attention + head)
+    got = mlm_step_flops(MlmShape.from_config(config), tokens, sequences * length ** 2, masked)
+    assert got == pytest.approx(expected, rel=1e-12)
+    # The head at all positions (what the Trainer runs) would cost more: masked-only is what is counted.
+    assert mlm_step_flops(MlmShape.from_config(config), tokens, sequences * length ** 2, tokens) > got
+
+
+def test_plot_writes_the_curves(corpus, tiny_config_dir, tokenizer_path, tmp_path):
+    import matplotlib.image
+    import numpy as np
+    out = str(tmp_path / "run")
+    r = run_train(args(corpus, tiny_config_dir, tokenizer_path, out, report_to="none", logging_steps=1), nproc=1)
+    assert r.returncode == 0, r.output[-3000:]
+    figures = str(tmp_path / "figures")
+    p = run_command([os.sys.executable, "-m", "mlm.plot", out, "--out", figures], timeout=120)
+    assert p.returncode == 0, p.output
+    for name in ("loss.png", "perplexity.png", "learning_rate.png"):
+        path = os.path.join(figures, name)
+        with open(path, "rb") as fh:
+            assert fh.read(8) == b"\x89PNG\r\n\x1a\n"
+        pixels = matplotlib.image.imread(path)
+        assert pixels.shape[0] > 200 and pixels.shape[1] > 400
+        # Not a blank canvas: many distinct colours (axes, text, the curves) and some coloured pixels.
+        flat = (pixels[..., :3] * 255).astype(np.uint8).reshape(-1, 3)
+        assert len(np.unique(flat, axis=0)) > 20
+        assert (np.ptp(flat.astype(int), axis=1) > 60).sum() > 100  # saturated (curve) pixels, not just grey
+    bad = run_command([os.sys.executable, "-m", "mlm.plot", str(tmp_path / "nothing-here")], timeout=60)
+    assert bad.returncode == 2 and bad.stderr.strip().startswith("error:") and len(bad.stderr.splitlines()) == 1
+
+
+def test_missing_wandb_key_online_is_a_clear_error_not_a_prompt(corpus, tiny_config_dir, tokenizer_path, tmp_path):
+    home = tmp_path / "home"
+    home.mkdir()  # no ~/.netrc
+    r = run_train(args(corpus, tiny_config_dir, tokenizer_path, str(tmp_path / "run")), nproc=0, timeout=60,
+                  extra_env={"WANDB_MODE": "online", "WANDB_API_KEY": "", "HOME": str(home),
+                             "NETRC": str(home / ".netrc")})
+    assert r.returncode == 2, r.output[-2000:]
+    assert r.stderr.strip().startswith("error:") and "wandb login" in r.stderr and "WANDB_API_KEY" in r.stderr
