@@ -64,11 +64,14 @@ def load_chunks(path: str, tokenizer, seq: int) -> ChunkDataset:
     return ChunkDataset(stream, seq, cls_id=tokenizer.cls_token_id, sep_id=tokenizer.sep_token_id)
 
 
-def run_ours(cfg: TrainConfig, tokenizer, chunks: ChunkDataset, warmup: int, steps: int) -> tuple[float, int]:
-    """Seconds for `steps` optimizer steps after `warmup`, and the masked tokens the head ran on."""
+def run_ours(cfg: TrainConfig, tokenizer, chunks: ChunkDataset, warmup: int, steps: int,
+             compile_encoder: bool = False, profiler=None) -> tuple[float, int]:
+    """Seconds for `steps` optimizer steps after `warmup`, and the masked tokens the head ran on.
+
+    profiler: a torch.profiler.profile, started at the first timed step and stopped after the last."""
     env = DistEnv(rank=0, local_rank=0, world_size=1, device=CPU)
     model = build_model(cfg, load_model_config(cfg), tokenizer)  # seeds, then from_pretrained with sdpa
-    loss_module = MaskedLMLoss(model).train()
+    loss_module = MaskedLMLoss(model, compile_encoder=compile_encoder).train()  # compiles in the warm-up steps
     optimizer = build_optimizer(cfg, loss_module, CPU)
     scheduler = build_scheduler(cfg, optimizer, warmup + steps)
     scaler = build_scaler("fp32", CPU)
@@ -81,7 +84,11 @@ def run_ours(cfg: TrainConfig, tokenizer, chunks: ChunkDataset, warmup: int, ste
     for step, raw in enumerate(loader):
         if step == warmup:
             t0 = time.perf_counter()
+            if profiler is not None:
+                profiler.start()
         if step == warmup + steps:
+            if profiler is not None:
+                profiler.stop()
             break
         batch = prepare_batch(raw, 0, spec, tables, CPU)
         train_step(loss_module, loss_module, optimizer, scheduler, scaler, [batch], env, "fp32", cfg.max_grad_norm)
@@ -124,6 +131,8 @@ def main() -> None:
     p.add_argument("--batch_size", type=int, default=16)
     p.add_argument("--seq", type=int, default=128)
     p.add_argument("--train_file", default=os.path.join(common.WIKITEXT, "wiki.train.raw"))
+    p.add_argument("--torch_compile", action="store_true", help="Also time ours with --torch_compile (encoder "
+                   "compiled by inductor), alternated with the other two.")
     a = p.parse_args()
     common.quiet_transformers()
     torch.set_num_threads(os.cpu_count())  # the same for both sides
@@ -150,8 +159,14 @@ def main() -> None:
     # The peak is measured before every run: the best is the machine's ceiling, and a low one beside a run
     # shows that something else was using the cores then (a shared machine).
     peaks: list[float] = []
-    ours_s, hf_s, ours_masked, optim = [], [], [], ""
+    ours_s, hf_s, ours_masked, optim, compiled_s = [], [], [], "", []
     for r in range(a.repeats):
+        if a.torch_compile:
+            peaks.append(matmul_peak())
+            t, _ = run_ours(cfg, tokenizer, chunks, a.warmup, a.steps, compile_encoder=True)
+            compiled_s.append(a.steps * a.batch_size / t)
+            print(f"run {r + 1}  ours+compile {compiled_s[-1]:7.2f} samples/s  (matmul just before: "
+                  f"{peaks[-1] / 1e9:.0f} GFLOP/s)", flush=True)
         peaks.append(matmul_peak())
         t, m = run_ours(cfg, tokenizer, chunks, a.warmup, a.steps)
         ours_s.append(a.steps * a.batch_size / t)
@@ -181,6 +196,8 @@ def main() -> None:
           f"HF             Trainer + DataCollatorForLanguageModeling; optim {optim}; head at all positions\n"
           f"ours samples/s {common.fmt_runs(ours_s)}\n"
           f"HF   samples/s {common.fmt_runs(hf_s)}\n"
+          + (f"ours + torch.compile(encoder) samples/s {common.fmt_runs(compiled_s)}; vs eager "
+             f"{common.median(compiled_s) / mo:.2f}x\n" if compiled_s else "") +
           f"ratio ours/HF  {mo / mh:.2f}x of the medians; {max(ours_s) / max(hf_s):.2f}x of the best runs (the best "
           f"run is the least disturbed one on a shared machine)\n"
           f"fp32 matmul peak {peak / 1e9:.1f} GFLOP/s (2048x2048 @ 2048x2048, best of 10 reps, measured {len(peaks)} "

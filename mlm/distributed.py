@@ -7,6 +7,7 @@ DDP is detected from the variables torchrun sets (RANK, LOCAL_RANK, WORLD_SIZE),
 from __future__ import annotations
 
 import datetime
+import gc
 import logging
 import os
 from dataclasses import dataclass
@@ -55,7 +56,11 @@ def init_distributed(timeout_seconds: float = 1800.0) -> DistEnv:
         device, backend = torch.device("cpu"), "gloo"
     if world > 1 and not dist.is_initialized():
         timeout = datetime.timedelta(seconds=timeout_seconds)
-        store, _, _ = next(dist.rendezvous("env://", rank=rank, world_size=world, timeout=timeout))
+        global _store
+        rendezvous = dist.rendezvous("env://", rank=rank, world_size=world, timeout=timeout)
+        store, _, _ = next(rendezvous)
+        rendezvous.close()
+        _store = store  # released in teardown(), after the group, not at interpreter exit
         # torchrun restarts a failed group against the same store: without a prefix per attempt, a worker can
         # read the previous attempt's (dead) peer addresses and fail or hang while connecting.
         attempt = os.environ.get("TORCHELASTIC_RESTART_COUNT", "0")
@@ -65,6 +70,7 @@ def init_distributed(timeout_seconds: float = 1800.0) -> DistEnv:
 
 
 _control_group = None
+_store = None
 
 
 def control_group():
@@ -86,10 +92,12 @@ def is_peer_failure(exc: BaseException) -> bool:
 
 
 def teardown() -> None:
-    global _control_group
+    global _control_group, _store
     _control_group = None
     if dist.is_available() and dist.is_initialized():
         dist.destroy_process_group()
+    _store = None
+    gc.collect()  # the store's client threads stop here, not during interpreter shutdown
 
 
 def dist_sum(t: torch.Tensor) -> torch.Tensor:
