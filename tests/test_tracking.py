@@ -4,7 +4,6 @@ curves drawn without W&B."""
 from __future__ import annotations
 
 import os
-import shutil
 
 import pytest
 import torch
