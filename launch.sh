@@ -28,6 +28,9 @@ Examples:
   NPROC=2 bash launch.sh --train_file my.txt --max_train_steps 1000
   # two nodes with 8 GPUs each; run on both, NODE_RANK=0 on node-a and NODE_RANK=1 on node-b:
   NNODES=2 NODE_RANK=0 MASTER_ADDR=node-a MASTER_PORT=29500 bash launch.sh --config run.yaml
+  # under SLURM: sbatch examples/slurm/train.sbatch --config configs/wikitext103-bert-base.yaml
+Several nodes: only global rank 0 writes output_dir, and every rank reads it to resume, so put it on a shared
+filesystem; --cache_scope node (default) prepares downloads and the data cache once per node.
 EOF
 }
 

@@ -17,7 +17,7 @@ import warnings
 from torch.distributed.elastic.multiprocessing.errors import record
 
 from mlm.config import TrainConfig, UserError, parse_args
-from mlm.distributed import DistEnv, broadcast_object, control_group, env_rank, init_distributed, \
+from mlm.distributed import DistEnv, any_rank, broadcast_object, control_group, env_rank, init_distributed, \
     is_peer_failure, main_only, main_process_first, teardown
 from mlm.loop import NonFiniteLoss
 from mlm.preemption import Preempted, StopRequest
@@ -54,19 +54,24 @@ def build_run(cfg: TrainConfig, env: DistEnv, stop_request: StopRequest):
     precision = engine.resolve_precision(cfg.precision, env.device)
     if env.device.type == "cuda":
         torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = cfg.tf32
-    model_config = main_process_first(env, lambda: modeling.load_model_config(cfg))
+    per_node = cfg.cache_scope == "node"  # downloads land in each node's cache, unless nodes share one
+    model_config = main_process_first(env, lambda: modeling.load_model_config(cfg), per_node)
     modeling.check_model_config(cfg, model_config)
-    tokenizer = main_process_first(env, lambda: modeling.load_tokenizer(cfg))
+    tokenizer = main_process_first(env, lambda: modeling.load_tokenizer(cfg), per_node)
     resume = main_process_first(env, lambda: checkpoint.choose_resume(
         cfg.output_dir, cfg.resume_from_checkpoint, cfg.overwrite_output_dir) if env.is_main and cfg.do_train
         else None)
     resume = broadcast_object(resume, env)
+    if resume and any_rank(not os.path.isdir(resume), env.device):
+        raise UserError(f"checkpoint {resume!r} is not visible on every node; every rank reads it on resume, so "
+                        "with several nodes put --output_dir on a filesystem they all share")
     bundle = data.build_data(cfg, env, tokenizer)
-    model = main_process_first(env, lambda: modeling.build_model(cfg, model_config, tokenizer)).to(env.device)
+    model = main_process_first(env, lambda: modeling.build_model(cfg, model_config, tokenizer), per_node)
+    model = model.to(env.device)
     main_only(env, lambda: checkpoint.check_free_space(cfg.output_dir, model) if cfg.do_train else None)
     loss_module = modeling.MaskedLMLoss(model, compile_encoder=cfg.torch_compile)
     optimizer = modeling.build_optimizer(cfg, loss_module, env.device)
-    micro_per_epoch = loop.micro_batches_per_epoch(bundle, cfg.per_device_train_batch_size)
+    micro_per_epoch = bundle.train.micro_per_epoch
     steps_per_epoch, total_steps = loop.total_train_steps(cfg, micro_per_epoch)
     scheduler = modeling.build_scheduler(cfg, optimizer, total_steps)
     scaler = engine.build_scaler(precision, env.device)
@@ -75,6 +80,7 @@ def build_run(cfg: TrainConfig, env: DistEnv, stop_request: StopRequest):
     torch.manual_seed(cfg.seed + env.rank)  # dropout differs per rank; a resume restores the saved states
     if resume:
         checkpoint.load_checkpoint(resume, state, model, optimizer, scheduler, scaler, env.rank, env.device)
+        bundle.train.load_state_dict(state.extra.get("data_states", [{}] * env.world_size)[env.rank])
     # Gradients as views into DDP's all-reduce buckets: one copy fewer per step (measured in bench/scaling.py).
     ddp = DDP(loss_module, device_ids=[env.device.index] if env.device.type == "cuda" else None,
               gradient_as_bucket_view=True) if env.distributed else loss_module
@@ -102,13 +108,11 @@ def build_run(cfg: TrainConfig, env: DistEnv, stop_request: StopRequest):
         "precision": f"{precision}{' + GradScaler' if scaler.is_enabled() else ''}",
         "global batch": f"{global_batch} = {cfg.per_device_train_batch_size} per device x {env.world_size} "
                         f"processes x {cfg.gradient_accumulation_steps} accumulation",
-        "steps": f"{steps_per_epoch} per epoch, {total_steps} total, "
+        "steps": f"{steps_per_epoch or 'unknown (a stream)'} per epoch, {total_steps} total, "
                  f"{modeling.warmup_steps(cfg, total_steps)} warmup ({cfg.lr_scheduler_type})",
-        "train": f"{s['train_examples']} examples of {cfg.max_seq_length} from {s['train_tokens']} tokens; "
-                 f"{s['train_dropped_tokens']} dropped by chunking",
-        "eval": f"{s['eval_examples']} examples from {s['eval_tokens']} tokens; "
-                f"{s['eval_dropped_tokens']} dropped by chunking",
-        "data": f"{'cache hit' if s['cache_hit'] else 'tokenised and cached'} in {s['data_seconds']:.2f} s",
+        "train": s["train"],
+        "eval": s["eval"],
+        "data": s["data"],
         "peak (for MFU)": f"{peak_total / 1e12:.3g} TFLOP/s over {env.world_size} rank(s) ({peak_source})",
         "output": cfg.output_dir + (f" (resuming from {resume}, step {state.step})" if resume else ""),
     }))

@@ -23,6 +23,7 @@ OUTPUTS_ROOT = "outputs"  # default run directories are outputs/<model>-<dataset
 PRECISIONS = ("auto", "fp32", "fp16", "bf16")
 SCHEDULERS = ("linear", "cosine", "cosine_with_restarts", "polynomial", "constant", "constant_with_warmup")
 REPORT_TO = ("all", "wandb", "none")
+CACHE_SCOPES = ("node", "shared")
 LOCAL_SUFFIXES = (".txt", ".raw", ".json", ".jsonl", ".parquet", ".csv")
 WIKITEXT_FILES = ("wiki.train.raw", "wiki.valid.raw")
 
@@ -76,6 +77,19 @@ class TrainConfig:
                                                   "data")
     data_cache_dir: Optional[str] = _f(None, "Where tokenised data is cached (default: $XDG_CACHE_HOME/mlm-ddp or "
                                        "~/.cache/mlm-ddp).", "data")
+    cache_scope: str = _f("node", "Who prepares downloads and the tokenised-data cache while the other processes "
+                          "wait: node = the first process of each node (local rank 0), right whether or not nodes "
+                          "share a disk; shared = global rank 0 alone, when every node sees the same "
+                          "--data_cache_dir and Hugging Face cache (saves the other nodes the work).", "data",
+                          choices=CACHE_SCOPES)
+    streaming: bool = _f(False, "Stream the training split (Hub dataset or local files) instead of tokenising it "
+                         "up front: sharded over all ranks, tokenised and packed in the loader workers, shuffled "
+                         "with a buffer. Needs --max_train_steps; the validation split is read whole.", "data")
+    shuffle_buffer_size: int = _f(10000, "With --streaming: texts held in the shuffle buffer (more mixes better, "
+                                  "costs memory).", "data")
+    dataloader_num_workers: Optional[int] = _f(None, "Loader worker processes per rank (default: 1 with "
+                                               "--streaming, where they tokenise beside training; 0 otherwise).",
+                                               "data")
     # --- masking ---
     mlm_probability: float = _f(0.15, "Fraction of maskable tokens selected for prediction.", "masking")
     mask_replace_prob: float = _f(0.8, "Of the selected tokens, the fraction replaced by [MASK].", "masking")
@@ -102,7 +116,8 @@ class TrainConfig:
                         "CPU.", "training", choices=PRECISIONS)
     seed: int = _f(42, "Seed for initialisation, shuffling and masks.", "training")
     # --- evaluation, checkpoints, stopping ---
-    eval_steps: Optional[int] = _f(None, "Evaluate every N optimizer steps (default: at the end of each epoch).",
+    eval_steps: Optional[int] = _f(None, "Evaluate every N optimizer steps (default: at the end of each epoch; "
+                                   "with --streaming, whose epochs have no known end, only at the last step).",
                                    "evaluation")
     do_train: bool = _f(True, "Train; with --do_train false, only evaluate the model once and write "
                         "eval_results.json.", "evaluation")
@@ -144,6 +159,12 @@ class TrainConfig:
     def from_scratch(self) -> bool:
         return self.model_name_or_path is None and (self.config_name is not None or
                                                     self.config_overrides is not None)
+
+    @property
+    def loader_workers(self) -> int:
+        if self.dataloader_num_workers is not None:
+            return self.dataloader_num_workers
+        return 1 if self.streaming else 0
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
@@ -225,6 +246,9 @@ def _check_numbers(c: TrainConfig) -> None:
     _require(c.early_stopping_min_delta >= 0, f"--early_stopping_min_delta must be >= 0, got "
              f"{c.early_stopping_min_delta}")
     _require(c.seed >= 0, f"--seed must be non-negative, got {c.seed}")
+    _require(c.shuffle_buffer_size >= 1, f"--shuffle_buffer_size must be at least 1, got {c.shuffle_buffer_size}")
+    _require(c.dataloader_num_workers is None or c.dataloader_num_workers >= 0,
+             f"--dataloader_num_workers must be 0 or more, got {c.dataloader_num_workers}")
     if c.precision == "fp16":
         import torch  # imported here: validation of everything else needs no torch
         _require(torch.cuda.is_available(), "--precision fp16 needs a CUDA GPU (GradScaler); on CPU use "
@@ -253,6 +277,15 @@ def _check_sources(c: TrainConfig) -> None:
         _check_local_file("validation_file", c.validation_file)
     _require(bool(c.dataset_name or c.train_file or c.dataset_dir),
              "no training data: give --dataset_name, --train_file or --dataset_dir")
+    if c.streaming:
+        _require(c.max_train_steps is not None, "--streaming needs --max_train_steps: a stream has no known length, "
+                 "so the schedule is set by steps")
+        _require(not c.line_by_line, "--line_by_line does not apply to --streaming, which packs texts into chunks; "
+                 "drop one of them")
+        _require(c.max_train_samples is None, "--max_train_samples does not apply to --streaming; bound training "
+                 "with --max_train_steps")
+        _require(not (c.train_file and not c.validation_file), "--streaming with --train_file needs "
+                 "--validation_file: the validation set is read whole, so it cannot be carved from a stream")
 
 
 def looks_like_path(name: str) -> bool:

@@ -11,13 +11,14 @@ from __future__ import annotations
 import hashlib
 import itertools
 import json
+import math
 import logging
 import os
 import shutil
 import tempfile
 import time
 from dataclasses import dataclass
-from typing import Callable, Iterator, Optional, Sequence
+from typing import TYPE_CHECKING, Callable, Iterator, Optional, Sequence
 
 import numpy as np
 import torch
@@ -25,6 +26,9 @@ from torch.utils.data import DataLoader, DistributedSampler
 
 from .config import TrainConfig, UserError
 from .distributed import DistEnv, main_process_first
+
+if TYPE_CHECKING:
+    from .streaming import StreamingTrain
 
 log = logging.getLogger("mlm")
 CACHE_VERSION = 1
@@ -314,11 +318,33 @@ def _identity(batch):
     return batch
 
 
+class EpochBatches:
+    """The training side of fit() for a map-style dataset: an epoch's groups of micro-batches, from any point."""
+
+    def __init__(self, loader: DataLoader, sampler: ResumableDistributedSampler, batch_size: int):
+        self.loader, self.sampler, self.batch_size = loader, sampler, batch_size
+        self.micro_per_epoch = math.ceil(sampler.num_samples / batch_size)
+
+    def groups(self, epoch: int, micro_done: int, accumulation: int) -> Iterator[list[dict[str, torch.Tensor]]]:
+        self.sampler.set_epoch(epoch)
+        self.sampler.start_index = micro_done * self.batch_size
+        batches = iter(self.loader)
+        while group := list(itertools.islice(batches, accumulation)):
+            yield group
+
+    def state_dict(self) -> dict:
+        return {}  # the position is (epoch, micro-batches done), which TrainState holds
+
+    def load_state_dict(self, d: dict) -> None:
+        if d:
+            raise UserError("the checkpoint was saved by a --streaming run; resume it with --streaming, or start "
+                            "afresh with --overwrite_output_dir")
+
+
 @dataclass
 class DataBundle:
-    train_loader: DataLoader
+    train: "EpochBatches | StreamingTrain"
     eval_loader: DataLoader
-    train_sampler: ResumableDistributedSampler
     stats: dict
 
 
@@ -331,33 +357,66 @@ def build_datasets(cfg: TrainConfig, streams: dict[str, TokenStream], tokenizer)
                                             **ids)
     else:
         make = lambda s, limit: ChunkDataset(s, cfg.max_seq_length, limit=limit, **ids)
-    train, valid = make(streams["train"], cfg.max_train_samples), make(streams["validation"], cfg.max_eval_samples)
-    for split, ds in (("training", train), ("validation", valid)):
+    datasets = {split: make(stream, cfg.max_train_samples if split == "train" else cfg.max_eval_samples)
+                for split, stream in streams.items()}
+    for split, ds in datasets.items():
         if len(ds) == 0:
-            n = int(streams["train" if split == "training" else "validation"].tokens.size)
-            raise UserError(f"the {split} data gives no example of {cfg.max_seq_length} tokens (it has {n} tokens); "
-                            "give a file that holds more text, or a smaller --max_seq_length")
-    return train, valid
+            n = int(streams[split].tokens.size)
+            raise UserError(f"the {'training' if split == 'train' else split} data gives no example of "
+                            f"{cfg.max_seq_length} tokens (it has {n} tokens); give a file that holds more text, "
+                            "or a smaller --max_seq_length")
+    return datasets.get("train"), datasets["validation"]
+
+
+def _eval_loader(cfg: TrainConfig, env: DistEnv, valid) -> DataLoader:
+    # Own generators: creating a DataLoader iterator draws a seed from the global RNG, which would shift the
+    # dropout stream (and break exact resume) every time an epoch or an evaluation starts.
+    return DataLoader(valid, batch_size=cfg.per_device_eval_batch_size,
+                      sampler=eval_shard(len(valid), env.rank, env.world_size), collate_fn=_identity,
+                      pin_memory=env.device.type == "cuda", generator=torch.Generator().manual_seed(cfg.seed))
 
 
 def build_data(cfg: TrainConfig, env: DistEnv, tokenizer) -> DataBundle:
+    if cfg.streaming:
+        return build_streaming_data(cfg, env, tokenizer)
     cache_dir = cfg.data_cache_dir or default_cache_dir()
     t0 = time.perf_counter()
-    streams, hit = main_process_first(env, lambda: load_token_streams(cfg, tokenizer, cache_dir))
+    streams, hit = main_process_first(env, lambda: load_token_streams(cfg, tokenizer, cache_dir),
+                                      per_node=cfg.cache_scope == "node")
     train, valid = build_datasets(cfg, streams, tokenizer)
     sampler = ResumableDistributedSampler(train, num_replicas=env.world_size, rank=env.rank, shuffle=True,
                                           seed=cfg.seed, drop_last=False)
-    pin = env.device.type == "cuda"
-    # Own generators: creating a DataLoader iterator draws a seed from the global RNG, which would shift the
-    # dropout stream (and break exact resume) every time an epoch or an evaluation starts.
-    gen = lambda: torch.Generator().manual_seed(cfg.seed)
     train_loader = DataLoader(train, batch_size=cfg.per_device_train_batch_size, sampler=sampler,
-                              collate_fn=_identity, pin_memory=pin, generator=gen())
-    eval_loader = DataLoader(valid, batch_size=cfg.per_device_eval_batch_size,
-                             sampler=eval_shard(len(valid), env.rank, env.world_size), collate_fn=_identity,
-                             pin_memory=pin, generator=gen())
-    stats = {"train_examples": len(train), "eval_examples": len(valid),
-             "train_tokens": int(streams["train"].tokens.size), "eval_tokens": int(streams["validation"].tokens.size),
-             "train_dropped_tokens": train.dropped_tokens, "eval_dropped_tokens": valid.dropped_tokens,
-             "cache_hit": hit, "data_seconds": round(time.perf_counter() - t0, 3)}
-    return DataBundle(train_loader, eval_loader, sampler, stats)
+                              collate_fn=_identity, pin_memory=env.device.type == "cuda",
+                              num_workers=cfg.loader_workers, generator=torch.Generator().manual_seed(cfg.seed))
+    stats = {"train": f"{len(train)} examples of {cfg.max_seq_length} from {streams['train'].tokens.size} tokens; "
+                      f"{train.dropped_tokens} dropped by chunking",
+             "eval": f"{len(valid)} examples from {streams['validation'].tokens.size} tokens; "
+                     f"{valid.dropped_tokens} dropped by chunking",
+             "data": f"{'cache hit' if hit else 'tokenised and cached'} in {time.perf_counter() - t0:.2f} s"}
+    return DataBundle(EpochBatches(train_loader, sampler, cfg.per_device_train_batch_size),
+                      _eval_loader(cfg, env, valid), stats)
+
+
+def build_streaming_data(cfg: TrainConfig, env: DistEnv, tokenizer) -> DataBundle:
+    """Training from a stream (tokenised in the loader workers); validation read whole, tokenised here."""
+    from .streaming import PackedBatches, StreamingTrain, rank_stream, validation_texts
+    t0 = time.perf_counter()
+    if cfg.loader_workers > 0:
+        # The workers are the tokenising parallelism. A tokenizer thread pool used before the workers fork can
+        # deadlock in them, even when TOKENIZERS_PARALLELISM=true asks for it: keep it off in this process.
+        os.environ["TOKENIZERS_PARALLELISM"] = "false"
+    # Downloads of the validation split (and the Hub script/metadata) happen once per node, or once in all.
+    texts = main_process_first(env, lambda: validation_texts(cfg), per_node=cfg.cache_scope == "node")
+    _, valid = build_datasets(cfg, {"validation": tokenize_texts(tokenizer, texts)}, tokenizer)
+    stream = rank_stream(cfg, env, plain_backend(tokenizer))
+    batches = PackedBatches(stream, cfg.per_device_train_batch_size, cfg.max_seq_length,
+                            tokenizer.cls_token_id, tokenizer.sep_token_id)
+    workers = cfg.loader_workers
+    stats = {"train": f"streamed: {cfg.train_file or cfg.dataset_dir or cfg.dataset_name}, shuffle buffer "
+                      f"{cfg.shuffle_buffer_size} texts, packed into {cfg.max_seq_length}-token examples by "
+                      f"{workers or 'no'} loader worker(s) per rank",
+             "eval": f"{len(valid)} examples of {cfg.max_seq_length}, read whole; {valid.dropped_tokens} tokens "
+                     "dropped by chunking",
+             "data": f"validation tokenised in {time.perf_counter() - t0:.2f} s"}
+    return DataBundle(StreamingTrain(batches, env, workers, cfg.seed), _eval_loader(cfg, env, valid), stats)

@@ -137,29 +137,38 @@ def any_rank(flag: bool, device: torch.device) -> bool:
     return bool(dist_max(torch.tensor([int(flag)], device=device)).item())
 
 
+def all_ranks(flag: bool) -> bool:
+    """True on every rank when it is true on every rank; over the CPU control group, so no GPU sync."""
+    if not dist.is_initialized():
+        return flag
+    t = torch.tensor([0 if flag else 1])
+    dist.all_reduce(t, op=dist.ReduceOp.MAX, group=control_group())
+    return not bool(t.item())
+
+
 def barrier() -> None:
     if dist.is_initialized():
         dist.barrier()
 
 
-def main_process_first(env: DistEnv, fn: Callable[[], T]) -> T:
-    """Run fn on rank 0 first (it downloads or builds caches), then on the others, which read the result.
+def main_process_first(env: DistEnv, fn: Callable[[], T], per_node: bool = False) -> T:
+    """Run fn on a leader first (it downloads or builds caches), then on the others, which read the result.
 
-    A failure on rank 0 is broadcast, so the other ranks stop instead of waiting at a barrier forever.
+    The leader is global rank 0, or with per_node each node's local rank 0 (nodes that do not share a disk each
+    need their own copy). A failure on a leader reaches every rank, so none waits at a barrier forever.
     """
     if not env.distributed:
         return fn()
-    if env.is_main:
+    leader = env.local_rank == 0 if per_node else env.is_main
+    if leader:
         try:
             result = fn()
         except BaseException:
-            broadcast_flag(False, env.device)
+            any_rank(True, env.device)
             raise
-        broadcast_flag(True, env.device)
-        return result
-    if not broadcast_flag(False, env.device):
-        raise PeerFailed("rank 0 failed while preparing shared files")
-    return fn()
+    if any_rank(False, env.device):
+        raise PeerFailed("a process preparing shared files failed")
+    return result if leader else fn()
 
 
 def main_only(env: DistEnv, fn: Callable[[], None]) -> None:

@@ -6,17 +6,16 @@ the same step (invariant 6). Host-device syncs happen only at logging, evaluatio
 
 from __future__ import annotations
 
-import itertools
 import math
 import os
 import time
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Optional
 
 import torch
 
 from .checkpoint import TrainState, export_pretrained, rng_state, save_checkpoint
-from .config import TrainConfig
+from .config import TrainConfig, UserError
 from .data import DataBundle
 from .distributed import DistEnv, broadcast_flag, dist_max, dist_sum, dist_world, gather_to_main
 from .engine import StepResult, evaluate, prepare_batch, train_step
@@ -49,18 +48,16 @@ class Run:
     state: TrainState
     tracker: Tracker
     total_steps: int
-    micro_per_epoch: int
+    micro_per_epoch: Optional[int]  # None for a stream
     stop_request: StopRequest
     shape: MlmShape        # for the model FLOPs of a step
     peak_flops: float      # sum over ranks of each device's peak FLOP/s (MFU's denominator)
 
 
-def micro_batches_per_epoch(data: DataBundle, batch_size: int) -> int:
-    return math.ceil(data.train_sampler.num_samples / batch_size)
-
-
-def total_train_steps(cfg: TrainConfig, micro_per_epoch: int) -> tuple[int, int]:
-    """(optimizer steps per epoch, total optimizer steps)."""
+def total_train_steps(cfg: TrainConfig, micro_per_epoch: Optional[int]) -> tuple[Optional[int], int]:
+    """(optimizer steps per epoch, total optimizer steps); a stream's epoch length is unknown."""
+    if micro_per_epoch is None:
+        return None, cfg.max_train_steps
     per_epoch = math.ceil(micro_per_epoch / cfg.gradient_accumulation_steps)
     total = cfg.max_train_steps or math.ceil(cfg.num_train_epochs * per_epoch)
     return per_epoch, total
@@ -109,6 +106,8 @@ class _Meter:
 
 
 def _epoch_float(run: Run) -> float:
+    if run.micro_per_epoch is None:  # a stream: the fraction of an epoch is unknown
+        return float(run.state.epoch)
     return run.state.epoch + run.state.micro_in_epoch / run.micro_per_epoch
 
 
@@ -142,8 +141,10 @@ def evaluate_and_decide(run: Run) -> bool:
 
 def save(run: Run) -> None:
     rngs = gather_to_main(rng_state(), run.env)
+    data_states = gather_to_main(run.data.train.state_dict(), run.env)  # a stream's position, per rank
     if run.env.is_main:
         run.state.tracker_run_id = run.tracker.run_id
+        run.state.extra["data_states"] = data_states
         path = save_checkpoint(run.cfg.output_dir, run.state, run.loss_module.model, run.optimizer,
                                run.scheduler, run.scaler, rngs, run.cfg.save_total_limit)
         run.tracker.write(f"saved checkpoint {path}")
@@ -179,16 +180,14 @@ def fit(run: Run) -> TrainState:
         stop = evaluate_and_decide(run)
     run.model.train()
     while state.step < run.total_steps and not stop:
-        run.data.train_sampler.set_epoch(state.epoch)
-        run.data.train_sampler.start_index = state.micro_in_epoch * cfg.per_device_train_batch_size
-        batches = iter(run.data.train_loader)
-        while group := list(itertools.islice(batches, cfg.gradient_accumulation_steps)):
+        steps_before = state.step
+        for group in run.data.train.groups(state.epoch, state.micro_in_epoch, cfg.gradient_accumulation_steps):
             micro = [prepare_batch(raw, state.epoch, run.spec, run.tables, env.device) for raw in group]
             meter.add(train_step(run.model, run.loss_module, run.optimizer, run.scheduler, run.scaler, micro,
                                  env, run.precision, cfg.max_grad_norm))
             state.step += 1
             state.micro_in_epoch += len(group)
-            epoch_end = state.micro_in_epoch >= run.micro_per_epoch
+            epoch_end = run.micro_per_epoch is not None and state.micro_in_epoch >= run.micro_per_epoch
             if epoch_end:  # recorded before any save, so a checkpoint here resumes at the next epoch
                 state.epoch, state.micro_in_epoch = state.epoch + 1, 0
             run.tracker.advance()
@@ -218,6 +217,12 @@ def fit(run: Run) -> TrainState:
             meter.exclude_since(t_pause)
             if stop or final or epoch_end:
                 break
+        else:  # a stream ran out on some rank: every rank starts the next epoch (a new shuffle) together
+            if state.step == steps_before:
+                raise UserError(f"the training stream gave no full batch of {cfg.per_device_train_batch_size} "
+                                f"examples of {cfg.max_seq_length} tokens on some rank in epoch {state.epoch}; "
+                                "give more text, or a smaller --per_device_train_batch_size or --max_seq_length")
+            state.epoch, state.micro_in_epoch = state.epoch + 1, 0
     if last_saved != state.step:
         save(run)
     return state

@@ -12,7 +12,7 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
 import pytest  # noqa: E402
 
-from helpers import TINY_BERT, make_text_file, minilm_path, sharpened_minilm, train_forced_model, \
+from helpers import SHARED_WIKITEXT, TINY_BERT, make_text_file, minilm_path, sharpened_minilm, train_forced_model, \
     write_tiny_config  # noqa: E402
 
 
@@ -45,3 +45,14 @@ def forced_model_dir(tmp_path_factory) -> str:
 @pytest.fixture(scope="session")
 def minilm_dir(tmp_path_factory) -> str:
     return sharpened_minilm(str(tmp_path_factory.mktemp("minilm-sharp")))
+
+
+@pytest.fixture(scope="session")
+def wikitext_dir(tmp_path_factory) -> str:
+    """The real WikiText-2 files from ../shared when they are there, else generated WikiText-style files."""
+    if os.path.isfile(os.path.join(SHARED_WIKITEXT, "wiki.train.raw")):
+        return SHARED_WIKITEXT
+    d = tmp_path_factory.mktemp("wikitext")
+    make_text_file(str(d / "wiki.train.raw"), n_lines=8000, seed=8)
+    make_text_file(str(d / "wiki.valid.raw"), n_lines=600, seed=9)
+    return str(d)

@@ -8,8 +8,11 @@ product's code. Steps count this process's optimizer steps, so on a fresh run th
   "attempt": A   only in torchrun's attempt A (default 0; a restarted group runs clean)
   "sleep": T     sleep T seconds after every step, on every rank (so a test can act mid-run)
   "marker": P    append "<kind> <rank> <time>" to file P when the fault fires
+  "record": P    append one JSON line per training micro-batch to P.rank<R>: the epoch, each example's index
+                 and a hash of its tokens (kind may be absent: record only)
 """
 
+import hashlib
 import json
 import os
 import signal
@@ -36,6 +39,18 @@ def install(fault: dict) -> None:
         if fault.get("marker"):
             with open(fault["marker"], "a") as fh:
                 fh.write(f"{kind} {rank} {time.time()}\n")
+
+    if fault.get("record"):
+        original_prepare = loop.prepare_batch
+
+        def prepare_batch(raw, epoch, *args, **kwargs):
+            rows = raw["input_ids"].numpy()
+            with open(f"{fault['record']}.rank{rank}", "a") as fh:
+                fh.write(json.dumps({"epoch": epoch, "index": raw["index"].tolist(),
+                                     "hash": [hashlib.sha1(r.tobytes()).hexdigest()[:16] for r in rows]}) + "\n")
+            return original_prepare(raw, epoch, *args, **kwargs)
+
+        loop.prepare_batch = prepare_batch
 
     original_step = loop.train_step
 

@@ -1,0 +1,189 @@
+"""Streaming training data (--streaming): a `datasets` IterableDataset, split over every rank, tokenised and
+packed in the loader workers, with a position that a checkpoint saves and a resume restores.
+
+Per rank:
+    load_dataset(..., streaming=True) -> shuffle(seed, buffer_size) -> split_dataset_by_node(rank, world_size)
+    -> map(tokenise + pack into max_seq_length - 2 token bodies, batched) -> PackedBatches -> DataLoader workers
+
+How the ranks divide the stream is datasets' rule: whole shards per rank when the shard count is a multiple of the
+world size; otherwise every rank reads the stream and keeps every world_size-th packed example. Either way the
+ranks' examples are disjoint.
+
+An example's index, which with the seed and the position decides its mask, is its ordinal among the examples
+this rank has consumed in the epoch, interleaved over the ranks (ordinal * world_size + rank): unique across the
+ranks, and the same whatever the batch a run resumes in.
+
+Resume: each loader worker attaches the dataset's own `state_dict()` to every batch it yields; the training
+side keeps the state of the last batch it trained on per worker, and a checkpoint saves those. A resumed worker
+loads its state, so the stream continues where training was, without yielding consumed examples again. The
+shuffle buffer's content is not part of datasets' state: the texts in it at the save are skipped for the rest
+of that epoch (never repeated). Within a shard datasets re-reads, without yielding, up to the saved position.
+"""
+
+from __future__ import annotations
+
+import copy
+import itertools
+import logging
+import os
+from typing import Any, Iterator
+
+import numpy as np
+import torch
+from torch.utils.data import DataLoader
+
+from .config import TrainConfig, UserError
+from .distributed import DistEnv, all_ranks
+
+log = logging.getLogger("mlm")
+PACK_TEXTS = 1000  # texts tokenised and packed together; the remainder under one body is dropped per group
+
+
+def builder_for(path: str) -> str:
+    """The `datasets` packaged builder that reads a local file of this kind."""
+    suffix = path.rsplit(".", 1)[-1]
+    return {"txt": "text", "raw": "text", "jsonl": "json"}.get(suffix, suffix)
+
+
+def _hub_error(label: str, e: Exception) -> UserError:
+    offline = os.environ.get("HF_DATASETS_OFFLINE") == "1" or os.environ.get("HF_HUB_OFFLINE") == "1"
+    why = "the Hub is unreachable in offline mode" if offline else \
+        f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"
+    return UserError(f"could not stream dataset {label!r} ({why}); check the name and your connection, or stream "
+                     "local files with --train_file/--validation_file or --dataset_dir")
+
+
+def open_split(cfg: TrainConfig, split: str):
+    """One split as a datasets IterableDataset with a 'text' column (and perhaps others)."""
+    import datasets
+    if cfg.dataset_dir or cfg.train_file:
+        if cfg.dataset_dir:
+            path = os.path.join(cfg.dataset_dir, "wiki.train.raw" if split == "train" else "wiki.valid.raw")
+        else:
+            path = cfg.train_file if split == "train" else cfg.validation_file
+        ds = datasets.load_dataset(builder_for(path), data_files={split: path}, split=split, streaming=True)
+        label = path
+    else:
+        label = f"{cfg.dataset_name}/{cfg.dataset_config_name}" if cfg.dataset_config_name else cfg.dataset_name
+        try:
+            ds = datasets.load_dataset(cfg.dataset_name, cfg.dataset_config_name, split=split, streaming=True)
+        except ValueError as e:
+            if "split" in str(e).lower():
+                raise UserError(f"dataset {label!r} has no {split!r} split; --streaming reads the validation "
+                                "split whole, so use a dataset that has one, or local files") from None
+            raise _hub_error(label, e) from None
+        except Exception as e:
+            raise _hub_error(label, e) from None
+    if ds.column_names is None:
+        ds = ds._resolve_features()  # peeks at the first example: the columns must be known to drop them
+    if "text" not in ds.column_names:
+        raise UserError(f"{label!r} has no 'text' column (columns: {', '.join(ds.column_names)}); name the "
+                        "column holding the text 'text'")
+    return ds
+
+
+def validation_texts(cfg: TrainConfig) -> list[str]:
+    """The whole validation split: it is finite, and evaluation must count each example exactly once."""
+    return [row["text"] or "" for row in open_split(cfg, "validation")]
+
+
+def pack_function(backend, body: int):
+    """Batched map: tokenise a group of texts, concatenate, cut into bodies of `body` tokens."""
+    def pack(batch: dict[str, list]) -> dict[str, list]:
+        ids = [e.ids for e in backend.encode_batch([t or "" for t in batch["text"]], add_special_tokens=False)]
+        flat = np.fromiter(itertools.chain.from_iterable(ids), dtype=np.int64)
+        n = flat.size // body
+        return {"input_ids": flat[: n * body].reshape(n, body).tolist()}
+    return pack
+
+
+def rank_stream(cfg: TrainConfig, env: DistEnv, backend):
+    """This rank's shuffled share of the training split, as packed bodies of max_seq_length - 2 tokens."""
+    from datasets.distributed import split_dataset_by_node
+    ds = open_split(cfg, "train")
+    columns = list(ds.column_names)
+    ds = ds.shuffle(seed=cfg.seed, buffer_size=cfg.shuffle_buffer_size)
+    ds = split_dataset_by_node(ds, rank=env.rank, world_size=env.world_size)
+    return ds.map(pack_function(backend, cfg.max_seq_length - 2), batched=True, batch_size=PACK_TEXTS,
+                  remove_columns=columns)
+
+
+class PackedBatches(torch.utils.data.IterableDataset):
+    """Batches of framed examples ([CLS] body [SEP]), each with the worker that made it and the stream's state
+    just after it. Only full batches: a worker's last partial batch of an epoch is dropped."""
+
+    def __init__(self, stream, batch_size: int, max_seq_length: int, cls_id: int, sep_id: int):
+        self.stream, self.batch_size = stream, batch_size
+        self.max_seq_length, self.cls_id, self.sep_id = max_seq_length, cls_id, sep_id
+        self.start_states: dict[int, dict] = {}
+
+    def __iter__(self) -> Iterator[dict[str, Any]]:
+        info = torch.utils.data.get_worker_info()
+        worker = info.id if info else 0
+        stream = self.stream
+        if worker in self.start_states:
+            stream = copy.deepcopy(stream)  # loading a state must not stick to the dataset for later epochs
+            stream.load_state_dict(self.start_states[worker])
+        rows: list[list[int]] = []
+        for example in stream:
+            rows.append(example["input_ids"])
+            if len(rows) == self.batch_size:
+                ids = np.empty((self.batch_size, self.max_seq_length), dtype=np.int64)
+                ids[:, 0], ids[:, -1] = self.cls_id, self.sep_id
+                ids[:, 1:-1] = rows
+                yield {"input_ids": torch.from_numpy(ids), "worker": worker, "state": stream.state_dict()}
+                rows = []
+
+
+class StreamingTrain:
+    """The training side of fit() for a stream: groups of micro-batches until a rank's stream ends.
+
+    The ranks agree at every step whether all of them have a full group (one int over the CPU control group),
+    so when one rank's share runs out, every rank ends the epoch at the same step instead of waiting in a
+    collective the other skipped."""
+
+    micro_per_epoch = None  # unknown: a stream's length is found by reading it
+
+    def __init__(self, dataset: PackedBatches, env: DistEnv, num_workers: int, seed: int):
+        self.dataset, self.env, self.num_workers, self.seed = dataset, env, num_workers, seed
+        self.consumed: dict[int, dict] = {}  # worker -> stream state after the last batch trained on
+        self.consumed_epoch = 0
+
+    def groups(self, epoch: int, micro_done: int, accumulation: int) -> Iterator[list[dict[str, torch.Tensor]]]:
+        if self.consumed_epoch != epoch:
+            self.consumed, self.consumed_epoch = {}, epoch
+        self.dataset.stream.set_epoch(epoch)  # a new shuffle order each epoch
+        self.dataset.start_states = dict(self.consumed)
+        loader = DataLoader(self.dataset, batch_size=None, num_workers=self.num_workers,
+                            pin_memory=self.env.device.type == "cuda",
+                            generator=torch.Generator().manual_seed(self.seed))  # no draw from the global RNG
+        batches, b = iter(loader), self.dataset.batch_size
+        while True:
+            group = list(itertools.islice(batches, accumulation))
+            if not all_ranks(len(group) == accumulation):
+                return
+            out = []
+            for raw in group:
+                self.consumed[raw["worker"]] = raw["state"]
+                ordinal = micro_done * b + torch.arange(b, dtype=torch.long)
+                out.append({"input_ids": raw["input_ids"], "index": ordinal * self.env.world_size + self.env.rank})
+                micro_done += 1
+            yield out
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"epoch": self.consumed_epoch, "num_workers": self.num_workers,
+                "workers": {str(k): v for k, v in self.consumed.items()}}
+
+    def load_state_dict(self, d: dict[str, Any]) -> None:
+        if "workers" not in d:
+            raise UserError("the checkpoint holds no stream position: it was saved by a run without --streaming; "
+                            "resume it without --streaming, or start afresh with --overwrite_output_dir")
+        if d.get("num_workers") != self.num_workers:
+            raise UserError(f"the checkpoint's stream position was saved with --dataloader_num_workers "
+                            f"{d.get('num_workers')}, this run has {self.num_workers}: each worker reads its own "
+                            "part of the stream, so resume with the same number")
+        self.consumed = {int(k): v for k, v in d["workers"].items()}
+        self.consumed_epoch = d["epoch"]
+        if self.env.is_main:
+            log.info("the stream continues from its saved position in epoch %d (texts that were in the shuffle "
+                     "buffer at the save are skipped for this epoch, never repeated)", d["epoch"])
