@@ -34,6 +34,8 @@ def build_parser() -> Parser:
                    "the model stays loaded.")
     p.add_argument("--model", help="Run directory (its best/ is used), saved model directory or Hub id. Default: "
                    "the newest best/ under outputs/, where train_ddp.py writes.")
+    p.add_argument("--onnx", help="Run this ONNX export of --model (python -m mlm.export_onnx) with onnxruntime "
+                   "instead of PyTorch; the tokenizer and config come from --model.")
     p.add_argument("--compare", help="A second model (e.g. the base model), shown beside the first for each input.")
     p.add_argument("--top_k", type=int, default=5, help="Tokens per mask, and joint fills per input (default: 5).")
     p.add_argument("--targets", help="Comma-separated words: score only these (as the HF fill-mask pipeline).")
@@ -112,7 +114,9 @@ class Predictor:
             self.note = f"model: {path} ({note})"
         else:
             path, self.note = args.model, f"model: {args.model}"
-        self.main = FillMask(path, device=args.device)
+        self.main = FillMask(path, device=args.device, onnx=args.onnx)
+        if args.onnx:
+            self.note += f", run by onnxruntime from {args.onnx}"
         self.other: Optional[FillMask] = None
         if args.compare:
             self.other = FillMask(args.compare, device=args.device)

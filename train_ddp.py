@@ -50,6 +50,7 @@ def build_run(cfg: TrainConfig, env: DistEnv, stop_request: StopRequest):
     from torch.nn.parallel import DistributedDataParallel as DDP
     from mlm import checkpoint, data, engine, loop, masking, metrics, modeling, tracking
     from mlm.distributed import dist_sum
+    from mlm.swa import WeightAverage
 
     precision = engine.resolve_precision(cfg.precision, env.device)
     if env.device.type == "cuda":
@@ -69,7 +70,8 @@ def build_run(cfg: TrainConfig, env: DistEnv, stop_request: StopRequest):
     model = main_process_first(env, lambda: modeling.build_model(cfg, model_config, tokenizer), per_node)
     model = model.to(env.device)
     main_only(env, lambda: checkpoint.check_free_space(cfg.output_dir, model) if cfg.do_train else None)
-    loss_module = modeling.MaskedLMLoss(model, compile_encoder=cfg.torch_compile)
+    loss_module = modeling.MaskedLMLoss(model, compile_encoder=cfg.torch_compile,
+                                        label_smoothing=cfg.label_smoothing)
     optimizer = modeling.build_optimizer(cfg, loss_module, env.device)
     micro_per_epoch = bundle.train.micro_per_epoch
     steps_per_epoch, total_steps = loop.total_train_steps(cfg, micro_per_epoch)
@@ -78,8 +80,9 @@ def build_run(cfg: TrainConfig, env: DistEnv, stop_request: StopRequest):
     state = checkpoint.TrainState(world_size=env.world_size,
                                   per_device_train_batch_size=cfg.per_device_train_batch_size)
     torch.manual_seed(cfg.seed + env.rank)  # dropout differs per rank; a resume restores the saved states
+    swa = WeightAverage(model, cfg.swa_start_step) if cfg.swa_start_step else None
     if resume:
-        checkpoint.load_checkpoint(resume, state, model, optimizer, scheduler, scaler, env.rank, env.device)
+        checkpoint.load_checkpoint(resume, state, model, optimizer, scheduler, scaler, env.rank, env.device, swa)
         bundle.train.load_state_dict(state.extra.get("data_states", [{}] * env.world_size)[env.rank])
     # Gradients as views into DDP's all-reduce buckets: one copy fewer per step (measured in bench/scaling.py).
     ddp = DDP(loss_module, device_ids=[env.device.index] if env.device.type == "cuda" else None,
@@ -118,7 +121,7 @@ def build_run(cfg: TrainConfig, env: DistEnv, stop_request: StopRequest):
     }))
     return loop.Run(cfg, env, loss_module, ddp, optimizer, scheduler, scaler, tokenizer, bundle, spec, tables,
                     precision, state, tracker, total_steps, micro_per_epoch, stop_request,
-                    metrics.MlmShape.from_config(model.config), peak_total)
+                    metrics.MlmShape.from_config(model.config), peak_total, swa)
 
 
 def evaluate_only(run) -> None:

@@ -201,7 +201,7 @@ def check_free_space(output_dir: str, model: torch.nn.Module) -> None:
 
 
 def save_checkpoint(output_dir: str, state: TrainState, model: torch.nn.Module, optimizer, scheduler, scaler,
-                    rng_states: list[dict[str, Any]], save_total_limit: int) -> str:
+                    rng_states: list[dict[str, Any]], save_total_limit: int, swa=None) -> str:
     """Rank 0 only: every rank's RNG state arrives gathered in rng_states."""
     from safetensors.torch import save_model
     root = os.path.join(output_dir, "checkpoints")
@@ -215,6 +215,8 @@ def save_checkpoint(output_dir: str, state: TrainState, model: torch.nn.Module, 
     torch.save(scheduler.state_dict(), os.path.join(tmp, "scheduler.pt"))
     torch.save(scaler.state_dict(), os.path.join(tmp, "scaler.pt"))
     torch.save(rng_states, os.path.join(tmp, "rng_states.pt"))
+    if swa is not None:
+        torch.save(swa.state_dict(), os.path.join(tmp, "swa.pt"))
     write_json_atomic(os.path.join(tmp, "trainer_state.json"), state.state_dict())
     _write_manifest(tmp)
     _finish_dir(tmp, final)
@@ -224,7 +226,7 @@ def save_checkpoint(output_dir: str, state: TrainState, model: torch.nn.Module, 
 
 
 def load_checkpoint(path: str, state: TrainState, model: torch.nn.Module, optimizer, scheduler, scaler,
-                    rank: int, device: torch.device) -> None:
+                    rank: int, device: torch.device, swa=None) -> None:
     from safetensors.torch import load_model
     if not is_complete(path):
         raise UserError(f"checkpoint {path!r} is incomplete or damaged (no valid {MANIFEST}); pass another "
@@ -243,6 +245,8 @@ def load_checkpoint(path: str, state: TrainState, model: torch.nn.Module, optimi
     scheduler.load_state_dict(load("scheduler.pt"))
     scaler.load_state_dict(load("scaler.pt"))
     set_rng_state(torch.load(os.path.join(path, "rng_states.pt"), map_location="cpu", weights_only=True)[rank])
+    if swa is not None and os.path.isfile(os.path.join(path, "swa.pt")):  # absent: saved before SWA started
+        swa.load_state_dict(load("swa.pt"))
 
 
 # ---------------------------------------------------------------------- export

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import functools
 import json
 import math
 import os
@@ -15,7 +16,7 @@ import shutil
 import sys
 import typing
 from dataclasses import dataclass, field
-from typing import Any, Optional, Sequence
+from typing import Any, Callable, Optional, Sequence
 
 DEFAULT_MODEL = "bert-base-uncased"
 DEFAULT_DATASET, DEFAULT_DATASET_CONFIG = "wikitext", "wikitext-2-raw-v1"
@@ -30,6 +31,18 @@ WIKITEXT_FILES = ("wiki.train.raw", "wiki.valid.raw")
 
 class UserError(Exception):
     """A problem with what the user asked for: reported as one line, no traceback, non-zero exit."""
+
+
+def command_line(main: Callable[..., int]) -> Callable[..., int]:
+    """Decorates a module's main(): a UserError becomes one `error: ...` line on stderr and exit code 2."""
+    @functools.wraps(main)
+    def wrapper(*args: Any, **kwargs: Any) -> int:
+        try:
+            return main(*args, **kwargs)
+        except UserError as e:
+            print(f"error: {e}", file=sys.stderr, flush=True)
+            return 2
+    return wrapper
 
 
 def _f(default: Any, help: str, group: str, **kw: Any) -> Any:
@@ -112,6 +125,16 @@ class TrainConfig:
     lr_scheduler_type: str = _f("linear", "Learning-rate schedule after warmup.", "training", choices=SCHEDULERS)
     num_warmup_steps: Optional[int] = _f(None, "Warmup steps; overrides --warmup_ratio.", "training")
     warmup_ratio: float = _f(0.06, "Warmup as a fraction of the total optimizer steps.", "training")
+    layerwise_lr_decay: Optional[float] = _f(
+        None, "Layer-wise learning-rate decay FACTOR in (0, 1]: the head (and pooler) train at --learning_rate, "
+        "encoder layer i of L at learning_rate * FACTOR**(L - i), the embeddings at learning_rate * FACTOR**(L + 1) "
+        "(the decoder tied to the word embeddings goes with them). Off by default.", "training")
+    label_smoothing: float = _f(0.0, "Label smoothing of the training loss on the masked tokens (0 disables); "
+                                "evaluation loss and perplexity are always unsmoothed.", "training")
+    swa_start_step: Optional[int] = _f(
+        None, "Stochastic weight averaging: from this optimizer step on, average the weights after every step "
+        "(torch's AveragedModel); each evaluation also evaluates the average, and best/ is the averaged model "
+        "when it is the better one. Off by default.", "training")
     precision: str = _f("auto", "auto: bf16 on GPUs that support it, else fp16 with GradScaler on CUDA, fp32 on "
                         "CPU.", "training", choices=PRECISIONS)
     seed: int = _f(42, "Seed for initialisation, shuffling and masks.", "training")
@@ -246,6 +269,12 @@ def _check_numbers(c: TrainConfig) -> None:
     _require(c.early_stopping_min_delta >= 0, f"--early_stopping_min_delta must be >= 0, got "
              f"{c.early_stopping_min_delta}")
     _require(c.seed >= 0, f"--seed must be non-negative, got {c.seed}")
+    _require(c.layerwise_lr_decay is None or 0.0 < c.layerwise_lr_decay <= 1.0,
+             f"--layerwise_lr_decay must be in (0, 1] (1 = no decay), got {c.layerwise_lr_decay}; 0.8-0.95 is usual")
+    _require(0.0 <= c.label_smoothing < 1.0, f"--label_smoothing must be in [0, 1), got {c.label_smoothing}; "
+             "0.1 is usual")
+    _require(c.swa_start_step is None or c.swa_start_step >= 1,
+             f"--swa_start_step must be at least 1 (or left unset), got {c.swa_start_step}")
     _require(c.shuffle_buffer_size >= 1, f"--shuffle_buffer_size must be at least 1, got {c.shuffle_buffer_size}")
     _require(c.dataloader_num_workers is None or c.dataloader_num_workers >= 0,
              f"--dataloader_num_workers must be 0 or more, got {c.dataloader_num_workers}")

@@ -185,6 +185,18 @@ def load_model(path: str, device: torch.device, flag: str = "--model") -> tuple[
     return model.to(device).eval(), tokenizer
 
 
+def load_onnx(path: str, onnx: str) -> tuple[nn.Module, Any]:
+    """An exported ONNX graph (python -m mlm.export_onnx) with the tokenizer and config of its model directory."""
+    from transformers import AutoConfig, AutoTokenizer
+    from .export_onnx import OnnxMaskedLM
+    from .modeling import load_error
+    try:
+        tokenizer, config = AutoTokenizer.from_pretrained(path, use_fast=True), AutoConfig.from_pretrained(path)
+    except Exception as e:
+        raise load_error("tokenizer and config", path, e) from None
+    return OnnxMaskedLM(onnx, config), tokenizer
+
+
 def max_input_length(config, tokenizer) -> int:
     from .modeling import usable_positions
     limit = usable_positions(config)
@@ -197,18 +209,23 @@ def max_input_length(config, tokenizer) -> int:
 class FillMask:
     """Fill-mask predictions from a masked LM: `FillMask(path_or_hub_id)` or `FillMask(model, tokenizer)`."""
 
-    def __init__(self, model: Union[str, nn.Module], tokenizer: Any = None, device: str = "auto",
-                 name: Optional[str] = None):
+    def __init__(self, model: Union[str, os.PathLike, nn.Module], tokenizer: Any = None, device: str = "auto",
+                 name: Optional[str] = None, onnx: Optional[str] = None):
         from .data import plain_backend
         from .modeling import split_encoder_head
-        if isinstance(model, str):
+        if isinstance(model, os.PathLike):
+            model = os.fspath(model)
+        if isinstance(model, str) and onnx:  # the graph runs; the directory gives the tokenizer and config
+            name = name or f"{model} (ONNX {onnx})"
+            model, tokenizer = load_onnx(resolve_model_path(model), onnx)
+        elif isinstance(model, str):
             name = name or model
             model, tokenizer = load_model(resolve_model_path(model), resolve_device(device))
         elif tokenizer is None:
             raise TypeError("FillMask(model, tokenizer): a model object needs its tokenizer")
         self.model, self.tokenizer = model.eval(), tokenizer
         self.name = name or type(model).__name__
-        self.device = next(model.parameters()).device
+        self.device = model.device if hasattr(model, "device") else next(model.parameters()).device
         self.encoder, self.head = split_encoder_head(model)
         self.max_length = max_input_length(model.config, tokenizer)
         self.mask_id: int = tokenizer.mask_token_id

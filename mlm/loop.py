@@ -23,6 +23,7 @@ from .masking import MaskingSpec, MaskingTables
 from .metrics import MlmShape, mlm_step_flops, peak_memory_bytes
 from .modeling import MaskedLMLoss
 from .preemption import Preempted, StopRequest
+from .swa import WeightAverage
 from .tracking import Tracker
 
 
@@ -52,6 +53,7 @@ class Run:
     stop_request: StopRequest
     shape: MlmShape        # for the model FLOPs of a step
     peak_flops: float      # sum over ranks of each device's peak FLOP/s (MFU's denominator)
+    swa: Optional[WeightAverage] = None
 
 
 def total_train_steps(cfg: TrainConfig, micro_per_epoch: Optional[int]) -> tuple[Optional[int], int]:
@@ -115,17 +117,24 @@ def evaluate_and_decide(run: Run) -> bool:
     """Evaluate; on rank 0 keep the best perplexity, export best/, count patience. Returns the agreed stop flag."""
     cfg, state = run.cfg, run.state
     metrics = evaluate(run.loss_module, run.data.eval_loader, run.env, run.spec, run.tables, run.precision)
+    swa = run.swa if run.swa is not None and run.swa.count else None
+    if swa is not None:  # the averaged weights, evaluated the same exact way
+        swa_metrics = evaluate(swa.loss_module, run.data.eval_loader, run.env, run.spec, run.tables, run.precision)
+        metrics.update({f"swa_{k}": v for k, v in swa_metrics.items()}, swa_snapshots=swa.count)
     stop = False
     if run.env.is_main:
         run.tracker.log_eval(state.step, _epoch_float(run), metrics)
-        ppl = metrics["perplexity"]
+        use_swa = swa is not None and metrics["swa_perplexity"] < metrics["perplexity"]
+        ppl = metrics["swa_perplexity"] if use_swa else metrics["perplexity"]
         improved = state.best_metric is None or ppl < state.best_metric - cfg.early_stopping_min_delta
         run.tracker.log_predictions(state.step, run.loss_module.model, run.tokenizer)
         if improved:
             state.best_metric, state.best_step, state.bad_evals = ppl, state.step, 0
-            export_pretrained(run.loss_module.model, run.tokenizer, os.path.join(cfg.output_dir, "best"),
-                              {"step": state.step, "epoch": _epoch_float(run), **metrics})
-            run.tracker.write(f"new best perplexity {ppl:.3f} at step {state.step}: exported best/")
+            best_model = swa.model if use_swa else run.loss_module.model
+            export_pretrained(best_model, run.tokenizer, os.path.join(cfg.output_dir, "best"),
+                              {"step": state.step, "epoch": _epoch_float(run), **metrics, "swa": use_swa})
+            run.tracker.write(f"new best perplexity {ppl:.3f} at step {state.step}"
+                              f"{' (the SWA average)' if use_swa else ''}: exported best/")
             run.tracker.summary({"best/perplexity": ppl, "best/loss": metrics["loss"],
                                  "best/accuracy": metrics["accuracy"], "best/step": state.step})
         else:
@@ -146,7 +155,7 @@ def save(run: Run) -> None:
         run.state.tracker_run_id = run.tracker.run_id
         run.state.extra["data_states"] = data_states
         path = save_checkpoint(run.cfg.output_dir, run.state, run.loss_module.model, run.optimizer,
-                               run.scheduler, run.scaler, rngs, run.cfg.save_total_limit)
+                               run.scheduler, run.scaler, rngs, run.cfg.save_total_limit, run.swa)
         run.tracker.write(f"saved checkpoint {path}")
 
 
@@ -187,6 +196,8 @@ def fit(run: Run) -> TrainState:
                                  env, run.precision, cfg.max_grad_norm))
             state.step += 1
             state.micro_in_epoch += len(group)
+            if run.swa is not None:
+                run.swa.update(run.loss_module.model, state.step)
             epoch_end = run.micro_per_epoch is not None and state.micro_in_epoch >= run.micro_per_epoch
             if epoch_end:  # recorded before any save, so a checkpoint here resumes at the next epoch
                 state.epoch, state.micro_in_epoch = state.epoch + 1, 0
@@ -195,7 +206,7 @@ def fit(run: Run) -> TrainState:
                 metrics = meter.collect()
                 consecutive = metrics.pop("consecutive_skipped")
                 run.tracker.log_train(state.step, _epoch_float(run),
-                                      {**metrics, "lr": run.scheduler.get_last_lr()[0]})
+                                      {**metrics, "lr": max(run.scheduler.get_last_lr())})
                 meter.reset()
                 if cfg.max_nonfinite_steps and consecutive >= cfg.max_nonfinite_steps:
                     raise NonFiniteLoss(nonfinite_message(run, consecutive))

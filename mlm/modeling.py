@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 import os
+import re
 from typing import Callable, Optional
 
 import torch
@@ -113,9 +114,10 @@ class MaskedLMLoss(nn.Module):
     """Wraps a masked LM so DDP sees one module whose forward returns the NLL summed over the masked
     positions only. The caller normalises by the global masked-token count (invariant 2)."""
 
-    def __init__(self, model: nn.Module, compile_encoder: bool = False):
+    def __init__(self, model: nn.Module, compile_encoder: bool = False, label_smoothing: float = 0.0):
         super().__init__()
         self.model = model
+        self.label_smoothing = label_smoothing  # training loss only; eval_nll never smooths
         self.encoder, self.head = split_encoder_head(model)
         if compile_encoder and self.head is not None:
             # The encoder sees fixed [batch, length] shapes; the head's row count (masked tokens) varies per
@@ -135,9 +137,9 @@ class MaskedLMLoss(nn.Module):
 
     def forward(self, input_ids: torch.Tensor, labels: torch.Tensor,
                 attention_mask: Optional[torch.Tensor] = None) -> torch.Tensor:
-        """Training: the NLL summed over the masked positions."""
+        """Training: the NLL (label-smoothed when asked) summed over the masked positions."""
         logits, target = self.masked_logits(input_ids, labels, attention_mask)
-        return F.cross_entropy(logits.float(), target, reduction="sum")
+        return F.cross_entropy(logits.float(), target, reduction="sum", label_smoothing=self.label_smoothing)
 
     @torch.no_grad()
     def eval_nll(self, input_ids: torch.Tensor, labels: torch.Tensor,
@@ -149,25 +151,50 @@ class MaskedLMLoss(nn.Module):
         return nll, (logits.argmax(dim=-1) == target).sum()
 
 
-def param_groups(model: nn.Module, weight_decay: float) -> list[dict]:
-    """Weight decay on weight matrices and embeddings only: never on biases nor LayerNorm weights."""
+_LAYER = re.compile(r"\.layers?\.(\d+)\.")
+
+
+def layer_depth(name: str, num_layers: int) -> int:
+    """0 for the embeddings, i + 1 for encoder layer i, num_layers + 1 for the head and anything else."""
+    if "embeddings." in name:
+        return 0
+    m = _LAYER.search(name)
+    return int(m.group(1)) + 1 if m else num_layers + 1
+
+
+def count_layers(model: nn.Module) -> int:
+    found = [int(m.group(1)) for name, _ in model.named_parameters() if (m := _LAYER.search(name))]
+    return max(found) + 1 if found else 0
+
+
+def param_groups(model: nn.Module, weight_decay: float, learning_rate: float,
+                 layerwise_lr_decay: Optional[float] = None) -> list[dict]:
+    """Weight decay on weight matrices and embeddings only, never on biases nor LayerNorm weights; with
+    layer-wise decay, one group per (depth, decay) at learning_rate * factor ** (top depth - depth)."""
     no_decay = set()
     for module in model.modules():
         if isinstance(module, nn.LayerNorm) or "LayerNorm" in type(module).__name__:
             no_decay.update(id(p) for p in module.parameters(recurse=False))
-    decay, plain = [], []
-    for name, p in model.named_parameters():
+    layers = count_layers(model)
+    groups: dict[tuple[int, bool], dict] = {}
+    for name, p in model.named_parameters():  # each parameter once: a tied decoder is the word embeddings
         if not p.requires_grad:
             continue
-        (plain if id(p) in no_decay or name.endswith("bias") else decay).append(p)
-    return [{"params": decay, "weight_decay": weight_decay}, {"params": plain, "weight_decay": 0.0}]
+        decay = not (id(p) in no_decay or name.endswith("bias"))
+        depth = layer_depth(name, layers) if layerwise_lr_decay else 0
+        lr = learning_rate * layerwise_lr_decay ** (layers + 1 - depth) if layerwise_lr_decay else learning_rate
+        group = groups.setdefault((depth, decay), {"params": [], "names": [], "lr": lr,
+                                                   "weight_decay": weight_decay if decay else 0.0})
+        group["params"].append(p)
+        group["names"].append(name)
+    return [groups[k] for k in sorted(groups, key=lambda k: (k[0], not k[1]))]
 
 
 def build_optimizer(cfg: TrainConfig, model: nn.Module, device: torch.device) -> torch.optim.Optimizer:
     fused = device.type in ("cuda", "cpu")  # one fused kernel per step (CPU: torch >= 2.4)
-    return torch.optim.AdamW(param_groups(model, cfg.weight_decay), lr=cfg.learning_rate,
-                             betas=(cfg.adam_beta1, cfg.adam_beta2), eps=cfg.adam_epsilon,
-                             fused=fused or None, foreach=None if fused else True)
+    groups = param_groups(model, cfg.weight_decay, cfg.learning_rate, cfg.layerwise_lr_decay)
+    return torch.optim.AdamW(groups, lr=cfg.learning_rate, betas=(cfg.adam_beta1, cfg.adam_beta2),
+                             eps=cfg.adam_epsilon, fused=fused or None, foreach=None if fused else True)
 
 
 def warmup_steps(cfg: TrainConfig, total_steps: int) -> int:

@@ -15,7 +15,7 @@ import math
 import os
 import sys
 
-from .config import Parser, UserError
+from .config import Parser, UserError, command_line
 
 
 def load_history(output_dir: str) -> list[dict]:
@@ -93,18 +93,15 @@ def plot(output_dir: str, out_dir: str | None = None) -> list[str]:
     return written
 
 
+@command_line
 def main(argv: list[str] | None = None) -> int:
     p = Parser(prog="python -m mlm.plot", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("output_dir", help="A training run's output_dir (it holds training_history.json).")
     p.add_argument("--out", default=None, help="Where to write the PNG files (default: output_dir).")
-    try:
-        args = p.parse_args(argv)
-        for path in plot(args.output_dir, args.out):
-            print(path)
-        return 0
-    except UserError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
+    args = p.parse_args(argv)
+    for path in plot(args.output_dir, args.out):
+        print(path)
+    return 0
 
 
 if __name__ == "__main__":

@@ -143,7 +143,9 @@ class Tracker:
         if self.wandb and step > self.wandb_floor:
             self.wandb.log({f"eval/{k}": v for k, v in metrics.items()}, step=step)
         self.write(f"eval at step {step}: loss {metrics['loss']:.4f} perplexity {metrics['perplexity']:.3f} "
-                   f"accuracy {metrics['accuracy']:.4f} ({metrics['masked_tokens']} masked tokens)")
+                   f"accuracy {metrics['accuracy']:.4f} ({metrics['masked_tokens']} masked tokens)" +
+                   (f"; SWA average of {metrics['swa_snapshots']}: perplexity {metrics['swa_perplexity']:.3f}"
+                    if "swa_perplexity" in metrics else ""))
 
     def summary(self, values: dict[str, Any]) -> None:
         if self.enabled and self.wandb:

@@ -1,0 +1,86 @@
+"""Issue 8 (f): the web demo in a real headless Chromium (Debian's /usr/bin/chromium, driven by Playwright).
+
+The screenshot is kept in $MLM_TEST_ARTIFACTS (default: test-artifacts/ in the repository)."""
+
+import os
+import subprocess
+import sys
+import time
+import urllib.request
+
+import pytest
+
+from helpers import ROOT, _env, free_port
+
+CHROMIUM = os.environ.get("MLM_CHROMIUM", "/usr/bin/chromium")
+ARTIFACTS = os.environ.get("MLM_TEST_ARTIFACTS", os.path.join(ROOT, "test-artifacts"))
+TEXT = "The capital of France is [MASK]."
+# Without these, Chromium keeps reaching for Google's services, which this network refuses.
+CHROMIUM_ARGS = ["--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run", "--disable-sync",
+                 "--disable-background-networking", "--disable-component-update", "--disable-dev-shm-usage"]
+
+
+def wait_for_http(url: str, proc: subprocess.Popen, timeout: float = 120) -> None:
+    t0 = time.time()
+    while time.time() - t0 < timeout:
+        if proc.poll() is not None:
+            raise AssertionError(f"the app exited with {proc.returncode}:\n{proc.communicate()[0][-3000:]}")
+        try:
+            with urllib.request.urlopen(url, timeout=2) as r:
+                if r.status == 200:
+                    return
+        except OSError:
+            time.sleep(0.5)
+    raise AssertionError(f"the app did not answer on {url} within {timeout} s")
+
+
+@pytest.fixture()
+def app(minilm_dir, forced_model_dir):
+    port = free_port()
+    proc = subprocess.Popen([sys.executable, "-m", "mlm.app", "--model", minilm_dir, "--compare", forced_model_dir,
+                             "--port", str(port)], cwd=ROOT, env=_env(), stdout=subprocess.PIPE,
+                            stderr=subprocess.STDOUT, text=True)
+    try:
+        wait_for_http(f"http://127.0.0.1:{port}/", proc)
+        yield f"http://127.0.0.1:{port}/"
+    finally:
+        proc.terminate()
+        try:
+            proc.wait(10)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+
+
+def test_browser_types_a_masked_sentence_and_sees_both_models_predictions(app, minilm_dir, forced_model_dir):
+    from playwright.sync_api import sync_playwright
+    from mlm.fill_mask import FillMask
+    expected = [[c.token for c in FillMask(path, device="cpu").predict([TEXT], top_k=5)[0].masks[0].candidates]
+                for path in (minilm_dir, forced_model_dir)]
+    assert expected[0] != expected[1]  # the two panes must show different models
+    os.makedirs(ARTIFACTS, exist_ok=True)
+    with sync_playwright() as pw:
+        browser = pw.chromium.launch(executable_path=CHROMIUM, headless=True, args=CHROMIUM_ARGS)
+        try:
+            page = browser.new_page(viewport={"width": 1280, "height": 900})
+            page.goto(app, wait_until="domcontentloaded", timeout=60_000)
+            box = page.locator("#text textarea")
+            box.wait_for(timeout=60_000)
+            box.fill(TEXT)
+            page.locator("#predict").click()
+            page.locator("#model-1 .mlm-candidate").first.wait_for(timeout=60_000)
+            shown = [page.locator(f"#model-{i} .mlm-candidate .mlm-token").all_inner_texts() for i in (0, 1)]
+            fills = page.locator("#model-0 .mlm-fill").all_inner_texts()
+            page.screenshot(path=os.path.join(ARTIFACTS, "app.png"), full_page=True)
+        finally:
+            browser.close()
+    assert shown == expected
+    assert len(fills) == 5 and all(f.lower().startswith("the capital of france is") for f in fills)
+    assert os.path.getsize(os.path.join(ARTIFACTS, "app.png")) > 10_000
+
+
+def test_a_text_without_a_mask_is_reported_on_the_page(app):
+    from gradio_client import Client
+    client = Client(app, verbose=False)
+    out = client.predict("no mask here", 5, api_name="/lambda")
+    first = out[0] if isinstance(out, (list, tuple)) else out
+    assert "has no mask token" in first and "mlm-error" in first
