@@ -135,8 +135,10 @@ def evaluate_and_decide(run: Run) -> bool:
                               {"step": state.step, "epoch": _epoch_float(run), **metrics, "swa": use_swa})
             run.tracker.write(f"new best perplexity {ppl:.3f} at step {state.step}"
                               f"{' (the SWA average)' if use_swa else ''}: exported best/")
-            run.tracker.summary({"best/perplexity": ppl, "best/loss": metrics["loss"],
-                                 "best/accuracy": metrics["accuracy"], "best/step": state.step})
+            prefix = "swa_" if use_swa else ""
+            run.tracker.summary({"best/perplexity": ppl, "best/loss": metrics[f"{prefix}loss"],
+                                 "best/accuracy": metrics[f"{prefix}accuracy"], "best/step": state.step,
+                                 "best/swa": use_swa})
         else:
             state.bad_evals += 1
         stop = cfg.early_stopping_patience > 0 and state.bad_evals >= cfg.early_stopping_patience
@@ -189,7 +191,7 @@ def fit(run: Run) -> TrainState:
         stop = evaluate_and_decide(run)
     run.model.train()
     while state.step < run.total_steps and not stop:
-        steps_before = state.step
+        steps_before, fresh_epoch = state.step, state.micro_in_epoch == 0
         for group in run.data.train.groups(state.epoch, state.micro_in_epoch, cfg.gradient_accumulation_steps):
             micro = [prepare_batch(raw, state.epoch, run.spec, run.tables, env.device) for raw in group]
             meter.add(train_step(run.model, run.loss_module, run.optimizer, run.scheduler, run.scaler, micro,
@@ -229,7 +231,7 @@ def fit(run: Run) -> TrainState:
             if stop or final or epoch_end:
                 break
         else:  # a stream ran out on some rank: every rank starts the next epoch (a new shuffle) together
-            if state.step == steps_before:
+            if state.step == steps_before and fresh_epoch:  # (resumed at an epoch's very end: nothing left)
                 raise UserError(f"the training stream gave no full batch of {cfg.per_device_train_batch_size} "
                                 f"examples of {cfg.max_seq_length} tokens on some rank in epoch {state.epoch}; "
                                 "give more text, or a smaller --per_device_train_batch_size or --max_seq_length")

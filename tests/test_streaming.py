@@ -87,8 +87,8 @@ def test_streaming_epochs_end_together_and_reshuffle(tmp_path, tiny_config_dir, 
     make_text_file(str(data / "wiki.train.raw"), n_lines=500, seed=6)
     make_text_file(str(data / "wiki.valid.raw"), n_lines=80, seed=7)
     out, rec = str(tmp_path / "run"), str(tmp_path / "seen")
-    r = run_train(stream_args(tmp_path, tiny_config_dir, tokenizer_path, str(data), out, max_train_steps=40,
-                              eval_steps=40, shuffle_buffer_size=50), nproc=2, fault={"record": rec})
+    r = run_train(stream_args(tmp_path, tiny_config_dir, tokenizer_path, str(data), out, max_train_steps=30,
+                              eval_steps=30, shuffle_buffer_size=50), nproc=2, fault={"record": rec})
     assert r.returncode == 0, r.output[-3000:]
     seen = [records(rec, k) for k in (0, 1)]
     epochs = [sorted({b["epoch"] for b in s}) for s in seen]
@@ -100,6 +100,18 @@ def test_streaming_epochs_end_together_and_reshuffle(tmp_path, tiny_config_dir, 
     first, second = ([h for b in seen[0] if b["epoch"] == e for h in b["hash"]] for e in epochs[0][:2])
     # A new shuffle each epoch: texts come in another order, so they pack into other examples.
     assert len(first) == len(second) and not set(first) & set(second)
+
+    # A run saved exactly at the end of an epoch's stream resumes into the next epoch (nothing is left of the
+    # old one when it restarts, which is not an empty stream).
+    per_epoch = len([b for b in seen[0] if b["epoch"] == 0])
+    out2, rec2 = str(tmp_path / "run2"), str(tmp_path / "seen2")
+    args = stream_args(tmp_path, tiny_config_dir, tokenizer_path, str(data), out2, eval_steps=100,
+                       shuffle_buffer_size=50)
+    r = run_train(args + ["--max_train_steps", str(per_epoch)], nproc=2, fault={"record": rec2})
+    assert r.returncode == 0, r.output[-3000:]
+    r = run_train(args + ["--max_train_steps", str(per_epoch + 2)], nproc=2, fault={"record": rec2})
+    assert r.returncode == 0 and "resuming from" in r.output, r.output[-3000:]
+    assert [b["epoch"] for b in records(rec2, 0)] == [0] * per_epoch + [1, 1]
 
 
 def test_streaming_workers_do_not_hang_when_tokenizer_parallelism_is_asked_for(tmp_path, tiny_config_dir,
