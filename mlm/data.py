@@ -97,6 +97,13 @@ def _local_source(cfg: TrainConfig) -> Source:
                   lambda: _carve_validation(read_text_file(train), pct, train))
 
 
+def hub_dataset_failure(e: Exception) -> str:
+    """Why loading a Hub dataset failed, in words: offline mode, or the library's own first line."""
+    if os.environ.get("HF_DATASETS_OFFLINE") == "1" or os.environ.get("HF_HUB_OFFLINE") == "1":
+        return "the Hub is unreachable in offline mode and it is not cached"
+    return f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"
+
+
 def _hub_source(cfg: TrainConfig) -> Source:
     import datasets
     name, conf = cfg.dataset_name, cfg.dataset_config_name
@@ -104,11 +111,8 @@ def _hub_source(cfg: TrainConfig) -> Source:
     try:
         dd = datasets.load_dataset(name, conf)
     except Exception as e:
-        offline = os.environ.get("HF_DATASETS_OFFLINE") == "1" or os.environ.get("HF_HUB_OFFLINE") == "1"
-        why = "the Hub is unreachable in offline mode and it is not cached" if offline else \
-            f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"
-        raise UserError(f"could not load dataset {label!r} ({why}); check the name and your connection, or use "
-                        "local data with --train_file or --dataset_dir") from None
+        raise UserError(f"could not load dataset {label!r} ({hub_dataset_failure(e)}); check the name and your "
+                        "connection, or use local data with --train_file or --dataset_dir") from None
     if "train" not in dd:
         raise UserError(f"dataset {label!r} has no 'train' split (splits: {', '.join(dd)})")
     column = "text" if "text" in dd["train"].column_names else None

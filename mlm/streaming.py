@@ -33,6 +33,7 @@ import torch
 from torch.utils.data import DataLoader
 
 from .config import TrainConfig, UserError
+from .data import hub_dataset_failure
 from .distributed import DistEnv, all_ranks
 
 log = logging.getLogger("mlm")
@@ -46,11 +47,8 @@ def builder_for(path: str) -> str:
 
 
 def _hub_error(label: str, e: Exception) -> UserError:
-    offline = os.environ.get("HF_DATASETS_OFFLINE") == "1" or os.environ.get("HF_HUB_OFFLINE") == "1"
-    why = "the Hub is unreachable in offline mode" if offline else \
-        f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"
-    return UserError(f"could not stream dataset {label!r} ({why}); check the name and your connection, or stream "
-                     "local files with --train_file/--validation_file or --dataset_dir")
+    return UserError(f"could not stream dataset {label!r} ({hub_dataset_failure(e)}); check the name and your "
+                     "connection, or stream local files with --train_file/--validation_file or --dataset_dir")
 
 
 def open_split(cfg: TrainConfig, split: str):
