@@ -17,6 +17,8 @@ Environment:
   MASTER_ADDR   host of the c10d rendezvous; required when NNODES > 1 (e.g. the first node's address)
   MASTER_PORT   port of the c10d rendezvous (default 29500)
   RDZV_ID       rendezvous id shared by all nodes of one job (default mlm-ddp)
+  SOCKET_IFNAME network interface the nodes reach each other on (e.g. eth0, ib0): sets GLOO_SOCKET_IFNAME and
+                NCCL_SOCKET_IFNAME when they are unset (needed where the hostname resolves to 127.0.1.1)
   MAX_RESTARTS  torchrun --max-restarts: after a worker fails or is killed, restart the group this many times;
                 each restart resumes from the newest complete checkpoint (default 3)
   OMP_NUM_THREADS  threads per process; on CPU it defaults to cores / NPROC
@@ -50,14 +52,32 @@ here="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)"
 python="${PYTHON:-$(command -v python || command -v python3 || true)}"
 [[ -n "$python" ]] || fail "no python found; set PYTHON to the interpreter that has torch installed"
 
+count_visible() {  # count_visible LIST PHYSICAL: the GPUs CUDA makes visible from a CUDA_VISIBLE_DEVICES value
+    # CUDA reads the list up to its first invalid entry: an empty one ("0,1," is two GPUs), -1, an index that
+    # is not a GPU of this machine, or a repeated index. UUIDs (GPU-..., MIG-...) are taken as given.
+    local n=0 tok entries seen=","
+    IFS=, read -ra entries <<<"${1//[[:space:]]/}"
+    for tok in "${entries[@]}"; do
+        if [[ "$tok" =~ ^[0-9]+$ ]]; then
+            (( 10#$tok < $2 )) && [[ "$seen" != *",$((10#$tok)),"* ]] || break
+            seen+="$((10#$tok)),"
+        elif [[ ! "$tok" =~ ^(GPU|MIG)- ]]; then
+            break
+        fi
+        n=$(( n + 1 ))
+    done
+    echo "$n"
+}
+
 count_gpus() {
     if command -v nvidia-smi >/dev/null 2>&1 && nvidia-smi -L >/dev/null 2>&1; then
+        local physical
+        physical="$(nvidia-smi -L | grep -c '^GPU ' || true)"
         if [[ -n "${CUDA_VISIBLE_DEVICES+set}" ]]; then
             # nvidia-smi ignores CUDA_VISIBLE_DEVICES, so a restricted set is counted from the variable.
-            local ids="${CUDA_VISIBLE_DEVICES//[[:space:]]/}"
-            if [[ -z "$ids" || "$ids" == -1* ]]; then echo 0; else awk -F, '{print NF}' <<<"$ids"; fi
+            count_visible "$CUDA_VISIBLE_DEVICES" "$physical"
         else
-            nvidia-smi -L | grep -c '^GPU ' || true
+            echo "$physical"
         fi
     else  # no driver tool: ask torch (it honours CUDA_VISIBLE_DEVICES)
         "$python" -c 'import torch; print(torch.cuda.device_count())' 2>/dev/null || echo 0
@@ -109,10 +129,27 @@ else
 fi
 cmd+=("$here/train_ddp.py" "$@")
 
+# The network interface gloo (the control group, CPU runs) and NCCL use between nodes. Without one, gloo binds
+# to the address the hostname resolves to, 127.0.1.1 on Debian-style hosts, and a multi-node run hangs.
+if [[ -n "${SOCKET_IFNAME:-}" ]]; then
+    export GLOO_SOCKET_IFNAME="${GLOO_SOCKET_IFNAME:-$SOCKET_IFNAME}" NCCL_SOCKET_IFNAME="${NCCL_SOCKET_IFNAME:-$SOCKET_IFNAME}"
+fi
+ifnames=()
+for var in GLOO_SOCKET_IFNAME NCCL_SOCKET_IFNAME; do
+    [[ -n "${!var:-}" ]] && ifnames+=("$var=${!var}")
+done
+if (( nnodes > 1 )) && [[ -z "${GLOO_SOCKET_IFNAME:-}" ]]; then
+    own="$(getent hosts "$(hostname)" 2>/dev/null | awk '{print $1; exit}' || true)"
+    if [[ "$own" == 127.* ]]; then
+        echo "launch.sh: warning: $(hostname) resolves to $own, a loopback address the other nodes cannot reach;" \
+            "set SOCKET_IFNAME to this node's network interface (see ip -br addr), e.g. SOCKET_IFNAME=eth0" >&2
+    fi
+fi
+
 if (( gpus > 0 )); then device="$gpus GPU(s), nccl"; else device="cpu, gloo, OMP_NUM_THREADS=$OMP_NUM_THREADS"; fi
-echo "launch.sh: $nnodes node(s) x $nproc_per_node process(es) ($device)" >&2
+echo "launch.sh: $nnodes node(s) x $nproc_per_node process(es) ($device)${ifnames:+; ${ifnames[*]}}" >&2
 if [[ "${LAUNCH_DRY_RUN:-0}" == "1" ]]; then
-    printf '%q ' "${cmd[@]}"
+    printf '%q ' "${ifnames[@]}" "${cmd[@]}"
     echo
     exit 0
 fi

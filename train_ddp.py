@@ -17,14 +17,15 @@ import warnings
 from torch.distributed.elastic.multiprocessing.errors import record
 
 from mlm.config import TrainConfig, UserError, parse_args
-from mlm.distributed import DistEnv, any_rank, broadcast_object, control_group, env_rank, init_distributed, \
-    is_peer_failure, main_only, main_process_first, teardown
+from mlm.distributed import DistEnv, WaitedTooLong, any_rank, broadcast_object, describe_failure, env_rank, \
+    init_distributed, is_peer_failure, main_only, main_process_first, teardown
 from mlm.loop import NonFiniteLoss
 from mlm.preemption import Preempted, StopRequest
 
-# Exit codes (README, "Exit codes"): 0 done; 1 a failure (this rank's traceback, or another rank's); 2 a user
-# error, one line; 3 the loss stayed non-finite; 128 + signal (143 SIGTERM, 130 SIGINT) stopped with a checkpoint.
-EXIT_PEER_FAILED = 1
+# Exit codes (README, "Exit codes"): 0 done; 1 a failure (this rank's traceback or one line naming a failure of
+# NCCL/gloo, or another rank's failure); 2 a user error, one line; 3 the loss stayed non-finite; 128 + signal
+# (143 SIGTERM, 130 SIGINT) stopped with a checkpoint.
+EXIT_FAILURE = 1
 EXIT_USER_ERROR = 2
 EXIT_NONFINITE = 3
 USER_ERROR_GRACE_S = 3.0
@@ -41,18 +42,23 @@ def setup_logging(rank: int) -> None:
 
 
 def versions() -> dict[str, str]:
-    import datasets, numpy, torch, transformers
-    return {m.__name__: m.__version__ for m in (torch, transformers, datasets, numpy)}
+    import importlib.metadata
+    found = {}
+    for name in ("torch", "transformers", "datasets", "numpy"):
+        try:
+            found[name] = importlib.metadata.version(name)
+        except importlib.metadata.PackageNotFoundError:  # datasets is needed only for Hub data and streaming
+            found[name] = "not installed"
+    return found
 
 
 def build_run(cfg: TrainConfig, env: DistEnv, stop_request: StopRequest):
     import torch
-    from torch.nn.parallel import DistributedDataParallel as DDP
     from mlm import checkpoint, data, engine, loop, masking, metrics, modeling, tracking
     from mlm.distributed import dist_sum
     from mlm.swa import WeightAverage
 
-    precision = engine.resolve_precision(cfg.precision, env.device)
+    precision = engine.resolve_precision(cfg.precision, env.device)  # refuses an emulated bf16
     if env.device.type == "cuda":
         torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = cfg.tf32
     per_node = cfg.cache_scope == "node"  # downloads land in each node's cache, unless nodes share one
@@ -63,7 +69,7 @@ def build_run(cfg: TrainConfig, env: DistEnv, stop_request: StopRequest):
         cfg.output_dir, cfg.resume_from_checkpoint, cfg.overwrite_output_dir) if env.is_main and cfg.do_train
         else None)
     resume = broadcast_object(resume, env)
-    if resume and any_rank(not os.path.isdir(resume), env.device):
+    if resume and any_rank(not os.path.isdir(resume), env):
         raise UserError(f"checkpoint {resume!r} is not visible on every node; every rank reads it on resume, so "
                         "with several nodes put --output_dir on a filesystem they all share")
     bundle = data.build_data(cfg, env, tokenizer)
@@ -85,8 +91,7 @@ def build_run(cfg: TrainConfig, env: DistEnv, stop_request: StopRequest):
         checkpoint.load_checkpoint(resume, state, model, optimizer, scheduler, scaler, env.rank, env.device, swa)
         bundle.train.load_state_dict(state.extra.get("data_states", [{}] * env.world_size)[env.rank])
     # Gradients as views into DDP's all-reduce buckets: one copy fewer per step (measured in bench/scaling.py).
-    ddp = DDP(loss_module, device_ids=[env.device.index] if env.device.type == "cuda" else None,
-              gradient_as_bucket_view=True) if env.distributed else loss_module
+    ddp = build_ddp(loss_module, env) if env.distributed else loss_module
     global_batch = cfg.per_device_train_batch_size * env.world_size * cfg.gradient_accumulation_steps
     run_config = {**cfg.to_dict(), "world_size": env.world_size, "device": str(env.device),
                   "precision_resolved": precision, "global_batch_size": global_batch, "versions": versions()}
@@ -98,7 +103,7 @@ def build_run(cfg: TrainConfig, env: DistEnv, stop_request: StopRequest):
                                state.tracker_run_id)
     peak, peak_source = metrics.device_peak(env.device, precision)  # every rank at once, as in training
     peak_total = float(dist_sum(torch.tensor([peak], dtype=torch.float64, device=env.device)).item())
-    tables = masking.build_masking_tables(tokenizer, env.device)
+    tables = masking.build_masking_tables(tokenizer)  # on the host: prepare_batch masks there
     spec = masking.MaskingSpec(cfg.mlm_probability, cfg.mask_replace_prob, cfg.random_replace_prob,
                                cfg.whole_word_mask, cfg.seed)
     if cfg.whole_word_mask and not bool(tables.continuation.any()):
@@ -122,6 +127,18 @@ def build_run(cfg: TrainConfig, env: DistEnv, stop_request: StopRequest):
     return loop.Run(cfg, env, loss_module, ddp, optimizer, scheduler, scaler, tokenizer, bundle, spec, tables,
                     precision, state, tracker, total_steps, micro_per_epoch, stop_request,
                     metrics.MlmShape.from_config(model.config), peak_total, swa)
+
+
+def build_ddp(module, env: DistEnv):
+    """DDP with gradients as views into its all-reduce buckets (one copy fewer per step, measured in
+    bench/scaling.py) and no buffer broadcast before every forward: BERT's buffers (position and token-type
+    ids) are constants. torch 2.13 renamed that option; older releases know only the old name."""
+    import inspect
+    from torch.nn.parallel import DistributedDataParallel as DDP
+    no_sync = "forward_sync_buffers" if "forward_sync_buffers" in inspect.signature(DDP).parameters \
+        else "broadcast_buffers"
+    return DDP(module, device_ids=[env.device.index] if env.device.type == "cuda" else None,
+               gradient_as_bucket_view=True, **{no_sync: False})
 
 
 def evaluate_only(run) -> None:
@@ -168,11 +185,12 @@ def main(argv: list[str] | None = None) -> int:
             # A restarted attempt continues its own run: overwriting would delete the checkpoints it resumes from.
             cfg.overwrite_output_dir = False
         env = init_distributed(cfg.ddp_timeout)
-        stop_request = StopRequest(cfg.stop_grace_seconds, control_group()).install()
+        stop_request = StopRequest(cfg.stop_grace_seconds, env.control).install()
         train(cfg, env, stop_request)
         return 0
     except UserError as e:
-        if rank == 0:  # every rank sees the same error; one line from rank 0 is enough
+        # Every rank sees the same error; one line from rank 0 is enough, unless only this rank saw it.
+        if rank == 0 or isinstance(e, WaitedTooLong):
             print(f"error: {e}", file=sys.stderr, flush=True)
         elif int(os.environ.get("WORLD_SIZE", "1")) > 1:
             # torchrun stops the other workers as soon as one exits: leave rank 0 time to print the error.
@@ -188,10 +206,14 @@ def main(argv: list[str] | None = None) -> int:
             print(f"error: {e}", file=sys.stderr, flush=True)
         return EXIT_NONFINITE
     except Exception as e:
-        if not is_peer_failure(e):
+        if is_peer_failure(e):
+            # Another rank failed (or left) and reports its own error; this one ends quietly, so it is told once.
+            return EXIT_FAILURE
+        line = describe_failure(e, rank)
+        if line is None:
             raise  # a real error on this rank: its traceback, recorded for torchrun by @record
-        # Another rank failed (or left) and reports its own error; this one ends quietly, so it is told once.
-        return EXIT_PEER_FAILED
+        print(f"error: {line}", file=sys.stderr, flush=True)  # NCCL/gloo itself failed: every rank that saw it
+        return EXIT_FAILURE
     finally:
         if stop_request is not None:
             stop_request.uninstall()

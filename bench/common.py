@@ -2,8 +2,11 @@
 
 from __future__ import annotations
 
+import importlib.util
 import os
 import platform
+import random
+import re
 import statistics
 import subprocess
 import sys
@@ -40,9 +43,14 @@ def machine() -> str:
 
 
 def versions() -> str:
-    import datasets, numpy, torch, transformers
-    return ", ".join(f"{m.__name__} {m.__version__}" for m in (torch, transformers, datasets, numpy)) + \
-        f", python {platform.python_version()}"
+    import importlib.metadata
+    found = []
+    for name in ("torch", "transformers", "datasets", "numpy"):
+        try:
+            found.append(f"{name} {importlib.metadata.version(name)}")
+        except importlib.metadata.PackageNotFoundError:
+            found.append(f"{name} not installed")
+    return ", ".join(found) + f", python {platform.python_version()}"
 
 
 def median(xs: list[float]) -> float:
@@ -51,3 +59,38 @@ def median(xs: list[float]) -> float:
 
 def fmt_runs(xs: list[float], unit: str = "") -> str:
     return f"median {median(xs):.3f}{unit}  (runs: {', '.join(f'{x:.3f}' for x in xs)})"
+
+
+def load_cli():
+    """The top-level predict.py (this file has the same name, so a plain import would find itself)."""
+    spec = importlib.util.spec_from_file_location("predict_cli", os.path.join(ROOT, "predict.py"))
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def wikitext_sentences(path: str, n: int, vocab: dict[str, int], seed: int = 0) -> list[str]:
+    """n sentences of 8-40 words from WikiText, each with one whole word (a single vocabulary token) masked."""
+    rng = random.Random(seed)
+    pool = []
+    with open(path, encoding="utf-8") as fh:
+        for line in fh:
+            line = line.strip()
+            if not line or line.startswith("="):
+                continue
+            for sent in re.split(r"(?<= \.) ", line):
+                words = sent.split()
+                if 8 <= len(words) <= 40:
+                    pool.append(words)
+    rng.shuffle(pool)
+    out = []
+    for words in pool:
+        choices = [i for i, w in enumerate(words) if w.isalpha() and w.lower() in vocab]
+        if not choices:
+            continue
+        words = list(words)
+        words[rng.choice(choices)] = "[MASK]"
+        out.append(" ".join(words))
+        if len(out) == n:
+            break
+    return out

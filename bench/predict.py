@@ -15,11 +15,8 @@ directory that both sides load. Prints figures; asserts nothing.
 from __future__ import annotations
 
 import argparse
-import importlib.util
 import io
 import os
-import random
-import re
 import subprocess
 import sys
 import tempfile
@@ -28,41 +25,6 @@ import time
 import common
 
 SENTENCE = "The capital of France is [MASK]."
-
-
-def load_cli():
-    """The top-level predict.py (this file has the same name, so a plain import would find itself)."""
-    spec = importlib.util.spec_from_file_location("predict_cli", os.path.join(common.ROOT, "predict.py"))
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
-
-def wikitext_sentences(path: str, n: int, vocab: dict[str, int], seed: int = 0) -> list[str]:
-    """n sentences of 8-40 words from WikiText, each with one whole word (a single vocabulary token) masked."""
-    rng = random.Random(seed)
-    pool = []
-    with open(path, encoding="utf-8") as fh:
-        for line in fh:
-            line = line.strip()
-            if not line or line.startswith("="):
-                continue
-            for sent in re.split(r"(?<= \.) ", line):
-                words = sent.split()
-                if 8 <= len(words) <= 40:
-                    pool.append(words)
-    rng.shuffle(pool)
-    out = []
-    for words in pool:
-        choices = [i for i, w in enumerate(words) if w.isalpha() and w.lower() in vocab]
-        if not choices:
-            continue
-        words = list(words)
-        words[rng.choice(choices)] = "[MASK]"
-        out.append(" ".join(words))
-        if len(out) == n:
-            break
-    return out
 
 
 def save_minilm(directory: str) -> str:
@@ -104,11 +66,11 @@ def main() -> None:
 
     tmp = tempfile.TemporaryDirectory()
     model_dir = a.model or save_minilm(tmp.name)
-    cli = load_cli()
+    cli = common.load_cli()
     args = cli.build_parser().parse_args(["--model", model_dir, "--batch_size", str(a.batch_size)])
     predictor = cli.Predictor(args)
     pipe = pipeline("fill-mask", model=model_dir, device="cpu")
-    texts = wikitext_sentences(a.test_file, a.sentences, pipe.tokenizer.get_vocab())
+    texts = common.wikitext_sentences(a.test_file, a.sentences, pipe.tokenizer.get_vocab())
 
     def ours() -> list:
         preds = predictor(texts)

@@ -243,10 +243,20 @@ def load_checkpoint(path: str, state: TrainState, model: torch.nn.Module, optimi
     load = lambda name: torch.load(os.path.join(path, name), map_location=device, weights_only=True)
     optimizer.load_state_dict(load("optimizer.pt"))
     scheduler.load_state_dict(load("scheduler.pt"))
-    scaler.load_state_dict(load("scaler.pt"))
+    load_scaler_state(scaler, load("scaler.pt"))
     set_rng_state(torch.load(os.path.join(path, "rng_states.pt"), map_location="cpu", weights_only=True)[rank])
     if swa is not None and os.path.isfile(os.path.join(path, "swa.pt")):  # absent: saved before SWA started
         swa.load_state_dict(load("swa.pt"))
+
+
+def load_scaler_state(scaler: torch.amp.GradScaler, saved: dict[str, Any]) -> None:
+    """A disabled scaler (a bf16 or fp32 run) saves {}, which GradScaler.load_state_dict refuses: an fp16 run
+    resumed from such a checkpoint (an A100 run moved to a T4, a CPU run moved to a GPU) starts with a fresh
+    loss scale, which finds its level within a few steps."""
+    if scaler.is_enabled() and not saved:
+        log.info("the checkpoint was saved without a GradScaler (bf16 or fp32): fp16 starts with a fresh loss scale")
+        return
+    scaler.load_state_dict(saved)
 
 
 # ---------------------------------------------------------------------- export

@@ -63,8 +63,10 @@ class TrainConfig:
                                   choices=("sdpa", "eager"))
     trust_remote_code: bool = _f(False, "Allow custom model code from the Hub (off: only transformers' own).", "model")
     gradient_checkpointing: bool = _f(False, "Recompute activations in backward to save memory.", "model")
-    torch_compile: bool = _f(False, "torch.compile the encoder (fixed shapes: packed chunks); the head at the "
-                             "masked positions stays eager. Pays on GPUs; the first steps compile.", "model")
+    torch_compile: bool = _f(False, "torch.compile the encoder for training, with one fixed shape (an epoch's "
+                             "last batch is filled with empty examples, --line_by_line batches are padded to "
+                             "--max_seq_length); evaluation and the head at the masked positions stay eager. Pays "
+                             "on GPUs; the first step compiles.", "model")
     tf32: bool = _f(True, "Allow TF32 matmuls for fp32 work on Ampere and newer GPUs (no effect elsewhere).",
                     "model")
     # --- data ---
@@ -135,8 +137,9 @@ class TrainConfig:
         None, "Stochastic weight averaging: from this optimizer step on, average the weights after every step "
         "(torch's AveragedModel); each evaluation also evaluates the average, and best/ is the averaged model "
         "when it is the better one. Off by default.", "training")
-    precision: str = _f("auto", "auto: bf16 on GPUs that support it, else fp16 with GradScaler on CUDA, fp32 on "
-                        "CPU.", "training", choices=PRECISIONS)
+    precision: str = _f("auto", "auto: bf16 on GPUs of compute capability 8.0 and up (A100, A10, L4, L40S, H100), "
+                        "fp16 with GradScaler on older GPUs (T4, V100, P100), fp32 on CPU. bf16 on an older GPU is "
+                        "refused: it would be emulated, slower than fp16.", "training", choices=PRECISIONS)
     seed: int = _f(42, "Seed for initialisation, shuffling and masks.", "training")
     # --- evaluation, checkpoints, stopping ---
     eval_steps: Optional[int] = _f(None, "Evaluate every N optimizer steps (default: at the end of each epoch; "

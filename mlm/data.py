@@ -266,16 +266,18 @@ class ChunkDataset(torch.utils.data.Dataset):
 
 class LineDataset(torch.utils.data.Dataset):
     """One example per non-empty text, truncated to max_seq_length; a batch is padded to its longest
-    example, rounded up to a multiple of 8 (tensor-core friendly)."""
+    example, rounded up to a multiple of 8 (tensor-core friendly), or with fixed_width always to
+    max_seq_length (--torch_compile: one shape on every rank, so no rank recompiles while the others wait)."""
 
     def __init__(self, stream: TokenStream, max_seq_length: int, cls_id: int, sep_id: int, pad_id: int,
-                 limit: Optional[int] = None):
+                 limit: Optional[int] = None, fixed_width: bool = False):
         offsets = np.concatenate([[0], np.cumsum(stream.lengths)])
         keep = np.nonzero(stream.lengths > 0)[0]
         keep = keep[:limit] if limit else keep
         self.starts, self.lengths = offsets[keep], np.minimum(stream.lengths[keep], max_seq_length - 2)
         self.tokens = stream.tokens
         self.cls_id, self.sep_id, self.pad_id = cls_id, sep_id, pad_id
+        self.fixed_width = max_seq_length if fixed_width else None
         self.dropped_tokens = int(stream.lengths[keep].sum() - self.lengths.sum())
 
     def __len__(self) -> int:
@@ -284,7 +286,7 @@ class LineDataset(torch.utils.data.Dataset):
     def __getitems__(self, indices: list[int]) -> dict[str, torch.Tensor]:
         idx = np.asarray(indices, dtype=np.int64)
         lens = self.lengths[idx]
-        width = -(-(int(lens.max()) + 2) // 8) * 8
+        width = self.fixed_width or -(-(int(lens.max()) + 2) // 8) * 8
         ids = np.full((idx.size, width), self.pad_id, dtype=np.int64)
         ids[:, 0] = self.cls_id
         for row, (start, n) in enumerate(zip(self.starts[idx], lens)):
@@ -322,17 +324,42 @@ def _identity(batch):
     return batch
 
 
-class EpochBatches:
-    """The training side of fit() for a map-style dataset: an epoch's groups of micro-batches, from any point."""
+def fill_batch(raw: dict[str, torch.Tensor], rows: int, cls_id: int, sep_id: int) -> dict[str, torch.Tensor]:
+    """raw grown to `rows` examples by empty ones ([CLS] then [SEP]s, index -1): special tokens only, so never
+    masked, and they add nothing to the loss or its gradient. For a fixed batch shape (--torch_compile)."""
+    missing = rows - raw["input_ids"].shape[0]
+    if missing <= 0:
+        return raw
+    width = raw["input_ids"].shape[1]
+    empty = torch.full((missing, width), sep_id, dtype=raw["input_ids"].dtype)
+    empty[:, 0] = cls_id
+    out = {"input_ids": torch.cat([raw["input_ids"], empty]),
+           "index": torch.cat([raw["index"], torch.full((missing,), -1, dtype=raw["index"].dtype)])}
+    if "attention_mask" in raw:  # [CLS] [SEP] attended: a row with nothing to attend to would give NaNs
+        attention = torch.zeros((missing, width), dtype=raw["attention_mask"].dtype)
+        attention[:, :2] = 1
+        out["attention_mask"] = torch.cat([raw["attention_mask"], attention])
+    return out
 
-    def __init__(self, loader: DataLoader, sampler: ResumableDistributedSampler, batch_size: int):
+
+class EpochBatches:
+    """The training side of fit() for a map-style dataset: an epoch's groups of micro-batches, from any point.
+
+    fixed_rows: fill the last, partial batch of an epoch up to the batch size (fill_batch), so that every
+    micro-batch has the same shape (--torch_compile)."""
+
+    def __init__(self, loader: DataLoader, sampler: ResumableDistributedSampler, batch_size: int,
+                 fixed_rows: bool = False, special_ids: tuple[int, int] = (0, 0)):
         self.loader, self.sampler, self.batch_size = loader, sampler, batch_size
         self.micro_per_epoch = math.ceil(sampler.num_samples / batch_size)
+        self.fixed_rows, self.special_ids = fixed_rows, special_ids
 
     def groups(self, epoch: int, micro_done: int, accumulation: int) -> Iterator[list[dict[str, torch.Tensor]]]:
         self.sampler.set_epoch(epoch)
         self.sampler.start_index = micro_done * self.batch_size
         batches = iter(self.loader)
+        if self.fixed_rows:
+            batches = (fill_batch(b, self.batch_size, *self.special_ids) for b in batches)
         while group := list(itertools.islice(batches, accumulation)):
             yield group
 
@@ -357,12 +384,12 @@ def build_datasets(cfg: TrainConfig, streams: dict[str, TokenStream], tokenizer)
     if None in ids.values():
         raise UserError("the tokenizer has no [CLS]/[SEP] tokens; use a BERT-style tokenizer")
     if cfg.line_by_line:
-        make = lambda s, limit: LineDataset(s, cfg.max_seq_length, pad_id=tokenizer.pad_token_id, limit=limit,
-                                            **ids)
+        make = lambda s, limit, train: LineDataset(s, cfg.max_seq_length, pad_id=tokenizer.pad_token_id,
+                                                   limit=limit, fixed_width=train and cfg.torch_compile, **ids)
     else:
-        make = lambda s, limit: ChunkDataset(s, cfg.max_seq_length, limit=limit, **ids)
-    datasets = {split: make(stream, cfg.max_train_samples if split == "train" else cfg.max_eval_samples)
-                for split, stream in streams.items()}
+        make = lambda s, limit, train: ChunkDataset(s, cfg.max_seq_length, limit=limit, **ids)
+    datasets = {split: make(stream, cfg.max_train_samples if split == "train" else cfg.max_eval_samples,
+                            split == "train") for split, stream in streams.items()}
     for split, ds in datasets.items():
         if len(ds) == 0:
             n = int(streams[split].tokens.size)
@@ -375,9 +402,10 @@ def build_datasets(cfg: TrainConfig, streams: dict[str, TokenStream], tokenizer)
 def _eval_loader(cfg: TrainConfig, env: DistEnv, valid) -> DataLoader:
     # Own generators: creating a DataLoader iterator draws a seed from the global RNG, which would shift the
     # dropout stream (and break exact resume) every time an epoch or an evaluation starts.
+    # No pin_memory: batches are masked on the host, and prepare_batch copies the result from pinned memory.
     return DataLoader(valid, batch_size=cfg.per_device_eval_batch_size,
                       sampler=eval_shard(len(valid), env.rank, env.world_size), collate_fn=_identity,
-                      pin_memory=env.device.type == "cuda", generator=torch.Generator().manual_seed(cfg.seed))
+                      generator=torch.Generator().manual_seed(cfg.seed))
 
 
 def build_data(cfg: TrainConfig, env: DistEnv, tokenizer) -> DataBundle:
@@ -391,15 +419,16 @@ def build_data(cfg: TrainConfig, env: DistEnv, tokenizer) -> DataBundle:
     sampler = ResumableDistributedSampler(train, num_replicas=env.world_size, rank=env.rank, shuffle=True,
                                           seed=cfg.seed, drop_last=False)
     train_loader = DataLoader(train, batch_size=cfg.per_device_train_batch_size, sampler=sampler,
-                              collate_fn=_identity, pin_memory=env.device.type == "cuda",
-                              num_workers=cfg.loader_workers, generator=torch.Generator().manual_seed(cfg.seed))
+                              collate_fn=_identity, num_workers=cfg.loader_workers,
+                              generator=torch.Generator().manual_seed(cfg.seed))
     stats = {"train": f"{len(train)} examples of {cfg.max_seq_length} from {streams['train'].tokens.size} tokens; "
                       f"{train.dropped_tokens} dropped by chunking",
              "eval": f"{len(valid)} examples from {streams['validation'].tokens.size} tokens; "
                      f"{valid.dropped_tokens} dropped by chunking",
              "data": f"{'cache hit' if hit else 'tokenised and cached'} in {time.perf_counter() - t0:.2f} s"}
-    return DataBundle(EpochBatches(train_loader, sampler, cfg.per_device_train_batch_size),
-                      _eval_loader(cfg, env, valid), stats)
+    batches = EpochBatches(train_loader, sampler, cfg.per_device_train_batch_size, fixed_rows=cfg.torch_compile,
+                           special_ids=(tokenizer.cls_token_id, tokenizer.sep_token_id))
+    return DataBundle(batches, _eval_loader(cfg, env, valid), stats)
 
 
 def build_streaming_data(cfg: TrainConfig, env: DistEnv, tokenizer) -> DataBundle:

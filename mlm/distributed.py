@@ -11,13 +11,19 @@ import gc
 import logging
 import os
 from dataclasses import dataclass
-from typing import Callable, TypeVar
+from typing import Callable, Optional, TypeVar
 
 import torch
 import torch.distributed as dist
 
+from .config import UserError
+
 T = TypeVar("T")
 log = logging.getLogger("mlm")
+
+
+class WaitedTooLong(UserError):
+    """This rank waited past --ddp_timeout for another: reported by the rank that waited (not only rank 0)."""
 
 
 class PeerFailed(Exception):
@@ -30,6 +36,10 @@ class DistEnv:
     local_rank: int
     world_size: int
     device: torch.device
+    # A CPU (gloo) group for control messages (stop flags, waiting for a leader): on GPU runs asking it costs
+    # no device sync and a waiting rank sleeps in a socket read instead of spinning in an NCCL wait. The
+    # default group on CPU runs; None in a world of one.
+    control: Optional[dist.ProcessGroup] = None
 
     @property
     def is_main(self) -> bool:
@@ -45,15 +55,30 @@ def env_rank() -> int:
     return int(os.environ.get("RANK", "0"))
 
 
+def check_gpu_count(local_rank: int) -> None:
+    """More processes on this node than visible GPUs is a user error, found before any work (each process
+    would otherwise fail in torch.cuda.set_device, or two would share a GPU)."""
+    processes = int(os.environ.get("LOCAL_WORLD_SIZE", local_rank + 1))
+    gpus = torch.cuda.device_count()
+    if processes > gpus:
+        visible = os.environ.get("CUDA_VISIBLE_DEVICES")
+        hidden = f" (CUDA_VISIBLE_DEVICES={visible!r} hides the others)" if visible is not None else ""
+        raise UserError(f"{processes} processes on this node but {gpus} visible GPU(s){hidden}; start one process "
+                        f"per GPU: torchrun --nproc_per_node={gpus} (bash launch.sh counts them for you), or make "
+                        "more GPUs visible with CUDA_VISIBLE_DEVICES")
+
+
 def init_distributed(timeout_seconds: float = 1800.0) -> DistEnv:
     rank, world = env_rank(), int(os.environ.get("WORLD_SIZE", "1"))
     local_rank = int(os.environ.get("LOCAL_RANK", "0"))
     if torch.cuda.is_available():
+        check_gpu_count(local_rank)
         device = torch.device("cuda", local_rank)
         torch.cuda.set_device(device)
         backend = "nccl"
     else:
         device, backend = torch.device("cpu"), "gloo"
+    control = None
     if world > 1 and not dist.is_initialized():
         timeout = datetime.timedelta(seconds=timeout_seconds)
         global _store
@@ -66,34 +91,46 @@ def init_distributed(timeout_seconds: float = 1800.0) -> DistEnv:
         attempt = os.environ.get("TORCHELASTIC_RESTART_COUNT", "0")
         dist.init_process_group(backend, store=dist.PrefixStore(f"mlm-ddp/attempt-{attempt}", store), rank=rank,
                                 world_size=world, timeout=timeout, device_id=device if backend == "nccl" else None)
-    return DistEnv(rank=rank, local_rank=local_rank, world_size=world, device=device)
+        control = dist.group.WORLD if backend == "gloo" else dist.new_group(backend="gloo", timeout=timeout)
+    return DistEnv(rank=rank, local_rank=local_rank, world_size=world, device=device, control=control)
 
 
-_control_group = None
 _store = None
 
-
-def control_group():
-    """A CPU (gloo) group for small control messages (stop flags): asking costs no GPU sync. Collective the
-    first time on GPU runs, where it is created next to the NCCL group; on CPU runs it is the default group."""
-    global _control_group
-    if not dist.is_initialized():
-        return None
-    if _control_group is None:
-        _control_group = dist.group.WORLD if dist.get_backend() == "gloo" else dist.new_group(backend="gloo")
-    return _control_group
+# What a rank sees when a peer process died or its host vanished: the connection to it is gone. Only these
+# make a rank end quietly (the failed rank, or torchrun, reports why); any other error, an NCCL setup failure
+# that hits every rank included, is reported by the rank that saw it.
+_LOST_PEER = ("Connection closed by peer", "Connection reset by peer", "Broken pipe", "ncclRemoteError",
+              "remote process exited")
 
 
 def is_peer_failure(exc: BaseException) -> bool:
-    """An error of a collective: another rank died or left, and that rank (or torchrun) reports why."""
-    return isinstance(exc, (PeerFailed, dist.DistError)) or (
-        isinstance(exc, RuntimeError) and any(s in str(exc) for s in ("Connection closed by peer", "Connection reset",
-                                                                      "Broken pipe", "[gloo", "NCCL")))
+    """Another rank died or left, and that rank (or torchrun) reports why."""
+    if isinstance(exc, PeerFailed):
+        return True
+    return isinstance(exc, (RuntimeError, dist.DistError)) and any(s in str(exc) for s in _LOST_PEER)
+
+
+def describe_failure(exc: BaseException, rank: int) -> Optional[str]:
+    """One line for a failure of the communication backend itself (NCCL, gloo), with what usually fixes it;
+    None for any other error, which keeps its traceback."""
+    text = str(exc)
+    if not (isinstance(exc, dist.DistError) or "NCCL" in text or "[gloo" in text.lower() or "gloo/" in text):
+        return None
+    first = next((line.strip() for line in text.splitlines() if line.strip()), type(exc).__name__)
+    hint = "rerun with NCCL_DEBUG=INFO for the cause"
+    if "/dev/shm" in text or "shared memory" in text.lower():
+        hint = ("/dev/shm is too small for NCCL: in Docker run with --ipc=host or --shm-size=1g, or set "
+                "NCCL_SHM_DISABLE=1")
+    elif "Timed out" in text or "timeout" in text.lower():
+        hint = "a rank waited longer than --ddp_timeout; raise it if a step or a save legitimately takes longer"
+    elif "ncclSystemError" in text or "ncclUnhandledCudaError" in text or "P2P" in text:
+        hint = "try NCCL_P2P_DISABLE=1 (GPUs without peer-to-peer access), and rerun with NCCL_DEBUG=INFO"
+    return f"rank {rank}: the communication backend failed: {first[:300]}; {hint}"
 
 
 def teardown() -> None:
-    global _control_group, _store
-    _control_group = None
+    global _store
     if dist.is_available() and dist.is_initialized():
         dist.destroy_process_group()
     _store = None
@@ -117,13 +154,6 @@ def dist_max(t: torch.Tensor) -> torch.Tensor:
     return t
 
 
-def dist_mean(t: torch.Tensor) -> torch.Tensor:
-    if dist.is_initialized():
-        dist.all_reduce(t, op=dist.ReduceOp.SUM)
-        t /= dist.get_world_size()
-    return t
-
-
 def broadcast_flag(flag: bool, device: torch.device) -> bool:
     """Rank 0's decision, made once and given to every rank, so all leave a loop at the same step."""
     t = torch.tensor([int(flag)], device=device)
@@ -132,42 +162,53 @@ def broadcast_flag(flag: bool, device: torch.device) -> bool:
     return bool(t.item())
 
 
-def any_rank(flag: bool, device: torch.device) -> bool:
-    """True on every rank when it is true on some rank."""
-    return bool(dist_max(torch.tensor([int(flag)], device=device)).item())
-
-
-def all_ranks(flag: bool) -> bool:
-    """True on every rank when it is true on every rank; over the CPU control group, so no GPU sync."""
-    if not dist.is_initialized():
+def any_rank(flag: bool, env: DistEnv) -> bool:
+    """True on every rank when it is true on some rank; over the CPU control group (no device sync)."""
+    if not env.distributed:
         return flag
-    t = torch.tensor([0 if flag else 1])
-    dist.all_reduce(t, op=dist.ReduceOp.MAX, group=control_group())
-    return not bool(t.item())
+    t = torch.tensor([int(flag)])
+    dist.all_reduce(t, op=dist.ReduceOp.MAX, group=env.control)
+    return bool(t.item())
 
 
-def barrier() -> None:
-    if dist.is_initialized():
-        dist.barrier()
+def all_ranks(flag: bool, env: DistEnv) -> bool:
+    """True on every rank when it is true on every rank; over the CPU control group (no device sync)."""
+    return not any_rank(not flag, env)
+
+
+def _leader_first(env: DistEnv, leader: bool, fn: Callable[[], T]) -> T | None:
+    """fn on the leader(s) while the others wait on the CPU control group (sleeping in a socket read, not
+    spinning in an NCCL wait, so the leader keeps every core); a failure there reaches every rank, so none
+    waits forever. A leader still busy after --ddp_timeout is an error on the waiting ranks."""
+    result = None
+    if leader:
+        try:
+            result = fn()
+        except BaseException:
+            any_rank(True, env)
+            raise
+    try:
+        failed = any_rank(False, env)
+    except RuntimeError as e:
+        if is_peer_failure(e) or not ("Timed out" in str(e) or "timeout" in str(e).lower()):
+            raise
+        raise WaitedTooLong(f"rank {env.rank} waited longer than --ddp_timeout for the process preparing shared "
+                            "files (downloads, the tokenised cache, the checkpoint's hash); raise --ddp_timeout") \
+            from None
+    if failed:
+        raise PeerFailed("a process preparing shared files failed")
+    return result
 
 
 def main_process_first(env: DistEnv, fn: Callable[[], T], per_node: bool = False) -> T:
     """Run fn on a leader first (it downloads or builds caches), then on the others, which read the result.
 
     The leader is global rank 0, or with per_node each node's local rank 0 (nodes that do not share a disk each
-    need their own copy). A failure on a leader reaches every rank, so none waits at a barrier forever.
-    """
+    need their own copy)."""
     if not env.distributed:
         return fn()
     leader = env.local_rank == 0 if per_node else env.is_main
-    if leader:
-        try:
-            result = fn()
-        except BaseException:
-            any_rank(True, env.device)
-            raise
-    if any_rank(False, env.device):
-        raise PeerFailed("a process preparing shared files failed")
+    result = _leader_first(env, leader, fn)
     return result if leader else fn()
 
 
@@ -175,15 +216,7 @@ def main_only(env: DistEnv, fn: Callable[[], None]) -> None:
     """Run a check on rank 0 alone; when it fails there, the other ranks stop too instead of waiting."""
     if not env.distributed:
         return fn()
-    if env.is_main:
-        try:
-            fn()
-        except BaseException:
-            broadcast_flag(False, env.device)
-            raise
-        broadcast_flag(True, env.device)
-    elif not broadcast_flag(False, env.device):
-        raise PeerFailed("rank 0 failed a check")
+    _leader_first(env, env.is_main, fn)
 
 
 def gather_to_main(obj: T, env: DistEnv) -> list[T] | None:

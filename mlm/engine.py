@@ -11,20 +11,33 @@ import torch
 from torch import nn
 from torch.nn.parallel import DistributedDataParallel as DDP
 
+from .config import UserError
 from .distributed import DistEnv, dist_sum
 from .masking import EVAL_EPOCH, IGNORE_INDEX, MaskingSpec, MaskingTables, mask_tokens
 from .modeling import MaskedLMLoss
 
 DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
+NATIVE_BF16 = (8, 0)  # compute capability from which bf16 runs natively on tensor cores (Ampere)
 
 
 def resolve_precision(precision: str, device: torch.device) -> str:
-    """auto: bf16 on GPUs that support it, fp16 (with GradScaler) on older GPUs, fp32 on CPU."""
-    if precision != "auto":
-        return precision
-    if device.type == "cuda":
-        return "bf16" if torch.cuda.is_bf16_supported() else "fp16"
-    return "fp32"
+    """The precision a run trains in (invariant 10: auto never picks an emulated dtype).
+
+    auto: bf16 on GPUs of compute capability 8.0 and up, fp16 with GradScaler on older GPUs (T4, V100, P100),
+    fp32 on CPU. torch.cuda.is_bf16_supported() is not asked: it answers True on a T4 or a P100, where bf16
+    is emulated without tensor cores (slower than fp16). An explicit bf16 on such a GPU is a user error."""
+    if device.type != "cuda":
+        return "fp32" if precision == "auto" else precision
+    capability = torch.cuda.get_device_capability(device)
+    native_bf16 = tuple(capability) >= NATIVE_BF16
+    if precision == "auto":
+        return "bf16" if native_bf16 else "fp16"
+    if precision == "bf16" and not native_bf16:
+        name = torch.cuda.get_device_name(device)
+        raise UserError(f"--precision bf16: the {name} (compute capability {capability[0]}.{capability[1]}) has no "
+                        "native bf16, so bf16 would be emulated without tensor cores (slower than fp16); use "
+                        "--precision fp16 or auto (fp16 with GradScaler on this GPU)")
+    return precision
 
 
 def autocast(precision: str, device: torch.device) -> contextlib.AbstractContextManager:
@@ -40,47 +53,71 @@ def build_scaler(precision: str, device: torch.device) -> torch.amp.GradScaler:
 
 @dataclass
 class Batch:
-    input_ids: torch.Tensor
-    labels: torch.Tensor
-    attention_mask: Optional[torch.Tensor]
+    """A masked micro-batch on the device, with what the host knows of it without asking the device."""
+    input_ids: torch.Tensor                 # [B, T] after masking
+    attention_mask: Optional[torch.Tensor]  # [B, T], or None for packed chunks (no padding)
+    positions: torch.Tensor                 # [M] flat indices (row * T + column) of the masked tokens
+    targets: torch.Tensor                   # [M] the original token ids there
+    masked_count: int                       # M
+    sequences: int                          # real examples (rows added to fill a fixed shape not counted)
 
     @property
-    def masked_count(self) -> torch.Tensor:
-        return (self.labels != IGNORE_INDEX).sum()
+    def tokens(self) -> int:
+        return self.sequences * self.input_ids.shape[1]
+
+
+def to_device(tensors: list[torch.Tensor], device: torch.device) -> list[torch.Tensor]:
+    """int64 host tensors to the device in one copy, from pinned memory on CUDA so that it does not wait."""
+    if device.type == "cpu":
+        return tensors
+    flat = [t.reshape(-1) for t in tensors]
+    buffer = torch.empty(sum(t.numel() for t in flat), dtype=torch.int64, pin_memory=device.type == "cuda")
+    torch.cat(flat, out=buffer)
+    moved = buffer.to(device, non_blocking=True).split([t.numel() for t in flat])
+    return [m.view(t.shape) for m, t in zip(moved, tensors)]
 
 
 def prepare_batch(raw: dict, epoch: int, spec: MaskingSpec, tables: MaskingTables, device: torch.device) -> Batch:
-    """Move a loader batch to the device and mask it there."""
-    ids = raw["input_ids"].to(device, non_blocking=True)
-    index = raw["index"].to(device, non_blocking=True)
-    attn = raw.get("attention_mask")
+    """Mask a loader batch on the host, then move it to the device.
+
+    The masks are a pure function of (seed, epoch, index, position), so they are the same wherever they are
+    computed; computing them where the batch already is tells the host which positions are masked and how
+    many, so the head can gather them on the device without a host-device sync (a boolean index would wait
+    for the GPU at every micro-step)."""
+    ids, index = raw["input_ids"], raw["index"]
     masked, labels = mask_tokens(ids, index, epoch, spec, tables)
-    return Batch(masked, labels, None if attn is None else attn.to(device, non_blocking=True))
+    positions = (labels.view(-1) != IGNORE_INDEX).nonzero().view(-1)
+    targets = ids.view(-1)[positions]
+    attn = raw.get("attention_mask")
+    moved = to_device([masked, positions, targets] + ([attn] if attn is not None else []), device)
+    return Batch(moved[0], moved[3] if attn is not None else None, moved[1], moved[2],
+                 masked_count=int(positions.numel()), sequences=int((index >= 0).sum()))
 
 
 @dataclass
 class StepResult:
-    """Device tensors; nothing here has been synced to the host."""
+    """Device tensors (nothing here has been synced to the host) and counts the host knew anyway."""
     loss_sum: torch.Tensor      # NLL summed over this rank's masked tokens
-    masked_tokens: torch.Tensor  # this rank's masked-token count
-    tokens: int                 # this rank's input tokens, padding included (known on the host without a sync)
-    sequences: int              # this rank's sequences
-    sum_sq_lengths: int         # sum of each sequence's padded length squared (attention FLOPs)
+    masked_tokens: int          # this rank's masked-token count
+    tokens: int                 # this rank's input tokens of real examples, padding included
+    sequences: int              # this rank's real examples
+    sum_sq_lengths: int         # sum of each example's padded length squared (attention FLOPs)
     grad_norm: torch.Tensor
-    skipped: torch.Tensor       # 1 when the step was skipped (non-finite gradients under fp16)
+    skipped: torch.Tensor       # 1 when the step was skipped (non-finite gradients), on the device
 
 
 def train_step(model: nn.Module, loss_module: MaskedLMLoss, optimizer: torch.optim.Optimizer, scheduler,
                scaler: torch.amp.GradScaler, micro_batches: list[Batch], env: DistEnv, precision: str,
                max_grad_norm: float) -> StepResult:
-    """One optimizer step over the micro-batches of this rank.
+    """One optimizer step over the micro-batches of this rank; no host-device sync.
 
     The gradient is that of (sum of masked-token NLL over the global batch) / (global masked-token count)
     (invariant 2): each micro-batch's NLL sum is scaled by world_size / global_count, and DDP's averaging over
     ranks divides by world_size again.
     """
-    local_count = torch.stack([b.masked_count for b in micro_batches]).sum()
-    global_count = dist_sum(local_count.clone().float()).clamp(min=1.0)
+    local_count = sum(b.masked_count for b in micro_batches)
+    # torch.full, not torch.tensor: a fill kernel takes the host number, a copy would wait for the stream.
+    global_count = dist_sum(torch.full((), float(local_count), device=env.device)).clamp(min=1.0)
     scale = env.world_size / global_count
     loss_sum = torch.zeros((), device=env.device)
     for i, batch in enumerate(micro_batches):
@@ -89,23 +126,25 @@ def train_step(model: nn.Module, loss_module: MaskedLMLoss, optimizer: torch.opt
         sync = contextlib.nullcontext() if last or not isinstance(model, DDP) else model.no_sync()
         with sync:
             with autocast(precision, env.device):
-                nll = model(batch.input_ids, batch.labels, batch.attention_mask)
+                nll = model(batch.input_ids, batch.positions, batch.targets, batch.attention_mask)
             scaler.scale(nll * scale).backward()
         loss_sum += nll.detach()
     scaler.unscale_(optimizer)  # clip the true gradients, not the scaled ones
     grad_norm = torch.nn.utils.clip_grad_norm_(loss_module.parameters(), max_grad_norm or math.inf, foreach=True)
     nonfinite = ~torch.isfinite(grad_norm)  # the same on every rank: DDP has averaged the gradients
     if scaler.is_enabled():
-        scaler.step(optimizer)  # skipped by the scaler when the gradients hold inf/nan
+        scaler.step(optimizer)  # skipped by the scaler when the gradients hold inf/nan (the same test)
         scaler.update()
     else:
         skip_nonfinite_step(optimizer, nonfinite)
-    scheduler.step()
+    skipped = nonfinite.long()
+    scheduler.step(skipped)  # a skipped step does not advance the schedule
     optimizer.zero_grad(set_to_none=True)
-    shapes = [b.input_ids.shape for b in micro_batches]
-    return StepResult(loss_sum, local_count, tokens=sum(r * w for r, w in shapes),
-                      sequences=sum(r for r, _ in shapes), sum_sq_lengths=sum(r * w * w for r, w in shapes),
-                      grad_norm=grad_norm.detach(), skipped=nonfinite.long())
+    widths = [b.input_ids.shape[1] for b in micro_batches]
+    return StepResult(loss_sum, local_count, tokens=sum(b.tokens for b in micro_batches),
+                      sequences=sum(b.sequences for b in micro_batches),
+                      sum_sq_lengths=sum(b.sequences * w * w for b, w in zip(micro_batches, widths)),
+                      grad_norm=grad_norm.detach(), skipped=skipped)
 
 
 def skip_nonfinite_step(optimizer: torch.optim.Optimizer, nonfinite: torch.Tensor) -> None:
@@ -135,12 +174,16 @@ def evaluate(loss_module: MaskedLMLoss, loader, env: DistEnv, spec: MaskingSpec,
     masked tokens of all ranks, then divided once. Runs the unwrapped model: no DDP hooks, no collectives."""
     was_training = loss_module.training
     loss_module.eval()
-    totals = torch.zeros(3, dtype=torch.float64, device=env.device)  # NLL, correct, masked tokens
+    totals = torch.zeros(2, dtype=torch.float64, device=env.device)  # NLL, correct
+    count = 0  # masked tokens, known on the host
     for raw in loader:
         batch = prepare_batch(raw, EVAL_EPOCH, spec, tables, env.device)
         with autocast(precision, env.device):
-            nll, correct = loss_module.eval_nll(batch.input_ids, batch.labels, batch.attention_mask)
-        totals += torch.stack([nll, correct.double(), batch.masked_count.double()])
+            nll, correct = loss_module.eval_nll(batch.input_ids, batch.positions, batch.targets,
+                                                batch.attention_mask)
+        totals += torch.stack([nll, correct.double()])
+        count += batch.masked_count
+    totals = torch.cat([totals, torch.tensor([float(count)], dtype=torch.float64).to(env.device)])
     nll_sum, correct, count = dist_sum(totals).tolist()
     loss_module.train(was_training)
     loss = nll_sum / count if count else math.nan

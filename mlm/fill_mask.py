@@ -35,6 +35,7 @@ import torch
 from torch import nn
 
 from .config import OUTPUTS_ROOT, UserError, looks_like_path
+from .modeling import head_logits, split_encoder_head
 
 log = logging.getLogger("mlm")
 # Either spelling of a mask, BERT's or RoBERTa's, in any case; translated to the tokenizer's own mask token.
@@ -174,7 +175,9 @@ def load_model(path: str, device: torch.device, flag: str = "--model") -> tuple[
         raise UserError(f"{flag} {path!r}: its tokenizer has no mask token, so it is not a masked LM")
     torch.manual_seed(0)  # a head missing from the checkpoint is initialised the same way on every run
     try:
-        model, info = AutoModelForMaskedLM.from_pretrained(path, output_loading_info=True)
+        # fp32 stated, not left to the config's recorded dtype (transformers 5 would follow it): the scores are
+        # those of the HF pipeline on the same fp32 weights.
+        model, info = AutoModelForMaskedLM.from_pretrained(path, output_loading_info=True, dtype=torch.float32)
     except Exception as e:
         raise load_error("model", path, e) from None
     fresh = sorted(k for k in info.get("missing_keys", ()) if "embeddings.position_ids" not in k)
@@ -212,7 +215,6 @@ class FillMask:
     def __init__(self, model: Union[str, os.PathLike, nn.Module], tokenizer: Any = None, device: str = "auto",
                  name: Optional[str] = None, onnx: Optional[str] = None):
         from .data import plain_backend
-        from .modeling import split_encoder_head
         if isinstance(model, os.PathLike):
             model = os.fspath(model)
         if isinstance(model, str) and onnx:  # the graph runs; the directory gives the tokenizer and config
@@ -296,13 +298,11 @@ class FillMask:
                 for r, i in enumerate(rows):
                     ids[r, :len(seqs[i])] = torch.tensor(seqs[i])
                     attention[r, :len(seqs[i])] = 1
-                ids, attention = ids.to(self.device), attention.to(self.device)
-                selected = ids == self.mask_id
-                if self.head is not None:
-                    logits = self.head(self.encoder(input_ids=ids, attention_mask=attention)[0][selected])
-                else:
-                    logits = self.model(input_ids=ids, attention_mask=attention).logits[selected]
-                counts = selected.sum(dim=1).tolist()  # one sync per batch
+                selected = ids == self.mask_id  # on the host: the positions need no sync
+                positions = selected.view(-1).nonzero().view(-1)
+                counts = selected.sum(dim=1).tolist()
+                ids, attention, positions = (t.to(self.device) for t in (ids, attention, positions))
+                logits = head_logits(self.encoder, self.head, self.model, ids, positions, attention)
                 for i, chunk in zip(rows, logits.float().cpu().split(counts)):
                     out[i] = chunk
         return out  # type: ignore[return-value]

@@ -72,17 +72,31 @@ def _fmix(h: torch.Tensor) -> torch.Tensor:
     return h ^ (h >> 16)
 
 
+def _fmix_int(h: int) -> int:
+    """_fmix of one host integer: a scalar part of a hash is mixed on the host, so no scalar tensor is copied
+    to the device (on CUDA each such copy would wait for the stream)."""
+    h ^= h >> 16
+    h = (h * 0x85EBCA6B) & _M32
+    h ^= h >> 13
+    h = (h * 0xC2B2AE35) & _M32
+    return h ^ (h >> 16)
+
+
+def _combine_int(h: int, x: int) -> int:
+    return _fmix_int(h ^ ((x & _M32) * 0x9E3779B1 & _M32))
+
+
 def _combine(h: torch.Tensor, x: torch.Tensor | int) -> torch.Tensor:
-    x = x & _M32 if isinstance(x, torch.Tensor) else torch.tensor(x & _M32, device=h.device)
-    return _fmix(h ^ _mul32(x, 0x9E3779B1))
+    mixed = _mul32(x & _M32, 0x9E3779B1) if isinstance(x, torch.Tensor) else (x & _M32) * 0x9E3779B1 & _M32
+    return _fmix(h ^ mixed)
 
 
 def token_hashes(seed: int, epoch: int, example_index: torch.Tensor, length: int, stream: int) -> torch.Tensor:
     """A 32-bit hash per (example, position): int64 tensor [B, length] with values in [0, 2**32)."""
     device = example_index.device
-    h = _fmix(torch.tensor(seed & _M32, dtype=torch.int64, device=device))
-    h = _combine(h, epoch)
-    h = _combine(h.expand(example_index.shape[0]).clone(), example_index.to(torch.int64))
+    h = _combine_int(_fmix_int(seed & _M32), epoch)  # the scalar part, on the host
+    h = _combine(torch.full(example_index.shape, h, dtype=torch.int64, device=device),
+                 example_index.to(torch.int64))
     pos = torch.arange(length, dtype=torch.int64, device=device)
     return _combine(_combine(h[:, None] ^ _mul32(pos, 0x27D4EB2F)[None, :], pos), stream)
 

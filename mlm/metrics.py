@@ -8,6 +8,7 @@ out, as in the usual 6 x parameters x tokens estimate.
 
 from __future__ import annotations
 
+import re
 import resource
 import sys
 import time
@@ -15,9 +16,34 @@ from dataclasses import dataclass
 
 import torch
 
-# Dense bf16/fp16 tensor-core peaks (FLOP/s) from the vendors' data sheets; the first matching name wins.
-GPU_PEAKS = (("H100 PCIe", 756e12), ("H100", 989e12), ("H200", 989e12), ("GH200", 989e12), ("A100", 312e12),
-             ("L40S", 362e12), ("L4", 121e12), ("A10", 125e12), ("T4", 65e12), ("V100", 125e12))
+# Dense (no sparsity) fp16/bf16 peaks in FLOP/s from the vendors' data sheets, by the words of the name torch
+# reports ("Tesla V100-PCIE-16GB", "NVIDIA H100 80GB HBM3"). The entry whose words are all in the name and
+# that has the most words wins, so a V100 PCIe is not taken for an SXM2 part, and whole words must match, so
+# an "L40" is not an "L4" and an "A10G" (not listed: measured) is not an "A10". Cards before Volta (P100) have
+# no tensor cores: their figure is the fp16 vector rate. Cards before Ampere have no bf16 at all.
+GPU_PEAKS: dict[str, float] = {
+    "P100": 18.7e12, "P100 PCIE": 18.7e12, "P100 SXM2": 21.2e12,
+    "V100": 125e12, "V100 SXM2": 125e12, "V100 PCIE": 112e12, "V100S": 130e12,
+    "T4": 65e12,
+    "A100": 312e12, "A10": 125e12,
+    "L4": 121e12, "L40": 181e12, "L40S": 362e12,
+    "H100": 989e12, "H100 PCIE": 756e12, "H100 NVL": 835e12,
+    "H200": 989e12, "H200 NVL": 835e12, "GH200": 989e12,
+}
+
+
+def _words(name: str) -> list[str]:
+    return re.sub(r"[^0-9A-Za-z]+", " ", name).upper().split()
+
+
+def data_sheet_peak(name: str) -> tuple[str, float] | None:
+    """(table entry, dense fp16/bf16 FLOP/s) of the most specific entry matching a GPU name, or None."""
+    words = set(_words(name))
+    found = [(len(_words(key)), key) for key in GPU_PEAKS if set(_words(key)) <= words]
+    if not found:
+        return None
+    key = max(found)[1]
+    return key, GPU_PEAKS[key]
 
 
 @dataclass(frozen=True)
@@ -76,18 +102,20 @@ def device_peak(device: torch.device, precision: str) -> tuple[float, str]:
     otherwise a short matmul measured now (CPU; fp32 on GPU; unknown GPUs)."""
     if device.type == "cuda" and precision in ("bf16", "fp16"):
         name = torch.cuda.get_device_name(device)
-        for key, peak in GPU_PEAKS:
-            if key in name:
-                return peak, f"{name} data sheet, dense {precision}"
+        known = data_sheet_peak(name)
+        if known is not None:
+            return known[1], f"{name}: {known[0]} data sheet, dense {precision}"
         dtype = torch.bfloat16 if precision == "bf16" else torch.float16
-        return matmul_peak(device, dtype, n=4096, reps=10), f"{name}: measured {precision} matmul"
+        return matmul_peak(device, dtype, n=4096, reps=10), f"{name}: measured {precision} matmul (not in the table)"
     n = 4096 if device.type == "cuda" else 1024
     return matmul_peak(device, torch.float32, n=n), f"measured fp32 matmul ({torch.get_num_threads()} threads)"
 
 
-def peak_memory_bytes(device: torch.device) -> int:
-    """Peak GPU memory allocated on this rank, or this process's largest resident set size on CPU."""
+def peak_memory_bytes(device: torch.device) -> tuple[int, int]:
+    """(allocated, reserved) peak bytes of this rank: on a GPU the tensors' peak and the peak the caching
+    allocator held (what other processes and an OOM see); on CPU this process's largest resident set, twice."""
     if device.type == "cuda":
-        return torch.cuda.max_memory_allocated(device)
+        return torch.cuda.max_memory_allocated(device), torch.cuda.max_memory_reserved(device)
     rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-    return rss if sys.platform == "darwin" else rss * 1024  # Linux reports KiB, macOS bytes
+    rss = rss if sys.platform == "darwin" else rss * 1024  # Linux reports KiB, macOS bytes
+    return rss, rss

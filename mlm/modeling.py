@@ -71,18 +71,23 @@ def load_tokenizer(cfg: TrainConfig):
 
 
 def build_model(cfg: TrainConfig, config, tokenizer) -> nn.Module:
-    """AutoModelForMaskedLM, pretrained or from scratch, with the configured attention kernel."""
+    """AutoModelForMaskedLM, pretrained or from scratch, with the configured attention kernel.
+
+    The master weights are fp32 whatever dtype the checkpoint's config records: transformers 5 loads a model in
+    that dtype by default, so an fp16-saved model would give fp16 parameters (GradScaler cannot unscale them)
+    and a bf16 one pure-bf16 training. Autocast supplies the low precision."""
     from transformers import AutoModelForMaskedLM
     torch.manual_seed(cfg.seed)  # the same fresh weights (head, or whole model) on every rank
     if cfg.from_scratch:
         config.vocab_size = max(config.vocab_size, len(tokenizer))
         model = AutoModelForMaskedLM.from_config(config, attn_implementation=cfg.attn_implementation,
-                                                 trust_remote_code=cfg.trust_remote_code)
+                                                 trust_remote_code=cfg.trust_remote_code, dtype=torch.float32)
     else:
         try:
             model = AutoModelForMaskedLM.from_pretrained(cfg.model_name_or_path, config=config,
                                                          attn_implementation=cfg.attn_implementation,
-                                                         trust_remote_code=cfg.trust_remote_code)
+                                                         trust_remote_code=cfg.trust_remote_code,
+                                                         dtype=torch.float32)
         except Exception as e:
             raise load_error("model", cfg.model_name_or_path, e) from None
     if len(tokenizer) > model.get_input_embeddings().num_embeddings:
@@ -110,6 +115,20 @@ def split_encoder_head(model: nn.Module) -> tuple[nn.Module, Optional[Callable[[
     return model, None
 
 
+def head_logits(encoder: nn.Module, head: Optional[Callable[[torch.Tensor], torch.Tensor]], model: nn.Module,
+                input_ids: torch.Tensor, positions: torch.Tensor,
+                attention_mask: Optional[torch.Tensor] = None) -> torch.Tensor:
+    """Vocabulary logits at the flat positions (row * length + column) of input_ids ([M, V]).
+
+    The positions are known on the host (training: from the masks; prediction: from the input ids), so the
+    gather is an index_select on the device with no host sync; the head runs on those M rows only."""
+    if head is not None:
+        hidden = encoder(input_ids=input_ids, attention_mask=attention_mask)[0]
+        return head(hidden.flatten(0, 1).index_select(0, positions))
+    logits = model(input_ids=input_ids, attention_mask=attention_mask).logits
+    return logits.flatten(0, 1).index_select(0, positions)
+
+
 class MaskedLMLoss(nn.Module):
     """Wraps a masked LM so DDP sees one module whose forward returns the NLL summed over the masked
     positions only. The caller normalises by the global masked-token count (invariant 2)."""
@@ -119,36 +138,41 @@ class MaskedLMLoss(nn.Module):
         self.model = model
         self.label_smoothing = label_smoothing  # training loss only; eval_nll never smooths
         self.encoder, self.head = split_encoder_head(model)
+        self.eval_encoder = self.encoder
         if compile_encoder and self.head is not None:
-            # The encoder sees fixed [batch, length] shapes; the head's row count (masked tokens) varies per
-            # batch and would recompile, so it stays eager. The exported model is the uncompiled one.
+            # Training feeds the encoder one fixed [batch, length] shape (the loader fills the last batch of an
+            # epoch and pads --line_by_line batches to full length), so it compiles once, on every rank at the
+            # same step. Evaluation (no grad, its own batch size) runs eagerly: a second shape would make
+            # dynamo recompile the training graph with a dynamic batch dimension. The head's row count varies
+            # per batch, so it stays eager too. The exported model is the uncompiled one.
             self.encoder = torch.compile(self.encoder)
 
-    def masked_logits(self, input_ids: torch.Tensor, labels: torch.Tensor,
-                      attention_mask: Optional[torch.Tensor] = None) -> tuple[torch.Tensor, torch.Tensor]:
-        """Vocabulary logits at the masked positions only ([M, V]) and their targets ([M])."""
-        selected = labels != IGNORE_INDEX
-        if self.head is not None:
-            hidden = self.encoder(input_ids=input_ids, attention_mask=attention_mask)[0]
-            logits = self.head(hidden[selected])
-        else:
-            logits = self.model(input_ids=input_ids, attention_mask=attention_mask).logits[selected]
-        return logits, labels[selected]
+    def masked_logits(self, input_ids: torch.Tensor, positions: torch.Tensor,
+                      attention_mask: Optional[torch.Tensor] = None) -> torch.Tensor:
+        """Vocabulary logits at the masked positions only ([M, V])."""
+        encoder = self.encoder if torch.is_grad_enabled() else self.eval_encoder
+        return head_logits(encoder, self.head, self.model, input_ids, positions, attention_mask)
 
-    def forward(self, input_ids: torch.Tensor, labels: torch.Tensor,
+    def forward(self, input_ids: torch.Tensor, positions: torch.Tensor, targets: torch.Tensor,
                 attention_mask: Optional[torch.Tensor] = None) -> torch.Tensor:
         """Training: the NLL (label-smoothed when asked) summed over the masked positions."""
-        logits, target = self.masked_logits(input_ids, labels, attention_mask)
-        return F.cross_entropy(logits.float(), target, reduction="sum", label_smoothing=self.label_smoothing)
+        logits = self.masked_logits(input_ids, positions, attention_mask)
+        return F.cross_entropy(logits.float(), targets, reduction="sum", label_smoothing=self.label_smoothing)
 
     @torch.no_grad()
-    def eval_nll(self, input_ids: torch.Tensor, labels: torch.Tensor,
+    def eval_nll(self, input_ids: torch.Tensor, positions: torch.Tensor, targets: torch.Tensor,
                  attention_mask: Optional[torch.Tensor] = None) -> tuple[torch.Tensor, torch.Tensor]:
         """Evaluation: (NLL sum, correct predictions). The NLL is summed in float64 token by token, so the
         total does not depend on how the examples were batched (invariant 3)."""
-        logits, target = self.masked_logits(input_ids, labels, attention_mask)
-        nll = F.cross_entropy(logits.float(), target, reduction="none").double().sum()
-        return nll, (logits.argmax(dim=-1) == target).sum()
+        logits = self.masked_logits(input_ids, positions, attention_mask)
+        nll = F.cross_entropy(logits.float(), targets, reduction="none").double().sum()
+        return nll, (logits.argmax(dim=-1) == targets).sum()
+
+
+def masked_positions(labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(flat positions, targets) of the labelled tokens of a [B, T] label tensor (-100 elsewhere)."""
+    positions = (labels.reshape(-1) != IGNORE_INDEX).nonzero().view(-1)
+    return positions, labels.reshape(-1)[positions]
 
 
 _LAYER = re.compile(r"\.layers?\.(\d+)\.")
@@ -203,7 +227,60 @@ def warmup_steps(cfg: TrainConfig, total_steps: int) -> int:
     return int(round(cfg.warmup_ratio * total_steps))
 
 
-def build_scheduler(cfg: TrainConfig, optimizer: torch.optim.Optimizer, total_steps: int):
+class AppliedStepSchedule:
+    """The learning-rate schedule, indexed by the optimizer steps actually applied, kept on the device.
+
+    A step skipped for non-finite gradients (GradScaler's overflow in fp16, the fused skip in bf16/fp32) does
+    not advance the schedule, as in the Hugging Face Trainer: early fp16 overflows do not eat the warmup. The
+    host never asks whether a step was skipped (that would sync every step): each group's lr is a device
+    tensor the fused AdamW kernel reads, refreshed after every step from a table of the library's schedule at
+    the applied-step count, which lives on the device too."""
+
+    def __init__(self, optimizer: torch.optim.Optimizer, lr_lambda: Callable[[int], float], total_steps: int):
+        device = optimizer.param_groups[0]["params"][0].device
+        self.optimizer = optimizer
+        self.base = torch.tensor([g["initial_lr"] for g in optimizer.param_groups], dtype=torch.float64,
+                                 device=device)
+        self.table = torch.tensor([lr_lambda(s) for s in range(total_steps + 1)], dtype=torch.float64,
+                                  device=device)
+        self.applied = torch.zeros((), dtype=torch.long, device=device)
+        self.lrs = torch.empty(len(optimizer.param_groups), dtype=torch.float32, device=device)
+        self._attach()
+
+    def _attach(self) -> None:
+        """Point every group's lr at its slot of self.lrs (again after optimizer.load_state_dict)."""
+        for i, group in enumerate(self.optimizer.param_groups):
+            group["lr"] = self.lrs[i]
+        self._refresh()
+
+    def _refresh(self) -> None:
+        # index_select with a device index: python indexing would turn a 0-dim index into a host int (a sync).
+        index = self.applied.clamp(max=self.table.numel() - 1).view(1)
+        self.lrs.copy_(self.base * self.table.index_select(0, index))
+
+    def step(self, skipped: Optional[torch.Tensor] = None) -> None:
+        """After an optimizer step; skipped is the device flag (0/1) of a step that changed nothing."""
+        self.applied += 1 if skipped is None else 1 - skipped
+        self._refresh()
+
+    def get_last_lr(self) -> list[float]:
+        return self.lrs.tolist()  # a sync: logging only
+
+    def state_dict(self) -> dict:
+        return {"applied": int(self.applied)}
+
+    def load_state_dict(self, d: dict) -> None:
+        # "last_epoch" is what a checkpoint written with torch's LambdaLR (before this class) holds.
+        self.applied.fill_(int(d["applied"] if "applied" in d else d["last_epoch"]))
+        self._attach()
+
+
+def build_scheduler(cfg: TrainConfig, optimizer: torch.optim.Optimizer, total_steps: int) -> AppliedStepSchedule:
+    """transformers' schedule (its lr_lambda) behind an AppliedStepSchedule."""
     from transformers import get_scheduler
-    return get_scheduler(cfg.lr_scheduler_type, optimizer, num_warmup_steps=warmup_steps(cfg, total_steps),
-                         num_training_steps=total_steps)
+    lambda_lr = get_scheduler(cfg.lr_scheduler_type, optimizer, num_warmup_steps=warmup_steps(cfg, total_steps),
+                              num_training_steps=total_steps)
+    lr_lambda = lambda_lr.lr_lambdas[0]
+    if any(f is not lr_lambda for f in lambda_lr.lr_lambdas):
+        raise ValueError("every parameter group must follow the same schedule")
+    return AppliedStepSchedule(optimizer, lr_lambda, total_steps)

@@ -153,12 +153,11 @@ class StreamingTrain:
         self.dataset.stream.set_epoch(epoch)  # a new shuffle order each epoch
         self.dataset.start_states = dict(self.consumed)
         loader = DataLoader(self.dataset, batch_size=None, num_workers=self.num_workers,
-                            pin_memory=self.env.device.type == "cuda",
                             generator=torch.Generator().manual_seed(self.seed))  # no draw from the global RNG
         batches, b = iter(loader), self.dataset.batch_size
         while True:
             group = list(itertools.islice(batches, accumulation))
-            if not all_ranks(len(group) == accumulation):
+            if not all_ranks(len(group) == accumulation, self.env):
                 return
             out = []
             for raw in group:

@@ -12,6 +12,10 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
 import pytest  # noqa: E402
 
+
+def pytest_configure(config):
+    config.addinivalue_line("markers", "gpu: needs a CUDA GPU (tests/gpu/, collected only where CUDA is present)")
+
 from helpers import SHARED_WIKITEXT, TINY_BERT, make_text_file, minilm_path, sharpened_minilm, train_forced_model, \
     write_tiny_config  # noqa: E402
 

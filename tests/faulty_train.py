@@ -10,6 +10,9 @@ product's code. Steps count this process's optimizer steps, so on a fresh run th
   "marker": P    append "<kind> <rank> <time>" to file P when the fault fires
   "record": P    append one JSON line per training micro-batch to P.rank<R>: the epoch, each example's index
                  and a hash of its tokens (kind may be absent: record only)
+  "error": "nccl_shm"  with kind "raise": raise the DistBackendError NCCL gives when /dev/shm is too small
+  "fake_cuda": {"count": N, "capability": [7, 5], "name": "Tesla T4"}  torch.cuda reports N such GPUs
+  "compile_backend": B   torch.compile uses backend B (e.g. aot_eager: graph capture without code generation)
 """
 
 import hashlib
@@ -52,6 +55,17 @@ def install(fault: dict) -> None:
 
         loop.prepare_batch = prepare_batch
 
+    if fault.get("fake_cuda"):
+        fake = fault["fake_cuda"]
+        torch.cuda.is_available = lambda: True
+        torch.cuda.device_count = lambda: fake.get("count", 1)
+        torch.cuda.get_device_capability = lambda device=None: tuple(fake.get("capability", (7, 5)))
+        torch.cuda.get_device_name = lambda device=None: fake.get("name", "Tesla T4")
+
+    if fault.get("compile_backend"):
+        real_compile = torch.compile
+        torch.compile = lambda module, **kwargs: real_compile(module, **{**kwargs, "backend": fault["compile_backend"]})
+
     original_step = loop.train_step
 
     def train_step(*args, **kwargs):
@@ -65,6 +79,12 @@ def install(fault: dict) -> None:
                 os.kill(os.getpid(), signal.SIGKILL if kind == "sigkill" else signal.SIGTERM)
             elif kind == "raise":
                 fire()
+                if fault.get("error") == "nccl_shm":
+                    raise torch.distributed.DistBackendError(
+                        "NCCL error in: ProcessGroupNCCL.cpp:1970, unhandled system error (run with NCCL_DEBUG=INFO "
+                        "for details), NCCL version 2.21.5\nncclSystemError: System call (e.g. socket, malloc) or "
+                        "external library call failed or device error.\nLast error:\nError while creating shared "
+                        "memory segment /dev/shm/nccl-vzIpS6 (size 9637888)")
                 raise RuntimeError(f"injected failure on rank {rank} at step {at}")
         return result
 

@@ -114,3 +114,47 @@ def test_a_bad_option_is_reported_once_before_torchrun_starts(tmp_path):
     errors = [line for line in p.stderr.splitlines() if "error" in line]
     assert len(errors) == 1 and errors[0].startswith("error: --mlm_probability"), p.stderr
     assert "Traceback" not in p.stderr and "mlm-ddp" not in p.stdout  # no worker ever ran
+
+
+@pytest.mark.parametrize("visible, gpus", [
+    ("0,1,", 2),    # a trailing comma is no third GPU
+    ("0,,1", 1),    # CUDA stops reading at the first empty entry
+    ("1,0", 2),
+    ("0,1,7", 2),   # an index this machine does not have ends the list
+    ("1,1", 1),     # a repeated index too
+    ("GPU-0f3c,1", 2),
+    ("-1", 0),
+])
+def test_cuda_visible_devices_is_counted_as_cuda_reads_it(tmp_path, visible, gpus):
+    env = {"PATH": fake_nvidia_smi(tmp_path, 4), "LAUNCH_DRY_RUN": "1", "CUDA_VISIBLE_DEVICES": visible}
+    p = launch([], env)
+    assert p.returncode == 0, p.stderr
+    if gpus:
+        assert f"--nproc_per_node={gpus}" in p.stdout and f"{gpus} GPU(s), nccl" in p.stderr, p.stderr
+    else:
+        assert "cpu, gloo" in p.stderr
+
+
+def test_the_network_interface_reaches_gloo_and_nccl(tmp_path):
+    env = {"PATH": fake_nvidia_smi(tmp_path, 2), "LAUNCH_DRY_RUN": "1", "NNODES": "2", "MASTER_ADDR": "node-a",
+           "SOCKET_IFNAME": "eth1"}
+    p = launch([], env)
+    assert p.returncode == 0, p.stderr
+    assert p.stdout.startswith("GLOO_SOCKET_IFNAME=eth1 NCCL_SOCKET_IFNAME=eth1 "), p.stdout
+    assert "GLOO_SOCKET_IFNAME=eth1" in p.stderr and "warning" not in p.stderr
+    p = launch([], {**env, "NCCL_SOCKET_IFNAME": "ib0"})  # a variable the user set wins
+    assert "GLOO_SOCKET_IFNAME=eth1 NCCL_SOCKET_IFNAME=ib0 " in p.stdout
+
+
+def test_a_loopback_hostname_on_several_nodes_is_warned_about(tmp_path):
+    bin_dir = tmp_path / "host-bin"
+    bin_dir.mkdir()
+    for tool, text in (("hostname", "echo node-a"), ("getent", "echo '127.0.1.1       node-a'")):
+        (bin_dir / tool).write_text(f"#!/bin/sh\n{text}\n")
+        (bin_dir / tool).chmod(0o755)
+    env = {"PATH": f"{bin_dir}{os.pathsep}{fake_nvidia_smi(tmp_path, 2)}", "LAUNCH_DRY_RUN": "1", "NNODES": "2",
+           "MASTER_ADDR": "node-a"}
+    p = launch([], env)
+    assert p.returncode == 0 and "warning: node-a resolves to 127.0.1.1" in p.stderr and "SOCKET_IFNAME" in p.stderr
+    p = launch([], {**env, "GLOO_SOCKET_IFNAME": "eth0"})
+    assert "warning" not in p.stderr

@@ -45,9 +45,10 @@ def test_two_ranks_write_one_wandb_run_with_the_series_and_config(corpus, tiny_c
     for h in run.history:
         if "train/loss" in h:
             for key in ("loss_max", "lr", "grad_norm", "tokens_per_s", "samples_per_s", "mfu", "peak_memory_gib",
-                        "skipped_steps"):
+                        "peak_memory_reserved_gib", "skipped_steps"):
                 assert f"train/{key}" in h, key
             assert 0 < h["train/mfu"] < 1 and h["train/peak_memory_gib"] > 0.05
+            assert h["train/peak_memory_reserved_gib"] >= h["train/peak_memory_gib"]
             assert h["train/loss_max"] >= h["train/loss"]
         if "eval/perplexity" in h:
             assert h["eval/predictions/nrows"] == len(SAMPLE_SENTENCES) and h["eval/predictions/ncols"] == 5

@@ -1,0 +1,295 @@
+"""GPU throughput: our training step vs the Hugging Face Trainer, and predict.py vs pipeline("fill-mask").
+
+    python bench/gpu_throughput.py --assets DIR --out DIR [--budget_s 200] [--steps 20] [--repeats 2]
+
+Model: the bert-base-uncased architecture built from its config (BertConfig(): 12 layers, hidden 768, vocabulary
+30522), random weights (no Hub), the same seed on both sides, sdpa attention. Data: WikiText-2 train cut into
+chunks of the sequence length, the same chunks on both sides, with the bert-base-uncased WordPiece tokenizer.
+Rows, in order of priority (a row that would not fit in what is left of --budget_s is printed as not run):
+sequence 128 x batch 64 and 512 x 16, bf16 (compute capability 8.0 and up) and fp16 + GradScaler, eager, then
+the same with torch.compile. Each row alternates ours, HF, ours, HF (--repeats per side), each run a fresh model
+timed over --steps optimizer steps after --warmup (compilation happens in the warm-up).
+  ours: the step train_ddp.py runs: host masking (prepare_batch) + train_step (autocast, GradScaler for fp16, the
+        head at the masked positions only, fused AdamW, clipping, the on-device schedule), --torch_compile
+        compiling the encoder; loader batches as build_data makes them.
+  HF:   Trainer + DataCollatorForLanguageModeling(mlm_probability=0.15), optim adamw_torch_fused, bf16/fp16,
+        torch_compile for the compiled rows; timed by a callback that synchronises at the two marks only.
+MFU: the model FLOPs a step needs (encoder and attention on every token, the head at the 15% masked positions:
+mlm.metrics.mlm_step_flops, the same figure for both sides) / seconds / the data-sheet dense peak of the card.
+Then fill-mask: predict.py's Predictor (FillMask, batch 32) vs the pipeline one sentence at a time and batched,
+on 256 single-mask WikiText-2 test sentences, on the GPU. Prints a markdown table, writes it to OUT/gpu_table.md
+(and OUT/gpu_table.json). Asserts nothing.
+"""
+
+from __future__ import annotations
+
+import argparse
+import io
+import json
+import os
+import tempfile
+import time
+from dataclasses import dataclass
+
+import common
+import torch
+from torch.utils.data import DataLoader
+
+from mlm.config import TrainConfig
+from mlm.data import ChunkDataset, ResumableDistributedSampler, read_text_file, tokenize_texts
+from mlm.distributed import DistEnv
+from mlm.engine import build_scaler, prepare_batch, train_step
+from mlm.masking import MaskingSpec, build_masking_tables
+from mlm.metrics import MlmShape, device_peak, mlm_step_flops
+from mlm.modeling import MaskedLMLoss, build_optimizer, build_scheduler
+
+DEVICE = torch.device("cuda", 0)
+DRY_RUN = {"on": False}  # --dry_run: the whole script on a CPU with a tiny BERT, to check it before GPU time
+
+
+def sync() -> None:
+    if DEVICE.type == "cuda":
+        torch.cuda.synchronize()
+
+
+@dataclass(frozen=True)
+class Row:
+    seq: int
+    batch: int
+    precision: str
+    compile: bool
+
+    @property
+    def label(self) -> str:
+        return f"{self.seq} x {self.batch}, {self.precision}{' + GradScaler' if self.precision == 'fp16' else ''}" \
+               f"{', compiled' if self.compile else ''}"
+
+
+def bert_config():
+    """bert-base-uncased's architecture (BertConfig's defaults), or a tiny one in a dry run."""
+    from transformers import BertConfig
+    if DRY_RUN["on"]:
+        return BertConfig(hidden_size=64, num_hidden_layers=2, num_attention_heads=2, intermediate_size=128)
+    return BertConfig()
+
+
+def bert_base():
+    """The model from its config, random weights, fp32 masters (the same on both sides)."""
+    from transformers import AutoModelForMaskedLM
+    torch.manual_seed(0)
+    return AutoModelForMaskedLM.from_config(bert_config(), attn_implementation="sdpa", dtype=torch.float32)
+
+
+def run_ours(row: Row, chunks: ChunkDataset, tokenizer, warmup: int, steps: int) -> float:
+    """Seconds of `steps` optimizer steps after `warmup`."""
+    cfg = TrainConfig(learning_rate=5e-5, num_warmup_steps=0, per_device_train_batch_size=row.batch)
+    loss_module = MaskedLMLoss(bert_base().to(DEVICE), compile_encoder=row.compile).train()
+    optimizer = build_optimizer(cfg, loss_module, DEVICE)
+    schedule = build_scheduler(cfg, optimizer, warmup + steps)
+    scaler = build_scaler(row.precision, DEVICE)
+    tables, spec = build_masking_tables(tokenizer), MaskingSpec(seed=cfg.seed)
+    sampler = ResumableDistributedSampler(chunks, num_replicas=1, rank=0, shuffle=True, seed=cfg.seed)
+    loader = DataLoader(chunks, batch_size=row.batch, sampler=sampler, collate_fn=lambda b: b, drop_last=True)
+    env = DistEnv(rank=0, local_rank=0, world_size=1, device=DEVICE)
+    t0 = 0.0
+    for i, raw in enumerate(loader):
+        if i == warmup:
+            sync()
+            t0 = time.perf_counter()
+        if i == warmup + steps:
+            break
+        batch = prepare_batch(raw, 0, spec, tables, DEVICE)
+        train_step(loss_module, loss_module, optimizer, schedule, scaler, [batch], env, row.precision, 1.0)
+    sync()
+    return time.perf_counter() - t0
+
+
+class Rows(torch.utils.data.Dataset):
+    """What run_mlm hands the Trainer: the same chunks as ours, with their special-tokens mask."""
+
+    def __init__(self, chunks: ChunkDataset):
+        self.chunks = chunks
+
+    def __len__(self) -> int:
+        return len(self.chunks)
+
+    def __getitem__(self, i: int) -> dict:
+        ids = self.chunks[i]["input_ids"]
+        special = torch.zeros_like(ids)
+        special[0] = special[-1] = 1
+        return {"input_ids": ids, "special_tokens_mask": special}
+
+
+def run_hf(row: Row, chunks: ChunkDataset, tokenizer, warmup: int, steps: int) -> float:
+    from transformers import DataCollatorForLanguageModeling, PrinterCallback, Trainer, TrainerCallback, \
+        TrainingArguments
+    marks: dict[int, float] = {}
+
+    class StepClock(TrainerCallback):
+        def on_step_end(self, args, state, control, **kwargs):
+            if state.global_step in (warmup, warmup + steps):
+                sync()
+                marks[state.global_step] = time.perf_counter()
+
+    with tempfile.TemporaryDirectory() as out:
+        args = TrainingArguments(
+            output_dir=out, per_device_train_batch_size=row.batch, max_steps=warmup + steps, learning_rate=5e-5,
+            weight_decay=0.01, max_grad_norm=1.0, lr_scheduler_type="linear", report_to="none", eval_strategy="no",
+            save_strategy="no", logging_strategy="no", disable_tqdm=True, seed=42, optim="adamw_torch_fused",
+            bf16=row.precision == "bf16", fp16=row.precision == "fp16", torch_compile=row.compile,
+            dataloader_num_workers=0, use_cpu=DEVICE.type == "cpu")
+        trainer = Trainer(model=bert_base(), args=args, train_dataset=Rows(chunks),
+                          data_collator=DataCollatorForLanguageModeling(tokenizer, mlm_probability=0.15),
+                          callbacks=[StepClock()])
+        trainer.remove_callback(PrinterCallback)
+        trainer.train()
+    return marks[warmup + steps] - marks[warmup]
+
+
+def bench_predict(tokenizer_dir: str, test_file: str, n: int = 256, repeats: int = 3) -> dict:
+    """predict.py's path vs the pipeline on the GPU: sentences/s and top-1 agreement."""
+    from transformers import AutoTokenizer, pipeline
+    with tempfile.TemporaryDirectory() as model_dir:
+        bert_base().save_pretrained(model_dir)
+        AutoTokenizer.from_pretrained(tokenizer_dir).save_pretrained(model_dir)
+        cli = common.load_cli()
+        predictor = cli.Predictor(cli.build_parser().parse_args(["--model", model_dir, "--device", DEVICE.type]))
+        pipe = pipeline("fill-mask", model=model_dir, device=DEVICE)
+        texts = common.wikitext_sentences(test_file, n, pipe.tokenizer.get_vocab())
+        sides = {"ours": lambda: (lambda p: (cli.emit(p, False, io.StringIO()), p)[1])(predictor(texts)),
+                 "hf_one_by_one": lambda: [pipe(t) for t in texts],
+                 "hf_batched": lambda: pipe(texts, batch_size=32)}
+        times: dict[str, list[float]] = {k: [] for k in sides}
+        results = {k: fn() for k, fn in sides.items()}  # warm-up
+        for _ in range(repeats):
+            for k, fn in sides.items():
+                sync()
+                t0 = time.perf_counter()
+                results[k] = fn()
+                sync()
+                times[k].append(time.perf_counter() - t0)
+    agree = sum(p.masks[0].candidates[0].token_id == h[0]["token"]
+                for p, h in zip(results["ours"], results["hf_one_by_one"]))
+    rates = {k: len(texts) / common.median(v) for k, v in times.items()}
+    return {"sentences": len(texts), "sentences_per_s": rates, "top1_agree": agree}
+
+
+def load_chunks(tokenizer, wikitext: str, seq: int) -> ChunkDataset:
+    stream = tokenize_texts(tokenizer, read_text_file(os.path.join(wikitext, "wiki.train.raw")))
+    return ChunkDataset(stream, seq, cls_id=tokenizer.cls_token_id, sep_id=tokenizer.sep_token_id)
+
+
+PREDICT = "fill-mask"
+
+
+def plan(native_bf16: bool) -> list:
+    """The rows in order of priority (the budget cuts from the end): the headline (sequence 128, the card's
+    precision) eager and compiled first, fill-mask once the eager rows are in."""
+    first, second = ("bf16", "fp16") if native_bf16 else ("fp16", None)
+    order = [(128, 64, first, False), (128, 64, second, False), (128, 64, first, True), (512, 16, first, False),
+             (512, 16, second, False), PREDICT, (128, 64, second, True), (512, 16, first, True),
+             (512, 16, second, True)]
+    if DRY_RUN["on"]:
+        order = [(128, 64, "bf16", False), (128, 64, "bf16", True), PREDICT]
+    return [item if item == PREDICT else Row(*item) for item in order if item == PREDICT or item[2] is not None]
+
+
+def table(results: list[dict], peak: float, peak_source: str, predict: dict | None, header: str) -> str:
+    lines = [header, "", f"MFU against {peak / 1e12:.0f} TFLOP/s ({peak_source}).", "",
+             "| row | ours samples/s | HF Trainer samples/s | ours / HF | ours MFU | HF MFU |",
+             "| --- | --- | --- | --- | --- | --- |"]
+    for r in results:
+        if "skipped" in r:
+            lines.append(f"| {r['row']} | not run: {r['skipped']} | | | | |")
+            continue
+        lines.append(f"| {r['row']} | {r['ours']:.1f} ({', '.join(f'{x:.1f}' for x in r['ours_runs'])}) | "
+                     f"{r['hf']:.1f} ({', '.join(f'{x:.1f}' for x in r['hf_runs'])}) | {r['ours'] / r['hf']:.2f}x | "
+                     f"{r['ours_mfu']:.3f} | {r['hf_mfu']:.3f} |")
+    if not predict:
+        lines += ["", "Fill-mask: not run (time budget)."]
+    else:
+        s = predict["sentences_per_s"]
+        lines += ["", f"Fill-mask, {predict['sentences']} single-mask WikiText-2 test sentences on the GPU: ours "
+                  f"(predict.py's Predictor, batch 32) {s['ours']:.1f} sentences/s; pipeline one by one "
+                  f"{s['hf_one_by_one']:.1f} ({s['ours'] / s['hf_one_by_one']:.2f}x); pipeline batched (32) "
+                  f"{s['hf_batched']:.1f} ({s['ours'] / s['hf_batched']:.2f}x); top-1 token equal in "
+                  f"{predict['top1_agree']}/{predict['sentences']}."]
+    return "\n".join(lines) + "\n"
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--assets", default=os.environ.get("MLM_GPU_ASSETS", ".gpu-assets"),
+                   help="tokenizer/ and wikitext-2-raw-v1/ (bench/gpu_prepare.sh fills it)")
+    p.add_argument("--out", default="gpu-check-out")
+    p.add_argument("--budget_s", type=float, default=200.0, help="seconds for the whole table")
+    p.add_argument("--warmup", type=int, default=5)
+    p.add_argument("--steps", type=int, default=20)
+    p.add_argument("--repeats", type=int, default=2)
+    p.add_argument("--dry_run", action="store_true", help="on the CPU with a tiny BERT, bf16 rows only, 2 steps: "
+                   "checks the script, measures nothing")
+    a = p.parse_args()
+    if a.dry_run:
+        global DEVICE
+        DEVICE, DRY_RUN["on"] = torch.device("cpu"), True
+        a.warmup, a.steps, a.repeats = 1, 2, 1
+    t_start = time.perf_counter()
+    common.quiet_transformers()
+    from transformers import AutoTokenizer
+    os.makedirs(a.out, exist_ok=True)
+    tokenizer = AutoTokenizer.from_pretrained(os.path.join(a.assets, "tokenizer"))
+    wikitext = os.path.join(a.assets, "wikitext-2-raw-v1")
+    torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True  # as train_ddp.py (--tf32)
+    capability = torch.cuda.get_device_capability(0) if DEVICE.type == "cuda" else (8, 0)
+    native_bf16 = capability >= (8, 0)
+    shape = MlmShape.from_config(bert_config())
+    name = torch.cuda.get_device_name(0) if DEVICE.type == "cuda" else "CPU (dry run)"
+    peak, peak_source = device_peak(DEVICE, "bf16" if native_bf16 else "fp16")
+    header = (f"GPU throughput, {name} (compute capability {capability[0]}.{capability[1]}); {common.versions()}; "
+              f"{'a tiny BERT (dry run)' if DRY_RUN['on'] else 'bert-base architecture'}, random weights; "
+              f"{a.warmup} warm-up + {a.steps} timed steps per run, {a.repeats} runs per side alternated (compiled rows: 1), medians (runs in brackets)")
+    chunks: dict[int, ChunkDataset] = {}
+    results: list[dict] = []
+    predict = None
+    eager_cost, compiled_cost = 45.0, 130.0  # guesses until a row of the kind has run
+    rows = plan(native_bf16)
+    for row in rows:
+        left = a.budget_s - (time.perf_counter() - t_start)
+        if row == PREDICT:
+            if left > 30:
+                t0 = time.perf_counter()
+                predict = bench_predict(os.path.join(a.assets, "tokenizer"), os.path.join(wikitext, "wiki.test.raw"))
+                print(f"fill-mask: {json.dumps(predict)} ({time.perf_counter() - t0:.0f} s)", flush=True)
+            continue
+        cost = compiled_cost if row.compile else eager_cost
+        if left < cost:
+            results.append({"row": row.label, "skipped": f"time budget ({left:.0f} s left, about {cost:.0f} s needed)"})
+            print(f"{row.label}: not run ({left:.0f} s left)", flush=True)
+            continue
+        t0 = time.perf_counter()
+        if row.seq not in chunks:
+            chunks[row.seq] = load_chunks(tokenizer, wikitext, row.seq)
+        ours, hf = [], []
+        for _ in range(1 if row.compile else a.repeats):  # a compiled run costs a compilation on each side
+            ours.append(a.steps * row.batch / run_ours(row, chunks[row.seq], tokenizer, a.warmup, a.steps))
+            hf.append(a.steps * row.batch / run_hf(row, chunks[row.seq], tokenizer, a.warmup, a.steps))
+            print(f"{row.label}: ours {ours[-1]:.1f}, HF {hf[-1]:.1f} samples/s", flush=True)
+        needed = mlm_step_flops(shape, row.seq * row.batch, row.batch * row.seq ** 2, 0.15 * (row.seq - 2) * row.batch)
+        mo, mh = common.median(ours), common.median(hf)
+        results.append({"row": row.label, "ours": mo, "hf": mh, "ours_runs": ours, "hf_runs": hf,
+                        "ours_mfu": needed * mo / row.batch / peak, "hf_mfu": needed * mh / row.batch / peak})
+        spent = time.perf_counter() - t0
+        if row.compile:
+            compiled_cost = max(compiled_cost * 0.5, spent * 1.1)
+        else:
+            eager_cost = spent * 1.2
+    text = table(results, peak, peak_source, predict, header)
+    print("\n" + text, flush=True)
+    with open(os.path.join(a.out, "gpu_table.md"), "w") as fh:
+        fh.write(text)
+    with open(os.path.join(a.out, "gpu_table.json"), "w") as fh:
+        json.dump({"card": name, "peak": peak, "rows": results, "predict": predict}, fh, indent=1)
+
+
+if __name__ == "__main__":
+    main()
