@@ -17,9 +17,11 @@ import logging
 import sys
 from typing import Optional, TextIO
 
-from mlm.config import Parser, UserError
+from mlm.cli import Parser, UserError, quiet_logging, report
 
-EXIT_USER_ERROR = 2
+# mlm.inference (and with it torch and transformers) is imported inside the functions that need it, so that a
+# mistake on the command line is reported at once, before seconds of imports.
+
 LEGEND = ("per mask: the top tokens and their probabilities there; joint fills (several masks): whole sentences, "
           "scored by the product of each token's probability when it was filled, most confident mask first")
 
@@ -73,7 +75,7 @@ def gather_texts(args) -> list[str]:
             raise UserError(f"--file {args.file!r} holds no text; give a file with one text with [MASK] per line")
         texts += got
     if not texts and not args.texts and not args.file and not args.interactive:
-        from mlm.fill_mask import SAMPLE_SENTENCES
+        from mlm.inference.fill_mask import SAMPLE_SENTENCES
         texts = list(SAMPLE_SENTENCES)
     return texts
 
@@ -90,7 +92,7 @@ def check_args(args) -> None:
 
 
 def emit(preds, as_json: bool, out: TextIO) -> None:
-    from mlm.fill_mask import render
+    from mlm.inference.fill_mask import render
     for p in preds:
         if as_json:
             out.write(json.dumps(p.to_dict(), ensure_ascii=False) + "\n")
@@ -108,7 +110,8 @@ class Predictor:
     """The loaded model(s) and the options: texts in, predictions (with the comparison attached) out."""
 
     def __init__(self, args):
-        from mlm.fill_mask import FillMask, find_default_model
+        from mlm.inference.fill_mask import FillMask
+        from mlm.inference.loading import find_default_model
         if args.model is None:
             path, note = find_default_model()
             self.note = f"model: {path} ({note})"
@@ -150,19 +153,12 @@ def interact(predictor: Predictor, as_json: bool) -> None:
             print(f"error: {e}", file=sys.stderr, flush=True)
 
 
-def setup_logging() -> None:
-    logging.basicConfig(level=logging.WARNING, format="%(message)s", stream=sys.stderr, force=True)
-    import transformers
-    transformers.logging.set_verbosity_error()  # our own warning says when a head is fresh
-    transformers.utils.logging.disable_progress_bar()
-
-
 def main(argv: Optional[list[str]] = None) -> int:
     try:
         args = build_parser().parse_args(argv)
         check_args(args)
         texts = gather_texts(args)
-        setup_logging()
+        quiet_logging(logging.WARNING)  # our own warning says when a head is fresh
         predictor = Predictor(args)
         preds = predictor(texts) if texts else []  # every input is checked before anything is printed
         if args.json:
@@ -174,8 +170,7 @@ def main(argv: Optional[list[str]] = None) -> int:
             interact(predictor, args.json)
         return 0
     except UserError as e:
-        print(f"error: {e}", file=sys.stderr, flush=True)
-        return EXIT_USER_ERROR
+        return report(e)
     except KeyboardInterrupt:
         return 130
 

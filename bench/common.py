@@ -27,9 +27,9 @@ def minilm_path() -> str:
 
 
 def quiet_transformers() -> None:
-    import transformers
-    transformers.logging.set_verbosity_error()  # the report of the freshly initialised MLM head is noise here
-    transformers.utils.logging.disable_progress_bar()
+    """transformers' load reports and progress bars off, as train_ddp.py and predict.py have them."""
+    from mlm.cli import quiet_logging
+    quiet_logging()
 
 
 def machine() -> str:

@@ -21,7 +21,8 @@ from itertools import chain
 import common  # noqa: F401  (offline environment, repo on sys.path)
 
 from mlm.config import TrainConfig
-from mlm.data import ChunkDataset, load_token_streams, read_text_file, tokenize_texts
+from mlm.data import ChunkDataset, load_token_streams, tokenize_texts
+from mlm.sources import read_text_file
 
 
 def ours_cold(tokenizer, path: str, seq: int) -> ChunkDataset:

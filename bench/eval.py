@@ -20,11 +20,12 @@ import torch
 from torch.utils.data import DataLoader, Dataset
 
 from mlm.config import TrainConfig
-from mlm.data import ChunkDataset, eval_shard, read_text_file, tokenize_texts
+from mlm.data import ChunkDataset, eval_shard, tokenize_texts
+from mlm.sources import read_text_file
 from mlm.distributed import DistEnv
-from mlm.engine import evaluate
+from mlm.engine import Masking, evaluate
 from mlm.masking import EVAL_EPOCH, IGNORE_INDEX, MaskingSpec, build_masking_tables, mask_tokens
-from mlm.modeling import MaskedLMLoss, build_model, load_model_config
+from mlm.modeling import MaskedLMLoss, build_model, load_model_config, masked_positions
 
 CPU = torch.device("cpu")
 
@@ -69,12 +70,11 @@ def main() -> None:
     loss_module = MaskedLMLoss(model)
 
     env = DistEnv(rank=0, local_rank=0, world_size=1, device=CPU)
-    tables = build_masking_tables(tokenizer, CPU)
-    spec = MaskingSpec(cfg.mlm_probability, seed=cfg.seed)
+    masking = Masking(MaskingSpec(cfg.mlm_probability, seed=cfg.seed), build_masking_tables(tokenizer))
     loader = DataLoader(valid, batch_size=a.batch_size, sampler=eval_shard(len(valid), 0, 1),
                         collate_fn=lambda b: b)  # as build_data builds the eval loader
     raw = valid.__getitems__(list(range(len(valid))))
-    masked, labels = mask_tokens(raw["input_ids"], raw["index"], EVAL_EPOCH, spec, tables)
+    masked, labels = mask_tokens(raw["input_ids"], raw["index"], EVAL_EPOCH, masking.spec, masking.tables)
     with tempfile.TemporaryDirectory() as out:
         args = TrainingArguments(output_dir=out, per_device_eval_batch_size=a.batch_size, report_to="none",
                                  use_cpu=True, dataloader_num_workers=0, prediction_loss_only=True,
@@ -83,11 +83,11 @@ def main() -> None:
         trainer.remove_callback(PrinterCallback)  # its metrics dict would interleave with ours
         with torch.no_grad():  # untimed warm-up of both paths' kernels, so neither side's first run pays it
             model.eval()(input_ids=masked[:a.batch_size], labels=labels[:a.batch_size])
-            loss_module.eval_nll(masked[:a.batch_size], labels[:a.batch_size])
+            loss_module.eval_nll(masked[:a.batch_size], *masked_positions(labels[:a.batch_size]))
         ours_s, hf_s, ours_m, hf_m = [], [], {}, {}
         for r in range(a.repeats):
             t0 = time.perf_counter()
-            ours_m = evaluate(loss_module, loader, env, spec, tables, "fp32")
+            ours_m = evaluate(loss_module, loader, env, masking, "fp32")
             ours_s.append(time.perf_counter() - t0)
             t0 = time.perf_counter()
             hf_m = trainer.evaluate()
@@ -100,7 +100,7 @@ def main() -> None:
     with torch.no_grad():
         per_batch = []
         for i in range(0, len(valid), a.batch_size):
-            nll, _ = loss_module.eval_nll(masked[i:i + a.batch_size], labels[i:i + a.batch_size])
+            nll, _ = loss_module.eval_nll(masked[i:i + a.batch_size], *masked_positions(labels[i:i + a.batch_size]))
             rows = min(a.batch_size, len(valid) - i)
             per_batch.append((float(nll) / int((labels[i:i + a.batch_size] != IGNORE_INDEX).sum()), rows))
     ours_batch_mean = sum(l * n for l, n in per_batch) / len(valid)

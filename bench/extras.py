@@ -23,10 +23,9 @@ import torch
 
 from mlm.config import TrainConfig
 from mlm.distributed import DistEnv
-from mlm.engine import build_scaler, prepare_batch, train_step
-from mlm.fill_mask import FillMask
-from mlm.masking import MaskingSpec, build_masking_tables
-from mlm.modeling import MaskedLMLoss, build_model, build_optimizer, build_scheduler, load_model_config
+from mlm.engine import build_masking, build_trainable, prepare_batch, train_step
+from mlm.inference.fill_mask import FillMask
+from mlm.modeling import build_model, load_model_config
 from mlm.swa import WeightAverage
 
 CPU = torch.device("cpu")
@@ -38,17 +37,15 @@ def swa_cost(steps: int = 8) -> tuple[float, float]:
     tokenizer = AutoTokenizer.from_pretrained(common.minilm_path())
     torch.manual_seed(0)
     model = build_model(cfg, load_model_config(cfg), tokenizer)
-    loss_module = MaskedLMLoss(model)
-    opt = build_optimizer(cfg, loss_module, CPU)
-    sched, scaler = build_scheduler(cfg, opt, 100), build_scaler("fp32", CPU)
-    tables, spec = build_masking_tables(tokenizer), MaskingSpec()
+    trainable = build_trainable(cfg, model, "fp32", CPU, 100)
+    masking = build_masking(cfg, tokenizer)
     swa = WeightAverage(model, start_step=1)
     ids = torch.randint(1000, 30000, (16, 128))
     step_s, update_s = [], []
     for i in range(steps + 2):
-        micro = [prepare_batch({"input_ids": ids, "index": torch.arange(16) + 16 * i}, 0, spec, tables, CPU)]
+        micro = [prepare_batch({"input_ids": ids, "index": torch.arange(16) + 16 * i}, 0, masking, CPU)]
         t0 = time.perf_counter()
-        train_step(loss_module, loss_module, opt, sched, scaler, micro, DistEnv(0, 0, 1, CPU), "fp32", 1.0)
+        train_step(trainable, micro, DistEnv(0, 0, 1, CPU))
         t1 = time.perf_counter()
         swa.update(model, i + 1)
         t2 = time.perf_counter()
@@ -82,7 +79,7 @@ def main() -> None:
     print(f"1. SWA: MiniLM training step {step * 1e3:.0f} ms, AveragedModel update {update * 1e3:.1f} ms "
           f"({update / step:.1%} of a step)\n")
 
-    from mlm.export_onnx import export
+    from mlm.inference.export_onnx import export
     texts = sentences(args.sentences)
     with tempfile.TemporaryDirectory() as d:
         torch.manual_seed(0)

@@ -56,7 +56,7 @@ if [[ "${GPU_CHECK_SKIP_TESTS:-0}" != "1" ]]; then
         2>&1 | tee "$out/gpu_tests.log"
     tests_rc=${PIPESTATUS[0]}
     (( tests_rc == 124 )) && echo "gpu_check.sh: the tests ran past $tests_s s and were stopped" | tee -a "$out/gpu_tests.log"
-    grep "^measured:" "$out/gpu_tests.log" > "$out/measured.txt" || true
+    grep -o "measured: .*" "$out/gpu_tests.log" > "$out/measured.txt" || true
 fi
 
 left=$(( budget - (SECONDS - start) - 10 ))

@@ -36,12 +36,11 @@ import torch
 from torch.utils.data import DataLoader
 
 from mlm.config import TrainConfig
-from mlm.data import ChunkDataset, ResumableDistributedSampler, read_text_file, tokenize_texts
+from mlm.data import ChunkDataset, ResumableDistributedSampler, tokenize_texts
+from mlm.sources import read_text_file
 from mlm.distributed import DistEnv
-from mlm.engine import build_scaler, prepare_batch, train_step
-from mlm.masking import MaskingSpec, build_masking_tables
+from mlm.engine import build_masking, build_trainable, prepare_batch, train_step
 from mlm.metrics import MlmShape, device_peak, mlm_step_flops
-from mlm.modeling import MaskedLMLoss, build_optimizer, build_scheduler
 
 DEVICE = torch.device("cuda", 0)
 DRY_RUN = {"on": False}  # --dry_run: the whole script on a CPU with a tiny BERT, to check it before GPU time
@@ -82,12 +81,11 @@ def bert_base():
 
 def run_ours(row: Row, chunks: ChunkDataset, tokenizer, warmup: int, steps: int) -> float:
     """Seconds of `steps` optimizer steps after `warmup`."""
-    cfg = TrainConfig(learning_rate=5e-5, num_warmup_steps=0, per_device_train_batch_size=row.batch)
-    loss_module = MaskedLMLoss(bert_base().to(DEVICE), compile_encoder=row.compile).train()
-    optimizer = build_optimizer(cfg, loss_module, DEVICE)
-    schedule = build_scheduler(cfg, optimizer, warmup + steps)
-    scaler = build_scaler(row.precision, DEVICE)
-    tables, spec = build_masking_tables(tokenizer), MaskingSpec(seed=cfg.seed)
+    cfg = TrainConfig(learning_rate=5e-5, num_warmup_steps=0, per_device_train_batch_size=row.batch,
+                      torch_compile=row.compile)
+    trainable = build_trainable(cfg, bert_base().to(DEVICE), row.precision, DEVICE, warmup + steps)
+    trainable.loss.train()
+    masking = build_masking(cfg, tokenizer)
     sampler = ResumableDistributedSampler(chunks, num_replicas=1, rank=0, shuffle=True, seed=cfg.seed)
     loader = DataLoader(chunks, batch_size=row.batch, sampler=sampler, collate_fn=lambda b: b, drop_last=True)
     env = DistEnv(rank=0, local_rank=0, world_size=1, device=DEVICE)
@@ -98,8 +96,8 @@ def run_ours(row: Row, chunks: ChunkDataset, tokenizer, warmup: int, steps: int)
             t0 = time.perf_counter()
         if i == warmup + steps:
             break
-        batch = prepare_batch(raw, 0, spec, tables, DEVICE)
-        train_step(loss_module, loss_module, optimizer, schedule, scaler, [batch], env, row.precision, 1.0)
+        batch = prepare_batch(raw, 0, masking, DEVICE)
+        train_step(trainable, [batch], env)
     sync()
     return time.perf_counter() - t0
 

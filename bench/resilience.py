@@ -34,6 +34,8 @@ def bench_save(repeats: int) -> None:
     opt = torch.optim.AdamW(model.parameters(), lr=1e-4, fused=True)
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: 1.0)
     scaler = torch.amp.GradScaler("cpu", enabled=False)
+    parts = {"optimizer": opt, "scheduler": sched, "scaler": scaler,
+             "rng_states": checkpoint.RankRngs(0, [checkpoint.rng_state()] * 2)}
     ids = torch.randint(1000, 2000, (2, 32))
     model(input_ids=ids, labels=ids).loss.backward()
     opt.step()
@@ -42,14 +44,13 @@ def bench_save(repeats: int) -> None:
         for _ in range(repeats):
             state = checkpoint.TrainState(step=len(saves) + 1, world_size=2, per_device_train_batch_size=8)
             t0 = time.perf_counter()
-            path = checkpoint.save_checkpoint(out, state, model, opt, sched, scaler,
-                                              [checkpoint.rng_state()] * 2, save_total_limit=1)
+            path = checkpoint.save_checkpoint(out, state, model, parts, save_total_limit=1)
             saves.append(time.perf_counter() - t0)
             size = sum(os.path.getsize(os.path.join(path, f)) for f in os.listdir(path))
             t0 = time.perf_counter()
             chosen = checkpoint.latest_complete_checkpoint(out)  # verifies every file's SHA-256
             checkpoint.load_checkpoint(chosen, checkpoint.TrainState(world_size=2, per_device_train_batch_size=8),
-                                       model, opt, sched, scaler, 0, torch.device("cpu"))
+                                       model, parts, torch.device("cpu"))
             loads.append(time.perf_counter() - t0)
     params = sum(p.numel() for p in model.parameters())
     print(f"checkpoint       MiniLM + MLM head, {params / 1e6:.1f}M parameters, {size / 2**20:.1f} MiB on disk "

@@ -30,12 +30,12 @@ import torch  # noqa: E402
 from torch.utils.data import DataLoader  # noqa: E402
 
 from mlm.config import TrainConfig
-from mlm.data import plain_backend
 from mlm.distributed import DistEnv
-from mlm.engine import build_scaler, prepare_batch, train_step
+from mlm.engine import Masking, build_trainable, prepare_batch, train_step
 from mlm.masking import MaskingSpec, build_masking_tables
-from mlm.modeling import MaskedLMLoss, build_model, build_optimizer, build_scheduler, load_model_config
+from mlm.modeling import build_model, load_model_config
 from mlm.streaming import PackedBatches, rank_stream
+from mlm.text import plain_backend
 
 CPU = torch.device("cpu")
 SEQ, BATCH, BUFFER = 128, 16, 10000
@@ -56,12 +56,12 @@ def ours_loader(cfg: TrainConfig, tokenizer, workers: int, start_state=None):
     return batches, DataLoader(batches, batch_size=None, num_workers=workers)
 
 
-def time_ours(cfg, tokenizer, tables, spec, workers: int, n_batches: int) -> float:
+def time_ours(cfg, tokenizer, masking: Masking, workers: int, n_batches: int) -> float:
     t0 = time.perf_counter()
     _, loader = ours_loader(cfg, tokenizer, workers)
     for i, raw in enumerate(itertools.islice(loader, n_batches)):
         index = torch.arange(i * BATCH, (i + 1) * BATCH)
-        prepare_batch({"input_ids": raw["input_ids"], "index": index}, 0, spec, tables, CPU)
+        prepare_batch({"input_ids": raw["input_ids"], "index": index}, 0, masking, CPU)
     return n_batches * BATCH / (time.perf_counter() - t0)
 
 
@@ -91,20 +91,18 @@ def time_hf(tokenizer, workers: int, n_batches: int) -> float:
     return n_batches * BATCH / (time.perf_counter() - t0)
 
 
-def training_rate(cfg, tokenizer, tables, spec, steps: int = 8) -> float:
+def training_rate(cfg, tokenizer, masking: Masking, steps: int = 8) -> float:
     torch.manual_seed(0)
     model = build_model(cfg, load_model_config(cfg), tokenizer)
-    loss_module = MaskedLMLoss(model)
-    opt = build_optimizer(cfg, loss_module, CPU)
-    sched = build_scheduler(cfg, opt, 100)
+    trainable = build_trainable(cfg, model, "fp32", CPU, 100)
     env = DistEnv(0, 0, 1, CPU)
     _, loader = ours_loader(cfg, tokenizer, 1)
     batches = [raw["input_ids"] for raw in itertools.islice(loader, steps + 2)]
     times = []
     for i, ids in enumerate(batches):
-        micro = [prepare_batch({"input_ids": ids, "index": torch.arange(BATCH)}, 0, spec, tables, CPU)]
+        micro = [prepare_batch({"input_ids": ids, "index": torch.arange(BATCH)}, 0, masking, CPU)]
         t0 = time.perf_counter()
-        train_step(loss_module, loss_module, opt, sched, build_scaler("fp32", CPU), micro, env, "fp32", 1.0)
+        train_step(trainable, micro, env)
         if i >= 2:  # the first steps warm up allocators and kernels
             times.append(time.perf_counter() - t0)
     return BATCH / common.median(times)
@@ -132,7 +130,7 @@ def main() -> None:
     common.quiet_transformers()
     from transformers import AutoTokenizer
     tokenizer = AutoTokenizer.from_pretrained(common.minilm_path())
-    tables, spec = build_masking_tables(tokenizer), MaskingSpec()
+    masking = Masking(MaskingSpec(), build_masking_tables(tokenizer))
     cfg = config()
     n_batches = args.examples // BATCH
     print(f"machine: {common.machine()}; {common.versions()}")
@@ -143,11 +141,11 @@ def main() -> None:
     for workers in (0, 1, 2):
         ours, hf = [], []
         for _ in range(args.repeats):
-            ours.append(time_ours(cfg, tokenizer, tables, spec, workers, n_batches))
+            ours.append(time_ours(cfg, tokenizer, masking, workers, n_batches))
             hf.append(time_hf(tokenizer, workers, n_batches))
         print(f"| {workers} | {common.median(ours):.0f} | {common.median(hf):.0f} | "
               f"{common.median(ours) / common.median(hf):.2f}x |", flush=True)
-    rate = training_rate(cfg, tokenizer, tables, spec)
+    rate = training_rate(cfg, tokenizer, masking)
     print(f"\n2. MiniLM training consumes {rate:.1f} examples/s on this CPU (fp32, one process): the loader is "
           f"not the bottleneck while its rate is above that")
     at = max(n_batches, 1)

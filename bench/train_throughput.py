@@ -13,6 +13,7 @@ import argparse
 import os
 import tempfile
 import time
+from dataclasses import replace
 
 import common  # noqa: F401  (offline environment, repo on sys.path)
 import numpy as np
@@ -20,11 +21,11 @@ import torch
 from torch.utils.data import DataLoader
 
 from mlm.config import TrainConfig
-from mlm.data import ChunkDataset, ResumableDistributedSampler, read_text_file, tokenize_texts
+from mlm.data import ChunkDataset, ResumableDistributedSampler, tokenize_texts
+from mlm.sources import read_text_file
 from mlm.distributed import DistEnv
-from mlm.engine import build_scaler, prepare_batch, train_step
-from mlm.masking import MaskingSpec, build_masking_tables
-from mlm.modeling import MaskedLMLoss, build_model, build_optimizer, build_scheduler, load_model_config
+from mlm.engine import build_masking, build_trainable, prepare_batch, train_step
+from mlm.modeling import build_model, load_model_config
 
 CPU = torch.device("cpu")
 
@@ -64,6 +65,15 @@ def load_chunks(path: str, tokenizer, seq: int) -> ChunkDataset:
     return ChunkDataset(stream, seq, cls_id=tokenizer.cls_token_id, sep_id=tokenizer.sep_token_id)
 
 
+def hf_dataset(chunks: ChunkDataset):
+    """What run_mlm hands the Trainer: the same chunks as ours, with their special-tokens mask."""
+    from datasets import Dataset
+    ids = chunks.__getitems__(list(range(len(chunks))))["input_ids"].numpy()
+    special = np.zeros_like(ids, dtype=np.int8)
+    special[:, 0] = special[:, -1] = 1
+    return Dataset.from_dict({"input_ids": ids, "special_tokens_mask": special})
+
+
 def run_ours(cfg: TrainConfig, tokenizer, chunks: ChunkDataset, warmup: int, steps: int,
              compile_encoder: bool = False, profiler=None) -> tuple[float, int]:
     """Seconds for `steps` optimizer steps after `warmup`, and the masked tokens the head ran on.
@@ -71,12 +81,10 @@ def run_ours(cfg: TrainConfig, tokenizer, chunks: ChunkDataset, warmup: int, ste
     profiler: a torch.profiler.profile, started at the first timed step and stopped after the last."""
     env = DistEnv(rank=0, local_rank=0, world_size=1, device=CPU)
     model = build_model(cfg, load_model_config(cfg), tokenizer)  # seeds, then from_pretrained with sdpa
-    loss_module = MaskedLMLoss(model, compile_encoder=compile_encoder).train()  # compiles in the warm-up steps
-    optimizer = build_optimizer(cfg, loss_module, CPU)
-    scheduler = build_scheduler(cfg, optimizer, warmup + steps)
-    scaler = build_scaler("fp32", CPU)
-    tables = build_masking_tables(tokenizer, CPU)
-    spec = MaskingSpec(cfg.mlm_probability, seed=cfg.seed)
+    # The step train_ddp.py runs (compiled in the warm-up steps with --torch_compile).
+    trainable = build_trainable(replace(cfg, torch_compile=compile_encoder), model, "fp32", CPU, warmup + steps)
+    trainable.loss.train()
+    masking = build_masking(cfg, tokenizer)
     sampler = ResumableDistributedSampler(chunks, num_replicas=1, rank=0, shuffle=True, seed=cfg.seed)
     loader = DataLoader(chunks, batch_size=cfg.per_device_train_batch_size, sampler=sampler,
                         collate_fn=lambda b: b)  # ChunkDataset.__getitems__ already returns the batch
@@ -90,8 +98,8 @@ def run_ours(cfg: TrainConfig, tokenizer, chunks: ChunkDataset, warmup: int, ste
             if profiler is not None:
                 profiler.stop()
             break
-        batch = prepare_batch(raw, 0, spec, tables, CPU)
-        train_step(loss_module, loss_module, optimizer, scheduler, scaler, [batch], env, "fp32", cfg.max_grad_norm)
+        batch = prepare_batch(raw, 0, masking, CPU)
+        train_step(trainable, [batch], env)
         if step >= warmup:
             masked += batch.masked_count
     return time.perf_counter() - t0, int(masked)
@@ -136,17 +144,12 @@ def main() -> None:
     a = p.parse_args()
     common.quiet_transformers()
     torch.set_num_threads(os.cpu_count())  # the same for both sides
-    from datasets import Dataset
     from transformers import AutoTokenizer
     cfg = TrainConfig(model_name_or_path=common.minilm_path(), per_device_train_batch_size=a.batch_size,
                       max_seq_length=a.seq, precision="fp32", attn_implementation="sdpa")
     tokenizer = AutoTokenizer.from_pretrained(cfg.model_name_or_path)
     chunks = load_chunks(a.train_file, tokenizer, a.seq)
-    ids = chunks.__getitems__(list(range(len(chunks))))["input_ids"].numpy()
-    special = np.zeros_like(ids, dtype=np.int8)
-    special[:, 0] = special[:, -1] = 1
-    # What run_mlm hands the Trainer: the same chunks as ours, with their special-tokens mask.
-    hf_data = Dataset.from_dict({"input_ids": ids, "special_tokens_mask": special})
+    hf_data = hf_dataset(chunks)
 
     config = load_model_config(cfg)
     enc = build_model(cfg, config, tokenizer).bert.encoder

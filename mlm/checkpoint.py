@@ -1,15 +1,15 @@
-"""TrainState, atomic resumable checkpoints, resume, and the plain Hugging Face export.
+"""Resumable checkpoints: TrainState, atomic `checkpoints/step-N/` directories, choosing one to resume.
 
-Two kinds of checkpoint: `checkpoints/step-N/` holds every piece of state needed to continue exactly;
-`best/` is a save_pretrained export anyone can load with AutoModelForMaskedLM or pipeline("fill-mask").
-Both are written into a temporary directory, flushed, and renamed into place (invariant 5); a checkpoint's
-manifest (file sizes and SHA-256) is written last, so a checkpoint without a valid manifest is incomplete.
+A checkpoint holds every piece of state needed to continue exactly: the weights (safetensors) and, for each
+named piece, the `state_dict()` of an object with `state_dict`/`load_state_dict` (optimizer, schedule, scaler,
+every rank's RNG states, SWA). It is written into a temporary directory, flushed and renamed into place
+(invariant 5, docs/DESIGN.md); its manifest (file sizes and SHA-256) is written last, so a checkpoint without a
+valid manifest is incomplete. The plain Hugging Face export (best/) is mlm/export.py.
 """
 
 from __future__ import annotations
 
 import dataclasses
-import hashlib
 import json
 import logging
 import os
@@ -17,12 +17,13 @@ import random
 import re
 import shutil
 from dataclasses import dataclass, field
-from typing import Any, Optional
+from typing import Any, Mapping, Optional, Protocol
 
 import numpy as np
 import torch
 
-from .config import UserError
+from .cli import UserError
+from .files import HISTORY, replace_dir, sha256_file, write_json_atomic
 
 log = logging.getLogger("mlm")
 _STEP_DIR = re.compile(r"^step-(\d+)$")
@@ -53,51 +54,13 @@ class TrainState:
 
 
 # ---------------------------------------------------------------------- files, atomically
-def _fsync_dir(path: str) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
-def _sha256(path: str) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as fh:
-        for block in iter(lambda: fh.read(1 << 22), b""):
-            h.update(block)
-    return h.hexdigest()
-
-
-def write_json_atomic(path: str, obj: Any) -> None:
-    tmp = f"{path}.tmp"
-    with open(tmp, "w", encoding="utf-8") as fh:
-        json.dump(obj, fh, indent=1, default=str)
-        fh.flush()
-        os.fsync(fh.fileno())
-    os.replace(tmp, path)
-
-
-def _finish_dir(tmp: str, final: str) -> None:
-    """Flush every file under tmp, then move it to final; an older final is removed only after the move."""
-    for dirpath, _, files in os.walk(tmp):
-        for name in files:
-            with open(os.path.join(dirpath, name), "rb+") as fh:
-                os.fsync(fh.fileno())
-    _fsync_dir(tmp)
-    old = None
-    if os.path.exists(final):
-        old = f"{final}.old"
-        shutil.rmtree(old, ignore_errors=True)
-        os.rename(final, old)
-    os.rename(tmp, final)
-    _fsync_dir(os.path.dirname(final) or ".")
-    if old:
-        shutil.rmtree(old, ignore_errors=True)
+class Stateful(Protocol):
+    def state_dict(self) -> Any: ...
+    def load_state_dict(self, state: Any) -> Any: ...
 
 
 def _write_manifest(path: str) -> None:
-    files = {n: {"bytes": os.path.getsize(os.path.join(path, n)), "sha256": _sha256(os.path.join(path, n))}
+    files = {n: {"bytes": os.path.getsize(os.path.join(path, n)), "sha256": sha256_file(os.path.join(path, n))}
              for n in sorted(os.listdir(path)) if n != MANIFEST}
     write_json_atomic(os.path.join(path, MANIFEST), {"files": files})
 
@@ -108,7 +71,7 @@ def is_complete(path: str, verify_hashes: bool = False) -> bool:
             files = json.load(fh)["files"]
         for name, info in files.items():
             p = os.path.join(path, name)
-            if os.path.getsize(p) != info["bytes"] or (verify_hashes and _sha256(p) != info["sha256"]):
+            if os.path.getsize(p) != info["bytes"] or (verify_hashes and sha256_file(p) != info["sha256"]):
                 return False
         return True
     except (OSError, ValueError, KeyError):
@@ -132,6 +95,20 @@ def set_rng_state(state: dict[str, Any]) -> None:
     np.random.set_state((name, keys.numpy().astype(np.uint32), *rest))
     if "cuda" in state and torch.cuda.is_available():
         torch.cuda.set_rng_state(state["cuda"])
+
+
+@dataclass
+class RankRngs:
+    """Every rank's RNG states as a checkpoint piece: gathered on rank 0 to be saved; on load, this rank's own
+    (so dropout continues exactly where it was)."""
+    rank: int
+    gathered: Optional[list[dict[str, Any]]] = None
+
+    def state_dict(self) -> Optional[list[dict[str, Any]]]:
+        return self.gathered
+
+    def load_state_dict(self, states: list[dict[str, Any]]) -> None:
+        set_rng_state(states[self.rank])
 
 
 # ---------------------------------------------------------------------- resumable checkpoints
@@ -200,9 +177,9 @@ def check_free_space(output_dir: str, model: torch.nn.Module) -> None:
                         "choose another --output_dir")
 
 
-def save_checkpoint(output_dir: str, state: TrainState, model: torch.nn.Module, optimizer, scheduler, scaler,
-                    rng_states: list[dict[str, Any]], save_total_limit: int, swa=None) -> str:
-    """Rank 0 only: every rank's RNG state arrives gathered in rng_states."""
+def save_checkpoint(output_dir: str, state: TrainState, model: torch.nn.Module, parts: Mapping[str, Stateful],
+                    save_total_limit: int) -> str:
+    """Rank 0 only: the weights, `<name>.pt` for each piece (None pieces skipped), the state, the manifest."""
     from safetensors.torch import save_model
     root = os.path.join(output_dir, "checkpoints")
     os.makedirs(root, exist_ok=True)
@@ -211,22 +188,21 @@ def save_checkpoint(output_dir: str, state: TrainState, model: torch.nn.Module, 
     shutil.rmtree(tmp, ignore_errors=True)
     os.makedirs(tmp)
     save_model(model, os.path.join(tmp, "model.safetensors"))  # handles the tied embedding/decoder weights
-    torch.save(optimizer.state_dict(), os.path.join(tmp, "optimizer.pt"))
-    torch.save(scheduler.state_dict(), os.path.join(tmp, "scheduler.pt"))
-    torch.save(scaler.state_dict(), os.path.join(tmp, "scaler.pt"))
-    torch.save(rng_states, os.path.join(tmp, "rng_states.pt"))
-    if swa is not None:
-        torch.save(swa.state_dict(), os.path.join(tmp, "swa.pt"))
+    for name, piece in parts.items():
+        if piece is not None:
+            torch.save(piece.state_dict(), os.path.join(tmp, f"{name}.pt"))
     write_json_atomic(os.path.join(tmp, "trainer_state.json"), state.state_dict())
     _write_manifest(tmp)
-    _finish_dir(tmp, final)
+    replace_dir(tmp, final)
     for _, old in checkpoint_dirs(output_dir)[:-save_total_limit]:
         shutil.rmtree(old, ignore_errors=True)
     return final
 
 
-def load_checkpoint(path: str, state: TrainState, model: torch.nn.Module, optimizer, scheduler, scaler,
-                    rank: int, device: torch.device, swa=None) -> None:
+def load_checkpoint(path: str, state: TrainState, model: torch.nn.Module, parts: Mapping[str, Stateful],
+                    device: torch.device) -> None:
+    """Every rank: the weights onto device, then each piece whose file the checkpoint has (a piece saved only
+    from some step on, like SWA's average, is absent from earlier checkpoints)."""
     from safetensors.torch import load_model
     if not is_complete(path):
         raise UserError(f"checkpoint {path!r} is incomplete or damaged (no valid {MANIFEST}); pass another "
@@ -240,38 +216,15 @@ def load_checkpoint(path: str, state: TrainState, model: torch.nn.Module, optimi
                         "--per_device_train_batch_size, or start afresh with --overwrite_output_dir")
     state.load_state_dict(saved)
     load_model(model, os.path.join(path, "model.safetensors"), device=str(device))
-    load = lambda name: torch.load(os.path.join(path, name), map_location=device, weights_only=True)
-    optimizer.load_state_dict(load("optimizer.pt"))
-    scheduler.load_state_dict(load("scheduler.pt"))
-    load_scaler_state(scaler, load("scaler.pt"))
-    set_rng_state(torch.load(os.path.join(path, "rng_states.pt"), map_location="cpu", weights_only=True)[rank])
-    if swa is not None and os.path.isfile(os.path.join(path, "swa.pt")):  # absent: saved before SWA started
-        swa.load_state_dict(load("swa.pt"))
-
-
-def load_scaler_state(scaler: torch.amp.GradScaler, saved: dict[str, Any]) -> None:
-    """A disabled scaler (a bf16 or fp32 run) saves {}, which GradScaler.load_state_dict refuses: an fp16 run
-    resumed from such a checkpoint (an A100 run moved to a T4, a CPU run moved to a GPU) starts with a fresh
-    loss scale, which finds its level within a few steps."""
-    if scaler.is_enabled() and not saved:
-        log.info("the checkpoint was saved without a GradScaler (bf16 or fp32): fp16 starts with a fresh loss scale")
-        return
-    scaler.load_state_dict(saved)
-
-
-# ---------------------------------------------------------------------- export
-def export_pretrained(model: torch.nn.Module, tokenizer, path: str, metrics: dict[str, Any]) -> None:
-    """A plain Hugging Face directory (safetensors weights, config, tokenizer), replaced atomically."""
-    tmp = f"{path}.tmp"
-    shutil.rmtree(tmp, ignore_errors=True)
-    model.save_pretrained(tmp, safe_serialization=True)
-    tokenizer.save_pretrained(tmp)
-    write_json_atomic(os.path.join(tmp, "eval_results.json"), metrics)
-    _finish_dir(tmp, path)
+    for name, piece in parts.items():
+        file = os.path.join(path, f"{name}.pt")
+        if piece is not None and os.path.isfile(file):
+            # On the CPU: RNG states must be CPU tensors; optimizers and modules move the rest themselves.
+            piece.load_state_dict(torch.load(file, map_location="cpu", weights_only=True))
 
 
 # ---------------------------------------------------------------------- the run directory
-OWNED = ("checkpoints", "best", "training_history.json", "run_config.json", "wandb")
+OWNED = ("checkpoints", "best", HISTORY, "run_config.json", "wandb")
 
 
 def choose_resume(output_dir: str, resume_from_checkpoint: Optional[str], overwrite: bool) -> Optional[str]:
@@ -292,11 +245,3 @@ def choose_resume(output_dir: str, resume_from_checkpoint: Optional[str], overwr
         raise UserError(f"{output_dir!r} holds checkpoints of an earlier run; resume it (the default), or pass "
                         "--overwrite_output_dir to start afresh")
     return latest_complete_checkpoint(output_dir) if found and resume_from_checkpoint != "none" else None
-
-
-def read_history(output_dir: str) -> list[dict]:
-    try:
-        with open(os.path.join(output_dir, "training_history.json")) as fh:
-            return json.load(fh)
-    except (OSError, ValueError):
-        return []

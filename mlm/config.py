@@ -1,14 +1,15 @@
 """TrainConfig: one typed dataclass, Hugging Face argument names, every value checked before any work.
 
-The command line is built from the dataclass fields, so a field, its type, its default and its help
-live in one place. `--config FILE` (YAML or JSON) supplies values; the command line overrides them.
+The command line is transformers' HfArgumentParser over the dataclass, so a field, its type, its default, its
+choices and its help live in one place. On top of it, only what it lacks: `--config FILE` (YAML or JSON) whose
+values the command line overrides, `--no_FLAG` for every flag (HfArgumentParser adds it only to flags that
+default to true), and one-line errors instead of argparse's usage dump.
 """
 
 from __future__ import annotations
 
 import argparse
 import dataclasses
-import functools
 import json
 import math
 import os
@@ -16,37 +17,23 @@ import shutil
 import sys
 import typing
 from dataclasses import dataclass, field
-from typing import Any, Callable, Optional, Sequence
+from typing import Any, Optional, Sequence
+
+from .cli import OUTPUTS_ROOT, UserError, command_line, looks_like_path
+from .sources import LOCAL_SUFFIXES, WIKITEXT_FILES
 
 DEFAULT_MODEL = "bert-base-uncased"
 DEFAULT_DATASET, DEFAULT_DATASET_CONFIG = "wikitext", "wikitext-2-raw-v1"
-OUTPUTS_ROOT = "outputs"  # default run directories are outputs/<model>-<dataset>; predict.py looks here too
 PRECISIONS = ("auto", "fp32", "fp16", "bf16")
 SCHEDULERS = ("linear", "cosine", "cosine_with_restarts", "polynomial", "constant", "constant_with_warmup")
 REPORT_TO = ("all", "wandb", "none")
 CACHE_SCOPES = ("node", "shared")
-LOCAL_SUFFIXES = (".txt", ".raw", ".json", ".jsonl", ".parquet", ".csv")
-WIKITEXT_FILES = ("wiki.train.raw", "wiki.valid.raw")
-
-
-class UserError(Exception):
-    """A problem with what the user asked for: reported as one line, no traceback, non-zero exit."""
-
-
-def command_line(main: Callable[..., int]) -> Callable[..., int]:
-    """Decorates a module's main(): a UserError becomes one `error: ...` line on stderr and exit code 2."""
-    @functools.wraps(main)
-    def wrapper(*args: Any, **kwargs: Any) -> int:
-        try:
-            return main(*args, **kwargs)
-        except UserError as e:
-            print(f"error: {e}", file=sys.stderr, flush=True)
-            return 2
-    return wrapper
 
 
 def _f(default: Any, help: str, group: str, **kw: Any) -> Any:
-    return field(default=default, metadata={"help": help, "group": group, **kw})
+    """A field: its default and help (the group orders this file and the README's table; --help lists fields
+    in this order)."""
+    return field(default=default, metadata={"help": help, **kw})
 
 
 @dataclass
@@ -301,7 +288,7 @@ def _check_sources(c: TrainConfig) -> None:
     if c.dataset_dir:
         _require(os.path.isdir(c.dataset_dir), f"--dataset_dir {c.dataset_dir!r} is not a directory; give the "
                  "folder holding wiki.train.raw and wiki.valid.raw")
-        for name in WIKITEXT_FILES:
+        for name in WIKITEXT_FILES.values():
             _check_local_file("dataset_dir", os.path.join(c.dataset_dir, name))
     if c.train_file:
         _check_local_file("train_file", c.train_file)
@@ -318,10 +305,6 @@ def _check_sources(c: TrainConfig) -> None:
                  "with --max_train_steps")
         _require(not (c.train_file and not c.validation_file), "--streaming with --train_file needs "
                  "--validation_file: the validation set is read whole, so it cannot be carved from a stream")
-
-
-def looks_like_path(name: str) -> bool:
-    return name.startswith((".", "/", "~")) or os.sep in name.strip("/") and name.count("/") > 1
 
 
 def _check_model_paths(c: TrainConfig) -> None:
@@ -369,44 +352,25 @@ def _check_output(c: TrainConfig) -> None:
 
 
 # ---------------------------------------------------------------------- command line
-def _str2bool(v: str) -> bool:
-    if v.lower() in ("1", "true", "yes", "y", "on"):
-        return True
-    if v.lower() in ("0", "false", "no", "n", "off"):
-        return False
-    raise argparse.ArgumentTypeError(f"expected true or false, got {v!r}")
-
-
 def _base_type(tp: Any) -> Any:
     args = [a for a in typing.get_args(tp) if a is not type(None)]
     return args[0] if args else tp
 
 
-class Parser(argparse.ArgumentParser):
-    """argparse with one-line errors: the problem, and where to look for the fix."""
-
-    def error(self, message: str) -> typing.NoReturn:
-        raise UserError(f"{message} (run `python {self.prog} --help` to list the options)")
-
-
 def build_parser(prog: str = "train_ddp.py") -> argparse.ArgumentParser:
-    p = Parser(prog=prog, description="Masked-LM fine-tuning of BERT-style models on PyTorch DDP. Launch with "
-                "torchrun --nproc_per_node=N train_ddp.py [options], or bash launch.sh [options].",
-                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    from transformers import HfArgumentParser
+
+    class Parser(HfArgumentParser):
+        def error(self, message: str) -> typing.NoReturn:  # one line, not argparse's usage dump and exit
+            raise UserError(f"{message} (run `python {self.prog} --help` to list the options)")
+
+    p = Parser(TrainConfig, prog=prog, description="Masked-LM fine-tuning of BERT-style models on PyTorch DDP. "
+               "Launch with torchrun --nproc_per_node=N train_ddp.py [options], or bash launch.sh [options].")
     p.add_argument("--config", default=None, help="YAML or JSON file of options; the command line overrides it.")
     hints = typing.get_type_hints(TrainConfig)
-    groups: dict[str, argparse._ArgumentGroup] = {}
     for f in dataclasses.fields(TrainConfig):
-        meta = f.metadata
-        g = groups.setdefault(meta["group"], p.add_argument_group(meta["group"]))
-        tp = _base_type(hints[f.name])
-        if tp is bool:
-            g.add_argument(f"--{f.name}", type=_str2bool, nargs="?", const=True, default=f.default,
-                           metavar="BOOL", help=meta["help"])
-            g.add_argument(f"--no_{f.name}", dest=f.name, action="store_false", help=argparse.SUPPRESS)
-        else:
-            g.add_argument(f"--{f.name}", type=tp, default=f.default, choices=meta.get("choices"),
-                           help=meta["help"])
+        if _base_type(hints[f.name]) is bool and f.default is False:  # HfArgumentParser adds --no_ for True only
+            p.add_argument(f"--no_{f.name}", dest=f.name, action="store_false", help=argparse.SUPPRESS)
     return p
 
 
@@ -446,6 +410,14 @@ def parse_args(argv: Optional[Sequence[str]] = None, prog: str = "train_ddp.py")
     return TrainConfig(**values).resolve_and_validate()
 
 
+def _str2bool(v: str) -> bool:
+    if v.lower() in ("1", "true", "yes", "y", "on"):
+        return True
+    if v.lower() in ("0", "false", "no", "n", "off"):
+        return False
+    raise ValueError(v)
+
+
 def _coerce(name: str, value: Any) -> Any:
     tp = _base_type(typing.get_type_hints(TrainConfig)[name])
     if value is None:
@@ -456,13 +428,16 @@ def _coerce(name: str, value: Any) -> Any:
         if tp is int and isinstance(value, float) and not value.is_integer():
             raise ValueError
         return tp(value)
-    except (ValueError, TypeError, argparse.ArgumentTypeError):
+    except (ValueError, TypeError):
         raise UserError(f"option {name} in the config file: {value!r} is not a valid {tp.__name__}") from None
 
 
-if __name__ == "__main__":  # python -m mlm.config [options]: check options without starting (launch.sh does)
-    try:
-        parse_args(sys.argv[1:])
-    except UserError as e:
-        print(f"error: {e}", file=sys.stderr)
-        sys.exit(2)
+@command_line
+def check_main(argv: Optional[Sequence[str]] = None) -> int:
+    """python -m mlm.config [options]: check options without starting (launch.sh and the SLURM script do)."""
+    parse_args(sys.argv[1:] if argv is None else argv)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(check_main())

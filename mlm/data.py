@@ -1,4 +1,4 @@
-"""Text source -> one flat token stream per split (cached on disk) -> fixed-length examples -> DataLoaders.
+"""Texts (mlm.sources) -> one flat token stream per split (cached on disk) -> fixed-length examples -> DataLoaders.
 
 The cache holds the tokenised stream and the per-text lengths, keyed by the tokenizer (a hash of its full
 definition), the source's content fingerprint and the mode. Chunking into `max_seq_length` examples is a
@@ -18,118 +18,21 @@ import shutil
 import tempfile
 import time
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Callable, Iterator, Optional, Sequence
+from typing import Any, Callable, Iterator, Optional, Protocol, Sequence
 
 import numpy as np
 import torch
 from torch.utils.data import DataLoader, DistributedSampler
 
-from .config import TrainConfig, UserError
+from .cli import UserError
+from .config import TrainConfig
 from .distributed import DistEnv, main_process_first
-
-if TYPE_CHECKING:
-    from .streaming import StreamingTrain
+from .sources import build_source
+from .text import Framing, frame, plain_backend
 
 log = logging.getLogger("mlm")
 CACHE_VERSION = 1
 TOKENIZE_BATCH = 8192
-
-
-# ---------------------------------------------------------------------- sources
-@dataclass(frozen=True)
-class Source:
-    """Where each split's texts come from: a name for messages, a fingerprint, and a loader of texts."""
-    description: str
-    fingerprint: str
-    load: Callable[[], dict[str, list[str]]]
-
-
-def _sha256_file(path: str) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as fh:
-        for block in iter(lambda: fh.read(1 << 22), b""):
-            h.update(block)
-    return h.hexdigest()
-
-
-def read_text_file(path: str) -> list[str]:
-    """Texts of a local file: a line each for .txt/.raw; the 'text' column for .json/.jsonl/.parquet/.csv."""
-    if path.endswith((".txt", ".raw")):
-        with open(path, encoding="utf-8") as fh:
-            lines = fh.read().split("\n")
-        return lines[:-1] if lines and lines[-1] == "" else lines
-    import datasets
-    kind = {"jsonl": "json"}.get(path.rsplit(".", 1)[-1], path.rsplit(".", 1)[-1])
-    try:
-        ds = datasets.load_dataset(kind, data_files=path, split="train")
-    except Exception as e:
-        raise UserError(f"could not read {path!r} as {kind} ({type(e).__name__}); check the file's format") from None
-    if "text" not in ds.column_names:
-        raise UserError(f"{path!r} has no 'text' column (columns: {', '.join(ds.column_names)}); name the column "
-                        "holding the text 'text'")
-    return [t or "" for t in ds["text"]]
-
-
-def _carve_validation(texts: list[str], percentage: int, origin: str) -> dict[str, list[str]]:
-    """Hold out the first `percentage`% of rows, as run_mlm's train[:N%] / train[N%:] split does."""
-    if percentage == 0:
-        raise UserError(f"{origin} has no validation split; give --validation_file or a "
-                        "--validation_split_percentage above 0")
-    n_val = len(texts) * percentage // 100
-    return {"train": texts[n_val:], "validation": texts[:n_val]}
-
-
-def _local_source(cfg: TrainConfig) -> Source:
-    if cfg.dataset_dir:
-        files = {"train": os.path.join(cfg.dataset_dir, "wiki.train.raw"),
-                 "validation": os.path.join(cfg.dataset_dir, "wiki.valid.raw")}
-        return Source(f"WikiText directory {cfg.dataset_dir}",
-                      "wikitext-dir:" + ",".join(_sha256_file(p) for p in files.values()),
-                      lambda: {split: read_text_file(p) for split, p in files.items()})
-    train, valid = cfg.train_file, cfg.validation_file
-    fp = f"files:{_sha256_file(train)}:{train.rsplit('.', 1)[-1]}"
-    if valid:
-        fp += f":{_sha256_file(valid)}:{valid.rsplit('.', 1)[-1]}"
-        return Source(f"{train} + {valid}", fp, lambda: {"train": read_text_file(train),
-                                                        "validation": read_text_file(valid)})
-    pct = cfg.validation_split_percentage
-    return Source(f"{train} ({pct}% held out)", f"{fp}:holdout{pct}",
-                  lambda: _carve_validation(read_text_file(train), pct, train))
-
-
-def hub_dataset_failure(e: Exception) -> str:
-    """Why loading a Hub dataset failed, in words: offline mode, or the library's own first line."""
-    if os.environ.get("HF_DATASETS_OFFLINE") == "1" or os.environ.get("HF_HUB_OFFLINE") == "1":
-        return "the Hub is unreachable in offline mode and it is not cached"
-    return f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"
-
-
-def _hub_source(cfg: TrainConfig) -> Source:
-    import datasets
-    name, conf = cfg.dataset_name, cfg.dataset_config_name
-    label = f"{name}/{conf}" if conf else name
-    try:
-        dd = datasets.load_dataset(name, conf)
-    except Exception as e:
-        raise UserError(f"could not load dataset {label!r} ({hub_dataset_failure(e)}); check the name and your "
-                        "connection, or use local data with --train_file or --dataset_dir") from None
-    if "train" not in dd:
-        raise UserError(f"dataset {label!r} has no 'train' split (splits: {', '.join(dd)})")
-    column = "text" if "text" in dd["train"].column_names else None
-    if column is None:
-        raise UserError(f"dataset {label!r} has no 'text' column (columns: {', '.join(dd['train'].column_names)})")
-    pct = cfg.validation_split_percentage
-    fp = f"hub:{label}:" + ",".join(f"{k}={v._fingerprint}" for k, v in sorted(dd.items()))
-
-    def load() -> dict[str, list[str]]:
-        if "validation" in dd:
-            return {"train": list(dd["train"][column]), "validation": list(dd["validation"][column])}
-        return _carve_validation(list(dd["train"][column]), pct, label)
-    return Source(f"Hub dataset {label}", fp if "validation" in dd else f"{fp}:holdout{pct}", load)
-
-
-def build_source(cfg: TrainConfig) -> Source:
-    return _local_source(cfg) if (cfg.dataset_dir or cfg.train_file) else _hub_source(cfg)
 
 
 # ---------------------------------------------------------------------- tokenisation and cache
@@ -138,23 +41,6 @@ class TokenStream:
     """One split: every text's tokens back to back, and each text's token count."""
     tokens: np.ndarray   # [N] uint16 or int32
     lengths: np.ndarray  # [texts] int64
-
-
-def plain_backend(tokenizer):
-    """A copy of the fast tokenizer with padding and truncation off.
-
-    Some tokenizer.json files ship with padding/truncation enabled (the MiniLM one pads to 128), and the
-    transformers wrapper only resets them around its own calls; the raw backend would pad every text.
-    """
-    from tokenizers import Tokenizer
-    backend = getattr(tokenizer, "backend_tokenizer", None)
-    if backend is None:
-        raise UserError(f"{type(tokenizer).__name__} is not a fast tokenizer; use a model whose tokenizer has a "
-                        "tokenizer.json (all common BERT-style models do)")
-    plain = Tokenizer.from_str(backend.to_str())
-    plain.no_padding()
-    plain.no_truncation()
-    return plain
 
 
 def tokenizer_fingerprint(tokenizer) -> str:
@@ -255,9 +141,7 @@ class ChunkDataset(torch.utils.data.Dataset):
 
     def __getitems__(self, indices: list[int]) -> dict[str, torch.Tensor]:
         idx = np.asarray(indices, dtype=np.int64)
-        ids = np.empty((idx.size, self.max_seq_length), dtype=np.int64)
-        ids[:, 0], ids[:, -1] = self.cls_id, self.sep_id
-        ids[:, 1:-1] = self.bodies[idx]
+        ids = frame(self.bodies[idx], self.cls_id, self.sep_id)
         return {"input_ids": torch.from_numpy(ids), "index": torch.from_numpy(idx)}
 
     def __getitem__(self, i: int) -> dict[str, torch.Tensor]:
@@ -269,14 +153,14 @@ class LineDataset(torch.utils.data.Dataset):
     example, rounded up to a multiple of 8 (tensor-core friendly), or with fixed_width always to
     max_seq_length (--torch_compile: one shape on every rank, so no rank recompiles while the others wait)."""
 
-    def __init__(self, stream: TokenStream, max_seq_length: int, cls_id: int, sep_id: int, pad_id: int,
-                 limit: Optional[int] = None, fixed_width: bool = False):
+    def __init__(self, stream: TokenStream, max_seq_length: int, framing: Framing, limit: Optional[int] = None,
+                 fixed_width: bool = False):
         offsets = np.concatenate([[0], np.cumsum(stream.lengths)])
         keep = np.nonzero(stream.lengths > 0)[0]
         keep = keep[:limit] if limit else keep
         self.starts, self.lengths = offsets[keep], np.minimum(stream.lengths[keep], max_seq_length - 2)
         self.tokens = stream.tokens
-        self.cls_id, self.sep_id, self.pad_id = cls_id, sep_id, pad_id
+        self.cls_id, self.sep_id, self.pad_id = framing.cls_id, framing.sep_id, framing.pad_id
         self.fixed_width = max_seq_length if fixed_width else None
         self.dropped_tokens = int(stream.lengths[keep].sum() - self.lengths.sum())
 
@@ -372,9 +256,18 @@ class EpochBatches:
                             "afresh with --overwrite_output_dir")
 
 
+class TrainBatches(Protocol):
+    """The training side of fit(): EpochBatches here, StreamingTrain for a stream."""
+    micro_per_epoch: Optional[int]  # None for a stream (its length is unknown)
+
+    def groups(self, epoch: int, micro_done: int, accumulation: int) -> Iterator[list[dict[str, Any]]]: ...
+    def state_dict(self) -> dict: ...
+    def load_state_dict(self, d: dict) -> None: ...
+
+
 @dataclass
 class DataBundle:
-    train: "EpochBatches | StreamingTrain"
+    train: TrainBatches
     eval_loader: DataLoader
     stats: dict
 
@@ -384,8 +277,9 @@ def build_datasets(cfg: TrainConfig, streams: dict[str, TokenStream], tokenizer)
     if None in ids.values():
         raise UserError("the tokenizer has no [CLS]/[SEP] tokens; use a BERT-style tokenizer")
     if cfg.line_by_line:
-        make = lambda s, limit, train: LineDataset(s, cfg.max_seq_length, pad_id=tokenizer.pad_token_id,
-                                                   limit=limit, fixed_width=train and cfg.torch_compile, **ids)
+        framing = Framing(pad_id=tokenizer.pad_token_id, **ids)
+        make = lambda s, limit, train: LineDataset(s, cfg.max_seq_length, framing, limit=limit,
+                                                   fixed_width=train and cfg.torch_compile)
     else:
         make = lambda s, limit, train: ChunkDataset(s, cfg.max_seq_length, limit=limit, **ids)
     datasets = {split: make(stream, cfg.max_train_samples if split == "train" else cfg.max_eval_samples,
@@ -399,7 +293,7 @@ def build_datasets(cfg: TrainConfig, streams: dict[str, TokenStream], tokenizer)
     return datasets.get("train"), datasets["validation"]
 
 
-def _eval_loader(cfg: TrainConfig, env: DistEnv, valid) -> DataLoader:
+def eval_loader(cfg: TrainConfig, env: DistEnv, valid) -> DataLoader:
     # Own generators: creating a DataLoader iterator draws a seed from the global RNG, which would shift the
     # dropout stream (and break exact resume) every time an epoch or an evaluation starts.
     # No pin_memory: batches are masked on the host, and prepare_batch copies the result from pinned memory.
@@ -409,8 +303,7 @@ def _eval_loader(cfg: TrainConfig, env: DistEnv, valid) -> DataLoader:
 
 
 def build_data(cfg: TrainConfig, env: DistEnv, tokenizer) -> DataBundle:
-    if cfg.streaming:
-        return build_streaming_data(cfg, env, tokenizer)
+    """The cached path: every split tokenised once (on a leader per node), then chunked and loaded."""
     cache_dir = cfg.data_cache_dir or default_cache_dir()
     t0 = time.perf_counter()
     streams, hit = main_process_first(env, lambda: load_token_streams(cfg, tokenizer, cache_dir),
@@ -428,28 +321,4 @@ def build_data(cfg: TrainConfig, env: DistEnv, tokenizer) -> DataBundle:
              "data": f"{'cache hit' if hit else 'tokenised and cached'} in {time.perf_counter() - t0:.2f} s"}
     batches = EpochBatches(train_loader, sampler, cfg.per_device_train_batch_size, fixed_rows=cfg.torch_compile,
                            special_ids=(tokenizer.cls_token_id, tokenizer.sep_token_id))
-    return DataBundle(batches, _eval_loader(cfg, env, valid), stats)
-
-
-def build_streaming_data(cfg: TrainConfig, env: DistEnv, tokenizer) -> DataBundle:
-    """Training from a stream (tokenised in the loader workers); validation read whole, tokenised here."""
-    from .streaming import PackedBatches, StreamingTrain, rank_stream, validation_texts
-    t0 = time.perf_counter()
-    if cfg.loader_workers > 0:
-        # The workers are the tokenising parallelism. A tokenizer thread pool used before the workers fork can
-        # deadlock in them, even when TOKENIZERS_PARALLELISM=true asks for it: keep it off in this process.
-        os.environ["TOKENIZERS_PARALLELISM"] = "false"
-    # Downloads of the validation split (and the Hub script/metadata) happen once per node, or once in all.
-    texts = main_process_first(env, lambda: validation_texts(cfg), per_node=cfg.cache_scope == "node")
-    _, valid = build_datasets(cfg, {"validation": tokenize_texts(tokenizer, texts)}, tokenizer)
-    stream = rank_stream(cfg, env, plain_backend(tokenizer))
-    batches = PackedBatches(stream, cfg.per_device_train_batch_size, cfg.max_seq_length,
-                            tokenizer.cls_token_id, tokenizer.sep_token_id)
-    workers = cfg.loader_workers
-    stats = {"train": f"streamed: {cfg.train_file or cfg.dataset_dir or cfg.dataset_name}, shuffle buffer "
-                      f"{cfg.shuffle_buffer_size} texts, packed into {cfg.max_seq_length}-token examples by "
-                      f"{workers or 'no'} loader worker(s) per rank",
-             "eval": f"{len(valid)} examples of {cfg.max_seq_length}, read whole; {valid.dropped_tokens} tokens "
-                     "dropped by chunking",
-             "data": f"validation tokenised in {time.perf_counter() - t0:.2f} s"}
-    return DataBundle(StreamingTrain(batches, env, workers, cfg.seed), _eval_loader(cfg, env, valid), stats)
+    return DataBundle(batches, eval_loader(cfg, env, valid), stats)

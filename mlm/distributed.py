@@ -10,13 +10,13 @@ import datetime
 import gc
 import logging
 import os
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Callable, Optional, TypeVar
 
 import torch
 import torch.distributed as dist
 
-from .config import UserError
+from .cli import UserError
 
 T = TypeVar("T")
 log = logging.getLogger("mlm")
@@ -30,8 +30,10 @@ class PeerFailed(Exception):
     """Another rank failed in a step this rank waits on; that rank reports the error."""
 
 
-@dataclass(frozen=True)
+@dataclass
 class DistEnv:
+    """This process's place in the job, and the distributed state it owns (no module globals): the rendezvous
+    store and the control group live as long as the run holds this object; close() releases them."""
     rank: int
     local_rank: int
     world_size: int
@@ -40,6 +42,7 @@ class DistEnv:
     # no device sync and a waiting rank sleeps in a socket read instead of spinning in an NCCL wait. The
     # default group on CPU runs; None in a world of one.
     control: Optional[dist.ProcessGroup] = None
+    store: Optional[dist.Store] = field(default=None, repr=False)
 
     @property
     def is_main(self) -> bool:
@@ -78,24 +81,19 @@ def init_distributed(timeout_seconds: float = 1800.0) -> DistEnv:
         backend = "nccl"
     else:
         device, backend = torch.device("cpu"), "gloo"
-    control = None
+    control = store = None
     if world > 1 and not dist.is_initialized():
         timeout = datetime.timedelta(seconds=timeout_seconds)
-        global _store
         rendezvous = dist.rendezvous("env://", rank=rank, world_size=world, timeout=timeout)
-        store, _, _ = next(rendezvous)
+        store, _, _ = next(rendezvous)  # released by close(), after the group, not at interpreter exit
         rendezvous.close()
-        _store = store  # released in teardown(), after the group, not at interpreter exit
         # torchrun restarts a failed group against the same store: without a prefix per attempt, a worker can
         # read the previous attempt's (dead) peer addresses and fail or hang while connecting.
         attempt = os.environ.get("TORCHELASTIC_RESTART_COUNT", "0")
         dist.init_process_group(backend, store=dist.PrefixStore(f"mlm-ddp/attempt-{attempt}", store), rank=rank,
                                 world_size=world, timeout=timeout, device_id=device if backend == "nccl" else None)
         control = dist.group.WORLD if backend == "gloo" else dist.new_group(backend="gloo", timeout=timeout)
-    return DistEnv(rank=rank, local_rank=local_rank, world_size=world, device=device, control=control)
-
-
-_store = None
+    return DistEnv(rank=rank, local_rank=local_rank, world_size=world, device=device, control=control, store=store)
 
 # What a rank sees when a peer process died or its host vanished: the connection to it is gone. Only these
 # make a rank end quietly (the failed rank, or torchrun, reports why); any other error, an NCCL setup failure
@@ -129,12 +127,14 @@ def describe_failure(exc: BaseException, rank: int) -> Optional[str]:
     return f"rank {rank}: the communication backend failed: {first[:300]}; {hint}"
 
 
-def teardown() -> None:
-    global _store
+def teardown(env: Optional[DistEnv] = None) -> None:
+    """Destroy the process group, then release the store: its client threads stop here, not during interpreter
+    shutdown (which aborted a 2-rank run at exit 1 time in 8)."""
     if dist.is_available() and dist.is_initialized():
         dist.destroy_process_group()
-    _store = None
-    gc.collect()  # the store's client threads stop here, not during interpreter shutdown
+    if env is not None:
+        env.control = env.store = None
+    gc.collect()
 
 
 def dist_sum(t: torch.Tensor) -> torch.Tensor:
@@ -235,3 +235,15 @@ def broadcast_object(obj: T, env: DistEnv) -> T:
     box = [obj]
     dist.broadcast_object_list(box, src=0)
     return box[0]
+
+
+def wrap_ddp(module: torch.nn.Module, env: DistEnv) -> torch.nn.Module:
+    """DDP with gradients as views into its all-reduce buckets (one copy fewer per step, measured in
+    bench/scaling.py) and no buffer broadcast before every forward: BERT's buffers (position and token-type
+    ids) are constants. torch 2.13 renamed that option; older releases know only the old name."""
+    import inspect
+    from torch.nn.parallel import DistributedDataParallel as DDP
+    no_sync = "forward_sync_buffers" if "forward_sync_buffers" in inspect.signature(DDP).parameters \
+        else "broadcast_buffers"
+    return DDP(module, device_ids=[env.device.index] if env.device.type == "cuda" else None,
+               gradient_as_bucket_view=True, **{no_sync: False})

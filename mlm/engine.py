@@ -11,17 +11,19 @@ import torch
 from torch import nn
 from torch.nn.parallel import DistributedDataParallel as DDP
 
-from .config import UserError
+from .cli import UserError
+from .config import TrainConfig
 from .distributed import DistEnv, dist_sum
-from .masking import EVAL_EPOCH, IGNORE_INDEX, MaskingSpec, MaskingTables, mask_tokens
+from .masking import EVAL_EPOCH, IGNORE_INDEX, MaskingSpec, MaskingTables, build_masking_tables, mask_tokens
 from .modeling import MaskedLMLoss
+from .optim import AppliedStepSchedule, build_optimizer, build_scheduler, skip_nonfinite_step
 
 DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
 NATIVE_BF16 = (8, 0)  # compute capability from which bf16 runs natively on tensor cores (Ampere)
 
 
 def resolve_precision(precision: str, device: torch.device) -> str:
-    """The precision a run trains in (invariant 10: auto never picks an emulated dtype).
+    """The precision a run trains in (invariant 10 of docs/DESIGN.md: auto never picks an emulated dtype).
 
     auto: bf16 on GPUs of compute capability 8.0 and up, fp16 with GradScaler on older GPUs (T4, V100, P100),
     fp32 on CPU. torch.cuda.is_bf16_supported() is not asked: it answers True on a T4 or a P100, where bf16
@@ -47,8 +49,58 @@ def autocast(precision: str, device: torch.device) -> contextlib.AbstractContext
     return torch.autocast(device_type=device.type, dtype=DTYPES[precision])
 
 
-def build_scaler(precision: str, device: torch.device) -> torch.amp.GradScaler:
-    return torch.amp.GradScaler(device.type, enabled=precision == "fp16")
+class Scaler(torch.amp.GradScaler):
+    """GradScaler, enabled for fp16 only, that also resumes from a checkpoint written without one."""
+
+    def load_state_dict(self, state_dict: dict) -> None:
+        # A disabled scaler (bf16 or fp32) saves {}, which GradScaler refuses: an fp16 run resumed from such a
+        # checkpoint (an A100 run moved to a T4, a CPU run moved to a GPU) starts with a fresh loss scale.
+        if self.is_enabled() and not state_dict:
+            return
+        super().load_state_dict(state_dict)
+
+
+def build_scaler(precision: str, device: torch.device) -> Scaler:
+    return Scaler(device.type, enabled=precision == "fp16")
+
+
+@dataclass(frozen=True)
+class Masking:
+    """How batches are masked: the 80/10/10 rule and the vocabulary tables it reads (on the host)."""
+    spec: MaskingSpec
+    tables: MaskingTables
+
+
+@dataclass(frozen=True, kw_only=True)
+class Trainable:
+    """What an optimizer step runs and changes. `wrapped` is what forward and backward go through (`loss` under
+    DDP, or `loss` itself in a world of one); `loss.model` is the Hugging Face model that is saved and exported."""
+    wrapped: nn.Module
+    loss: MaskedLMLoss
+    optimizer: torch.optim.Optimizer
+    schedule: AppliedStepSchedule
+    scaler: torch.amp.GradScaler
+    precision: str
+    max_grad_norm: float
+
+
+def build_masking(cfg: TrainConfig, tokenizer) -> Masking:
+    tables = build_masking_tables(tokenizer)  # on the host: prepare_batch masks there
+    if cfg.whole_word_mask and not bool(tables.continuation.any()):
+        raise UserError("--whole_word_mask needs a WordPiece tokenizer (## continuation pieces); this one has none")
+    spec = MaskingSpec(cfg.mlm_probability, cfg.mask_replace_prob, cfg.random_replace_prob, cfg.whole_word_mask,
+                       cfg.seed)
+    return Masking(spec, tables)
+
+
+def build_trainable(cfg: TrainConfig, model: nn.Module, precision: str, device: torch.device,
+                    total_steps: int) -> Trainable:
+    """The loss module around the model (not yet under DDP), fused AdamW, the schedule and the scaler."""
+    loss = MaskedLMLoss(model, compile_encoder=cfg.torch_compile, label_smoothing=cfg.label_smoothing)
+    optimizer = build_optimizer(cfg, loss, device)
+    return Trainable(wrapped=loss, loss=loss, optimizer=optimizer,
+                     schedule=build_scheduler(cfg, optimizer, total_steps), scaler=build_scaler(precision, device),
+                     precision=precision, max_grad_norm=cfg.max_grad_norm)
 
 
 @dataclass
@@ -77,7 +129,7 @@ def to_device(tensors: list[torch.Tensor], device: torch.device) -> list[torch.T
     return [m.view(t.shape) for m, t in zip(moved, tensors)]
 
 
-def prepare_batch(raw: dict, epoch: int, spec: MaskingSpec, tables: MaskingTables, device: torch.device) -> Batch:
+def prepare_batch(raw: dict, epoch: int, masking: Masking, device: torch.device) -> Batch:
     """Mask a loader batch on the host, then move it to the device.
 
     The masks are a pure function of (seed, epoch, index, position), so they are the same wherever they are
@@ -85,7 +137,7 @@ def prepare_batch(raw: dict, epoch: int, spec: MaskingSpec, tables: MaskingTable
     many, so the head can gather them on the device without a host-device sync (a boolean index would wait
     for the GPU at every micro-step)."""
     ids, index = raw["input_ids"], raw["index"]
-    masked, labels = mask_tokens(ids, index, epoch, spec, tables)
+    masked, labels = mask_tokens(ids, index, epoch, masking.spec, masking.tables)
     positions = (labels.view(-1) != IGNORE_INDEX).nonzero().view(-1)
     targets = ids.view(-1)[positions]
     attn = raw.get("attention_mask")
@@ -106,9 +158,7 @@ class StepResult:
     skipped: torch.Tensor       # 1 when the step was skipped (non-finite gradients), on the device
 
 
-def train_step(model: nn.Module, loss_module: MaskedLMLoss, optimizer: torch.optim.Optimizer, scheduler,
-               scaler: torch.amp.GradScaler, micro_batches: list[Batch], env: DistEnv, precision: str,
-               max_grad_norm: float) -> StepResult:
+def train_step(t: Trainable, micro_batches: list[Batch], env: DistEnv) -> StepResult:
     """One optimizer step over the micro-batches of this rank; no host-device sync.
 
     The gradient is that of (sum of masked-token NLL over the global batch) / (global masked-token count)
@@ -123,43 +173,28 @@ def train_step(model: nn.Module, loss_module: MaskedLMLoss, optimizer: torch.opt
     for i, batch in enumerate(micro_batches):
         last = i == len(micro_batches) - 1
         # no_sync on every micro-step but the last: one gradient all-reduce per optimizer step.
-        sync = contextlib.nullcontext() if last or not isinstance(model, DDP) else model.no_sync()
+        sync = contextlib.nullcontext() if last or not isinstance(t.wrapped, DDP) else t.wrapped.no_sync()
         with sync:
-            with autocast(precision, env.device):
-                nll = model(batch.input_ids, batch.positions, batch.targets, batch.attention_mask)
-            scaler.scale(nll * scale).backward()
+            with autocast(t.precision, env.device):
+                nll = t.wrapped(batch.input_ids, batch.positions, batch.targets, batch.attention_mask)
+            t.scaler.scale(nll * scale).backward()
         loss_sum += nll.detach()
-    scaler.unscale_(optimizer)  # clip the true gradients, not the scaled ones
-    grad_norm = torch.nn.utils.clip_grad_norm_(loss_module.parameters(), max_grad_norm or math.inf, foreach=True)
+    t.scaler.unscale_(t.optimizer)  # clip the true gradients, not the scaled ones
+    grad_norm = torch.nn.utils.clip_grad_norm_(t.loss.parameters(), t.max_grad_norm or math.inf, foreach=True)
     nonfinite = ~torch.isfinite(grad_norm)  # the same on every rank: DDP has averaged the gradients
-    if scaler.is_enabled():
-        scaler.step(optimizer)  # skipped by the scaler when the gradients hold inf/nan (the same test)
-        scaler.update()
+    if t.scaler.is_enabled():
+        t.scaler.step(t.optimizer)  # skipped by the scaler when the gradients hold inf/nan (the same test)
+        t.scaler.update()
     else:
-        skip_nonfinite_step(optimizer, nonfinite)
+        skip_nonfinite_step(t.optimizer, nonfinite)
     skipped = nonfinite.long()
-    scheduler.step(skipped)  # a skipped step does not advance the schedule
-    optimizer.zero_grad(set_to_none=True)
+    t.schedule.step(skipped)  # a skipped step does not advance the schedule
+    t.optimizer.zero_grad(set_to_none=True)
     widths = [b.input_ids.shape[1] for b in micro_batches]
     return StepResult(loss_sum, local_count, tokens=sum(b.tokens for b in micro_batches),
                       sequences=sum(b.sequences for b in micro_batches),
                       sum_sq_lengths=sum(b.sequences * w * w for b, w in zip(micro_batches, widths)),
                       grad_norm=grad_norm.detach(), skipped=skipped)
-
-
-def skip_nonfinite_step(optimizer: torch.optim.Optimizer, nonfinite: torch.Tensor) -> None:
-    """optimizer.step(), skipped when the gradients are not finite (bf16/fp32, where no GradScaler checks).
-
-    A fused optimizer takes the flag as a device tensor and skips inside its kernel, as under GradScaler, so
-    there is no host sync; any other optimizer needs the flag on the host."""
-    if optimizer.defaults.get("fused"):
-        optimizer.found_inf = nonfinite.float()  # 0-dim, like the step counters it is subtracted from
-        try:
-            optimizer.step()
-        finally:
-            del optimizer.found_inf
-    elif not bool(nonfinite):
-        optimizer.step()
 
 
 def safe_exp(x: float) -> float:
@@ -168,7 +203,7 @@ def safe_exp(x: float) -> float:
 
 
 @torch.no_grad()
-def evaluate(loss_module: MaskedLMLoss, loader, env: DistEnv, spec: MaskingSpec, tables: MaskingTables,
+def evaluate(loss_module: MaskedLMLoss, loader, env: DistEnv, masking: Masking,
              precision: str) -> dict[str, float]:
     """Exact evaluation (invariant 3): every validation example once, fixed masks, the NLL summed over all
     masked tokens of all ranks, then divided once. Runs the unwrapped model: no DDP hooks, no collectives."""
@@ -177,7 +212,7 @@ def evaluate(loss_module: MaskedLMLoss, loader, env: DistEnv, spec: MaskingSpec,
     totals = torch.zeros(2, dtype=torch.float64, device=env.device)  # NLL, correct
     count = 0  # masked tokens, known on the host
     for raw in loader:
-        batch = prepare_batch(raw, EVAL_EPOCH, spec, tables, env.device)
+        batch = prepare_batch(raw, EVAL_EPOCH, masking, env.device)
         with autocast(precision, env.device):
             nll, correct = loss_module.eval_nll(batch.input_ids, batch.positions, batch.targets,
                                                 batch.attention_mask)

@@ -1,7 +1,7 @@
 """The control loop: train steps, and when to log, evaluate, export best/, save and stop.
 
 Rank 0 owns the decisions (best model, early stopping); each is broadcast so every rank leaves the loop at
-the same step (invariant 6). Host-device syncs happen only at logging, evaluation and checkpoint steps.
+the same step (invariant 6, docs/DESIGN.md). Host-device syncs happen only at logging, evaluation and checkpoint steps.
 """
 
 from __future__ import annotations
@@ -14,15 +14,15 @@ from typing import Any, Optional
 
 import torch
 
-from .checkpoint import TrainState, export_pretrained, rng_state, save_checkpoint
-from .config import TrainConfig, UserError
+from .checkpoint import RankRngs, TrainState, checkpoint_dirs, rng_state, save_checkpoint
+from .cli import UserError
+from .config import TrainConfig
 from .data import DataBundle
 from .distributed import DistEnv, broadcast_flag, dist_max, dist_sum, dist_world, gather_to_main
-from .engine import StepResult, evaluate, prepare_batch, train_step
-from .masking import MaskingSpec, MaskingTables
-from .metrics import MlmShape, mlm_step_flops, peak_memory_bytes
-from .modeling import MaskedLMLoss
-from .preemption import Preempted, StopRequest
+from .engine import Masking, StepResult, Trainable, evaluate, prepare_batch, train_step
+from .export import export_pretrained
+from .metrics import Throughput, mlm_step_flops, peak_memory_bytes
+from .preemption import Preempted, StopRequest, signal_name
 from .swa import WeightAverage
 from .tracking import Tracker
 
@@ -31,46 +31,47 @@ class NonFiniteLoss(Exception):
     """Raised on every rank at the same step when the loss stayed non-finite for max_nonfinite_steps steps."""
 
 
-@dataclass
+@dataclass(frozen=True)
+class Length:
+    """How long the run is: optimizer steps in all, and micro-batches per epoch (None for a stream)."""
+    total_steps: int
+    micro_per_epoch: Optional[int]
+
+    def steps_per_epoch(self, accumulation: int) -> Optional[int]:
+        return None if self.micro_per_epoch is None else math.ceil(self.micro_per_epoch / accumulation)
+
+
+@dataclass(kw_only=True)
 class Run:
-    """Everything fit() wires together; built by train_ddp.py."""
+    """Everything fit() wires together, built by train_ddp.py from a few parts, by keyword."""
     cfg: TrainConfig
     env: DistEnv
-    loss_module: MaskedLMLoss
-    model: torch.nn.Module  # loss_module, DDP-wrapped when distributed
-    optimizer: torch.optim.Optimizer
-    scheduler: Any
-    scaler: torch.amp.GradScaler
-    tokenizer: Any
+    trainable: Trainable    # what a step runs and changes (trainable.loss.model is the Hugging Face model)
+    masking: Masking
     data: DataBundle
-    spec: MaskingSpec
-    tables: MaskingTables
-    precision: str
+    tokenizer: Any          # saved with best/
     state: TrainState
+    length: Length
+    throughput: Throughput
     tracker: Tracker
-    total_steps: int
-    micro_per_epoch: Optional[int]  # None for a stream
     stop_request: StopRequest
-    shape: MlmShape        # for the model FLOPs of a step
-    peak_flops: float      # sum over ranks of each device's peak FLOP/s (MFU's denominator)
     swa: Optional[WeightAverage] = None
 
 
-def total_train_steps(cfg: TrainConfig, micro_per_epoch: Optional[int]) -> tuple[Optional[int], int]:
-    """(optimizer steps per epoch, total optimizer steps); a stream's epoch length is unknown."""
+def run_length(cfg: TrainConfig, micro_per_epoch: Optional[int]) -> Length:
+    """Total optimizer steps: --max_train_steps, or the epochs' worth (a stream's epoch length is unknown)."""
     if micro_per_epoch is None:
-        return None, cfg.max_train_steps
+        return Length(cfg.max_train_steps, None)
     per_epoch = math.ceil(micro_per_epoch / cfg.gradient_accumulation_steps)
-    total = cfg.max_train_steps or math.ceil(cfg.num_train_epochs * per_epoch)
-    return per_epoch, total
+    return Length(cfg.max_train_steps or math.ceil(cfg.num_train_epochs * per_epoch), micro_per_epoch)
 
 
 class _Meter:
     """Running sums of the steps since the last log: device values stay on the device (no sync until logging),
     counts the host knows stay on the host."""
 
-    def __init__(self, device: torch.device, shape: MlmShape, peak_flops: float):
-        self.device, self.shape, self.peak_flops = device, shape, peak_flops
+    def __init__(self, device: torch.device, throughput: Throughput):
+        self.device, self.shape, self.peak_flops = device, throughput.shape, throughput.peak_flops
         self.consecutive = torch.zeros((), dtype=torch.long, device=device)  # kept across logs
         self.reset()
 
@@ -112,18 +113,19 @@ class _Meter:
 
 
 def _epoch_float(run: Run) -> float:
-    if run.micro_per_epoch is None:  # a stream: the fraction of an epoch is unknown
+    if run.length.micro_per_epoch is None:  # a stream: the fraction of an epoch is unknown
         return float(run.state.epoch)
-    return run.state.epoch + run.state.micro_in_epoch / run.micro_per_epoch
+    return run.state.epoch + run.state.micro_in_epoch / run.length.micro_per_epoch
 
 
 def evaluate_and_decide(run: Run) -> bool:
     """Evaluate; on rank 0 keep the best perplexity, export best/, count patience. Returns the agreed stop flag."""
     cfg, state = run.cfg, run.state
-    metrics = evaluate(run.loss_module, run.data.eval_loader, run.env, run.spec, run.tables, run.precision)
+    precision = run.trainable.precision
+    metrics = evaluate(run.trainable.loss, run.data.eval_loader, run.env, run.masking, precision)
     swa = run.swa if run.swa is not None and run.swa.count else None
     if swa is not None:  # the averaged weights, evaluated the same exact way
-        swa_metrics = evaluate(swa.loss_module, run.data.eval_loader, run.env, run.spec, run.tables, run.precision)
+        swa_metrics = evaluate(swa.loss_module, run.data.eval_loader, run.env, run.masking, precision)
         metrics.update({f"swa_{k}": v for k, v in swa_metrics.items()}, swa_snapshots=swa.count)
     stop = False
     if run.env.is_main:
@@ -131,10 +133,11 @@ def evaluate_and_decide(run: Run) -> bool:
         use_swa = swa is not None and metrics["swa_perplexity"] < metrics["perplexity"]
         ppl = metrics["swa_perplexity"] if use_swa else metrics["perplexity"]
         improved = state.best_metric is None or ppl < state.best_metric - cfg.early_stopping_min_delta
-        run.tracker.log_predictions(state.step, run.loss_module.model, run.tokenizer)
+        model = run.trainable.loss.model
+        run.tracker.log_predictions(state.step, model, run.tokenizer)
         if improved:
             state.best_metric, state.best_step, state.bad_evals = ppl, state.step, 0
-            best_model = swa.model if use_swa else run.loss_module.model
+            best_model = swa.model if use_swa else model
             export_pretrained(best_model, run.tokenizer, os.path.join(cfg.output_dir, "best"),
                               {"step": state.step, "epoch": _epoch_float(run), **metrics, "swa": use_swa})
             run.tracker.write(f"new best perplexity {ppl:.3f} at step {state.step}"
@@ -154,24 +157,24 @@ def evaluate_and_decide(run: Run) -> bool:
     return stop
 
 
+def checkpoint_parts(trainable: Trainable, swa: Optional[WeightAverage], rngs: RankRngs) -> dict[str, Any]:
+    """The pieces of a checkpoint besides the weights and TrainState, by file name (docs/DESIGN.md)."""
+    return {"optimizer": trainable.optimizer, "scheduler": trainable.schedule, "scaler": trainable.scaler,
+            "rng_states": rngs, "swa": swa}
+
+
 def save(run: Run) -> None:
-    rngs = gather_to_main(rng_state(), run.env)
+    rngs = RankRngs(run.env.rank, gather_to_main(rng_state(), run.env))
     data_states = gather_to_main(run.data.train.state_dict(), run.env)  # a stream's position, per rank
     if run.env.is_main:
         run.state.tracker_run_id = run.tracker.run_id
         run.state.extra["data_states"] = data_states
-        path = save_checkpoint(run.cfg.output_dir, run.state, run.loss_module.model, run.optimizer,
-                               run.scheduler, run.scaler, rngs, run.cfg.save_total_limit, run.swa)
+        parts = checkpoint_parts(run.trainable, run.swa, rngs)
+        path = save_checkpoint(run.cfg.output_dir, run.state, run.trainable.loss.model, parts, run.cfg.save_total_limit)
         run.tracker.write(f"saved checkpoint {path}")
 
 
-def signal_name(signum: int) -> str:
-    import signal
-    return signal.Signals(signum).name
-
-
 def nonfinite_message(run: Run, consecutive: int) -> str:
-    from .checkpoint import checkpoint_dirs
     saved = checkpoint_dirs(run.cfg.output_dir)
     return (f"training stopped at step {run.state.step}: the loss or the gradients were not finite for "
             f"{consecutive} consecutive steps (those steps were skipped, so the weights are unchanged since the "
@@ -186,45 +189,62 @@ def same_step_on_all_ranks(step: int, env: DistEnv) -> bool:
     return hi == -neg_lo
 
 
+def _log(run: Run, meter: _Meter) -> None:
+    """A logging step (the only host-device syncs of training besides evaluation and saving)."""
+    metrics = meter.collect()
+    consecutive = metrics.pop("consecutive_skipped")
+    lr = max(run.trainable.schedule.get_last_lr())
+    run.tracker.log_train(run.state.step, _epoch_float(run), {**metrics, "lr": lr})
+    meter.reset()
+    if run.cfg.max_nonfinite_steps and consecutive >= run.cfg.max_nonfinite_steps:
+        raise NonFiniteLoss(nonfinite_message(run, consecutive))
+
+
+def _stop_if_signalled(run: Run, last_saved: int) -> None:
+    """Every step: all ranks agree whether any got SIGTERM/SIGINT, and leave at the same boundary with a save."""
+    signum = run.stop_request.agreed()
+    if signum:
+        run.tracker.write(f"stop requested ({signal_name(signum)}): saving a checkpoint at step "
+                          f"{run.state.step} on all ranks")
+        if last_saved != run.state.step:
+            save(run)
+        raise Preempted(signum)
+
+
+def _one_step(run: Run, group: list[dict], meter: _Meter) -> bool:
+    """Mask, step, count; returns whether the epoch ended with this step."""
+    state, env = run.state, run.env
+    micro = [prepare_batch(raw, state.epoch, run.masking, env.device) for raw in group]
+    meter.add(train_step(run.trainable, micro, env))
+    state.step += 1
+    state.micro_in_epoch += len(group)
+    if run.swa is not None:
+        run.swa.update(run.trainable.loss.model, state.step)
+    epoch_end = run.length.micro_per_epoch is not None and state.micro_in_epoch >= run.length.micro_per_epoch
+    if epoch_end:  # recorded before any save, so a checkpoint here resumes at the next epoch
+        state.epoch, state.micro_in_epoch = state.epoch + 1, 0
+    run.tracker.advance()
+    return epoch_end
+
+
 def fit(run: Run) -> TrainState:
-    cfg, state, env = run.cfg, run.state, run.env
-    meter = _Meter(env.device, run.shape, run.peak_flops)
+    cfg, state = run.cfg, run.state
+    total = run.length.total_steps
+    meter = _Meter(run.env.device, run.throughput)
     last_saved = state.step if state.step else -1
     stop = False
     if cfg.eval_on_start and state.step == 0 and state.best_metric is None:
         stop = evaluate_and_decide(run)
-    run.model.train()
-    while state.step < run.total_steps and not stop:
+    run.trainable.wrapped.train()
+    while state.step < total and not stop:
         steps_before, fresh_epoch = state.step, state.micro_in_epoch == 0
         for group in run.data.train.groups(state.epoch, state.micro_in_epoch, cfg.gradient_accumulation_steps):
-            micro = [prepare_batch(raw, state.epoch, run.spec, run.tables, env.device) for raw in group]
-            meter.add(train_step(run.model, run.loss_module, run.optimizer, run.scheduler, run.scaler, micro,
-                                 env, run.precision, cfg.max_grad_norm))
-            state.step += 1
-            state.micro_in_epoch += len(group)
-            if run.swa is not None:
-                run.swa.update(run.loss_module.model, state.step)
-            epoch_end = run.micro_per_epoch is not None and state.micro_in_epoch >= run.micro_per_epoch
-            if epoch_end:  # recorded before any save, so a checkpoint here resumes at the next epoch
-                state.epoch, state.micro_in_epoch = state.epoch + 1, 0
-            run.tracker.advance()
-            if state.step % cfg.logging_steps == 0 or state.step == run.total_steps:
-                metrics = meter.collect()
-                consecutive = metrics.pop("consecutive_skipped")
-                run.tracker.log_train(state.step, _epoch_float(run),
-                                      {**metrics, "lr": max(run.scheduler.get_last_lr())})
-                meter.reset()
-                if cfg.max_nonfinite_steps and consecutive >= cfg.max_nonfinite_steps:
-                    raise NonFiniteLoss(nonfinite_message(run, consecutive))
-            signum = run.stop_request.agreed()  # every step: all ranks leave at the same boundary
-            if signum:
-                run.tracker.write(f"stop requested ({signal_name(signum)}): saving a checkpoint at step "
-                                  f"{state.step} on all ranks")
-                if last_saved != state.step:
-                    save(run)
-                raise Preempted(signum)
+            epoch_end = _one_step(run, group, meter)
+            if state.step % cfg.logging_steps == 0 or state.step == total:
+                _log(run, meter)
+            _stop_if_signalled(run, last_saved)
             t_pause = time.perf_counter()
-            final = state.step >= run.total_steps
+            final = state.step >= total
             eval_due = (state.step % cfg.eval_steps == 0 if cfg.eval_steps else epoch_end) or final
             if eval_due:
                 stop = evaluate_and_decide(run)

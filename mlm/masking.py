@@ -1,7 +1,8 @@
 """BERT's 80/10/10 masking, written here, vectorised on the device.
 
 Every random draw is a counter-based hash of (seed, epoch, example index, position, stream), not a draw from
-a stateful generator. So masks are a pure function of those values (invariant 1): they do not depend on the
+a stateful generator. So masks are a pure function of those values (invariant 1, docs/DESIGN.md): they do not
+depend on the
 world size, the batch an example sits in, loader workers or where a run was resumed. Evaluation uses a fixed
 epoch value, so its masks never change.
 """

@@ -61,6 +61,13 @@ class MlmShape:
                    intermediate=get("intermediate_size", "hidden_dim"), vocab=get("vocab_size"))
 
 
+@dataclass(frozen=True)
+class Throughput:
+    """What MFU is computed from: the model's shape (its FLOPs per token) and the summed peak of all ranks."""
+    shape: MlmShape
+    peak_flops: float
+
+
 def mlm_step_flops(shape: MlmShape, tokens: float, sum_sq_lengths: float, masked_tokens: float) -> float:
     """Training FLOPs (forward + backward = 3 x forward; 2 FLOPs per multiply-add) of one MLM step.
 

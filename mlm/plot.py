@@ -10,24 +10,22 @@ matplotlib is an optional extra (`pip install -r requirements-extras.txt`).
 from __future__ import annotations
 
 import argparse
-import json
 import math
 import os
 import sys
 
-from .config import Parser, UserError, command_line
+from .cli import Parser, UserError, command_line
+from .files import HISTORY, eval_entries, read_history, train_entries
 
 
 def load_history(output_dir: str) -> list[dict]:
-    path = os.path.join(output_dir, "training_history.json")
+    path = os.path.join(output_dir, HISTORY)
     if not os.path.isfile(path):
-        raise UserError(f"{output_dir!r} has no training_history.json; pass the output_dir of a training run")
-    try:
-        with open(path, encoding="utf-8") as fh:
-            history = json.load(fh)
-    except (OSError, ValueError) as e:
-        raise UserError(f"{path!r} is not readable JSON ({e}); was it written by train_ddp.py?") from None
-    if not isinstance(history, list) or not history:
+        raise UserError(f"{output_dir!r} has no {HISTORY}; pass the output_dir of a training run")
+    history = read_history(output_dir)
+    if history is None:
+        raise UserError(f"{path!r} is not a readable JSON list; was it written by train_ddp.py?")
+    if not history:
         raise UserError(f"{path!r} holds no logged steps yet; plot after the first logging_steps")
     return history
 
@@ -37,11 +35,10 @@ def series(history: list[dict]) -> dict[str, tuple[list[float], list[float]]]:
     def pick(rows, key):
         pts = [(h["step"], v) for h in rows if isinstance(v := key(h), (int, float)) and math.isfinite(v)]
         return [p[0] for p in pts], [p[1] for p in pts]
-    train = [h for h in history if "loss" in h]
-    evals = [h for h in history if "eval" in h]
+    train, evals = train_entries(history), eval_entries(history)
     return {"train_loss": pick(train, lambda h: h["loss"]), "lr": pick(train, lambda h: h.get("lr")),
-            "eval_loss": pick(evals, lambda h: h["eval"].get("loss")),
-            "eval_perplexity": pick(evals, lambda h: h["eval"].get("perplexity"))}
+            "eval_loss": pick(evals, lambda h: h.get("loss")),
+            "eval_perplexity": pick(evals, lambda h: h.get("perplexity"))}
 
 
 def plot(output_dir: str, out_dir: str | None = None) -> list[str]:

@@ -24,11 +24,15 @@ log = logging.getLogger("mlm")
 SIGNALS = (signal.SIGTERM, signal.SIGINT)
 
 
+def signal_name(signum: int) -> str:
+    return signal.Signals(signum).name
+
+
 class Preempted(Exception):
     """Raised on every rank after the agreed stop's checkpoint is written."""
 
     def __init__(self, signum: int):
-        super().__init__(f"stopped by {signal.Signals(signum).name}")
+        super().__init__(f"stopped by {signal_name(signum)}")
         self.signum = signum
 
     @property
@@ -70,7 +74,7 @@ class StopRequest:
 
     def _expire(self) -> None:
         os.write(2, f"rank {os.environ.get('RANK', '0')}: could not stop cleanly within {self.grace_seconds:g} s "
-                    f"of {signal.Signals(self.signum).name}; exiting without a new checkpoint\n".encode())
+                    f"of {signal_name(self.signum)}; exiting without a new checkpoint\n".encode())
         os._exit(128 + self.signum)
 
     def agreed(self) -> int:

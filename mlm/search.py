@@ -23,7 +23,6 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import json
 import math
 import os
 import signal
@@ -32,7 +31,9 @@ import sys
 import time
 from typing import Any, Optional
 
-from .config import Parser, TrainConfig, UserError, command_line
+from .cli import Parser, UserError, command_line
+from .config import TrainConfig, parse_args
+from .files import eval_entries, read_history
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 POLL_S = 0.5
@@ -95,7 +96,6 @@ def write_yaml(path: str, values: dict[str, Any]) -> None:
 def check_options(values: dict[str, Any], where: str) -> None:
     """The same checks train_ddp.py makes, on a set of options, before a process is started for it."""
     import tempfile
-    from .config import parse_args
     with tempfile.TemporaryDirectory() as d:
         path = os.path.join(d, "options.yaml")
         write_yaml(path, values)
@@ -106,12 +106,9 @@ def check_options(values: dict[str, Any], where: str) -> None:
 
 
 # ---------------------------------------------------------------------- one trial
-def _evals(history_path: str) -> list[tuple[int, float]]:
-    try:
-        with open(history_path) as fh:
-            return [(e["step"], e["eval"]["perplexity"]) for e in json.load(fh) if "eval" in e]
-    except (OSError, ValueError):
-        return []  # not written yet (or being replaced): read again at the next poll
+def _evals(run_dir: str) -> list[tuple[int, float]]:
+    """(step, perplexity) of each evaluation the trial's run has written so far ([] before the first)."""
+    return [(e["step"], e["perplexity"]) for e in eval_entries(read_history(run_dir) or [])]
 
 
 def _stop(proc: subprocess.Popen, grace: float = 30.0) -> None:
@@ -142,7 +139,7 @@ def run_trial(trial, base: dict[str, Any], space: dict[str, dict], args) -> floa
         try:
             while True:
                 done = proc.poll() is not None
-                for step, ppl in _evals(os.path.join(trial_dir, "run", "training_history.json")):
+                for step, ppl in _evals(os.path.join(trial_dir, "run")):
                     if step in reported or step == 0:  # step 0 is the untrained baseline, the same for all
                         continue
                     reported.add(step)
@@ -159,7 +156,7 @@ def run_trial(trial, base: dict[str, Any], space: dict[str, dict], args) -> floa
     if proc.returncode != 0:
         tail = open(os.path.join(trial_dir, "train.log"), errors="replace").read().strip().splitlines()[-3:]
         raise RuntimeError(f"trial {trial.number}: train_ddp.py exited {proc.returncode}: {' | '.join(tail)}")
-    evals = [p for _, p in _evals(os.path.join(trial_dir, "run", "training_history.json"))]
+    evals = [p for _, p in _evals(os.path.join(trial_dir, "run"))]
     value = min(evals)
     print(f"trial {trial.number}: best perplexity {value:.3f} with {params}", flush=True)
     return value

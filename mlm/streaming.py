@@ -26,63 +26,22 @@ import copy
 import itertools
 import logging
 import os
+import time
 from typing import Any, Iterator
 
 import numpy as np
 import torch
 from torch.utils.data import DataLoader
 
-from .config import TrainConfig, UserError
-from .data import hub_dataset_failure
-from .distributed import DistEnv, all_ranks
+from .cli import UserError
+from .config import TrainConfig
+from .data import DataBundle, build_datasets, eval_loader, tokenize_texts
+from .distributed import DistEnv, all_ranks, main_process_first
+from .sources import open_split, validation_texts
+from .text import frame, plain_backend
 
 log = logging.getLogger("mlm")
 PACK_TEXTS = 1000  # texts tokenised and packed together; the remainder under one body is dropped per group
-
-
-def builder_for(path: str) -> str:
-    """The `datasets` packaged builder that reads a local file of this kind."""
-    suffix = path.rsplit(".", 1)[-1]
-    return {"txt": "text", "raw": "text", "jsonl": "json"}.get(suffix, suffix)
-
-
-def _hub_error(label: str, e: Exception) -> UserError:
-    return UserError(f"could not stream dataset {label!r} ({hub_dataset_failure(e)}); check the name and your "
-                     "connection, or stream local files with --train_file/--validation_file or --dataset_dir")
-
-
-def open_split(cfg: TrainConfig, split: str):
-    """One split as a datasets IterableDataset with a 'text' column (and perhaps others)."""
-    import datasets
-    if cfg.dataset_dir or cfg.train_file:
-        if cfg.dataset_dir:
-            path = os.path.join(cfg.dataset_dir, "wiki.train.raw" if split == "train" else "wiki.valid.raw")
-        else:
-            path = cfg.train_file if split == "train" else cfg.validation_file
-        ds = datasets.load_dataset(builder_for(path), data_files={split: path}, split=split, streaming=True)
-        label = path
-    else:
-        label = f"{cfg.dataset_name}/{cfg.dataset_config_name}" if cfg.dataset_config_name else cfg.dataset_name
-        try:
-            ds = datasets.load_dataset(cfg.dataset_name, cfg.dataset_config_name, split=split, streaming=True)
-        except ValueError as e:
-            if "split" in str(e).lower():
-                raise UserError(f"dataset {label!r} has no {split!r} split; --streaming reads the validation "
-                                "split whole, so use a dataset that has one, or local files") from None
-            raise _hub_error(label, e) from None
-        except Exception as e:
-            raise _hub_error(label, e) from None
-    if ds.column_names is None:
-        ds = ds._resolve_features()  # peeks at the first example: the columns must be known to drop them
-    if "text" not in ds.column_names:
-        raise UserError(f"{label!r} has no 'text' column (columns: {', '.join(ds.column_names)}); name the "
-                        "column holding the text 'text'")
-    return ds
-
-
-def validation_texts(cfg: TrainConfig) -> list[str]:
-    """The whole validation split: it is finite, and evaluation must count each example exactly once."""
-    return [row["text"] or "" for row in open_split(cfg, "validation")]
 
 
 def pack_function(backend, body: int):
@@ -126,9 +85,7 @@ class PackedBatches(torch.utils.data.IterableDataset):
         for example in stream:
             rows.append(example["input_ids"])
             if len(rows) == self.batch_size:
-                ids = np.empty((self.batch_size, self.max_seq_length), dtype=np.int64)
-                ids[:, 0], ids[:, -1] = self.cls_id, self.sep_id
-                ids[:, 1:-1] = rows
+                ids = frame(np.asarray(rows, dtype=np.int64), self.cls_id, self.sep_id)
                 yield {"input_ids": torch.from_numpy(ids), "worker": worker, "state": stream.state_dict()}
                 rows = []
 
@@ -184,3 +141,26 @@ class StreamingTrain:
         if self.env.is_main:
             log.info("the stream continues from its saved position in epoch %d (texts that were in the shuffle "
                      "buffer at the save are skipped for this epoch, never repeated)", d["epoch"])
+
+
+def build_streaming_data(cfg: TrainConfig, env: DistEnv, tokenizer) -> DataBundle:
+    """Training from a stream (tokenised in the loader workers); validation read whole, tokenised here."""
+    t0 = time.perf_counter()
+    if cfg.loader_workers > 0:
+        # The workers are the tokenising parallelism. A tokenizer thread pool used before the workers fork can
+        # deadlock in them, even when TOKENIZERS_PARALLELISM=true asks for it: keep it off in this process.
+        os.environ["TOKENIZERS_PARALLELISM"] = "false"
+    # Downloads of the validation split (and the Hub script/metadata) happen once per node, or once in all.
+    texts = main_process_first(env, lambda: validation_texts(cfg), per_node=cfg.cache_scope == "node")
+    _, valid = build_datasets(cfg, {"validation": tokenize_texts(tokenizer, texts)}, tokenizer)
+    stream = rank_stream(cfg, env, plain_backend(tokenizer))
+    batches = PackedBatches(stream, cfg.per_device_train_batch_size, cfg.max_seq_length,
+                            tokenizer.cls_token_id, tokenizer.sep_token_id)
+    workers = cfg.loader_workers
+    stats = {"train": f"streamed: {cfg.train_file or cfg.dataset_dir or cfg.dataset_name}, shuffle buffer "
+                      f"{cfg.shuffle_buffer_size} texts, packed into {cfg.max_seq_length}-token examples by "
+                      f"{workers or 'no'} loader worker(s) per rank",
+             "eval": f"{len(valid)} examples of {cfg.max_seq_length}, read whole; {valid.dropped_tokens} tokens "
+                     "dropped by chunking",
+             "data": f"validation tokenised in {time.perf_counter() - t0:.2f} s"}
+    return DataBundle(StreamingTrain(batches, env, workers, cfg.seed), eval_loader(cfg, env, valid), stats)

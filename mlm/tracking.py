@@ -11,10 +11,11 @@ import netrc
 import os
 import sys
 import time
-from typing import Any, Optional
+from typing import Any, Callable, Optional
 
-from .checkpoint import write_json_atomic
-from .config import TrainConfig, UserError
+from .cli import UserError
+from .config import TrainConfig
+from .files import HISTORY, read_history, write_json_atomic
 
 log = logging.getLogger("mlm")
 
@@ -52,11 +53,21 @@ def format_banner(rows: dict[str, Any]) -> str:
     return "\n".join(f"  {k:<{width}}  {v}" for k, v in rows.items())
 
 
+# The W&B predictions table at each evaluation: (model, tokenizer) -> one row per sample sentence of
+# (text, top tokens per mask, best joint fill, its score). Supplied by train_ddp.py from the inference package,
+# which training modules do not import.
+SampleRows = Callable[[Any, Any], list[list[Any]]]
+
+
 class Tracker:
-    def __init__(self, cfg: TrainConfig, is_main: bool, total_steps: int, initial_step: int,
-                 history: list[dict], run_config: dict, run_id: Optional[str]):
+    def __init__(self, cfg: TrainConfig, run_config: dict, *, is_main: bool, start: tuple[int, Optional[str]],
+                 total_steps: int, sample_rows: Optional[SampleRows] = None):
+        """start: the step the run starts from and the W&B run id it continues (both from the checkpoint)."""
+        initial_step, run_id = start
         self.enabled = is_main
-        self.path = os.path.join(cfg.output_dir, "training_history.json")
+        self.sample_rows = sample_rows
+        self.path = os.path.join(cfg.output_dir, HISTORY)
+        history = (read_history(cfg.output_dir) or []) if is_main else []
         # Resume: entries after the resumed step are dropped, so no step is recorded twice.
         self.history = [h for h in history if h.get("step", 0) <= initial_step]
         # The W&B run being continued already holds the steps the previous attempt logged after its last
@@ -90,20 +101,17 @@ class Tracker:
     def log_predictions(self, step: int, model, tokenizer) -> None:
         """A W&B Table of fill-mask predictions on fixed sentences at this evaluation: the curve and what the
         model predicts side by side. Rank 0, the unwrapped model, no collectives; training mode is restored."""
-        if not (self.enabled and self.wandb) or step <= self.wandb_floor:
+        if not (self.enabled and self.wandb and self.sample_rows) or step <= self.wandb_floor:
             return
         import wandb
-        from .fill_mask import SAMPLE_SENTENCES, FillMask
         was_training = model.training
         try:
-            preds = FillMask(model, tokenizer, name="training").predict(list(SAMPLE_SENTENCES), top_k=5)
+            rows = self.sample_rows(model, tokenizer)
         finally:
             model.train(was_training)
         table = wandb.Table(columns=["step", "text", "top tokens per mask", "best joint fill", "fill score"])
-        for p in preds:
-            per_mask = " | ".join(", ".join(f"{c.token} {c.score:.3f}" for c in m.candidates) for m in p.masks)
-            best = p.fills[0] if p.fills else None
-            table.add_data(step, p.text, per_mask, best.sequence if best else "", best.score if best else None)
+        for row in rows:
+            table.add_data(step, *row)
         self.wandb.log({"eval/predictions": table}, step=step)
 
     def log_model(self, best_dir: str) -> None:
@@ -153,9 +161,10 @@ class Tracker:
                 if v is not None and not (isinstance(v, float) and math.isnan(v)):
                     self.wandb.summary[k] = v
 
-    def advance(self, steps: int = 1) -> None:
+    def advance(self) -> None:
+        """One optimizer step done."""
         if self.bar is not None:
-            self.bar.update(steps)
+            self.bar.update(1)
 
     def write(self, message: str) -> None:
         if not self.enabled:

@@ -1,4 +1,4 @@
-"""Shared fixtures. Every test runs offline: no Hub, no W&B servers (invariant 8)."""
+"""Shared fixtures. Every test runs offline: no Hub, no W&B servers (invariant 8, docs/DESIGN.md)."""
 
 import os
 import sys

@@ -93,6 +93,13 @@ def run_train(args: list[str], nproc: int = 1, timeout: float = 300, extra_env: 
     return run_command(cmd, timeout, extra_env, cwd)
 
 
+def train_here(args: list[str]) -> int:
+    """train_ddp.py as a world of one, in this process (what `python train_ddp.py ARGS` or a one-process torchrun
+    runs: no process group): the exit code."""
+    import train_ddp
+    return train_ddp.main(args)
+
+
 def free_port() -> int:
     import socket
     with socket.socket() as s:

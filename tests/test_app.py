@@ -53,7 +53,7 @@ def app(minilm_dir, forced_model_dir):
 
 def test_browser_types_a_masked_sentence_and_sees_both_models_predictions(app, minilm_dir, forced_model_dir):
     from playwright.sync_api import sync_playwright
-    from mlm.fill_mask import FillMask
+    from mlm.inference.fill_mask import FillMask
     expected = [[c.token for c in FillMask(path, device="cpu").predict([TEXT], top_k=5)[0].masks[0].candidates]
                 for path in (minilm_dir, forced_model_dir)]
     assert expected[0] != expected[1]  # the two panes must show different models

@@ -2,9 +2,10 @@
 every rank, and no traceback.
 
 Each case runs twice: under `torchrun --nproc_per_node=2` (gloo) with every worker's stdout and stderr
-redirected to its own file, and as plain `python train_ddp.py`. torchrun itself prints a ChildFailedError
-report (with the launcher's own traceback) when a worker exits non-zero; that is the launcher's output, not
-ours, so the no-traceback check reads each worker's files.
+redirected to its own file, and as a world of one in this process (`train_ddp.main`, what plain
+`python train_ddp.py` runs). torchrun itself prints a ChildFailedError report (with the launcher's own
+traceback) when a worker exits non-zero; that is the launcher's output, not ours, so the no-traceback check
+reads each worker's files.
 """
 
 from __future__ import annotations
@@ -122,14 +123,18 @@ def test_bad_input_under_torchrun(name, tmp_path, tiny_config_dir, tokenizer_pat
 
 
 @pytest.mark.parametrize("name", CASES)
-def test_bad_input_under_plain_python(name, tmp_path, tiny_config_dir, tokenizer_path):
+def test_bad_input_in_one_process(name, tmp_path, tiny_config_dir, tokenizer_path, capfd, monkeypatch):
+    """What `python train_ddp.py` does with the case (the same main, a world of one), in this process."""
+    import train_ddp
     case = build_case(name, tmp_path, tiny_config_dir, tokenizer_path)
-    p = run_train(case.args, nproc=0, timeout=120, extra_env=case.env)
-    assert "Traceback" not in p.output, p.output
-    assert p.returncode == 2, f"exit {p.returncode}\n{p.output}"
-    assert p.seconds < TIME_LIMIT_S
-    check_error_line(p.stderr, case)
-    assert not lines(p.stdout), p.stdout
+    for key, value in case.env.items():
+        monkeypatch.setenv(key, value)
+    code = train_ddp.main(case.args)
+    out, err = capfd.readouterr()
+    assert "Traceback" not in out + err, out + err
+    assert code == 2, f"exit {code}\n{out}{err}"
+    check_error_line(err, case)
+    assert not lines(out), out
 
 
 # Under torchrun a rank that would hang is killed by the launcher once another rank fails, so the test above

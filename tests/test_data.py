@@ -8,8 +8,9 @@ import pytest
 
 from helpers import SHARED_WIKITEXT, make_text_file
 from mlm.config import TrainConfig, UserError
-from mlm.data import (ChunkDataset, LineDataset, TokenStream, eval_shard, load_token_streams, read_text_file,
-                      tokenize_texts)
+from mlm.data import ChunkDataset, LineDataset, TokenStream, eval_shard, load_token_streams, tokenize_texts
+from mlm.sources import read_text_file
+from mlm.text import Framing
 
 
 def cfg_for(tmp_path, **kw) -> TrainConfig:
@@ -114,7 +115,7 @@ def test_local_formats_read_the_text_column(tmp_path):
 def test_line_by_line_pads_to_a_multiple_of_8(tokenizer):
     lengths = np.array([3, 0, 10, 40])
     stream = TokenStream(np.arange(1000, 1000 + lengths.sum(), dtype=np.int32), lengths)
-    ds = LineDataset(stream, 32, tokenizer.cls_token_id, tokenizer.sep_token_id, tokenizer.pad_token_id)
+    ds = LineDataset(stream, 32, Framing(tokenizer.cls_token_id, tokenizer.sep_token_id, tokenizer.pad_token_id))
     assert len(ds) == 3  # the empty text is skipped
     b = ds.__getitems__([0, 1])
     ids, attn = b["input_ids"].numpy(), b["attention_mask"].numpy()

@@ -10,7 +10,7 @@ import torch
 
 from helpers import FORCED_SENTENCES
 from mlm.config import UserError
-from mlm.fill_mask import FillMask, Prediction
+from mlm.inference.fill_mask import FillMask, Prediction
 
 # 24 single-mask sentences: varied length, punctuation, numbers, capitals, a mask at the start and at the end.
 PARITY_SENTENCES = [

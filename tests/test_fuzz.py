@@ -60,7 +60,7 @@ def test_config_file_gives_a_config_or_one_clean_error(content, tmp_path_factory
 
 @pytest.fixture(scope="module")
 def fill(forced_model_dir):
-    from mlm.fill_mask import FillMask
+    from mlm.inference.fill_mask import FillMask
     return FillMask(forced_model_dir, device="cpu")
 
 

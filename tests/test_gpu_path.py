@@ -5,7 +5,6 @@ Each test here fails without its fix; tests/gpu/ runs the same behaviours for re
 
 from __future__ import annotations
 
-import contextlib
 import os
 
 import pytest
@@ -17,8 +16,8 @@ from helpers import TINY_BERT, make_text_file, read_json, run_train, start_ranks
 from mlm import engine, metrics
 from mlm.config import TrainConfig, UserError
 from mlm.distributed import DistEnv
-from mlm.masking import IGNORE_INDEX, MaskingSpec, build_masking_tables, token_hashes
-from mlm.modeling import MaskedLMLoss, build_optimizer, build_scheduler
+from mlm.masking import IGNORE_INDEX, token_hashes
+from mlm.modeling import MaskedLMLoss
 
 CPU = torch.device("cpu")
 CUDA = torch.device("cuda", 0)  # only named: nothing runs on it
@@ -182,24 +181,22 @@ class HostReads(TorchDispatchMode):
         return func(*args, **(kwargs or {}))
 
 
-def steady_setup(tokenizer, precision: str = "fp32", swa_start: int | None = None):
-    cfg = TrainConfig(learning_rate=1e-3, num_warmup_steps=2, max_train_steps=10)
+def steady_setup(tokenizer, precision: str = "fp32"):
+    cfg = TrainConfig(learning_rate=1e-3, num_warmup_steps=2, max_train_steps=10, seed=1)
     model = tiny_model(vocab=len(tokenizer))
-    loss_module = MaskedLMLoss(model).train()
-    optimizer = build_optimizer(cfg, loss_module, CPU)
-    schedule = build_scheduler(cfg, optimizer, 10)
-    scaler = engine.build_scaler(precision, CPU)
-    tables, spec = build_masking_tables(tokenizer), MaskingSpec(seed=1)
+    trainable = engine.build_trainable(cfg, model, precision, CPU, 10)
+    trainable.loss.train()
+    masking = engine.build_masking(cfg, tokenizer)
     g = torch.Generator().manual_seed(0)
 
     def batch(i: int):
-        ids = tables.ordinary_ids[torch.randint(len(tables.ordinary_ids), (4, 32), generator=g)]
+        ordinary = masking.tables.ordinary_ids
+        ids = ordinary[torch.randint(len(ordinary), (4, 32), generator=g)]
         ids[:, 0], ids[:, -1] = tokenizer.cls_token_id, tokenizer.sep_token_id
-        return engine.prepare_batch({"input_ids": ids, "index": torch.arange(4) + 4 * i}, 0, spec, tables, CPU)
+        return engine.prepare_batch({"input_ids": ids, "index": torch.arange(4) + 4 * i}, 0, masking, CPU)
     env = DistEnv(rank=0, local_rank=0, world_size=1, device=CPU)
-    step = lambda batches: engine.train_step(loss_module, loss_module, optimizer, schedule, scaler, batches, env,
-                                             precision, 1.0)
-    return model, loss_module, optimizer, schedule, batch, step
+    step = lambda batches: engine.train_step(trainable, batches, env)
+    return model, trainable.loss, trainable.optimizer, trainable.schedule, batch, step
 
 
 @pytest.mark.parametrize("precision", ["fp32", "fp16"])
@@ -319,15 +316,17 @@ def test_fp16_resumes_from_a_checkpoint_saved_without_a_scaler(tmp_path, tokeniz
     from mlm import checkpoint
     model, _, optimizer, schedule, _, _ = steady_setup(tokenizer, "fp32")
     state = checkpoint.TrainState(world_size=1, per_device_train_batch_size=4, step=3)
-    path = checkpoint.save_checkpoint(str(tmp_path), state, model, optimizer, schedule,
-                                      engine.build_scaler("fp32", CPU), [checkpoint.rng_state()], 2)
+    parts = {"optimizer": optimizer, "scheduler": schedule, "scaler": engine.build_scaler("fp32", CPU),
+             "rng_states": checkpoint.RankRngs(0, [checkpoint.rng_state()])}
+    path = checkpoint.save_checkpoint(str(tmp_path), state, model, parts, 2)
     model2, _, optimizer2, schedule2, _, _ = steady_setup(tokenizer, "fp16")
     scaler = engine.build_scaler("fp16", CPU)
     state2 = checkpoint.TrainState(world_size=1, per_device_train_batch_size=4)
-    checkpoint.load_checkpoint(path, state2, model2, optimizer2, schedule2, scaler, 0, CPU)  # raised before
+    parts2 = {"optimizer": optimizer2, "scheduler": schedule2, "scaler": scaler, "rng_states": checkpoint.RankRngs(0)}
+    checkpoint.load_checkpoint(path, state2, model2, parts2, CPU)  # raised before
     assert state2.step == 3 and scaler.is_enabled()
     with pytest.raises(RuntimeError, match="empty"):  # what GradScaler itself says: the case is real
-        engine.build_scaler("fp16", CPU).load_state_dict({})
+        torch.amp.GradScaler("cpu").load_state_dict({})
 
 
 # ---------------------------------------------------------------------- (h3) master weights are fp32
@@ -343,7 +342,7 @@ def test_a_model_saved_in_fp16_trains_with_fp32_master_weights(tmp_path, tokeniz
     scratch = TrainConfig(config_name=saved, tokenizer_name=saved)
     model = build_model(scratch, load_model_config(scratch), load_tokenizer(scratch))
     assert {p.dtype for p in model.parameters()} == {torch.float32}
-    from mlm.fill_mask import FillMask
+    from mlm.inference.fill_mask import FillMask
     assert next(FillMask(saved, device="cpu").model.parameters()).dtype == torch.float32
 
 

@@ -91,7 +91,7 @@ def prepare():
     with open(sys.argv[1], "a") as fh:
         fh.write(f"end {{env.rank}} {{env.local_rank}} {{time.time()}}\n")
 main_process_first(env, prepare, per_node=sys.argv[2] == "node")
-teardown()
+teardown(env)
 """
 
 

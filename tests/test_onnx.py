@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from helpers import TINY_BERT, minilm_path, run_command, run_predict
-from mlm.export_onnx import OnnxMaskedLM
+from mlm.inference.export_onnx import OnnxMaskedLM
 
 
 @pytest.fixture(scope="module")
@@ -77,17 +77,22 @@ def test_predict_with_onnx_gives_the_same_top_k(tmp_path, minilm_dir):
         assert [f["sequence"] for f in a["fills"]] == [f["sequence"] for f in b["fills"]]
 
 
-def test_onnx_user_errors_are_one_line(tmp_path, tiny_model_dir):
-    r = run_predict(["--model", tiny_model_dir, "--onnx", str(tmp_path / "missing.onnx"), "a [MASK] ."])
-    assert r.returncode == 2 and "does not exist" in r.stderr and "Traceback" not in r.output, r.output
+def test_onnx_user_errors_are_one_line(tmp_path, tiny_model_dir, capfd):
+    """predict.py --onnx and python -m mlm.export_onnx with bad files: their main functions, in this process."""
+    import predict
+    from mlm.inference import export_onnx
+
+    def one_error(code: int, *words: str) -> None:
+        out, err = capfd.readouterr()
+        assert code == 2 and err.startswith("error:") and len(err.splitlines()) == 1, out + err
+        assert all(w in err for w in words) and "Traceback" not in out + err, err
+    one_error(predict.main(["--model", tiny_model_dir, "--onnx", str(tmp_path / "missing.onnx"), "a [MASK] ."]),
+              "does not exist")
     bad = tmp_path / "bad.onnx"
     bad.write_bytes(b"not a graph")
-    r = run_predict(["--model", tiny_model_dir, "--onnx", str(bad), "a [MASK] ."])
-    assert r.returncode == 2 and "could not be loaded" in r.stderr and "Traceback" not in r.output, r.output
-    r = export(tiny_model_dir, str(tmp_path / "out.bin"))
-    assert r.returncode == 2 and "*.onnx" in r.stderr and "Traceback" not in r.output, r.output
-    r = export(str(tmp_path / "nope"), str(tmp_path / "x.onnx"))
-    assert r.returncode == 2 and r.stderr.startswith("error:") and "Traceback" not in r.output, r.output
+    one_error(predict.main(["--model", tiny_model_dir, "--onnx", str(bad), "a [MASK] ."]), "could not be loaded")
+    one_error(export_onnx.main([tiny_model_dir, str(tmp_path / "out.bin")]), "*.onnx")
+    one_error(export_onnx.main([str(tmp_path / "nope"), str(tmp_path / "x.onnx")]))
     assert not os.path.exists(tmp_path / "x.onnx")
 
 
@@ -95,7 +100,7 @@ def test_exporting_leaves_the_pytorch_model_unchanged(tmp_path, minilm_dir):
     """The exporter changes the module it traces (seen: logits off by ~2.5 afterwards on longer inputs), so
     export() traces a copy; the caller's model, and the check against it, stay right."""
     from transformers import AutoModelForMaskedLM
-    from mlm.export_onnx import export as export_model
+    from mlm.inference.export_onnx import export as export_model
     model = AutoModelForMaskedLM.from_pretrained(minilm_dir).eval()
     ids, attention = random_batch(model.config.vocab_size, seed=4)
     with torch.no_grad():

@@ -7,6 +7,7 @@ import io
 import json
 import os
 import shutil
+import sys
 import time
 
 import pytest
@@ -14,8 +15,7 @@ import torch
 
 import predict
 from helpers import make_text_file, run_predict, run_train, tiny_args
-from mlm.fill_mask import SAMPLE_SENTENCES
-from mlm.fill_mask import FillMask, Prediction
+from mlm.inference.fill_mask import SAMPLE_SENTENCES, FillMask, Prediction
 
 MULTI = "[MASK] [MASK] a [MASK] [MASK] ."
 TEXTS = ["he [MASK] a good man .", MULTI, "she was a [MASK] woman ."]
@@ -155,7 +155,8 @@ BAD = {
 
 
 @pytest.mark.parametrize("name", sorted(BAD))
-def test_bad_input_one_line_error_no_traceback(name, forced_model_dir, tmp_path):
+def test_bad_input_one_line_error_no_traceback(name, forced_model_dir, tmp_path, capfd, monkeypatch):
+    """predict.main in this process, as `python predict.py ARGS` runs it (same cwd, same stdin)."""
     if name == "cuda_without_gpu" and torch.cuda.is_available():
         pytest.skip("this machine has a GPU")
     args, problem = BAD[name]
@@ -166,13 +167,16 @@ def test_bad_input_one_line_error_no_traceback(name, forced_model_dir, tmp_path)
     args = [a.replace("{tmp}", str(tmp_path)) for a in args]
     if name not in ("no_trained_run", "missing_model_dir", "dir_without_model", "checkpoint_dir"):
         args = ["--model", forced_model_dir, *args]
-    r = run_predict(args, cwd=str(tmp_path), stdin="" if name == "empty_stdin" else None)
-    assert r.returncode == 2, r.output
-    assert "Traceback" not in r.output, r.output
-    lines = [line for line in r.stderr.splitlines() if line.strip()]
-    assert len(lines) == 1 and lines[0].startswith("error: "), r.stderr
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setattr(sys, "stdin", io.StringIO(""))
+    code = predict.main(args)
+    out, err = capfd.readouterr()
+    assert code == 2, out + err
+    assert "Traceback" not in out + err, out + err
+    lines = [line for line in err.splitlines() if line.strip()]
+    assert len(lines) == 1 and lines[0].startswith("error: "), err
     assert problem in lines[0], lines[0]
-    assert not r.stdout.strip(), r.stdout  # nothing printed before the error
+    assert not out.strip(), out  # nothing printed before the error
 
 
 # ---------------------------------------------------------------------- (f) train, then predict.py

@@ -1,4 +1,5 @@
-"""Never lose work (invariants 4, 5, 6): exact resume, SIGTERM, SIGKILL with torchrun restarts, a crash while
+"""Never lose work (invariants 4, 5, 6 of docs/DESIGN.md): exact resume, SIGTERM, SIGKILL with torchrun restarts,
+a crash while
 saving, an exception on one rank, a loss that stays non-finite. Faults come from tests/faulty_train.py; every
 run is a subprocess with a timeout, so a hang fails instead of blocking."""
 

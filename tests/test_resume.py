@@ -1,4 +1,5 @@
-"""Resume restores the complete state: a run cut short and relaunched ends with the same weights (invariant 4)."""
+"""Resume restores the complete state: a run cut short and relaunched ends with the same weights (invariant 4,
+docs/DESIGN.md)."""
 
 import os
 import shutil

@@ -8,8 +8,8 @@ import os
 import pytest
 import torch
 
-from helpers import TINY_BERT, make_text_file, read_json, run_command, run_train, tiny_args
-from mlm.fill_mask import SAMPLE_SENTENCES
+from helpers import TINY_BERT, make_text_file, read_json, run_train, tiny_args
+from mlm.inference.fill_mask import SAMPLE_SENTENCES
 from wandb_offline import offline_runs, read_run
 
 
@@ -127,15 +127,16 @@ def test_mfu_flops_match_a_count_of_the_models_own_matmuls():
     assert mlm_step_flops(MlmShape.from_config(config), tokens, sequences * length ** 2, tokens) > got
 
 
-def test_plot_writes_the_curves(corpus, tiny_config_dir, tokenizer_path, tmp_path):
+def test_plot_writes_the_curves(corpus, tiny_config_dir, tokenizer_path, tmp_path, capfd):
+    """A run and `python -m mlm.plot` on it, both in this process (their main functions)."""
     import matplotlib.image
     import numpy as np
+    import train_ddp
+    from mlm import plot
     out = str(tmp_path / "run")
-    r = run_train(args(corpus, tiny_config_dir, tokenizer_path, out, report_to="none", logging_steps=1), nproc=1)
-    assert r.returncode == 0, r.output[-3000:]
+    assert train_ddp.main(args(corpus, tiny_config_dir, tokenizer_path, out, report_to="none", logging_steps=1)) == 0
     figures = str(tmp_path / "figures")
-    p = run_command([os.sys.executable, "-m", "mlm.plot", out, "--out", figures], timeout=120)
-    assert p.returncode == 0, p.output
+    assert plot.main([out, "--out", figures]) == 0
     for name in ("loss.png", "perplexity.png", "learning_rate.png"):
         path = os.path.join(figures, name)
         with open(path, "rb") as fh:
@@ -146,8 +147,10 @@ def test_plot_writes_the_curves(corpus, tiny_config_dir, tokenizer_path, tmp_pat
         flat = (pixels[..., :3] * 255).astype(np.uint8).reshape(-1, 3)
         assert len(np.unique(flat, axis=0)) > 20
         assert (np.ptp(flat.astype(int), axis=1) > 60).sum() > 100  # saturated (curve) pixels, not just grey
-    bad = run_command([os.sys.executable, "-m", "mlm.plot", str(tmp_path / "nothing-here")], timeout=60)
-    assert bad.returncode == 2 and bad.stderr.strip().startswith("error:") and len(bad.stderr.splitlines()) == 1
+    capfd.readouterr()
+    assert plot.main([str(tmp_path / "nothing-here")]) == 2
+    err = capfd.readouterr().err
+    assert err.strip().startswith("error:") and len(err.splitlines()) == 1, err
 
 
 def test_missing_wandb_key_online_is_a_clear_error_not_a_prompt(corpus, tiny_config_dir, tokenizer_path, tmp_path):

@@ -9,7 +9,6 @@ tests themselves before GPU time is spent on them, not a test of the GPU path.
 
 from __future__ import annotations
 
-import contextlib
 import json
 import math
 import os
@@ -24,11 +23,11 @@ import train_ddp
 from helpers import ROOT, read_json, write_tiny_config
 from mlm import engine, loop, metrics
 from mlm.config import TrainConfig
-from mlm.data import ChunkDataset, read_text_file, tokenize_texts
+from mlm.data import ChunkDataset, tokenize_texts
+from mlm.sources import read_text_file
 from mlm.distributed import DistEnv
-from mlm.masking import MaskingSpec, build_masking_tables
-from mlm.modeling import MaskedLMLoss, build_model, build_optimizer, build_scheduler, load_model_config, \
-    load_tokenizer
+from mlm.modeling import MaskedLMLoss, build_model, load_model_config, load_tokenizer
+from mlm.optim import build_optimizer
 
 ON_GPU = torch.cuda.is_available()
 DEVICE = torch.device("cuda", 0) if ON_GPU else torch.device("cpu")
@@ -116,19 +115,17 @@ def step_losses(precision: str, config_dir: str, tokenizer_dir: str, wikitext: s
     cfg = TrainConfig(config_name=config_dir, tokenizer_name=tokenizer_dir, learning_rate=5e-4, num_warmup_steps=0)
     tokenizer = load_tokenizer(cfg)
     model = build_model(cfg, load_model_config(cfg), tokenizer).to(DEVICE)  # seeded: the same in every precision
-    loss_module = MaskedLMLoss(model).train()
-    optimizer = build_optimizer(cfg, loss_module, DEVICE)
-    schedule = build_scheduler(cfg, optimizer, steps)
-    scaler = engine.build_scaler(precision, DEVICE)
-    tables, spec = build_masking_tables(tokenizer), MaskingSpec(seed=0)
+    trainable = engine.build_trainable(cfg, model, precision, DEVICE, steps)
+    trainable.loss.train()
+    masking = engine.build_masking(cfg, tokenizer)
     texts = read_text_file(os.path.join(wikitext, "wiki.train.raw"))[:4000]
     chunks = ChunkDataset(tokenize_texts(tokenizer, texts), SEQ, tokenizer.cls_token_id, tokenizer.sep_token_id)
     env = DistEnv(rank=0, local_rank=0, world_size=1, device=DEVICE)
     losses, skipped = [], 0
     for step in range(steps):
         raw = chunks.__getitems__(list(range(step * BATCH, (step + 1) * BATCH)))
-        batch = engine.prepare_batch(raw, 0, spec, tables, DEVICE)
-        r = engine.train_step(loss_module, loss_module, optimizer, schedule, scaler, [batch], env, precision, 1.0)
+        batch = engine.prepare_batch(raw, 0, masking, DEVICE)
+        r = engine.train_step(trainable, [batch], env)
         losses.append(float(r.loss_sum) / r.masked_tokens)
         skipped += int(r.skipped)
     return losses, skipped

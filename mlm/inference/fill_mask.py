@@ -1,6 +1,6 @@
 """Fill-mask prediction: the top-k tokens at each mask, and the top-k joint fills of inputs with several masks.
 
-    from mlm.fill_mask import FillMask
+    from mlm.inference.fill_mask import FillMask
     preds = FillMask("outputs/my-run").predict(["The capital of France is [MASK]."], top_k=5)
 
 **Per mask** (`Prediction.masks`): the softmax over the vocabulary at that position, given the input as
@@ -34,13 +34,14 @@ from typing import Any, Optional, Sequence, Union
 import torch
 from torch import nn
 
-from .config import OUTPUTS_ROOT, UserError, looks_like_path
-from .modeling import head_logits, split_encoder_head
+from ..cli import UserError
+from ..heads import head_logits, split_encoder_head
+from ..text import plain_backend
+from .loading import load_model, load_onnx, max_input_length, resolve_device, resolve_model_path
 
 log = logging.getLogger("mlm")
 # Either spelling of a mask, BERT's or RoBERTa's, in any case; translated to the tokenizer's own mask token.
 _MASK_SPELLINGS = re.compile(r"\[mask\]|<mask>", re.IGNORECASE)
-_SANE_MAX_LENGTH = 1_000_000  # tokenizers without a limit report model_max_length as a huge sentinel
 
 
 # Built-in sentences: predict.py's default inputs and the W&B predictions table at each evaluation.
@@ -114,107 +115,12 @@ class _Partial:
     order: tuple[int, ...] = field(compare=False)
 
 
-# ---------------------------------------------------------------------- finding and loading a model
-def find_default_model(root: str = OUTPUTS_ROOT) -> tuple[str, str]:
-    """The newest best/ under root (where train_ddp.py writes its runs by default), and a note saying which."""
-    runs = []
-    if os.path.isdir(root):
-        for name in os.listdir(root):
-            best = os.path.join(root, name, "best")
-            if os.path.isfile(os.path.join(best, "config.json")):
-                runs.append((max(os.path.getmtime(os.path.join(best, f)) for f in os.listdir(best)), best))
-    if not runs:
-        raise UserError(f"no trained model under {root}/ (train one with `torchrun --nproc_per_node=2 "
-                        "train_ddp.py`), or pass --model with a run directory, a saved model or a Hub id")
-    runs.sort(reverse=True)
-    note = f"the newest best/ under {root}/" if len(runs) == 1 else \
-        f"the newest of {len(runs)} runs under {root}/; the others: " + \
-        ", ".join(os.path.dirname(p) for _, p in runs[1:])
-    return runs[0][1], note
-
-
-def resolve_model_path(name: str, flag: str = "--model") -> str:
-    """A run directory means its best/; a save_pretrained directory itself; anything else a Hub id."""
-    if os.path.isdir(name):
-        if os.path.isfile(os.path.join(name, "config.json")):
-            return name
-        if os.path.isfile(os.path.join(name, "best", "config.json")):
-            return os.path.join(name, "best")
-        if os.path.isfile(os.path.join(name, "trainer_state.json")):
-            raise UserError(f"{flag} {name!r} is a resumable training checkpoint, not an exported model; pass the "
-                            "run directory (its best/ is used) or a directory written by save_pretrained")
-        raise UserError(f"{flag} {name!r} holds no model (no config.json, and no best/ of a training run); pass a "
-                        "run directory, a directory written by save_pretrained, or a Hub id")
-    if os.path.exists(name):
-        raise UserError(f"{flag} {name!r} is a file; pass a run directory, a saved model directory or a Hub id")
-    if looks_like_path(name):
-        raise UserError(f"{flag} {name!r} does not exist; pass a run directory, a saved model directory or a Hub id")
-    return name
-
-
-def resolve_device(device: str) -> torch.device:
-    if device == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    if device.startswith("cuda") and not torch.cuda.is_available():
-        raise UserError(f"--device {device}: no CUDA GPU is visible; use --device cpu or auto")
-    try:
-        return torch.device(device)
-    except RuntimeError:
-        raise UserError(f"--device {device!r} is not a device; use auto, cpu or cuda") from None
-
-
-def load_model(path: str, device: torch.device, flag: str = "--model") -> tuple[nn.Module, Any]:
-    """Tokenizer and masked LM from a resolved path or Hub id; a fresh (untrained) MLM head is warned about."""
-    from transformers import AutoModelForMaskedLM, AutoTokenizer
-    from .modeling import load_error
-    try:
-        tokenizer = AutoTokenizer.from_pretrained(path, use_fast=True)
-    except Exception as e:
-        raise load_error("tokenizer", path, e) from None
-    if tokenizer.mask_token_id is None:
-        raise UserError(f"{flag} {path!r}: its tokenizer has no mask token, so it is not a masked LM")
-    torch.manual_seed(0)  # a head missing from the checkpoint is initialised the same way on every run
-    try:
-        # fp32 stated, not left to the config's recorded dtype (transformers 5 would follow it): the scores are
-        # those of the HF pipeline on the same fp32 weights.
-        model, info = AutoModelForMaskedLM.from_pretrained(path, output_loading_info=True, dtype=torch.float32)
-    except Exception as e:
-        raise load_error("model", path, e) from None
-    fresh = sorted(k for k in info.get("missing_keys", ()) if "embeddings.position_ids" not in k)
-    if fresh:
-        log.warning(f"warning: {path} has no trained weights for {', '.join(fresh[:3])}"
-                    f"{' ...' if len(fresh) > 3 else ''}; they are freshly initialised, so its predictions "
-                    "are not meaningful (an encoder without its MLM head?)")
-    return model.to(device).eval(), tokenizer
-
-
-def load_onnx(path: str, onnx: str) -> tuple[nn.Module, Any]:
-    """An exported ONNX graph (python -m mlm.export_onnx) with the tokenizer and config of its model directory."""
-    from transformers import AutoConfig, AutoTokenizer
-    from .export_onnx import OnnxMaskedLM
-    from .modeling import load_error
-    try:
-        tokenizer, config = AutoTokenizer.from_pretrained(path, use_fast=True), AutoConfig.from_pretrained(path)
-    except Exception as e:
-        raise load_error("tokenizer and config", path, e) from None
-    return OnnxMaskedLM(onnx, config), tokenizer
-
-
-def max_input_length(config, tokenizer) -> int:
-    from .modeling import usable_positions
-    limit = usable_positions(config)
-    if 0 < tokenizer.model_max_length < _SANE_MAX_LENGTH:
-        limit = min(limit, tokenizer.model_max_length)
-    return limit
-
-
 # ---------------------------------------------------------------------- prediction
 class FillMask:
     """Fill-mask predictions from a masked LM: `FillMask(path_or_hub_id)` or `FillMask(model, tokenizer)`."""
 
     def __init__(self, model: Union[str, os.PathLike, nn.Module], tokenizer: Any = None, device: str = "auto",
                  name: Optional[str] = None, onnx: Optional[str] = None):
-        from .data import plain_backend
         if isinstance(model, os.PathLike):
             model = os.fspath(model)
         if isinstance(model, str) and onnx:  # the graph runs; the directory gives the tokenizer and config
@@ -420,3 +326,14 @@ def render(pred: Prediction, indent: str = "  ") -> list[str]:
         lines.append(f"{indent}joint fills:")
         lines += [f"{indent}  {_prob(f.score)}  {f.sequence}" for f in pred.fills]
     return lines
+
+
+def sample_rows(model: nn.Module, tokenizer: Any, top_k: int = 5) -> list[list[Any]]:
+    """The built-in sentences through a model being trained, as rows of the W&B predictions table: (text, the
+    top tokens of each mask with their probabilities, the best joint fill, its score)."""
+    rows = []
+    for p in FillMask(model, tokenizer, name="training").predict(list(SAMPLE_SENTENCES), top_k=top_k):
+        per_mask = " | ".join(", ".join(f"{c.token} {c.score:.3f}" for c in m.candidates) for m in p.masks)
+        best = p.fills[0] if p.fills else None
+        rows.append([p.text, per_mask, best.sequence if best else "", best.score if best else None])
+    return rows

@@ -1,0 +1,78 @@
+"""What every command line of the project shares: the one-line user error and its exit code, the parser that
+raises it, quiet third-party logging and the versions a run records.
+
+It imports nothing from the rest of the project, so any tool (training or inference) reports an error the same
+way without importing the training config.
+"""
+
+from __future__ import annotations
+
+import argparse
+import functools
+import importlib.metadata
+import logging
+import os
+import sys
+import typing
+import warnings
+from typing import Any, Callable
+
+# Exit codes (README, "Exit codes"): 0 done; 1 a failure (a traceback or one line naming an NCCL/gloo failure,
+# or another rank's failure); 2 a user error, one line; 3 the loss stayed non-finite; 128 + signal (143 SIGTERM,
+# 130 SIGINT) stopped after saving a checkpoint.
+EXIT_OK, EXIT_FAILURE, EXIT_USER_ERROR, EXIT_NONFINITE = 0, 1, 2, 3
+OUTPUTS_ROOT = "outputs"  # default run directories are outputs/<model>-<dataset>; predict.py looks here too
+
+
+class UserError(Exception):
+    """A problem with what the user asked for: reported as one line, no traceback, non-zero exit."""
+
+
+class Parser(argparse.ArgumentParser):
+    """argparse with one-line errors: the problem, and where to look for the fix."""
+
+    def error(self, message: str) -> typing.NoReturn:
+        raise UserError(f"{message} (run `python {self.prog} --help` to list the options)")
+
+
+def report(error: UserError) -> int:
+    """The one way a user error reaches the user: `error: ...` on stderr; returns the exit code."""
+    print(f"error: {error}", file=sys.stderr, flush=True)
+    return EXIT_USER_ERROR
+
+
+def command_line(main: Callable[..., int]) -> Callable[..., int]:
+    """Decorates a tool's main(): a UserError becomes one `error: ...` line and exit code 2."""
+    @functools.wraps(main)
+    def wrapper(*args: Any, **kwargs: Any) -> int:
+        try:
+            return main(*args, **kwargs)
+        except UserError as e:
+            return report(e)
+    return wrapper
+
+
+def quiet_logging(level: int = logging.WARNING) -> None:
+    """Our messages as plain lines at `level`; transformers' load reports and progress bars off (a fresh MLM
+    head's report is noise here: where it matters, our own warning says so)."""
+    logging.basicConfig(level=level, format="%(message)s", stream=sys.stderr, force=True)
+    import transformers
+    transformers.logging.set_verbosity_error()
+    transformers.utils.logging.disable_progress_bar()
+    warnings.filterwarnings("ignore", message=".*TypedStorage is deprecated.*")
+
+
+def versions() -> dict[str, str]:
+    """Versions of the packages a run depends on ("not installed" for datasets, needed only for Hub data)."""
+    found = {}
+    for name in ("torch", "transformers", "datasets", "numpy"):
+        try:
+            found[name] = importlib.metadata.version(name)
+        except importlib.metadata.PackageNotFoundError:
+            found[name] = "not installed"
+    return found
+
+
+def looks_like_path(name: str) -> bool:
+    """A name meant as a local path rather than a Hub id (which is at most owner/name)."""
+    return name.startswith((".", "/", "~")) or os.sep in name.strip("/") and name.count("/") > 1

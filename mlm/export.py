@@ -1,0 +1,22 @@
+"""best/: the plain Hugging Face export of the best model (invariant 7, docs/DESIGN.md), replaced atomically."""
+
+from __future__ import annotations
+
+import os
+import shutil
+from typing import Any
+
+import torch
+
+from .files import replace_dir, write_json_atomic
+
+
+def export_pretrained(model: torch.nn.Module, tokenizer, path: str, metrics: dict[str, Any]) -> None:
+    """save_pretrained weights (safetensors), config and tokenizer, and the metrics that made it the best;
+    AutoModelForMaskedLM.from_pretrained and pipeline("fill-mask") load it unchanged."""
+    tmp = f"{path}.tmp"
+    shutil.rmtree(tmp, ignore_errors=True)
+    model.save_pretrained(tmp, safe_serialization=True)
+    tokenizer.save_pretrained(tmp)
+    write_json_atomic(os.path.join(tmp, "eval_results.json"), metrics)
+    replace_dir(tmp, path)

@@ -1,0 +1,78 @@
+"""Files a run writes and reads back: content hashes, atomic JSON and directory replacement, and the one reader
+of training_history.json (resume, plot and search all read it here)."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import shutil
+from typing import Any, Optional
+
+HISTORY = "training_history.json"
+
+
+def sha256_file(path: str) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as fh:
+        for block in iter(lambda: fh.read(1 << 22), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
+def fsync_dir(path: str) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def write_json_atomic(path: str, obj: Any) -> None:
+    """Written to a temporary file, flushed, renamed: a reader sees the old file or the new one, never half."""
+    tmp = f"{path}.tmp"
+    with open(tmp, "w", encoding="utf-8") as fh:
+        json.dump(obj, fh, indent=1, default=str)
+        fh.flush()
+        os.fsync(fh.fileno())
+    os.replace(tmp, path)
+
+
+def replace_dir(tmp: str, final: str) -> None:
+    """Flush every file under tmp, then move it to final; an older final is removed only after the move (a crash
+    in between leaves `final.old`, which checkpoint.recover_interrupted_saves puts back)."""
+    for dirpath, _, files in os.walk(tmp):
+        for name in files:
+            with open(os.path.join(dirpath, name), "rb+") as fh:
+                os.fsync(fh.fileno())
+    fsync_dir(tmp)
+    old = None
+    if os.path.exists(final):
+        old = f"{final}.old"
+        shutil.rmtree(old, ignore_errors=True)
+        os.rename(final, old)
+    os.rename(tmp, final)
+    fsync_dir(os.path.dirname(final) or ".")
+    if old:
+        shutil.rmtree(old, ignore_errors=True)
+
+
+def read_history(output_dir: str) -> Optional[list[dict]]:
+    """The entries of a run's training_history.json: None when there is no file, or it is not (yet) a complete
+    JSON list (a run replaces it atomically, so that means another program wrote it, or none yet)."""
+    try:
+        with open(os.path.join(output_dir, HISTORY), encoding="utf-8") as fh:
+            history = json.load(fh)
+    except (OSError, ValueError):
+        return None
+    return history if isinstance(history, list) else None
+
+
+def train_entries(history: list[dict]) -> list[dict]:
+    """The logged training steps: {"step", "epoch", "loss", "lr", ...}."""
+    return [h for h in history if "loss" in h]
+
+
+def eval_entries(history: list[dict]) -> list[dict]:
+    """The evaluations, flattened: {"step", "epoch", "loss", "perplexity", "accuracy", ...}."""
+    return [{**h["eval"], "step": h["step"], "epoch": h.get("epoch")} for h in history if "eval" in h]
