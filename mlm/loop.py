@@ -1,7 +1,8 @@
 """The control loop: train steps, and when to log, evaluate, export best/, save and stop.
 
 Rank 0 owns the decisions (best model, early stopping); each is broadcast so every rank leaves the loop at
-the same step (invariant 6, docs/DESIGN.md). Host-device syncs happen only at logging, evaluation and checkpoint steps.
+the same step (invariant 6, docs/DESIGN.md). Host-device syncs happen only at logging, evaluation and checkpoint
+steps.
 """
 
 from __future__ import annotations
