@@ -14,8 +14,8 @@ from torch.nn.parallel import DistributedDataParallel as DDP
 from .cli import UserError
 from .config import TrainConfig
 from .distributed import DistEnv, dist_sum
-from .masking import EVAL_EPOCH, IGNORE_INDEX, MaskingSpec, MaskingTables, build_masking_tables, mask_tokens
-from .modeling import MaskedLMLoss
+from .masking import EVAL_EPOCH, MaskingSpec, MaskingTables, build_masking_tables, mask_tokens
+from .modeling import MaskedLMLoss, masked_positions
 from .optim import AppliedStepSchedule, build_optimizer, build_scheduler, skip_nonfinite_step
 
 DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
@@ -138,8 +138,7 @@ def prepare_batch(raw: dict, epoch: int, masking: Masking, device: torch.device)
     for the GPU at every micro-step)."""
     ids, index = raw["input_ids"], raw["index"]
     masked, labels = mask_tokens(ids, index, epoch, masking.spec, masking.tables)
-    positions = (labels.view(-1) != IGNORE_INDEX).nonzero().view(-1)
-    targets = ids.view(-1)[positions]
+    positions, targets = masked_positions(labels)
     attn = raw.get("attention_mask")
     moved = to_device([masked, positions, targets] + ([attn] if attn is not None else []), device)
     return Batch(moved[0], moved[3] if attn is not None else None, moved[1], moved[2],

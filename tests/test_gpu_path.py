@@ -6,6 +6,7 @@ Each test here fails without its fix; tests/gpu/ runs the same behaviours for re
 from __future__ import annotations
 
 import os
+import re
 
 import pytest
 import torch
@@ -400,7 +401,7 @@ def test_ranks_wait_for_the_leader_on_the_cpu_control_group(monkeypatch):
 
 # ---------------------------------------------------------------------- (h8) one shape for torch.compile
 def test_compiled_training_sees_one_shape_through_epoch_ends_and_evaluation(tmp_path, monkeypatch, tiny_config_dir,
-                                                                           tokenizer_path):
+                                                                           tokenizer_path, capfd):
     """--torch_compile: a partial last batch each epoch and evaluation (no grad, another batch size) at the
     start and at each epoch end; the compiled encoder must see one shape only, so it compiles once."""
     import train_ddp
@@ -416,12 +417,15 @@ def test_compiled_training_sees_one_shape_through_epoch_ends_and_evaluation(tmp_
             shapes.append((tuple(kw["input_ids"].shape), torch.is_grad_enabled()))
             return self.compiled(*args, **kw)
     monkeypatch.setattr(torch, "compile", lambda module, **kwargs: Recording(module))
-    train = make_text_file(str(tmp_path / "t.txt"), 120, seed=3)
+    train = make_text_file(str(tmp_path / "t.txt"), 70, seed=3)
     args = tiny_args(tiny_config_dir, tokenizer_path, str(tmp_path / "out"), str(tmp_path / "cache"),
                      train_file=train, num_train_epochs=2, torch_compile="true", logging_steps=50)
     for line_by_line in ("false", "true"):
         shapes.clear()
         assert train_ddp.main(args + ["--line_by_line", line_by_line, "--overwrite_output_dir", "true"]) == 0
+        banner = capfd.readouterr().out
+        examples = int(re.search(r"train\s+(\d+) examples", banner).group(1))
+        assert examples % 4 != 0, examples  # the last batch of each epoch is partial: a real test of filling it
         history = read_json(str(tmp_path / "out" / "training_history.json"))
         assert len([h for h in history if "eval" in h]) == 3  # at the start and after each epoch
         assert len(set(shapes)) == 1 and shapes[0] == ((4, 32), True), set(shapes)
@@ -430,16 +434,22 @@ def test_compiled_training_sees_one_shape_through_epoch_ends_and_evaluation(tmp_
 
 def test_compile_with_gradient_checkpointing_under_ddp_trains_like_eager(tmp_path, tiny_config_dir, tokenizer_path):
     """2 gloo ranks, --torch_compile --gradient_checkpointing (graph capture through AOTAutograd; inductor's
-    code generation is left to tests/gpu) end with the weights of the eager run."""
+    code generation is left to tests/gpu) end with the weights of the eager run. The eager reference is one
+    rank with accumulation 2, in this process: the same global batch (invariant 2, test_ddp.py)."""
     from safetensors.torch import load_file
+    from helpers import train_here
     train = make_text_file(str(tmp_path / "t.txt"), 200, seed=4)
     outs = {}
-    for mode, extra in (("eager", {}), ("compiled", {"torch_compile": "true", "gradient_checkpointing": "true"})):
+    for mode, extra in (("eager", {"gradient_accumulation_steps": 2}),
+                        ("compiled", {"torch_compile": "true", "gradient_checkpointing": "true"})):
         out = str(tmp_path / mode)
         args = tiny_args(tiny_config_dir, tokenizer_path, out, str(tmp_path / "cache"), train_file=train,
                          max_train_steps=4, eval_on_start="false", **extra)
-        r = run_train(args, nproc=2, timeout=240, fault={"compile_backend": "aot_eager"})
-        assert r.returncode == 0, r.output[-3000:]
+        if mode == "eager":
+            assert train_here(args) == 0
+        else:
+            r = run_train(args, nproc=2, timeout=240, fault={"compile_backend": "aot_eager"})
+            assert r.returncode == 0, r.output[-3000:]
         losses = [h["loss"] for h in read_json(os.path.join(out, "training_history.json")) if "loss" in h]
         outs[mode] = (load_file(os.path.join(out, "checkpoints", "step-4", "model.safetensors")), losses)
     (eager, eager_losses), (compiled, compiled_losses) = outs["eager"], outs["compiled"]

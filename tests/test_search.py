@@ -87,14 +87,16 @@ def test_median_pruning_stops_a_clearly_worse_trial(tmp_path, tiny_config_dir, t
     assert "stop requested (SIGTERM)" in open(tmp_path / "s" / "trial-2" / "train.log").read()
 
 
-def test_search_user_errors(tmp_path):
+def test_search_user_errors(tmp_path, capfd):
+    """`python -m mlm.search` with a bad base config: its main, in this process."""
+    from mlm import search as search_module
     bad = tmp_path / "bad.yaml"
-    bad.write_text("learning_rate: 1.0e-4\n")
-    r = search("--study_name", "x", "--storage", f"sqlite:///{tmp_path / 'x.db'}", "--config", str(bad),
-               "--n_trials", "1")
-    assert r.returncode == 2 and "search_space" in r.stderr and "Traceback" not in r.output, r.output
-    bad.write_text("search_space:\n  learing_rate: {low: 1.0e-5, high: 1.0e-3}\n")
-    r = search("--study_name", "x", "--storage", f"sqlite:///{tmp_path / 'x.db'}", "--config", str(bad),
-               "--n_trials", "1")
-    assert r.returncode == 2 and "learing_rate" in r.stderr and "Traceback" not in r.output, r.output
+    args = ["--study_name", "x", "--storage", f"sqlite:///{tmp_path / 'x.db'}", "--config", str(bad),
+            "--n_trials", "1"]
+    for text, word in (("learning_rate: 1.0e-4\n", "search_space"),
+                       ("search_space:\n  learing_rate: {low: 1.0e-5, high: 1.0e-3}\n", "learing_rate")):
+        bad.write_text(text)
+        assert search_module.main(args) == 2
+        out, err = capfd.readouterr()
+        assert word in err and err.startswith("error:") and "Traceback" not in out + err, out + err
     assert not os.path.exists(tmp_path / "x.db")
