@@ -51,18 +51,21 @@ def peak_flops(env: DistEnv, precision: str) -> tuple[float, str]:
     return float(dist_sum(torch.tensor([peak], dtype=torch.float64, device=env.device)).item()), source
 
 
+def global_batch(cfg: TrainConfig, env: DistEnv) -> int:
+    return cfg.per_device_train_batch_size * env.world_size * cfg.gradient_accumulation_steps
+
+
 def banner(run: loop.Run, resume: Optional[str], peak_source: str) -> str:
     cfg, env, t = run.cfg, run.env, run.trainable
     model, s = t.loss.model, run.data.stats
     total = run.length.total_steps
-    global_batch = cfg.per_device_train_batch_size * env.world_size * cfg.gradient_accumulation_steps
     return "mlm-ddp\n" + tracking.format_banner({
         "model": f"{cfg.model_name_or_path or 'from scratch: ' + str(cfg.config_name or 'BertConfig')} "
                  f"({sum(p.numel() for p in model.parameters()) / 1e6:.1f}M parameters)",
         "world size / device": f"{env.world_size} x {env.device.type} "
                                f"({'nccl' if env.device.type == 'cuda' else 'gloo'})",
         "precision": f"{t.precision}{' + GradScaler' if t.scaler.is_enabled() else ''}",
-        "global batch": f"{global_batch} = {cfg.per_device_train_batch_size} per device x {env.world_size} "
+        "global batch": f"{global_batch(cfg, env)} = {cfg.per_device_train_batch_size} per device x {env.world_size} "
                         f"processes x {cfg.gradient_accumulation_steps} accumulation",
         "steps": f"{run.length.steps_per_epoch(cfg.gradient_accumulation_steps) or 'unknown (a stream)'} per "
                  f"epoch, {total} total, {optim.warmup_steps(cfg, total)} warmup ({cfg.lr_scheduler_type})",
@@ -100,7 +103,7 @@ def build_run(cfg: TrainConfig, env: DistEnv, stop_request: StopRequest) -> loop
         trainable = replace(trainable, wrapped=wrap_ddp(trainable.loss, env))
     run_config = {**cfg.to_dict(), "world_size": env.world_size, "device": str(env.device),
                   "precision_resolved": precision, "versions": versions(), "global_batch_size":
-                  cfg.per_device_train_batch_size * env.world_size * cfg.gradient_accumulation_steps}
+                  global_batch(cfg, env)}
     if env.is_main:
         os.makedirs(cfg.output_dir, exist_ok=True)
         write_json_atomic(os.path.join(cfg.output_dir, "run_config.json"), run_config)

@@ -63,7 +63,7 @@ def run_length(cfg: TrainConfig, micro_per_epoch: Optional[int]) -> Length:
     """Total optimizer steps: --max_train_steps, or the epochs' worth (a stream's epoch length is unknown)."""
     if micro_per_epoch is None:
         return Length(cfg.max_train_steps, None)
-    per_epoch = math.ceil(micro_per_epoch / cfg.gradient_accumulation_steps)
+    per_epoch = Length(0, micro_per_epoch).steps_per_epoch(cfg.gradient_accumulation_steps)
     return Length(cfg.max_train_steps or math.ceil(cfg.num_train_epochs * per_epoch), micro_per_epoch)
 
 
