@@ -19,12 +19,13 @@ from typing import Optional
 import torch
 from torch.distributed.elastic.multiprocessing.errors import record
 
-from mlm import checkpoint, data, engine, loop, metrics, modeling, optim, streaming, tracking
-from mlm.cli import EXIT_FAILURE, EXIT_NONFINITE, EXIT_USER_ERROR, UserError, quiet_logging, report, versions
+from mlm import checkpoint, data, engine, loop, metrics, modeling, optim, runlock, streaming, tracking
+from mlm.cli import EXIT_DISK_FULL, EXIT_FAILURE, EXIT_NONFINITE, EXIT_USER_ERROR, LocalUserError, UserError, \
+    quiet_logging, report, versions
 from mlm.config import TrainConfig, parse_args
-from mlm.distributed import DistEnv, WaitedTooLong, any_rank, broadcast_object, describe_failure, dist_sum, \
-    env_rank, init_distributed, is_peer_failure, main_only, main_process_first, teardown, wrap_ddp
-from mlm.files import write_json_atomic
+from mlm.distributed import DistEnv, any_rank, broadcast_object, describe_failure, dist_sum, \
+    env_rank, init_distributed, is_peer_failure, main_decides, main_only, main_process_first, teardown, wrap_ddp
+from mlm.files import DiskFull, free_bytes, is_disk_full, write_json_atomic
 from mlm.inference.fill_mask import sample_rows
 from mlm.preemption import Preempted, StopRequest
 from mlm.swa import WeightAverage
@@ -70,6 +71,7 @@ def banner(run: loop.Run, resume: Optional[str], peak_source: str) -> str:
         "steps": f"{run.length.steps_per_epoch(cfg.gradient_accumulation_steps) or 'unknown (a stream)'} per "
                  f"epoch, {total} total, {optim.warmup_steps(cfg, total)} warmup ({cfg.lr_scheduler_type})",
         "train": s["train"], "eval": s["eval"], "data": s["data"],
+        **({"messy text": s["messy text"]} if "messy text" in s else {}),
         "peak (for MFU)": f"{run.throughput.peak_flops / 1e12:.3g} TFLOP/s over {env.world_size} rank(s) "
                           f"({peak_source})",
         "output": cfg.output_dir + (f" (resuming from {resume}, step {run.state.step})" if resume else ""),
@@ -104,9 +106,11 @@ def build_run(cfg: TrainConfig, env: DistEnv, stop_request: StopRequest) -> loop
     run_config = {**cfg.to_dict(), "world_size": env.world_size, "device": str(env.device),
                   "precision_resolved": precision, "versions": versions(), "global_batch_size":
                   global_batch(cfg, env)}
-    if env.is_main:
+
+    def write_run_config() -> None:
         os.makedirs(cfg.output_dir, exist_ok=True)
         write_json_atomic(os.path.join(cfg.output_dir, "run_config.json"), run_config)
+    loop.write_on_main(env, cfg.output_dir, state.step, "run_config.json", write_run_config)
     tracker = tracking.Tracker(cfg, run_config, is_main=env.is_main, start=(state.step, state.tracker_run_id),
                                total_steps=length.total_steps, sample_rows=sample_rows)
     peak, peak_source = peak_flops(env, precision)
@@ -121,13 +125,25 @@ def build_run(cfg: TrainConfig, env: DistEnv, stop_request: StopRequest) -> loop
 def evaluate_only(run: loop.Run) -> None:
     metrics_ = engine.evaluate(run.trainable.loss, run.data.eval_loader, run.env, run.masking,
                                run.trainable.precision)
+    loop.write_on_main(run.env, run.cfg.output_dir, run.state.step, "eval_results.json",
+                       lambda: write_json_atomic(os.path.join(run.cfg.output_dir, "eval_results.json"), metrics_))
     if run.env.is_main:
-        write_json_atomic(os.path.join(run.cfg.output_dir, "eval_results.json"), metrics_)
         print("eval: " + json.dumps(metrics_), flush=True)
 
 
 def train(cfg: TrainConfig, env: DistEnv, stop_request: StopRequest) -> None:
+    # Held before anything in output_dir is read or changed (invariant 9): a second launch refuses here.
+    lock = main_decides(env, lambda: runlock.acquire(cfg.output_dir))
+    try:
+        run_locked(cfg, env, stop_request, lock)
+    finally:
+        if lock is not None:
+            lock.release()
+
+
+def run_locked(cfg: TrainConfig, env: DistEnv, stop_request: StopRequest, lock: Optional[runlock.RunLock]) -> None:
     run = build_run(cfg, env, stop_request)
+    run.lock = lock
     try:
         if not cfg.do_train:
             return evaluate_only(run)
@@ -154,7 +170,7 @@ def report_failure(e: BaseException, rank: int) -> int:
     """The exit code of a run that raised: each kind of failure said once, by the rank that knows it."""
     if isinstance(e, UserError):
         # Every rank sees the same error; one line from rank 0 is enough, unless only this rank saw it.
-        if rank == 0 or isinstance(e, WaitedTooLong):
+        if rank == 0 or isinstance(e, LocalUserError):
             return report(e)
         if int(os.environ.get("WORLD_SIZE", "1")) > 1:
             # torchrun stops the other workers as soon as one exits: leave rank 0 time to print the error.
@@ -165,6 +181,16 @@ def report_failure(e: BaseException, rank: int) -> int:
             print(f"{e} at a step boundary on every rank; checkpoint saved. Run the same command again to resume "
                   f"(exit code {e.exit_code})", file=sys.stderr, flush=True)
         return e.exit_code
+    if isinstance(e, DiskFull):
+        if str(e):  # rank 0's, naming the directory and the newest intact checkpoint; the others end quietly
+            print(f"error: {e}", file=sys.stderr, flush=True)
+        return EXIT_DISK_FULL
+    if is_disk_full(e):  # a write elsewhere (the tokenised cache, a download), on whichever rank it happened
+        where = getattr(e, "filename", None) or os.getcwd()
+        print(f"error: rank {rank}: no space left on the disk of {where} ({free_bytes(where) / 2**30:.2f} GiB "
+              f"free): {e}. Free space (or point --data_cache_dir / HF_HOME elsewhere) and run the same command",
+              file=sys.stderr, flush=True)
+        return EXIT_DISK_FULL
     if isinstance(e, loop.NonFiniteLoss):
         if rank == 0:
             print(f"error: {e}", file=sys.stderr, flush=True)

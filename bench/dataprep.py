@@ -31,7 +31,7 @@ def ours_cold(tokenizer, path: str, seq: int) -> ChunkDataset:
 
 
 def ours_warm(cfg: TrainConfig, tokenizer, cache_dir: str, seq: int) -> tuple[ChunkDataset, bool]:
-    streams, hit = load_token_streams(cfg, tokenizer, cache_dir)
+    streams, hit, _ = load_token_streams(cfg, tokenizer, cache_dir)
     return ChunkDataset(streams["train"], seq, cls_id=tokenizer.cls_token_id, sep_id=tokenizer.sep_token_id), hit
 
 

@@ -23,7 +23,7 @@ import numpy as np
 import torch
 
 from .cli import UserError
-from .files import HISTORY, replace_dir, sha256_file, write_json_atomic
+from .files import HISTORY, free_bytes, replace_dir, sha256_file, write_json_atomic
 
 log = logging.getLogger("mlm")
 _STEP_DIR = re.compile(r"^step-(\d+)$")
@@ -167,10 +167,7 @@ def checkpoint_bytes(model: torch.nn.Module) -> int:
 def check_free_space(output_dir: str, model: torch.nn.Module) -> None:
     """Rank 0, before training: room for one more checkpoint (the older ones are removed only after it)."""
     need = checkpoint_bytes(model)
-    existing = os.path.abspath(output_dir)
-    while not os.path.exists(existing):
-        existing = os.path.dirname(existing)
-    free = shutil.disk_usage(existing).free
+    free = free_bytes(output_dir)
     if free < need * 1.2:
         raise UserError(f"--output_dir {output_dir!r}: {free / 2**30:.2f} GiB free on its disk, but one checkpoint "
                         f"of this model needs about {need / 2**30:.2f} GiB; free space, lower --save_total_limit, or "
@@ -187,12 +184,16 @@ def save_checkpoint(output_dir: str, state: TrainState, model: torch.nn.Module, 
     tmp = os.path.join(root, f".tmp-step-{state.step}")
     shutil.rmtree(tmp, ignore_errors=True)
     os.makedirs(tmp)
-    save_model(model, os.path.join(tmp, "model.safetensors"))  # handles the tied embedding/decoder weights
-    for name, piece in parts.items():
-        if piece is not None:
-            torch.save(piece.state_dict(), os.path.join(tmp, f"{name}.pt"))
-    write_json_atomic(os.path.join(tmp, "trainer_state.json"), state.state_dict())
-    _write_manifest(tmp)
+    try:
+        save_model(model, os.path.join(tmp, "model.safetensors"))  # handles the tied embedding/decoder weights
+        for name, piece in parts.items():
+            if piece is not None:
+                torch.save(piece.state_dict(), os.path.join(tmp, f"{name}.pt"))
+        write_json_atomic(os.path.join(tmp, "trainer_state.json"), state.state_dict())
+        _write_manifest(tmp)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)  # a full disk: no half-written checkpoint is left behind
+        raise
     replace_dir(tmp, final)
     for _, old in checkpoint_dirs(output_dir)[:-save_total_limit]:
         shutil.rmtree(old, ignore_errors=True)

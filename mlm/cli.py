@@ -18,14 +18,19 @@ import warnings
 from typing import Any, Callable
 
 # Exit codes (README, "Exit codes"): 0 done; 1 a failure (a traceback or one line naming an NCCL/gloo failure,
-# or another rank's failure); 2 a user error, one line; 3 the loss stayed non-finite; 128 + signal (143 SIGTERM,
-# 130 SIGINT) stopped after saving a checkpoint.
-EXIT_OK, EXIT_FAILURE, EXIT_USER_ERROR, EXIT_NONFINITE = 0, 1, 2, 3
+# or another rank's failure); 2 a user error, one line; 3 the loss stayed non-finite; 4 the disk filled up while
+# writing; 128 + signal (143 SIGTERM, 130 SIGINT) stopped after saving a checkpoint.
+EXIT_OK, EXIT_FAILURE, EXIT_USER_ERROR, EXIT_NONFINITE, EXIT_DISK_FULL = 0, 1, 2, 3, 4
 OUTPUTS_ROOT = "outputs"  # default run directories are outputs/<model>-<dataset>; predict.py looks here too
 
 
 class UserError(Exception):
     """A problem with what the user asked for: reported as one line, no traceback, non-zero exit."""
+
+
+class LocalUserError(UserError):
+    """A user error that only this rank may have met (a bad row in its share of a stream, a wait of its own):
+    reported by the rank that raised it, where other user errors are reported once, by rank 0."""
 
 
 class Parser(argparse.ArgumentParser):
@@ -37,7 +42,12 @@ class Parser(argparse.ArgumentParser):
 
 def report(error: UserError) -> int:
     """The one way a user error reaches the user: `error: ...` on stderr; returns the exit code."""
-    print(f"error: {error}", file=sys.stderr, flush=True)
+    message = str(error)
+    if "\nOriginal Traceback" in message:
+        # Raised in a DataLoader worker: torch re-raises it here with the worker's traceback in the message,
+        # whose last line is the error itself.
+        message = message.rstrip().rsplit(f"{type(error).__name__}: ", 1)[-1]
+    print(f"error: {message}", file=sys.stderr, flush=True)
     return EXIT_USER_ERROR
 
 

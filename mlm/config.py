@@ -19,6 +19,7 @@ import typing
 from dataclasses import dataclass, field
 from typing import Any, Optional, Sequence
 
+from .cleaning import TEXT_ERRORS
 from .cli import OUTPUTS_ROOT, UserError, command_line, looks_like_path
 from .sources import LOCAL_SUFFIXES, WIKITEXT_FILES
 
@@ -72,6 +73,11 @@ class TrainConfig:
     max_seq_length: int = _f(128, "Tokens per example, [CLS] and [SEP] included.", "data")
     line_by_line: bool = _f(False, "One example per non-empty line (padded per batch) instead of packed chunks.",
                             "data")
+    text_errors: str = _f("error", "Bytes that are not UTF-8 and 'text' values that are not strings (null is an "
+                          "empty text): error = stop with the file and the byte offset or row; replace = U+FFFD for "
+                          "bad bytes (read as [UNK]), the value's text for numbers and lists; skip = drop the line "
+                          "or row. What was replaced or skipped is counted in the banner.", "data",
+                          choices=TEXT_ERRORS)
     max_train_samples: Optional[int] = _f(None, "Keep only the first N training examples (debugging, quick runs).",
                                           "data")
     max_eval_samples: Optional[int] = _f(None, "Keep only the first N evaluation examples.", "data")

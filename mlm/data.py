@@ -27,7 +27,8 @@ from torch.utils.data import DataLoader, DistributedSampler
 from .cli import UserError
 from .config import TrainConfig
 from .distributed import DistEnv, main_process_first
-from .sources import build_source
+from .cleaning import TextReport
+from .sources import build_source, default_cache_dir
 from .text import Framing, frame, plain_backend
 
 log = logging.getLogger("mlm")
@@ -63,11 +64,6 @@ def tokenize_texts(tokenizer, texts: Sequence[str]) -> TokenStream:
     return TokenStream(tokens, np.concatenate(lengths) if lengths else np.zeros(0, dtype=np.int64))
 
 
-def default_cache_dir() -> str:
-    base = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
-    return os.path.join(base, "mlm-ddp")
-
-
 def cache_key(tokenizer_fp: str, source_fp: str) -> str:
     blob = json.dumps({"v": CACHE_VERSION, "tokenizer": tokenizer_fp, "source": source_fp}, sort_keys=True)
     return hashlib.sha256(blob.encode()).hexdigest()[:24]
@@ -90,23 +86,26 @@ def _write_cache(path: str, streams: dict[str, TokenStream], meta: dict) -> None
             raise
 
 
-def _read_cache(path: str) -> Optional[dict[str, TokenStream]]:
+def _read_cache(path: str) -> Optional[tuple[dict[str, TokenStream], dict]]:
+    """(streams, meta) of a cache entry, or None."""
     if not os.path.isfile(os.path.join(path, "meta.json")):
         return None
     with open(os.path.join(path, "meta.json")) as fh:
-        splits = json.load(fh)["splits"]
+        meta = json.load(fh)
     return {s: TokenStream(np.load(os.path.join(path, f"{s}.tokens.npy"), mmap_mode="r"),
-                           np.load(os.path.join(path, f"{s}.lengths.npy"))) for s in splits}
+                           np.load(os.path.join(path, f"{s}.lengths.npy"))) for s in meta["splits"]}, meta
 
 
 def load_token_streams(cfg: TrainConfig, tokenizer, cache_dir: str,
-                       builder: Callable = tokenize_texts) -> tuple[dict[str, TokenStream], bool]:
-    """Token streams for train and validation, from the cache or built (and cached). Returns (streams, hit)."""
+                       builder: Callable = tokenize_texts) -> tuple[dict[str, TokenStream], bool, TextReport]:
+    """Token streams for train and validation, from the cache or built (and cached). Returns (streams, hit,
+    what --text_errors replaced or skipped when the texts were read, kept with the cache for later hits)."""
     source = build_source(cfg)
     path = os.path.join(cache_dir, cache_key(tokenizer_fingerprint(tokenizer), source.fingerprint))
     cached = _read_cache(path)
     if cached is not None:
-        return cached, True
+        streams, meta = cached
+        return streams, True, TextReport(meta.get("text_errors", {}))
     if cfg.preprocessing_num_workers:
         os.environ["RAYON_NUM_THREADS"] = str(cfg.preprocessing_num_workers)
     t0 = time.perf_counter()
@@ -117,9 +116,10 @@ def load_token_streams(cfg: TrainConfig, tokenizer, cache_dir: str,
                         "whitespace; give a file that holds text")
     meta = {"source": source.description, "fingerprint": source.fingerprint, "splits": sorted(streams),
             "build_seconds": round(time.perf_counter() - t0, 3),
-            "tokens": {s: int(v.tokens.size) for s, v in streams.items()}}
+            "tokens": {s: int(v.tokens.size) for s, v in streams.items()}, "text_errors": source.report.counts}
     _write_cache(path, streams, meta)
-    return _read_cache(path) or streams, False
+    cached = _read_cache(path)
+    return cached[0] if cached else streams, False, source.report
 
 
 # ---------------------------------------------------------------------- datasets
@@ -306,8 +306,8 @@ def build_data(cfg: TrainConfig, env: DistEnv, tokenizer) -> DataBundle:
     """The cached path: every split tokenised once (on a leader per node), then chunked and loaded."""
     cache_dir = cfg.data_cache_dir or default_cache_dir()
     t0 = time.perf_counter()
-    streams, hit = main_process_first(env, lambda: load_token_streams(cfg, tokenizer, cache_dir),
-                                      per_node=cfg.cache_scope == "node")
+    streams, hit, report = main_process_first(env, lambda: load_token_streams(cfg, tokenizer, cache_dir),
+                                              per_node=cfg.cache_scope == "node")
     train, valid = build_datasets(cfg, streams, tokenizer)
     sampler = ResumableDistributedSampler(train, num_replicas=env.world_size, rank=env.rank, shuffle=True,
                                           seed=cfg.seed, drop_last=False)
@@ -319,6 +319,8 @@ def build_data(cfg: TrainConfig, env: DistEnv, tokenizer) -> DataBundle:
              "eval": f"{len(valid)} examples from {streams['validation'].tokens.size} tokens; "
                      f"{valid.dropped_tokens} dropped by chunking",
              "data": f"{'cache hit' if hit else 'tokenised and cached'} in {time.perf_counter() - t0:.2f} s"}
+    if report.describe(cfg.text_errors):
+        stats["messy text"] = report.describe(cfg.text_errors)
     batches = EpochBatches(train_loader, sampler, cfg.per_device_train_batch_size, fixed_rows=cfg.torch_compile,
                            special_ids=(tokenizer.cls_token_id, tokenizer.sep_token_id))
     return DataBundle(batches, eval_loader(cfg, env, valid), stats)

@@ -16,13 +16,13 @@ from typing import Callable, Optional, TypeVar
 import torch
 import torch.distributed as dist
 
-from .cli import UserError
+from .cli import LocalUserError, UserError
 
 T = TypeVar("T")
 log = logging.getLogger("mlm")
 
 
-class WaitedTooLong(UserError):
+class WaitedTooLong(LocalUserError):
     """This rank waited past --ddp_timeout for another: reported by the rank that waited (not only rank 0)."""
 
 
@@ -217,6 +217,30 @@ def main_only(env: DistEnv, fn: Callable[[], None]) -> None:
     if not env.distributed:
         return fn()
     _leader_first(env, env.is_main, fn)
+
+
+def main_decides(env: DistEnv, fn: Callable[[], T]) -> T | None:
+    """fn on rank 0 alone, its outcome given to every rank over the control group: a UserError there is raised
+    on every rank (rank 0 says it; the others exit with the same code quietly), any other failure ends the
+    others as PeerFailed. Returns fn's result on rank 0, None elsewhere."""
+    if not env.distributed:
+        return fn()
+    outcome, result, failure = None, None, None
+    if env.is_main:
+        try:
+            result = fn()
+        except UserError as e:
+            outcome, failure = ("user", str(e)), e
+        except BaseException as e:
+            outcome, failure = ("failed", ""), e
+    box = [outcome]
+    dist.broadcast_object_list(box, src=0, group=env.control)
+    if failure is not None:
+        raise failure
+    if box[0] is not None:
+        kind, message = box[0]
+        raise UserError(message) if kind == "user" else PeerFailed("rank 0 failed; it reports the error")
+    return result
 
 
 def gather_to_main(obj: T, env: DistEnv) -> list[T] | None:

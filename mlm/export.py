@@ -16,7 +16,11 @@ def export_pretrained(model: torch.nn.Module, tokenizer, path: str, metrics: dic
     AutoModelForMaskedLM.from_pretrained and pipeline("fill-mask") load it unchanged."""
     tmp = f"{path}.tmp"
     shutil.rmtree(tmp, ignore_errors=True)
-    model.save_pretrained(tmp, safe_serialization=True)
-    tokenizer.save_pretrained(tmp)
-    write_json_atomic(os.path.join(tmp, "eval_results.json"), metrics)
+    try:
+        model.save_pretrained(tmp, safe_serialization=True)
+        tokenizer.save_pretrained(tmp)
+        write_json_atomic(os.path.join(tmp, "eval_results.json"), metrics)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)  # a full disk: the previous best/ stays as it was
+        raise
     replace_dir(tmp, path)

@@ -3,6 +3,7 @@ of training_history.json (resume, plot and search all read it here)."""
 
 from __future__ import annotations
 
+import errno
 import hashlib
 import json
 import os
@@ -10,6 +11,37 @@ import shutil
 from typing import Any, Optional
 
 HISTORY = "training_history.json"
+# How a full disk (or a reached quota) shows: the OSError of a plain write, the text safetensors' Rust writer
+# gives it, and what torch.save's zip writer raises instead (a size check that fails after a short write: it
+# does not say why, but a write that came up short on a local disk is a full one).
+DISK_FULL_ERRNOS = (errno.ENOSPC, errno.EDQUOT)
+DISK_FULL_TEXT = ("No space left on device", "os error 28", "Disk quota exceeded", "os error 122",
+                  "unexpected pos", "file write failed")
+
+
+class DiskFull(Exception):
+    """A write found no space left: raised on every rank at the same step (rank 0's carries the message)."""
+
+
+def is_disk_full(exc: BaseException) -> bool:
+    """Whether exc, or an exception it was raised from, is a write that failed for lack of space."""
+    seen = set()
+    while exc is not None and id(exc) not in seen:
+        seen.add(id(exc))
+        if isinstance(exc, OSError) and exc.errno in DISK_FULL_ERRNOS:
+            return True
+        if not isinstance(exc, OSError) and any(t in str(exc) for t in DISK_FULL_TEXT):
+            return True
+        exc = exc.__cause__ or exc.__context__
+    return False
+
+
+def free_bytes(path: str) -> int:
+    """Free space on the disk that holds path (or its nearest existing parent)."""
+    existing = os.path.abspath(path)
+    while not os.path.exists(existing):
+        existing = os.path.dirname(existing)
+    return shutil.disk_usage(existing).free
 
 
 def sha256_file(path: str) -> str:
@@ -31,11 +63,16 @@ def fsync_dir(path: str) -> None:
 def write_json_atomic(path: str, obj: Any) -> None:
     """Written to a temporary file, flushed, renamed: a reader sees the old file or the new one, never half."""
     tmp = f"{path}.tmp"
-    with open(tmp, "w", encoding="utf-8") as fh:
-        json.dump(obj, fh, indent=1, default=str)
-        fh.flush()
-        os.fsync(fh.fileno())
-    os.replace(tmp, path)
+    try:
+        with open(tmp, "w", encoding="utf-8") as fh:
+            json.dump(obj, fh, indent=1, default=str)
+            fh.flush()
+            os.fsync(fh.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):  # a full disk: the old file stays, the half-written one goes
+            os.remove(tmp)
+        raise
 
 
 def replace_dir(tmp: str, final: str) -> None:

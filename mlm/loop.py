@@ -11,21 +11,27 @@ import math
 import os
 import time
 from dataclasses import dataclass
-from typing import Any, Optional
+from typing import Any, Callable, Optional, TypeVar
 
 import torch
 
-from .checkpoint import RankRngs, TrainState, checkpoint_dirs, rng_state, save_checkpoint
+from .checkpoint import RankRngs, TrainState, checkpoint_dirs, latest_complete_checkpoint, rng_state, \
+    save_checkpoint
 from .cli import UserError
 from .config import TrainConfig
 from .data import DataBundle
-from .distributed import DistEnv, broadcast_flag, dist_max, dist_sum, dist_world, gather_to_main
+from .distributed import DistEnv, any_rank, broadcast_flag, dist_max, dist_sum, dist_world, gather_to_main
+from .files import DiskFull, free_bytes, is_disk_full
 from .engine import Masking, StepResult, Trainable, evaluate, prepare_batch, train_step
 from .export import export_pretrained
 from .metrics import Throughput, mlm_step_flops, peak_memory_bytes
 from .preemption import Preempted, StopRequest, signal_name
+from .runlock import RunLock
 from .swa import WeightAverage
 from .tracking import Tracker
+
+
+T = TypeVar("T")
 
 
 class NonFiniteLoss(Exception):
@@ -57,6 +63,7 @@ class Run:
     tracker: Tracker
     stop_request: StopRequest
     swa: Optional[WeightAverage] = None
+    lock: Optional[RunLock] = None  # rank 0's hold on output_dir (mlm/runlock.py); None elsewhere
 
 
 def run_length(cfg: TrainConfig, micro_per_epoch: Optional[int]) -> Length:
@@ -113,6 +120,31 @@ class _Meter:
                 "skipped_steps": round(skipped / dist_world()), "consecutive_skipped": int(consecutive)}
 
 
+def disk_full_message(output_dir: str, what: str, step: int) -> str:
+    newest = latest_complete_checkpoint(output_dir)
+    return (f"no space left on the disk of {output_dir} ({free_bytes(output_dir) / 2**30:.2f} GiB free) while "
+            f"writing {what} at step {step}; the half-written copy was removed and nothing saved before was "
+            f"changed; the newest intact checkpoint is {newest or 'none yet'}. Free space and run the same "
+            "command to resume")
+
+
+def write_on_main(env: DistEnv, output_dir: str, step: int, what: str, fn: Callable[[], T]) -> Optional[T]:
+    """fn on rank 0 (the rank that writes the run directory); every rank learns whether it found the disk full
+    (one int over the CPU control group) and, if so, all leave at this step with DiskFull, rank 0's naming the
+    directory, the free space and the newest intact checkpoint. Any other failure propagates as it is."""
+    failure, result = "", None
+    if env.is_main:
+        try:
+            result = fn()
+        except Exception as e:
+            if not is_disk_full(e):
+                raise
+            failure = disk_full_message(output_dir, what, step)
+    if any_rank(bool(failure), env):
+        raise DiskFull(failure)  # empty on the other ranks: rank 0 says it once
+    return result
+
+
 def _epoch_float(run: Run) -> float:
     if run.length.micro_per_epoch is None:  # a stream: the fraction of an epoch is unknown
         return float(run.state.epoch)
@@ -128,34 +160,41 @@ def evaluate_and_decide(run: Run) -> bool:
     if swa is not None:  # the averaged weights, evaluated the same exact way
         swa_metrics = evaluate(swa.loss_module, run.data.eval_loader, run.env, run.masking, precision)
         metrics.update({f"swa_{k}": v for k, v in swa_metrics.items()}, swa_snapshots=swa.count)
-    stop = False
-    if run.env.is_main:
-        run.tracker.log_eval(state.step, _epoch_float(run), metrics)
-        use_swa = swa is not None and metrics["swa_perplexity"] < metrics["perplexity"]
-        ppl = metrics["swa_perplexity"] if use_swa else metrics["perplexity"]
-        improved = state.best_metric is None or ppl < state.best_metric - cfg.early_stopping_min_delta
-        model = run.trainable.loss.model
-        run.tracker.log_predictions(state.step, model, run.tokenizer)
-        if improved:
-            state.best_metric, state.best_step, state.bad_evals = ppl, state.step, 0
-            best_model = swa.model if use_swa else model
-            export_pretrained(best_model, run.tokenizer, os.path.join(cfg.output_dir, "best"),
-                              {"step": state.step, "epoch": _epoch_float(run), **metrics, "swa": use_swa})
-            run.tracker.write(f"new best perplexity {ppl:.3f} at step {state.step}"
-                              f"{' (the SWA average)' if use_swa else ''}: exported best/")
-            prefix = "swa_" if use_swa else ""
-            run.tracker.summary({"best/perplexity": ppl, "best/loss": metrics[f"{prefix}loss"],
-                                 "best/accuracy": metrics[f"{prefix}accuracy"], "best/step": state.step,
-                                 "best/swa": use_swa})
-        else:
-            state.bad_evals += 1
-        stop = cfg.early_stopping_patience > 0 and state.bad_evals >= cfg.early_stopping_patience
-    stop = broadcast_flag(stop, run.env.device)
+    stop = write_on_main(run.env, cfg.output_dir, state.step, "the evaluation, best/ and the history",
+                         lambda: _decide(run, metrics, swa))
+    stop = broadcast_flag(bool(stop), run.env.device)
     if stop:
         state.stopped_early = True
         run.tracker.write(f"early stopping at step {state.step}: no improvement in "
                           f"{cfg.early_stopping_patience} evaluations (best perplexity {state.best_metric})")
     return stop
+
+
+def _decide(run: Run, metrics: dict[str, Any], swa: Optional[WeightAverage]) -> bool:
+    """Rank 0: log the evaluation, export best/ when it improved, count patience; whether to stop early."""
+    cfg, state = run.cfg, run.state
+    if run.lock is not None:
+        run.lock.check()
+    run.tracker.log_eval(state.step, _epoch_float(run), metrics)
+    use_swa = swa is not None and metrics["swa_perplexity"] < metrics["perplexity"]
+    ppl = metrics["swa_perplexity"] if use_swa else metrics["perplexity"]
+    improved = state.best_metric is None or ppl < state.best_metric - cfg.early_stopping_min_delta
+    model = run.trainable.loss.model
+    run.tracker.log_predictions(state.step, model, run.tokenizer)
+    if improved:
+        best_model = swa.model if use_swa else model
+        export_pretrained(best_model, run.tokenizer, os.path.join(cfg.output_dir, "best"),
+                          {"step": state.step, "epoch": _epoch_float(run), **metrics, "swa": use_swa})
+        state.best_metric, state.best_step, state.bad_evals = ppl, state.step, 0  # once best/ is on disk
+        run.tracker.write(f"new best perplexity {ppl:.3f} at step {state.step}"
+                          f"{' (the SWA average)' if use_swa else ''}: exported best/")
+        prefix = "swa_" if use_swa else ""
+        run.tracker.summary({"best/perplexity": ppl, "best/loss": metrics[f"{prefix}loss"],
+                             "best/accuracy": metrics[f"{prefix}accuracy"], "best/step": state.step,
+                             "best/swa": use_swa})
+    else:
+        state.bad_evals += 1
+    return cfg.early_stopping_patience > 0 and state.bad_evals >= cfg.early_stopping_patience
 
 
 def checkpoint_parts(trainable: Trainable, swa: Optional[WeightAverage], rngs: RankRngs) -> dict[str, Any]:
@@ -167,12 +206,17 @@ def checkpoint_parts(trainable: Trainable, swa: Optional[WeightAverage], rngs: R
 def save(run: Run) -> None:
     rngs = RankRngs(run.env.rank, gather_to_main(rng_state(), run.env))
     data_states = gather_to_main(run.data.train.state_dict(), run.env)  # a stream's position, per rank
-    if run.env.is_main:
+
+    def write() -> None:
+        if run.lock is not None:
+            run.lock.check()
         run.state.tracker_run_id = run.tracker.run_id
         run.state.extra["data_states"] = data_states
         parts = checkpoint_parts(run.trainable, run.swa, rngs)
-        path = save_checkpoint(run.cfg.output_dir, run.state, run.trainable.loss.model, parts, run.cfg.save_total_limit)
+        path = save_checkpoint(run.cfg.output_dir, run.state, run.trainable.loss.model, parts,
+                               run.cfg.save_total_limit)
         run.tracker.write(f"saved checkpoint {path}")
+    write_on_main(run.env, run.cfg.output_dir, run.state.step, "a checkpoint", write)
 
 
 def nonfinite_message(run: Run, consecutive: int) -> str:
@@ -195,7 +239,8 @@ def _log(run: Run, meter: _Meter) -> None:
     metrics = meter.collect()
     consecutive = metrics.pop("consecutive_skipped")
     lr = max(run.trainable.schedule.get_last_lr())
-    run.tracker.log_train(run.state.step, _epoch_float(run), {**metrics, "lr": lr})
+    write_on_main(run.env, run.cfg.output_dir, run.state.step, "the training history",
+                  lambda: run.tracker.log_train(run.state.step, _epoch_float(run), {**metrics, "lr": lr}))
     meter.reset()
     if run.cfg.max_nonfinite_steps and consecutive >= run.cfg.max_nonfinite_steps:
         raise NonFiniteLoss(nonfinite_message(run, consecutive))

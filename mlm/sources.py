@@ -7,9 +7,10 @@ Both paths name files, splits and datasets the same way, so they live here, belo
 from __future__ import annotations
 
 import os
-from dataclasses import dataclass
-from typing import TYPE_CHECKING, Callable
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Callable, Optional
 
+from .cleaning import TextReport, clean_values, readable_copy
 from .cli import UserError
 from .files import sha256_file
 from .hub import failure as hub_failure
@@ -19,6 +20,16 @@ if TYPE_CHECKING:
 
 LOCAL_SUFFIXES = (".txt", ".raw", ".json", ".jsonl", ".parquet", ".csv")
 WIKITEXT_FILES = {"train": "wiki.train.raw", "validation": "wiki.valid.raw"}
+
+
+def default_cache_dir() -> str:
+    base = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
+    return os.path.join(base, "mlm-ddp")
+
+
+def text_copies_dir(cfg: TrainConfig) -> str:
+    """Where UTF-8 copies of files with undecodable bytes go (mlm/cleaning.py), beside the tokenised cache."""
+    return os.path.join(cfg.data_cache_dir or default_cache_dir(), "text")
 
 
 def wikitext_file(dataset_dir: str, split: str) -> str:
@@ -39,28 +50,39 @@ def builder_for(path: str) -> str:
 # ---------------------------------------------------------------------- whole splits (the cached path)
 @dataclass(frozen=True)
 class Source:
-    """Where each split's texts come from: a name for messages, a fingerprint, and a loader of texts."""
+    """Where each split's texts come from: a name for messages, a fingerprint, a loader of texts, and what the
+    loader replaced or skipped (--text_errors), filled as it loads."""
     description: str
     fingerprint: str
     load: Callable[[], dict[str, list[str]]]
+    report: TextReport = field(default_factory=TextReport)
 
 
-def read_text_file(path: str) -> list[str]:
-    """Texts of a local file: a line each for .txt/.raw; the 'text' column for .json/.jsonl/.parquet/.csv."""
+def read_text_file(path: str, text_errors: str = "error", report: Optional[TextReport] = None,
+                   clean_dir: Optional[str] = None) -> list[str]:
+    """Texts of a local file: a line each for .txt/.raw; the 'text' column for .json/.jsonl/.parquet/.csv.
+    Undecodable bytes and non-string values are handled as text_errors says (mlm/cleaning.py)."""
+    report = report if report is not None else TextReport()
+    readable = path if path.endswith(".parquet") else readable_copy(path, text_errors, report, clean_dir)
     if path.endswith((".txt", ".raw")):
-        with open(path, encoding="utf-8") as fh:
+        with open(readable, encoding="utf-8") as fh:
             lines = fh.read().split("\n")
-        return lines[:-1] if lines and lines[-1] == "" else lines
+        return clean_values(lines[:-1] if lines and lines[-1] == "" else lines, text_errors, path, report)
     import datasets
     kind = builder_for(path)
+    bars = datasets.is_progress_bar_enabled()
+    datasets.disable_progress_bars()  # "Generating train split" for a local file is noise, on every run
     try:
-        ds = datasets.load_dataset(kind, data_files=path, split="train")
+        ds = datasets.load_dataset(kind, data_files=readable, split="train")
     except Exception as e:
         raise UserError(f"could not read {path!r} as {kind} ({type(e).__name__}); check the file's format") from None
+    finally:
+        if bars:
+            datasets.enable_progress_bars()
     if "text" not in ds.column_names:
         raise UserError(f"{path!r} has no 'text' column (columns: {', '.join(ds.column_names)}); name the column "
                         "holding the text 'text'")
-    return [t or "" for t in ds["text"]]
+    return clean_values(ds["text"], text_errors, path, report)
 
 
 def carve_validation(texts: list[str], percentage: int, origin: str) -> dict[str, list[str]]:
@@ -73,20 +95,26 @@ def carve_validation(texts: list[str], percentage: int, origin: str) -> dict[str
 
 
 def _local_source(cfg: TrainConfig) -> Source:
+    report = TextReport()
+    # replace and skip give different texts from the same file (error gives texts only from clean files).
+    mode = "" if cfg.text_errors == "error" else f":text_errors={cfg.text_errors}"
+
+    def read(path: str) -> list[str]:
+        return read_text_file(path, cfg.text_errors, report, text_copies_dir(cfg))
     if cfg.dataset_dir:
         files = {split: wikitext_file(cfg.dataset_dir, split) for split in WIKITEXT_FILES}
         return Source(f"WikiText directory {cfg.dataset_dir}",
-                      "wikitext-dir:" + ",".join(sha256_file(p) for p in files.values()),
-                      lambda: {split: read_text_file(p) for split, p in files.items()})
+                      "wikitext-dir:" + ",".join(sha256_file(p) for p in files.values()) + mode,
+                      lambda: {split: read(p) for split, p in files.items()}, report)
     train, valid = cfg.train_file, cfg.validation_file
     fp = f"files:{sha256_file(train)}:{train.rsplit('.', 1)[-1]}"
     if valid:
         fp += f":{sha256_file(valid)}:{valid.rsplit('.', 1)[-1]}"
-        return Source(f"{train} + {valid}", fp, lambda: {"train": read_text_file(train),
-                                                        "validation": read_text_file(valid)})
+        return Source(f"{train} + {valid}", fp + mode, lambda: {"train": read(train), "validation": read(valid)},
+                      report)
     pct = cfg.validation_split_percentage
-    return Source(f"{train} ({pct}% held out)", f"{fp}:holdout{pct}",
-                  lambda: carve_validation(read_text_file(train), pct, train))
+    return Source(f"{train} ({pct}% held out)", f"{fp}:holdout{pct}{mode}",
+                  lambda: carve_validation(read(train), pct, train), report)
 
 
 def _hub_source(cfg: TrainConfig) -> Source:
@@ -103,12 +131,18 @@ def _hub_source(cfg: TrainConfig) -> Source:
         raise UserError(f"dataset {label!r} has no 'text' column (columns: {', '.join(dd['train'].column_names)})")
     pct = cfg.validation_split_percentage
     fp = f"hub:{label}:" + ",".join(f"{k}={v._fingerprint}" for k, v in sorted(dd.items()))
+    fp += "" if cfg.text_errors == "error" else f":text_errors={cfg.text_errors}"
+    report = TextReport()
+
+    def split_texts(split: str) -> list[str]:  # Arrow strings are UTF-8: only non-string values can occur
+        origin = f"dataset {label} split {split}"
+        return clean_values(dd[split]["text"], cfg.text_errors, origin, report)
 
     def load() -> dict[str, list[str]]:
         if "validation" in dd:
-            return {"train": list(dd["train"]["text"]), "validation": list(dd["validation"]["text"])}
-        return carve_validation(list(dd["train"]["text"]), pct, label)
-    return Source(f"Hub dataset {label}", fp if "validation" in dd else f"{fp}:holdout{pct}", load)
+            return {"train": split_texts("train"), "validation": split_texts("validation")}
+        return carve_validation(split_texts("train"), pct, label)
+    return Source(f"Hub dataset {label}", fp if "validation" in dd else f"{fp}:holdout{pct}", load, report)
 
 
 def build_source(cfg: TrainConfig) -> Source:
@@ -121,15 +155,18 @@ def _stream_error(label: str, e: Exception) -> UserError:
                      "connection, or stream local files with --train_file/--validation_file or --dataset_dir")
 
 
-def open_split(cfg: TrainConfig, split: str):
-    """One split as a datasets IterableDataset with a 'text' column (and perhaps others)."""
+def open_split(cfg: TrainConfig, split: str, report: Optional[TextReport] = None):
+    """One split as a datasets IterableDataset with a 'text' column (and perhaps others). A local file with
+    undecodable bytes is streamed from its marked UTF-8 copy (mlm/cleaning.py); report counts them."""
     import datasets
     if cfg.dataset_dir or cfg.train_file:
         if cfg.dataset_dir:
             path = wikitext_file(cfg.dataset_dir, split)
         else:
             path = cfg.train_file if split == "train" else cfg.validation_file
-        ds = datasets.load_dataset(builder_for(path), data_files={split: path}, split=split, streaming=True)
+        readable = path if path.endswith(".parquet") else \
+            readable_copy(path, cfg.text_errors, report if report is not None else TextReport(), text_copies_dir(cfg))
+        ds = datasets.load_dataset(builder_for(path), data_files={split: readable}, split=split, streaming=True)
         label = path
     else:
         label = hub_label(cfg.dataset_name, cfg.dataset_config_name)
@@ -150,6 +187,16 @@ def open_split(cfg: TrainConfig, split: str):
     return ds
 
 
-def validation_texts(cfg: TrainConfig) -> list[str]:
+def split_label(cfg: TrainConfig, split: str) -> str:
+    """How a split's rows are named in messages: the local file, or the Hub dataset and split."""
+    if cfg.dataset_dir:
+        return wikitext_file(cfg.dataset_dir, split)
+    if cfg.train_file:
+        return cfg.train_file if split == "train" else cfg.validation_file
+    return f"dataset {hub_label(cfg.dataset_name, cfg.dataset_config_name)} split {split}"
+
+
+def validation_texts(cfg: TrainConfig, report: TextReport) -> list[str]:
     """The whole validation split: it is finite, and evaluation must count each example exactly once."""
-    return [row["text"] or "" for row in open_split(cfg, "validation")]
+    rows = (row["text"] for row in open_split(cfg, "validation", report))
+    return clean_values(rows, cfg.text_errors, split_label(cfg, "validation"), report)

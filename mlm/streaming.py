@@ -27,42 +27,60 @@ import itertools
 import logging
 import os
 import time
-from typing import Any, Iterator
+from typing import Any, Iterator, Optional
 
 import numpy as np
 import torch
 from torch.utils.data import DataLoader
 
-from .cli import UserError
+from .cleaning import TextReport, clean_value
+from .cli import LocalUserError, UserError
 from .config import TrainConfig
 from .data import DataBundle, build_datasets, eval_loader, tokenize_texts
 from .distributed import DistEnv, all_ranks, main_process_first
-from .sources import open_split, validation_texts
+from .sources import open_split, split_label, validation_texts
 from .text import frame, plain_backend
 
 log = logging.getLogger("mlm")
 PACK_TEXTS = 1000  # texts tokenised and packed together; the remainder under one body is dropped per group
 
 
-def pack_function(backend, body: int):
-    """Batched map: tokenise a group of texts, concatenate, cut into bodies of `body` tokens."""
+def pack_function(backend, body: int, text_errors: str = "error", label: str = "the training stream"):
+    """Batched map: tokenise a group of texts, concatenate, cut into bodies of `body` tokens. Rows are cleaned
+    as --text_errors says; a stream's rows are met lazily, in a loader worker, so what is replaced or skipped is
+    told once per worker in a warning (the banner is long printed), and an error is raised by the rank that met
+    it (LocalUserError)."""
+    report, told = TextReport(), set()
+
+    def clean(value) -> Optional[str]:
+        try:
+            text = clean_value(value, text_errors, f"{label}: a row", report, label)
+        except UserError as e:
+            raise LocalUserError(str(e)) from None
+        for what in report.counts.get(label, {}):
+            if what not in told:
+                told.add(what)
+                log.warning(f"warning: {label}: {what} (--text_errors {text_errors}); further ones are not told")
+        return text
+
     def pack(batch: dict[str, list]) -> dict[str, list]:
-        ids = [e.ids for e in backend.encode_batch([t or "" for t in batch["text"]], add_special_tokens=False)]
+        texts = [t for t in map(clean, batch["text"]) if t is not None]
+        ids = [e.ids for e in backend.encode_batch(texts, add_special_tokens=False)]
         flat = np.fromiter(itertools.chain.from_iterable(ids), dtype=np.int64)
         n = flat.size // body
         return {"input_ids": flat[: n * body].reshape(n, body).tolist()}
     return pack
 
 
-def rank_stream(cfg: TrainConfig, env: DistEnv, backend):
+def rank_stream(cfg: TrainConfig, env: DistEnv, backend, report: TextReport):
     """This rank's shuffled share of the training split, as packed bodies of max_seq_length - 2 tokens."""
     from datasets.distributed import split_dataset_by_node
-    ds = open_split(cfg, "train")
+    ds = open_split(cfg, "train", report)
     columns = list(ds.column_names)
     ds = ds.shuffle(seed=cfg.seed, buffer_size=cfg.shuffle_buffer_size)
     ds = split_dataset_by_node(ds, rank=env.rank, world_size=env.world_size)
-    return ds.map(pack_function(backend, cfg.max_seq_length - 2), batched=True, batch_size=PACK_TEXTS,
-                  remove_columns=columns)
+    pack = pack_function(backend, cfg.max_seq_length - 2, cfg.text_errors, split_label(cfg, "train"))
+    return ds.map(pack, batched=True, batch_size=PACK_TEXTS, remove_columns=columns)
 
 
 class PackedBatches(torch.utils.data.IterableDataset):
@@ -151,9 +169,10 @@ def build_streaming_data(cfg: TrainConfig, env: DistEnv, tokenizer) -> DataBundl
         # deadlock in them, even when TOKENIZERS_PARALLELISM=true asks for it: keep it off in this process.
         os.environ["TOKENIZERS_PARALLELISM"] = "false"
     # Downloads of the validation split (and the Hub script/metadata) happen once per node, or once in all.
-    texts = main_process_first(env, lambda: validation_texts(cfg), per_node=cfg.cache_scope == "node")
+    report = TextReport()
+    texts = main_process_first(env, lambda: validation_texts(cfg, report), per_node=cfg.cache_scope == "node")
     _, valid = build_datasets(cfg, {"validation": tokenize_texts(tokenizer, texts)}, tokenizer)
-    stream = rank_stream(cfg, env, plain_backend(tokenizer))
+    stream = rank_stream(cfg, env, plain_backend(tokenizer), report)
     batches = PackedBatches(stream, cfg.per_device_train_batch_size, cfg.max_seq_length,
                             tokenizer.cls_token_id, tokenizer.sep_token_id)
     workers = cfg.loader_workers
@@ -163,4 +182,6 @@ def build_streaming_data(cfg: TrainConfig, env: DistEnv, tokenizer) -> DataBundl
              "eval": f"{len(valid)} examples of {cfg.max_seq_length}, read whole; {valid.dropped_tokens} tokens "
                      "dropped by chunking",
              "data": f"validation tokenised in {time.perf_counter() - t0:.2f} s"}
+    if report.describe(cfg.text_errors):
+        stats["messy text"] = report.describe(cfg.text_errors) + " (the training stream's rows: told as met)"
     return DataBundle(StreamingTrain(batches, env, workers, cfg.seed), eval_loader(cfg, env, valid), stats)

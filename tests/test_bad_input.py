@@ -49,6 +49,14 @@ def build_case(name: str, tmp_path, config_dir: str, tokenizer: str) -> Case:
         (tmp_path / "blank.txt").write_text(" \n\n   \n\t\n" * 50)
         return Case(args(train_file=str(tmp_path / "blank.txt")), ["blank.txt", "blank lines"],
                     "give a file that holds text")
+    if name == "invalid_utf8_train_file":  # scraped text with a Windows-1252 quote in it
+        with open(text, "ab") as fh:
+            fh.write(b"he said \x93hello\x94\n")
+        return Case(args(), ["train.txt", "invalid UTF-8 at byte", "line 201"], "--text_errors replace")
+    if name == "non_string_jsonl_text":
+        (tmp_path / "rows.jsonl").write_text('{"text": "fine"}\n{"text": 12}\n')
+        return Case(args(train_file=str(tmp_path / "rows.jsonl")), ["rows.jsonl row 2", "'text' is int 12"],
+                    "--text_errors skip")
     if name == "hub_dataset_offline":
         hf_cache = tmp_path / "hf-datasets"  # empty, so nothing is cached
         hf_cache.mkdir()
@@ -76,7 +84,8 @@ def build_case(name: str, tmp_path, config_dir: str, tokenizer: str) -> Case:
     raise ValueError(name)
 
 
-CASES = ["missing_train_file", "empty_train_file", "blank_train_file", "hub_dataset_offline",
+CASES = ["missing_train_file", "empty_train_file", "blank_train_file", "invalid_utf8_train_file",
+         "non_string_jsonl_text", "hub_dataset_offline",
          "model_path_without_model", "max_seq_length_beyond_positions", "mlm_probability_0", "mlm_probability_1",
          "batch_size_zero", "output_dir_is_a_file", "unknown_option"]
 
@@ -148,8 +157,8 @@ def test_bad_input_in_one_process(name, tmp_path, tiny_config_dir, tokenizer_pat
 # cannot see it. Here the two ranks are started by hand, with the variables torchrun sets, and each one must
 # exit by itself, non-zero and quietly, within the limit. The first case fails before the process group
 # exists; the others after it, on rank 0 alone (blank file, dataset) or on every rank (positions).
-@pytest.mark.parametrize("name", ["missing_train_file", "blank_train_file", "hub_dataset_offline",
-                                  "max_seq_length_beyond_positions"])
+@pytest.mark.parametrize("name", ["missing_train_file", "blank_train_file", "invalid_utf8_train_file",
+                                  "hub_dataset_offline", "max_seq_length_beyond_positions"])
 def test_every_rank_exits_by_itself(name, tmp_path, tiny_config_dir, tokenizer_path):
     case = build_case(name, tmp_path, tiny_config_dir, tokenizer_path)
     results = wait_all(start_ranks(case.args, nproc=2, extra_env=case.env), timeout=TIME_LIMIT_S)

@@ -51,7 +51,7 @@ def test_wikitext_chunking_on_real_data(tokenizer, tmp_path):
     if not os.path.isdir(SHARED_WIKITEXT):
         pytest.skip("../shared WikiText-2 is not beside this checkout")
     cfg = cfg_for(tmp_path, dataset_dir=SHARED_WIKITEXT, tokenizer_name=None)
-    streams, hit = load_token_streams(cfg, tokenizer, str(tmp_path / "cache"))
+    streams, hit, _ = load_token_streams(cfg, tokenizer, str(tmp_path / "cache"))
     assert not hit and streams["train"].tokens.size > 2_000_000
     ds = ChunkDataset(streams["train"], 128, tokenizer.cls_token_id, tokenizer.sep_token_id)
     assert len(ds) == streams["train"].tokens.size // 126
@@ -66,26 +66,26 @@ def test_second_build_is_served_from_the_cache(tokenizer, text_file, tmp_path):
         calls.append(len(texts))
         return tokenize_texts(tok, texts)
 
-    first, hit1 = load_token_streams(cfg, tokenizer, str(tmp_path / "cache"), builder=builder)
+    first, hit1, _ = load_token_streams(cfg, tokenizer, str(tmp_path / "cache"), builder=builder)
     assert not hit1 and len(calls) == 2  # train and validation built
 
     def must_not_build(tok, texts):
         raise AssertionError("the builder ran although the cache holds this data")
 
-    second, hit2 = load_token_streams(cfg, tokenizer, str(tmp_path / "cache"), builder=must_not_build)
+    second, hit2, _ = load_token_streams(cfg, tokenizer, str(tmp_path / "cache"), builder=must_not_build)
     assert hit2
     for split in ("train", "validation"):
         assert np.array_equal(first[split].tokens, second[split].tokens)
     # Another source (other content) misses the cache.
     other = make_text_file(str(tmp_path / "other.txt"), n_lines=50, seed=9)
-    _, hit3 = load_token_streams(cfg_for(tmp_path, train_file=other), tokenizer, str(tmp_path / "cache"),
+    _, hit3, _ = load_token_streams(cfg_for(tmp_path, train_file=other), tokenizer, str(tmp_path / "cache"),
                                  builder=builder)
     assert not hit3
 
 
 def test_validation_is_carved_from_the_first_rows(tokenizer, text_file, tmp_path):
     cfg = cfg_for(tmp_path, train_file=text_file, validation_split_percentage=10)
-    streams, _ = load_token_streams(cfg, tokenizer, str(tmp_path / "cache"))
+    streams, _, _ = load_token_streams(cfg, tokenizer, str(tmp_path / "cache"))
     texts = read_text_file(text_file)
     n_val = len(texts) // 10
     assert streams["validation"].tokens.tolist() == reference_stream(tokenizer, texts[:n_val])

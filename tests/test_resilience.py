@@ -9,6 +9,7 @@ import logging
 import os
 import shutil
 import signal
+import subprocess
 import time
 
 import pytest
@@ -19,7 +20,7 @@ from helpers import TINY_BERT, make_text_file, read_json, run_train, start_ranks
 from test_ddp import load_weights, max_abs_diff
 
 STEPS = 12
-EXIT_NONFINITE, EXIT_SIGTERM = 3, 128 + signal.SIGTERM
+EXIT_NONFINITE, EXIT_DISK_FULL, EXIT_SIGTERM = 3, 4, 128 + signal.SIGTERM
 
 
 @pytest.fixture(scope="module")
@@ -137,16 +138,104 @@ def test_sigterm_to_torchrun_saves_and_resumes_exactly(setup, reference, tmp_pat
 
 
 def test_sigkill_under_torchrun_restarts_and_completes_exactly(setup, reference, tmp_path, tokenizer_path):
+    """Rank 0, the holder of the run directory's lock, is killed: the restarted group takes the lock over."""
     out = str(tmp_path / "run")
     marker = str(tmp_path / "fired")
     # One restart is all it may take. (Before init_distributed prefixed the store per attempt, the restarted
     # group could read the dead attempt's peer addresses and fail or hang connecting, under load.)
     r = run_train(args_for(setup, out, tokenizer_path), nproc=2, torchrun_args=["--max-restarts=1"],
-                  fault={"kind": "sigkill", "rank": 1, "step": 6, "marker": marker}, timeout=300)
+                  fault={"kind": "sigkill", "rank": 0, "step": 6, "marker": marker}, timeout=300)
     assert r.returncode == 0, r.output[-4000:]
-    assert open(marker).read().count("sigkill 1") == 1  # the worker really was killed, once
+    assert open(marker).read().count("sigkill 0") == 1  # the worker really was killed, once
+    assert "taking over" in r.output and "run.lock" in r.output
     assert "resuming from" in r.output and "step 4)" in r.output
     assert_same_run(out, reference, 4)
+    assert not os.path.exists(os.path.join(out, "run.lock"))  # released at the end
+
+
+def test_a_second_launch_into_a_live_run_refuses_and_the_first_is_unaffected(setup, reference, tmp_path,
+                                                                          tokenizer_path):
+    out = str(tmp_path / "run")
+    first = start_ranks(args_for(setup, out, tokenizer_path), fault={"sleep": 1.5})  # still training meanwhile
+    try:
+        wait_for_step(out, 1, first)
+        second = wait_all(start_ranks(args_for(setup, out, tokenizer_path)), timeout=60)
+        for rank, r in enumerate(second):
+            assert r.returncode == 2 and "Traceback" not in r.output, f"rank {rank} exit {r.returncode}:\n{r.output}"
+        errors = [line for line in second[0].stderr.splitlines() if line.startswith("error:")]
+        assert len(errors) == 1 and "is in use by a live run (host" in errors[0], second[0].stderr
+        assert "pid %d" % first[0].pid in errors[0] and "another --output_dir" in errors[0]
+        assert not second[1].stderr.strip(), second[1].stderr
+        assert all(p.poll() is None for p in first)  # still training
+    finally:
+        results = wait_all(first, timeout=120)
+    assert all(r.returncode == 0 for r in results), [r.output[-2000:] for r in results]
+    assert_same_run(out, reference, 0)
+
+
+def test_a_relaunch_after_the_lock_holder_was_killed_takes_over(setup, reference, tmp_path, tokenizer_path):
+    out = str(tmp_path / "run")
+    procs = start_ranks(args_for(setup, out, tokenizer_path), fault={"sleep": 0.3})
+    wait_for_step(out, 5, procs)
+    procs[0].send_signal(signal.SIGKILL)  # rank 0 holds run.lock; kill -9 leaves it behind
+    wait_all(procs, timeout=60)
+    assert os.path.exists(os.path.join(out, "run.lock"))
+    step = max(int(s.split("-")[1]) for s in os.listdir(os.path.join(out, "checkpoints")))
+    r = run_train(args_for(setup, out, tokenizer_path), nproc=2)
+    assert r.returncode == 0, r.output[-3000:]
+    assert "taking over" in r.output and f"step {step})" in r.output
+    assert_same_run(out, reference, step)
+
+
+def test_a_disk_that_fills_up_mid_run_stops_every_rank_and_the_resume_is_exact(setup, tmp_path, tokenizer_path):
+    """output_dir on a tmpfs with room for the step-4 checkpoint and best/, not for step 8's checkpoint. The model
+    is wider than the other tests' so that a checkpoint outweighs the 64 MiB any run needs free to start."""
+    from mlm.checkpoint import checkpoint_bytes, is_complete
+    from test_ddp import load_weights
+    if os.geteuid() != 0:
+        pytest.skip("mounting a small tmpfs to fill needs root")
+    wide = {**setup, "config": write_tiny_config(str(tmp_path / "wide"), **{
+        **TINY_BERT, "hidden_size": 128, "intermediate_size": 256, "hidden_dropout_prob": 0.1,
+        "attention_probs_dropout_prob": 0.1})}
+    reference = str(tmp_path / "reference")
+    r = run_train(args_for(wide, reference, tokenizer_path), nproc=2)
+    assert r.returncode == 0, r.output[-3000:]
+    size = lambda d: sum(os.path.getsize(os.path.join(p, f)) for p, _, fs in os.walk(d) for f in fs)
+    step4, best = size(os.path.join(reference, "checkpoints", "step-4")), size(os.path.join(reference, "best"))
+    model = torch.nn.Module()
+    model.w = torch.nn.Parameter(torch.empty(sum(t.numel() for t in load_weights(reference, 4).values())))
+    start_check = max(int(checkpoint_bytes(model) * 1.2), 64 * 2**20) + 2**20  # what a run checks at start
+    room = max(start_check, step4 + best + step4 // 2)
+    assert room < 2 * step4 + best, "the tmpfs would hold the step-8 checkpoint too: the test would not fill it"
+    disk = tmp_path / "small-disk"
+    disk.mkdir()
+    mounted = subprocess.run(["mount", "-t", "tmpfs", "-o", f"size={room}", "tmpfs", str(disk)],
+                             capture_output=True, text=True)
+    if mounted.returncode != 0:
+        pytest.skip(f"could not mount a tmpfs: {mounted.stderr.strip()}")
+    try:
+        out = str(disk / "run")
+        results = wait_all(start_ranks(args_for(wide, out, tokenizer_path)), timeout=120)
+        for rank, r in enumerate(results):
+            assert r.returncode == EXIT_DISK_FULL and "Traceback" not in r.output, \
+                f"rank {rank} exit {r.returncode}:\n{r.output[-3000:]}"
+        errors = [line for line in results[0].stderr.splitlines() if line.startswith("error:")]
+        assert len(errors) == 1, results[0].stderr
+        assert f"no space left on the disk of {out}" in errors[0] and "GiB free" in errors[0]
+        assert "newest intact checkpoint is" in errors[0] and "step-4" in errors[0]
+        assert "Free space and run the same command to resume" in errors[0]
+        assert not results[1].stderr.strip(), results[1].stderr
+        assert sorted(os.listdir(os.path.join(out, "checkpoints"))) == ["step-4"]  # no .tmp-step-8 left
+        assert is_complete(os.path.join(out, "checkpoints", "step-4"), verify_hashes=True)
+        assert read_json(os.path.join(out, "best", "eval_results.json"))["step"] == 6
+        bigger = str(tmp_path / "bigger" / "run")
+        shutil.copytree(out, bigger)
+    finally:
+        subprocess.run(["umount", "-l", str(disk)], capture_output=True)
+    r = run_train(args_for(wide, bigger, tokenizer_path), nproc=2)
+    assert r.returncode == 0, r.output[-3000:]
+    assert "step 4)" in r.output
+    assert_same_run(bigger, reference, 4)
 
 
 def test_crash_during_a_save_leaves_the_previous_checkpoint(setup, reference, tmp_path, tokenizer_path):

@@ -1,0 +1,265 @@
+"""The run directory under bad luck, in this process: a disk that fills up during a write (every kind of file a
+run writes) and the one-writer lock (invariant 9). The same under torchrun with 2 ranks, a real full tmpfs and a
+second launch: tests/test_resilience.py."""
+
+from __future__ import annotations
+
+import errno
+import json
+import os
+import socket
+import subprocess
+import sys
+import threading
+import time
+
+import pytest
+import torch
+
+from helpers import make_text_file, read_json, tiny_args, train_here
+from mlm import checkpoint, files, runlock
+from mlm.cli import UserError
+
+EXIT_DISK_FULL = 4
+TORCH_SAVE_FULL = "[enforce fail at inline_container.cc:672] . unexpected pos 576 vs 534"  # torch.save, full disk
+SAFETENSORS_FULL = "Error while serializing: I/O error: No space left on device (os error 28)"
+
+
+# ---------------------------------------------------------------------- disk full
+@pytest.mark.parametrize("exc, full", [
+    (OSError(errno.ENOSPC, "No space left on device"), True),
+    (OSError(errno.EDQUOT, "Disk quota exceeded"), True),
+    (RuntimeError(TORCH_SAVE_FULL), True),
+    (RuntimeError("[enforce fail at inline_container.cc:603] . PytorchStreamWriter failed writing file data/0: "
+                  "file write failed"), True),
+    (Exception(SAFETENSORS_FULL), True),  # safetensors' own exception class, by its text
+    (OSError(errno.EACCES, "Permission denied"), False),
+    (RuntimeError("CUDA out of memory"), False),
+    (ValueError("unexpected value"), False),
+])
+def test_a_full_disk_is_recognised_in_every_form_a_writer_raises_it(exc, full):
+    assert files.is_disk_full(exc) is full
+    try:  # and when it is the cause of another exception
+        try:
+            raise exc
+        except Exception as inner:
+            raise RuntimeError("while saving") from inner
+    except RuntimeError as outer:
+        assert files.is_disk_full(outer) is full
+
+
+def _fail_on(monkeypatch, module, name: str, exc: BaseException, after: int = 0):
+    """module.name raises exc from its (after + 1)-th call on, having written part of its file first."""
+    original, calls = getattr(module, name), {"n": 0}
+
+    def failing(*args, **kwargs):
+        calls["n"] += 1
+        if calls["n"] > after:
+            path = str(args[1]) if len(args) > 1 else str(kwargs.get("f", ""))
+            if path and os.path.isdir(os.path.dirname(path)):
+                with open(path, "wb") as fh:
+                    fh.write(b"half a file")
+            raise exc
+        return original(*args, **kwargs)
+    monkeypatch.setattr(module, name, failing)
+
+
+@pytest.fixture
+def disk_run(tmp_path, tiny_config_dir, tokenizer_path):
+    train = make_text_file(str(tmp_path / "t.txt"), n_lines=150, seed=6)
+    out = str(tmp_path / "out")
+    args = tiny_args(tiny_config_dir, tokenizer_path, out, str(tmp_path / "cache"), train_file=train,
+                     max_train_steps=6, eval_steps=2, save_steps=2, save_total_limit=5, eval_on_start="false")
+    return out, args
+
+
+@pytest.mark.parametrize("where", ["checkpoint (torch.save)", "checkpoint (safetensors)", "best/ export",
+                                   "training history", "run_config.json"])
+def test_a_disk_that_fills_up_ends_the_run_with_one_line_and_damages_nothing(where, disk_run, monkeypatch, capsys):
+    out, args = disk_run
+    import safetensors.torch
+    if where == "checkpoint (torch.save)":  # the second checkpoint (step 4)
+        _fail_on(monkeypatch, checkpoint.torch, "save", RuntimeError(TORCH_SAVE_FULL), after=5)
+    elif where == "checkpoint (safetensors)":
+        _fail_on(monkeypatch, safetensors.torch, "save_model", Exception(SAFETENSORS_FULL), after=1)
+    elif where == "best/ export":  # save_pretrained's safetensors file of the second best/ (step 4)
+        import transformers.modeling_utils
+        _fail_on(monkeypatch, transformers.modeling_utils, "safe_save_file",
+                 OSError(errno.ENOSPC, "No space left on device"), after=1)
+    elif where == "training history":  # the history after the step-4 log
+        original = files.json.dump
+
+        def dump(obj, fh, *a, **k):
+            if isinstance(obj, list) and obj and obj[-1].get("step") == 4 and "loss" in obj[-1]:
+                raise OSError(errno.ENOSPC, "No space left on device")
+            return original(obj, fh, *a, **k)
+        monkeypatch.setattr(files.json, "dump", dump)
+    else:
+        original = files.json.dump
+
+        def dump(obj, fh, *a, **k):
+            if isinstance(obj, dict) and "precision_resolved" in obj:
+                raise OSError(errno.EDQUOT, "Disk quota exceeded")
+            return original(obj, fh, *a, **k)
+        monkeypatch.setattr(files.json, "dump", dump)
+    capsys.readouterr()
+    assert train_here(args) == EXIT_DISK_FULL
+    err = capsys.readouterr().err
+    lines = [line for line in err.splitlines() if line.startswith("error:")]
+    assert len(lines) == 1 and "Traceback" not in err, err
+    line = lines[0]
+    assert f"no space left on the disk of {out}" in line and "GiB free" in line, line
+    assert "Free space and run the same command to resume" in line, line
+    # Nothing half-written is left, and what was saved before is intact.
+    leftovers = [os.path.join(d, n) for d, ds, fs in os.walk(out) for n in ds + fs if ".tmp" in n]
+    assert leftovers == [], leftovers
+    saved = checkpoint.checkpoint_dirs(out)
+    if where == "run_config.json":
+        assert saved == [] and "the newest intact checkpoint is none yet" in line
+        return
+    assert [s for s, _ in saved] == [2]  # every failure is at step 4, before (or during) its checkpoint
+    assert all(checkpoint.is_complete(p, verify_hashes=True) for _, p in saved)
+    assert f"newest intact checkpoint is {saved[-1][1]}" in line
+    if where != "best/ export":
+        assert read_json(os.path.join(out, "best", "eval_results.json"))["step"] in (2, 4)
+    else:
+        assert read_json(os.path.join(out, "best", "eval_results.json"))["step"] == 2  # the old best, whole
+    history = read_json(os.path.join(out, "training_history.json"))
+    assert max(h["step"] for h in history) == (3 if where == "training history" else 4)
+
+
+def test_a_checkpoint_interrupted_by_a_full_disk_leaves_no_temporary_directory(tmp_path, monkeypatch):
+    model = torch.nn.Linear(3, 2)
+    state = checkpoint.TrainState(step=1)
+    checkpoint.save_checkpoint(str(tmp_path), state, model, {}, 3)
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
+    _fail_on(monkeypatch, checkpoint.torch, "save", RuntimeError(TORCH_SAVE_FULL))
+    with pytest.raises(RuntimeError):
+        checkpoint.save_checkpoint(str(tmp_path), checkpoint.TrainState(step=2), model, {"optimizer": optimizer}, 3)
+    assert sorted(os.listdir(tmp_path / "checkpoints")) == ["step-1"]
+    assert checkpoint.is_complete(str(tmp_path / "checkpoints" / "step-1"), verify_hashes=True)
+    files.write_json_atomic(str(tmp_path / "h.json"), [1])
+    monkeypatch.setattr(files.json, "dump", lambda *a, **k: (_ for _ in ()).throw(OSError(errno.ENOSPC, "full")))
+    with pytest.raises(OSError):
+        files.write_json_atomic(str(tmp_path / "h.json"), [1, 2])
+    assert read_json(str(tmp_path / "h.json")) == [1] and not os.path.exists(tmp_path / "h.json.tmp")
+
+
+# ---------------------------------------------------------------------- one writer
+def _lock(directory, **fields) -> str:
+    """A run.lock as another run would have left it."""
+    holder = {"host": socket.gethostname(), "pid": 1, "pid_start": None, "started": time.time() - 60,
+              "command": "train_ddp.py --other", "job": None, "attempt": 0, "token": "theirs", **fields}
+    os.makedirs(directory, exist_ok=True)
+    path = os.path.join(directory, runlock.LOCK_FILE)
+    with open(path, "w") as fh:
+        json.dump(holder, fh)
+    return path
+
+
+def _dead_pid() -> int:
+    p = subprocess.Popen([sys.executable, "-c", "pass"])
+    p.wait()
+    return p.pid
+
+
+def test_the_lock_names_its_holder_and_a_second_acquire_refuses(tmp_path):
+    lock = runlock.acquire(str(tmp_path / "run"))
+    try:
+        held = read_json(str(tmp_path / "run" / runlock.LOCK_FILE))
+        assert held["host"] == socket.gethostname() and held["pid"] == os.getpid() and held["started"] > 0
+        with pytest.raises(UserError, match=r"is in use by a live run \(host .*, pid %d, started .*\); wait for "
+                                            r"it to finish, or give this run another --output_dir" % os.getpid()):
+            runlock.acquire(str(tmp_path / "run"))
+        lock.check()  # still ours
+    finally:
+        lock.release()
+    assert not os.path.exists(tmp_path / "run" / runlock.LOCK_FILE)
+    runlock.acquire(str(tmp_path / "run")).release()  # free again
+
+
+@pytest.mark.parametrize("case", ["dead pid", "reused pid", "zombie", "earlier torchrun attempt",
+                                  "other host, silent for long", "torn file"])
+def test_a_lock_left_by_a_dead_run_is_taken_over_at_once(case, tmp_path, monkeypatch, caplog):
+    run = str(tmp_path / "run")
+    zombie = None
+    if case == "dead pid":
+        path = _lock(run, pid=_dead_pid())
+    elif case == "reused pid":  # a live pid, but not the process that took the lock
+        path = _lock(run, pid=os.getpid(), pid_start=1)
+    elif case == "zombie":  # killed, not yet reaped by its parent
+        zombie = subprocess.Popen([sys.executable, "-c", "pass"])
+        while runlock._process_start(zombie.pid)[0] != "Z":
+            time.sleep(0.01)
+        path = _lock(run, pid=zombie.pid)
+    elif case == "earlier torchrun attempt":  # same job, restarted by torchrun: even a live pid is taken over
+        monkeypatch.setenv("TORCHELASTIC_RUN_ID", "job-7")
+        monkeypatch.setenv("TORCHELASTIC_RESTART_COUNT", "1")
+        path = _lock(run, pid=os.getpid(), job="job-7", attempt=0)
+    elif case == "other host, silent for long":
+        path = _lock(run, host="another-node")
+        os.utime(path, (time.time() - 10 * runlock.STALE_AFTER_S,) * 2)
+    else:
+        path = os.path.join(run, runlock.LOCK_FILE)
+        os.makedirs(run)
+        with open(path, "w") as fh:
+            fh.write('{"host": "a-node", "pi')
+    t0 = time.perf_counter()
+    lock = runlock.acquire(run)
+    try:
+        assert time.perf_counter() - t0 < 1.0
+        assert read_json(path)["pid"] == os.getpid()
+        assert "taking over" in caplog.text
+    finally:
+        lock.release()
+        if zombie:
+            zombie.wait()
+
+
+def test_a_lock_of_another_node_is_judged_by_its_heartbeat(tmp_path, monkeypatch):
+    """A holder elsewhere touches the file every HEARTBEAT_S: a touch within STALE_AFTER_S means alive."""
+    monkeypatch.setattr(runlock, "STALE_AFTER_S", 3.0)
+    run = str(tmp_path / "run")
+    path = _lock(run, host="another-node")
+    stop = threading.Event()
+
+    def beat():
+        while not stop.wait(0.5):
+            os.utime(path)
+    t = threading.Thread(target=beat)
+    t.start()
+    try:
+        t0 = time.perf_counter()
+        with pytest.raises(UserError, match="in use by a live run .*host another-node"):
+            runlock.acquire(run)
+        assert time.perf_counter() - t0 < 2.5  # refused at the first heartbeat seen, not after the whole wait
+    finally:
+        stop.set()
+        t.join()
+    # The same holder, silent from now on: taken over once STALE_AFTER_S has passed without a heartbeat.
+    t0 = time.perf_counter()
+    lock = runlock.acquire(run)
+    waited = time.perf_counter() - t0
+    lock.release()
+    assert 2.0 < waited < 6.0, waited
+
+
+def test_a_run_whose_lock_was_taken_over_stops_before_writing(tmp_path):
+    run = str(tmp_path / "run")
+    lock = runlock.acquire(run)
+    _lock(run, host="another-node", token="newer")  # another node took it over while this run was frozen
+    with pytest.raises(UserError, match="was taken over by host another-node"):
+        lock.check()
+    lock.release()
+    assert read_json(os.path.join(run, runlock.LOCK_FILE))["token"] == "newer"  # release leaves theirs alone
+
+
+def test_the_heartbeat_touches_the_lock(tmp_path, monkeypatch):
+    monkeypatch.setattr(runlock, "HEARTBEAT_S", 0.2)
+    lock = runlock.acquire(str(tmp_path / "run"))
+    try:
+        first = os.stat(lock.path).st_mtime_ns
+        time.sleep(0.6)
+        assert os.stat(lock.path).st_mtime_ns > first
+    finally:
+        lock.release()
