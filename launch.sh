@@ -12,7 +12,10 @@ Starts train_ddp.py under torchrun with one process per visible GPU (NCCL). With
 
 Environment:
   NPROC         processes on this node (default: the GPU count; on CPU 2 with at least 4 cores, else 1)
-  NNODES        number of nodes (default 1: a standalone single-node run)
+  NNODES        number of nodes (default 1: a standalone single-node run), or MIN:MAX for an elastic job
+                (e.g. 1:2): when a node is lost, torchrun re-forms the group with the nodes left (at least MIN)
+                and the run resumes from the newest checkpoint on the new number of processes, with the same
+                global batch (NODE_RANK is then assigned by the rendezvous and ignored)
   NODE_RANK     this node's rank, 0 .. NNODES-1 (default 0)
   MASTER_ADDR   host of the c10d rendezvous; required when NNODES > 1 (e.g. the first node's address)
   MASTER_PORT   port of the c10d rendezvous (default 29500)
@@ -104,8 +107,12 @@ if (( gpus == 0 )) && [[ -z "${OMP_NUM_THREADS:-}" ]]; then
     export OMP_NUM_THREADS=$(( threads > 0 ? threads : 1 ))
 fi
 
-nnodes="${NNODES:-1}"
-is_count "$nnodes" || fail "NNODES must be a whole number of nodes >= 1, got '$nnodes'"
+nnodes_spec="${NNODES:-1}"
+[[ "$nnodes_spec" =~ ^([1-9][0-9]*)(:([1-9][0-9]*))?$ ]] || \
+    fail "NNODES must be a whole number of nodes >= 1, or MIN:MAX (e.g. 1:2), got '$nnodes_spec'"
+min_nodes="${BASH_REMATCH[1]}"
+nnodes="${BASH_REMATCH[3]:-$min_nodes}"  # the most nodes the job may have
+(( min_nodes <= nnodes )) || fail "NNODES=$nnodes_spec: MIN must not exceed MAX"
 max_restarts="${MAX_RESTARTS:-3}"
 [[ "$max_restarts" =~ ^[0-9]+$ ]] || fail "MAX_RESTARTS must be a whole number >= 0, got '$max_restarts'"
 
@@ -118,12 +125,16 @@ cmd=("${torchrun[@]}" "--nproc_per_node=$nproc_per_node" "--max-restarts=$max_re
 if (( nnodes > 1 )); then
     [[ -n "${MASTER_ADDR:-}" ]] || fail "NNODES=$nnodes needs MASTER_ADDR, the rendezvous host (e.g. the first" \
         "node's address); set MASTER_ADDR (and MASTER_PORT, default 29500) on every node"
-    node_rank="${NODE_RANK:-0}"
-    [[ "$node_rank" =~ ^[0-9]+$ ]] && (( node_rank < nnodes )) || \
-        fail "NODE_RANK must be in 0..$(( nnodes - 1 )), got '$node_rank'"
     port="${MASTER_PORT:-29500}"
-    cmd+=("--nnodes=$nnodes" "--node_rank=$node_rank" "--rdzv_backend=c10d"
-          "--rdzv_endpoint=$MASTER_ADDR:$port" "--rdzv_id=${RDZV_ID:-mlm-ddp}")
+    if (( min_nodes < nnodes )); then  # elastic: the rendezvous numbers the nodes
+        cmd+=("--nnodes=$min_nodes:$nnodes")
+    else
+        node_rank="${NODE_RANK:-0}"
+        [[ "$node_rank" =~ ^[0-9]+$ ]] && (( node_rank < nnodes )) || \
+            fail "NODE_RANK must be in 0..$(( nnodes - 1 )), got '$node_rank'"
+        cmd+=("--nnodes=$nnodes" "--node_rank=$node_rank")
+    fi
+    cmd+=("--rdzv_backend=c10d" "--rdzv_endpoint=$MASTER_ADDR:$port" "--rdzv_id=${RDZV_ID:-mlm-ddp}")
 else
     cmd+=(--standalone)  # a private rendezvous on a free port: MASTER_ADDR and MASTER_PORT are not needed
 fi
@@ -147,7 +158,7 @@ if (( nnodes > 1 )) && [[ -z "${GLOO_SOCKET_IFNAME:-}" ]]; then
 fi
 
 if (( gpus > 0 )); then device="$gpus GPU(s), nccl"; else device="cpu, gloo, OMP_NUM_THREADS=$OMP_NUM_THREADS"; fi
-echo "launch.sh: $nnodes node(s) x $nproc_per_node process(es) ($device)${ifnames:+; ${ifnames[*]}}" >&2
+echo "launch.sh: $nnodes_spec node(s) x $nproc_per_node process(es) ($device)${ifnames:+; ${ifnames[*]}}" >&2
 if [[ "${LAUNCH_DRY_RUN:-0}" == "1" ]]; then
     printf '%q ' "${ifnames[@]}" "${cmd[@]}"
     echo

@@ -25,7 +25,7 @@ from mlm.cli import EXIT_DISK_FULL, EXIT_FAILURE, EXIT_NONFINITE, EXIT_USER_ERRO
 from mlm.config import TrainConfig, parse_args
 from mlm.distributed import DistEnv, any_rank, broadcast_object, describe_failure, dist_sum, \
     env_rank, init_distributed, is_peer_failure, main_decides, main_only, main_process_first, teardown, wrap_ddp
-from mlm.files import DiskFull, free_bytes, is_disk_full, write_json_atomic
+from mlm.files import DiskFull, free_bytes, is_disk_full, read_json, write_json_atomic
 from mlm.inference.fill_mask import sample_rows
 from mlm.preemption import Preempted, StopRequest
 from mlm.swa import WeightAverage
@@ -46,6 +46,31 @@ def choose_resume(cfg: TrainConfig, env: DistEnv) -> Optional[str]:
     return resume
 
 
+def adapt_to_checkpoint(cfg: TrainConfig, env: DistEnv, precision: str, resume: str) -> list[str]:
+    """Keep the checkpoint's global batch on this hardware (sets cfg.gradient_accumulation_steps); what changed."""
+    saved = checkpoint.saved_state(resume) if checkpoint.is_complete(resume) else None
+    if saved is None:
+        return []  # load_checkpoint says what is wrong with it
+    if not saved.get("gradient_accumulation_steps"):  # written before checkpoints recorded it: the run config has it
+        run_config = os.path.join(cfg.output_dir, "run_config.json")
+        saved["gradient_accumulation_steps"] = read_json(run_config).get("gradient_accumulation_steps", 1) \
+            if os.path.isfile(run_config) else 1
+    data_states = saved.get("extra", {}).get("data_states") or []
+    if saved["world_size"] != env.world_size and any(data_states):
+        raise UserError(f"the checkpoint was written by a --streaming run on {saved['world_size']} processes; a "
+                        f"stream cannot move to {env.world_size}: each rank's position is in its own shard of the "
+                        f"stream, and continuing on another split would train some texts twice. Resume on "
+                        f"{saved['world_size']} processes, or start afresh with --overwrite_output_dir")
+    given = cfg.gradient_accumulation_steps if "gradient_accumulation_steps" in getattr(cfg, "given", ()) else None
+    cfg.gradient_accumulation_steps, notes = checkpoint.adapt_to_checkpoint(
+        saved, env.world_size, cfg.per_device_train_batch_size, given, precision)
+    new_batch = global_batch(cfg, env)
+    left = checkpoint.steps_left(saved, new_batch)
+    if new_batch != checkpoint.global_batch(saved, 1) and left is not None:
+        cfg.max_train_steps = saved["step"] + left  # the examples the schedule has left, at the new global batch
+    return notes
+
+
 def peak_flops(env: DistEnv, precision: str) -> tuple[float, str]:
     """The summed peak of all ranks (MFU's denominator), measured or from the data sheet on every rank at once."""
     peak, source = metrics.device_peak(env.device, precision)
@@ -56,7 +81,7 @@ def global_batch(cfg: TrainConfig, env: DistEnv) -> int:
     return cfg.per_device_train_batch_size * env.world_size * cfg.gradient_accumulation_steps
 
 
-def banner(run: loop.Run, resume: Optional[str], peak_source: str) -> str:
+def banner(run: loop.Run, resume: Optional[str], peak_source: str, notes: list[str]) -> str:
     cfg, env, t = run.cfg, run.env, run.trainable
     model, s = t.loss.model, run.data.stats
     total = run.length.total_steps
@@ -75,6 +100,7 @@ def banner(run: loop.Run, resume: Optional[str], peak_source: str) -> str:
         "peak (for MFU)": f"{run.throughput.peak_flops / 1e12:.3g} TFLOP/s over {env.world_size} rank(s) "
                           f"({peak_source})",
         "output": cfg.output_dir + (f" (resuming from {resume}, step {run.state.step})" if resume else ""),
+        **({"changed since checkpoint": "; ".join(notes)} if notes else {}),
     })
 
 
@@ -87,20 +113,22 @@ def build_run(cfg: TrainConfig, env: DistEnv, stop_request: StopRequest) -> loop
     modeling.check_model_config(cfg, model_config)
     tokenizer = main_process_first(env, lambda: modeling.load_tokenizer(cfg), per_node)
     resume = choose_resume(cfg, env)
+    notes = adapt_to_checkpoint(cfg, env, precision, resume) if resume else []
     bundle = (streaming.build_streaming_data if cfg.streaming else data.build_data)(cfg, env, tokenizer)
     model = main_process_first(env, lambda: modeling.build_model(cfg, model_config, tokenizer), per_node)
     model = model.to(env.device)
     main_only(env, lambda: checkpoint.check_free_space(cfg.output_dir, model) if cfg.do_train else None)
     length = loop.run_length(cfg, bundle.train.micro_per_epoch)
-    trainable = engine.build_trainable(cfg, model, precision, env.device, length.total_steps)
-    state = checkpoint.TrainState(world_size=env.world_size,
-                                  per_device_train_batch_size=cfg.per_device_train_batch_size)
+    trainable = engine.build_trainable(cfg, model, precision, env.device, length.total_steps, global_batch(cfg, env))
+    state = checkpoint.TrainState(world_size=env.world_size, per_device_train_batch_size=cfg.per_device_train_batch_size,
+                                  gradient_accumulation_steps=cfg.gradient_accumulation_steps, precision=precision)
     torch.manual_seed(cfg.seed + env.rank)  # dropout differs per rank; a resume restores the saved states
     swa = WeightAverage(model, cfg.swa_start_step) if cfg.swa_start_step else None
     if resume:
-        parts = loop.checkpoint_parts(trainable, swa, checkpoint.RankRngs(env.rank))
-        checkpoint.load_checkpoint(resume, state, model, parts, env.device)
-        bundle.train.load_state_dict(state.extra.get("data_states", [{}] * env.world_size)[env.rank])
+        rngs = checkpoint.RankRngs(env.rank, world_size=env.world_size, seed=cfg.seed)
+        checkpoint.load_checkpoint(resume, state, model, loop.checkpoint_parts(trainable, swa, rngs), env.device)
+        data_states = state.extra.get("data_states") or []  # a stream's position per rank ({} otherwise)
+        bundle.train.load_state_dict(data_states[env.rank] if len(data_states) == env.world_size else {})
     if env.distributed:
         trainable = replace(trainable, wrapped=wrap_ddp(trainable.loss, env))
     run_config = {**cfg.to_dict(), "world_size": env.world_size, "device": str(env.device),
@@ -109,7 +137,15 @@ def build_run(cfg: TrainConfig, env: DistEnv, stop_request: StopRequest) -> loop
 
     def write_run_config() -> None:
         os.makedirs(cfg.output_dir, exist_ok=True)
-        write_json_atomic(os.path.join(cfg.output_dir, "run_config.json"), run_config)
+        path = os.path.join(cfg.output_dir, "run_config.json")
+        before = read_json(path) if resume and os.path.isfile(path) else {}
+        # Every (world size, device, precision) the run has had, in order: a run moved between machines says so.
+        had = before.get("hardware_history") or ([{k: before[k] for k in ("world_size", "device",
+                                                                         "precision_resolved") if k in before}]
+                                                 if before else [])
+        now = {"world_size": env.world_size, "device": str(env.device), "precision_resolved": precision}
+        run_config["hardware_history"] = had + ([now] if not had or had[-1] != now else [])
+        write_json_atomic(path, run_config)
     loop.write_on_main(env, cfg.output_dir, state.step, "run_config.json", write_run_config)
     tracker = tracking.Tracker(cfg, run_config, is_main=env.is_main, start=(state.step, state.tracker_run_id),
                                total_steps=length.total_steps, sample_rows=sample_rows)
@@ -118,7 +154,7 @@ def build_run(cfg: TrainConfig, env: DistEnv, stop_request: StopRequest) -> loop
                    data=bundle, tokenizer=tokenizer, state=state, length=length,
                    throughput=metrics.Throughput(metrics.MlmShape.from_config(model.config), peak),
                    tracker=tracker, stop_request=stop_request, swa=swa)
-    tracker.write(banner(run, resume, peak_source))
+    tracker.write(banner(run, resume, peak_source, notes))
     return run
 
 

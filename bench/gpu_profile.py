@@ -30,7 +30,7 @@ from torch.utils.data import DataLoader
 
 from gpu_throughput import DRY_RUN, bert_base, bert_config, load_chunks
 from mlm.config import TrainConfig
-from mlm.data import ResumableDistributedSampler
+from mlm.data import GlobalOrderSampler
 from mlm.distributed import DistEnv
 from mlm.engine import build_masking, build_trainable, prepare_batch, train_step
 from mlm.metrics import MlmShape, device_peak, mlm_step_flops
@@ -59,7 +59,7 @@ def profile_row(seq: int, batch: int, precision: str, compiled: bool, chunks, to
     trainable = build_trainable(cfg, bert_base().to(device), precision, device, warmup + steps + 10)
     trainable.loss.train()
     masking = build_masking(cfg, tokenizer)
-    sampler = ResumableDistributedSampler(chunks, num_replicas=1, rank=0, shuffle=True, seed=cfg.seed)
+    sampler = GlobalOrderSampler(chunks, 1, 0, cfg.seed)
     loader = DataLoader(chunks, batch_size=batch, sampler=sampler, collate_fn=lambda b: b, drop_last=True)
     batches = []
     for raw in loader:  # masked and on the device before timing: the step alone is measured

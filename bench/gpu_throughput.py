@@ -36,7 +36,7 @@ import torch
 from torch.utils.data import DataLoader
 
 from mlm.config import TrainConfig
-from mlm.data import ChunkDataset, ResumableDistributedSampler, tokenize_texts
+from mlm.data import ChunkDataset, GlobalOrderSampler, tokenize_texts
 from mlm.sources import read_text_file
 from mlm.distributed import DistEnv
 from mlm.engine import build_masking, build_trainable, prepare_batch, train_step
@@ -86,7 +86,7 @@ def run_ours(row: Row, chunks: ChunkDataset, tokenizer, warmup: int, steps: int)
     trainable = build_trainable(cfg, bert_base().to(DEVICE), row.precision, DEVICE, warmup + steps)
     trainable.loss.train()
     masking = build_masking(cfg, tokenizer)
-    sampler = ResumableDistributedSampler(chunks, num_replicas=1, rank=0, shuffle=True, seed=cfg.seed)
+    sampler = GlobalOrderSampler(chunks, 1, 0, cfg.seed)
     loader = DataLoader(chunks, batch_size=row.batch, sampler=sampler, collate_fn=lambda b: b, drop_last=True)
     env = DistEnv(rank=0, local_rank=0, world_size=1, device=DEVICE)
     t0 = 0.0

@@ -21,7 +21,7 @@ import torch
 from torch.utils.data import DataLoader
 
 from mlm.config import TrainConfig
-from mlm.data import ChunkDataset, ResumableDistributedSampler, tokenize_texts
+from mlm.data import ChunkDataset, GlobalOrderSampler, tokenize_texts
 from mlm.sources import read_text_file
 from mlm.distributed import DistEnv
 from mlm.engine import build_masking, build_trainable, prepare_batch, train_step
@@ -85,7 +85,7 @@ def run_ours(cfg: TrainConfig, tokenizer, chunks: ChunkDataset, warmup: int, ste
     trainable = build_trainable(replace(cfg, torch_compile=compile_encoder), model, "fp32", CPU, warmup + steps)
     trainable.loss.train()
     masking = build_masking(cfg, tokenizer)
-    sampler = ResumableDistributedSampler(chunks, num_replicas=1, rank=0, shuffle=True, seed=cfg.seed)
+    sampler = GlobalOrderSampler(chunks, 1, 0, cfg.seed)
     loader = DataLoader(chunks, batch_size=cfg.per_device_train_batch_size, sampler=sampler,
                         collate_fn=lambda b: b)  # ChunkDataset.__getitems__ already returns the batch
     masked, t0 = torch.zeros((), dtype=torch.long), 0.0

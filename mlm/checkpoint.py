@@ -10,6 +10,7 @@ valid manifest is incomplete. The plain Hugging Face export (best/) is mlm/expor
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 import json
 import logging
 import os
@@ -24,6 +25,7 @@ import torch
 
 from .cli import UserError
 from .files import HISTORY, free_bytes, replace_dir, sha256_file, write_json_atomic
+from .optim import steps_left_at
 
 log = logging.getLogger("mlm")
 _STEP_DIR = re.compile(r"^step-(\d+)$")
@@ -34,13 +36,16 @@ MANIFEST = "manifest.json"
 class TrainState:
     step: int = 0               # optimizer steps done
     epoch: int = 0              # current epoch
-    micro_in_epoch: int = 0     # micro-batches of this epoch already consumed (per rank)
+    micro_in_epoch: int = 0     # micro-batches of this epoch already consumed (per rank), after epoch_offset
+    epoch_offset: int = 0       # examples of this epoch trained with an earlier global batch (0 normally)
     best_metric: Optional[float] = None  # best evaluation perplexity
     best_step: Optional[int] = None
     bad_evals: int = 0          # evaluations since the last improvement (early stopping)
     stopped_early: bool = False
     world_size: int = 1
     per_device_train_batch_size: int = 0
+    gradient_accumulation_steps: int = 0  # 0 in checkpoints written before it was recorded
+    precision: str = ""
     tracker_run_id: Optional[str] = None
     extra: dict[str, Any] = field(default_factory=dict)
 
@@ -100,15 +105,26 @@ def set_rng_state(state: dict[str, Any]) -> None:
 @dataclass
 class RankRngs:
     """Every rank's RNG states as a checkpoint piece: gathered on rank 0 to be saved; on load, this rank's own
-    (so dropout continues exactly where it was)."""
+    (so dropout continues exactly where it was). A checkpoint of another world size has no state that belongs
+    to this rank: then every rank's generators are seeded from (seed, step, rank) instead, which is as good a
+    dropout stream, but not the one the uninterrupted run would have drawn."""
     rank: int
     gathered: Optional[list[dict[str, Any]]] = None
+    world_size: int = 1
+    seed: int = 0
+    step: int = 0  # the checkpoint's step, set by load_checkpoint before this piece is loaded
 
     def state_dict(self) -> Optional[list[dict[str, Any]]]:
         return self.gathered
 
     def load_state_dict(self, states: list[dict[str, Any]]) -> None:
-        set_rng_state(states[self.rank])
+        if len(states) == self.world_size:
+            set_rng_state(states[self.rank])
+            return
+        seed = int.from_bytes(hashlib.sha256(f"{self.seed}:{self.step}:{self.rank}".encode()).digest()[:4], "little")
+        random.seed(seed)
+        np.random.seed(seed)
+        torch.manual_seed(seed)  # CUDA's generators too
 
 
 # ---------------------------------------------------------------------- resumable checkpoints
@@ -200,6 +216,74 @@ def save_checkpoint(output_dir: str, state: TrainState, model: torch.nn.Module, 
     return final
 
 
+def saved_state(path: str) -> dict[str, Any]:
+    """A checkpoint's trainer_state.json."""
+    with open(os.path.join(path, "trainer_state.json")) as fh:
+        return json.load(fh)
+
+
+def global_batch(saved: dict[str, Any], accumulation: int) -> int:
+    """The global batch a checkpoint was trained with (accumulation: assumed where the checkpoint predates
+    recording it)."""
+    return saved["world_size"] * saved["per_device_train_batch_size"] * \
+        (saved.get("gradient_accumulation_steps") or accumulation)
+
+
+def adapt_to_checkpoint(saved: dict[str, Any], world_size: int, per_device: int, accumulation: Optional[int],
+                        precision: str) -> tuple[int, list[str]]:
+    """The accumulation that keeps a checkpoint's global batch on this run's processes and per-device batch,
+    and what changed, said for the banner; a UserError naming values that would keep it, when none does.
+
+    Same global batch, any world size: every optimizer step after the resume trains on the examples (and
+    masks) of the run that never stopped (GlobalOrderSampler lays a step's examples out by global position)."""
+    given = accumulation is not None  # the user set --gradient_accumulation_steps: it is not derived
+    g = global_batch(saved, accumulation or 1)
+    w0, b0 = saved["world_size"], saved["per_device_train_batch_size"]
+    a0 = saved.get("gradient_accumulation_steps") or accumulation or 1
+    notes = []
+    if given and per_device * world_size * accumulation != g:
+        new_g = per_device * world_size * accumulation
+        schedule = saved.get("extra", {}).get("schedule")
+        left = (f"; the learning-rate schedule continues by examples seen: {steps_left(saved, new_g)} more steps of "
+                f"{new_g}" if schedule else "")
+        notes.append(f"global batch {g} ({w0} x {b0} x {a0}) -> {new_g} ({world_size} x {per_device} x {accumulation}, "
+                     f"--gradient_accumulation_steps given): the epoch continues from its first example not yet "
+                     f"trained on, none twice, none skipped{left}")
+        return accumulation, notes
+    if g % (per_device * world_size) == 0:
+        new = g // (per_device * world_size)
+        if (w0, b0, a0) != (world_size, per_device, new):
+            notes.append(f"{w0} x {b0} x {a0} (processes x per device x accumulation) -> {world_size} x {per_device} "
+                         f"x {new}: global batch {g} kept, so each step trains on the examples it would have"
+                         + ("; accumulation derived from the checkpoint" if not given and new != a0 else ""))
+        if w0 != world_size:
+            notes.append(f"dropout generators seeded from (seed, step, rank): {w0} ranks' states do not map onto "
+                         f"{world_size}")
+        saved_precision = saved.get("precision") or ""
+        if saved_precision and saved_precision != precision:
+            scaler = ("the fp16 loss scale starts fresh" if precision == "fp16" else
+                      "the fp16 GradScaler's state is dropped" if saved_precision == "fp16" else "no scaler either way")
+            notes.append(f"precision {saved_precision} -> {precision}: fp32 master weights and optimizer state "
+                         f"carry over; {scaler}")
+        return new, notes
+    options = [(b, g // (b * world_size)) for b in range(1, g + 1) if g % (b * world_size) == 0]
+    if not options:
+        raise UserError(f"the checkpoint's global batch {g} ({w0} processes x {b0} per device x {a0} accumulation) "
+                        f"cannot be split over {world_size} processes: resume on a number of processes that divides "
+                        f"{g}, or start afresh with --overwrite_output_dir")
+    b, a = min(options, key=lambda o: (abs(o[0] - per_device), -o[0]))  # the nearest; the larger of two
+    raise UserError(f"the checkpoint's global batch {g} ({w0} processes x {b0} per device x {a0} accumulation) "
+                    f"cannot be made with --per_device_train_batch_size {per_device} on {world_size} processes: "
+                    f"pass --per_device_train_batch_size {b} --gradient_accumulation_steps {a} to keep it")
+
+
+def steps_left(saved: dict[str, Any], batch: int) -> Optional[int]:
+    """Optimizer steps of `batch` examples that finish a checkpoint's schedule (None before schedules were
+    recorded in trainer_state.json)."""
+    schedule = saved.get("extra", {}).get("schedule")
+    return steps_left_at(schedule, batch) if schedule else None
+
+
 def load_checkpoint(path: str, state: TrainState, model: torch.nn.Module, parts: Mapping[str, Stateful],
                     device: torch.device) -> None:
     """Every rank: the weights onto device, then each piece whose file the checkpoint has (a piece saved only
@@ -208,14 +292,22 @@ def load_checkpoint(path: str, state: TrainState, model: torch.nn.Module, parts:
     if not is_complete(path):
         raise UserError(f"checkpoint {path!r} is incomplete or damaged (no valid {MANIFEST}); pass another "
                         "--resume_from_checkpoint or 'auto'")
-    with open(os.path.join(path, "trainer_state.json")) as fh:
-        saved = json.load(fh)
-    if saved["world_size"] != state.world_size or \
-            saved["per_device_train_batch_size"] != state.per_device_train_batch_size:
-        raise UserError(f"checkpoint {path!r} was written by {saved['world_size']} processes x batch "
-                        f"{saved['per_device_train_batch_size']}; resume with the same --nproc_per_node and "
-                        "--per_device_train_batch_size, or start afresh with --overwrite_output_dir")
+    saved = saved_state(path)
+    now = (state.world_size, state.per_device_train_batch_size, state.gradient_accumulation_steps, state.precision)
     state.load_state_dict(saved)
+    # This run's layout; the position in the epoch in its micro-batches (the same examples: the global batch
+    # is the same, and a checkpoint is written at a step boundary).
+    examples = saved.get("epoch_offset", 0) + \
+        saved["micro_in_epoch"] * saved["per_device_train_batch_size"] * saved["world_size"]
+    (state.world_size, state.per_device_train_batch_size, state.gradient_accumulation_steps, state.precision) = now
+    per_micro = state.per_device_train_batch_size * state.world_size
+    if examples % per_micro == 0 and not saved.get("epoch_offset"):  # the same layout grid: exactly as before
+        state.epoch_offset, state.micro_in_epoch = 0, examples // per_micro
+    else:  # another global batch: this run's layout starts at the first example not yet trained
+        state.epoch_offset, state.micro_in_epoch = examples, 0
+    for piece in parts.values():
+        if isinstance(piece, RankRngs):
+            piece.step = state.step
     load_model(model, os.path.join(path, "model.safetensors"), device=str(device))
     for name, piece in parts.items():
         file = os.path.join(path, f"{name}.pt")

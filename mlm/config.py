@@ -413,7 +413,12 @@ def parse_args(argv: Optional[Sequence[str]] = None, prog: str = "train_ddp.py")
         parser.set_defaults(**{k: _coerce(k, v) for k, v in file_values.items()})
     ns = parser.parse_args(argv)
     values = {f.name: getattr(ns, f.name) for f in dataclasses.fields(TrainConfig)}
-    return TrainConfig(**values).resolve_and_validate()
+    cfg = TrainConfig(**values).resolve_and_validate()
+    # Which options the user gave (command line or --config file), as opposed to defaults: a resume keeps the
+    # checkpoint's global batch by deriving the accumulation, unless the user set it.
+    named = {a[2:].split("=", 1)[0].replace("-", "_") for a in argv if a.startswith("--")}
+    cfg.given = frozenset(named | (set(file_values) if pre.config else set()))
+    return cfg
 
 
 def _str2bool(v: str) -> bool:

@@ -185,18 +185,33 @@ class LineDataset(torch.utils.data.Dataset):
 
 
 # ---------------------------------------------------------------------- samplers and loaders
-class ResumableDistributedSampler(DistributedSampler):
-    """DistributedSampler that can start part-way through an epoch without loading the skipped batches."""
+class GlobalOrderSampler(DistributedSampler):
+    """DistributedSampler with one rank's share laid out so that a global step's examples do not depend on the
+    world size, and that starts part-way through an epoch without loading the skipped batches.
 
-    def __init__(self, *args, **kwargs):
-        super().__init__(*args, **kwargs)
-        self.start_index = 0
+    The epoch's order is DistributedSampler's permutation (seeded by seed + epoch, the same on every rank), and
+    its k-th example goes to rank k % W as there, in that rank's k // W-th row: rank r's micro-batch m (of b rows)
+    holds the positions (m * b + i) * W + r, so optimizer step s (A micro-batches per rank) covers exactly the
+    positions [s * G, (s + 1) * G) with G = b * W * A, whichever (b, W, A) make up G. Unlike DistributedSampler no
+    example is repeated to even out the ranks (that would make the last step depend on W): a rank whose share ends
+    early gets empty rows instead (EpochBatches). start: positions already trained in this epoch (a resume)."""
+
+    def __init__(self, dataset, world_size: int, rank: int, seed: int, shuffle: bool = True):
+        super().__init__(dataset, num_replicas=world_size, rank=rank, shuffle=shuffle, seed=seed, drop_last=False)
+        self.n, self.world_size, self.start = len(dataset), world_size, 0
+
+    def order(self) -> list[int]:
+        if not self.shuffle:
+            return list(range(self.n))
+        g = torch.Generator()
+        g.manual_seed(self.seed + self.epoch)  # DistributedSampler's permutation
+        return torch.randperm(self.n, generator=g).tolist()
 
     def __iter__(self) -> Iterator[int]:
-        return itertools.islice(super().__iter__(), self.start_index, None)
+        return iter(self.order()[self.start + self.rank::self.world_size])
 
     def __len__(self) -> int:
-        return self.num_samples - self.start_index
+        return len(range(self.start + self.rank, self.n, self.world_size))
 
 
 def eval_shard(n: int, rank: int, world_size: int) -> range:
@@ -229,19 +244,39 @@ def fill_batch(raw: dict[str, torch.Tensor], rows: int, cls_id: int, sep_id: int
 class EpochBatches:
     """The training side of fit() for a map-style dataset: an epoch's groups of micro-batches, from any point.
 
-    fixed_rows: fill the last, partial batch of an epoch up to the batch size (fill_batch), so that every
-    micro-batch has the same shape (--torch_compile)."""
+    Every rank yields micro_per_epoch = ceil(n / (b * W)) micro-batches per epoch; where its share of the
+    epoch (GlobalOrderSampler) ends early, the rest are empty rows (fill_batch), which add nothing to the loss,
+    so that every rank takes the same steps. fixed_rows: fill every partial batch up to the batch size, so that
+    every micro-batch has the same shape (--torch_compile)."""
 
-    def __init__(self, loader: DataLoader, sampler: ResumableDistributedSampler, batch_size: int,
+    def __init__(self, loader: DataLoader, sampler: GlobalOrderSampler, batch_size: int,
                  fixed_rows: bool = False, special_ids: tuple[int, int] = (0, 0)):
         self.loader, self.sampler, self.batch_size = loader, sampler, batch_size
-        self.micro_per_epoch = math.ceil(sampler.num_samples / batch_size)
+        self.micro_per_epoch = math.ceil(sampler.n / (batch_size * sampler.world_size))
         self.fixed_rows, self.special_ids = fixed_rows, special_ids
 
-    def groups(self, epoch: int, micro_done: int, accumulation: int) -> Iterator[list[dict[str, torch.Tensor]]]:
+    def _empty(self) -> dict[str, torch.Tensor]:
+        """A micro-batch of empty rows, shaped like the dataset's (for a rank whose share has ended)."""
+        proto = self.loader.dataset.__getitems__([0])
+        return fill_batch({k: v[:0] for k, v in proto.items()}, self.batch_size if self.fixed_rows else 1,
+                          *self.special_ids)
+
+    def micro_from(self, offset: int) -> int:
+        """Micro-batches per rank that train an epoch's examples from position `offset` on."""
+        return math.ceil((self.sampler.n - offset) / (self.batch_size * self.sampler.world_size))
+
+    def fraction(self, offset: int, micro_done: int) -> float:
+        """How much of the epoch is trained after micro_done micro-batches from position offset."""
+        return min(1.0, (offset + micro_done * self.batch_size * self.sampler.world_size) / max(self.sampler.n, 1))
+
+    def groups(self, epoch: int, micro_done: int, accumulation: int,
+               offset: int = 0) -> Iterator[list[dict[str, torch.Tensor]]]:
+        """The rest of an epoch: offset examples of it trained before this run's layout began (a resume with
+        another global batch), then micro_done micro-batches of this layout."""
         self.sampler.set_epoch(epoch)
-        self.sampler.start_index = micro_done * self.batch_size
-        batches = iter(self.loader)
+        self.sampler.start = offset + micro_done * self.batch_size * self.sampler.world_size
+        left = self.micro_from(offset) - micro_done
+        batches = itertools.islice(itertools.chain(iter(self.loader), iter(self._empty, None)), max(left, 0))
         if self.fixed_rows:
             batches = (fill_batch(b, self.batch_size, *self.special_ids) for b in batches)
         while group := list(itertools.islice(batches, accumulation)):
@@ -260,7 +295,8 @@ class TrainBatches(Protocol):
     """The training side of fit(): EpochBatches here, StreamingTrain for a stream."""
     micro_per_epoch: Optional[int]  # None for a stream (its length is unknown)
 
-    def groups(self, epoch: int, micro_done: int, accumulation: int) -> Iterator[list[dict[str, Any]]]: ...
+    def groups(self, epoch: int, micro_done: int, accumulation: int,
+               offset: int = 0) -> Iterator[list[dict[str, Any]]]: ...
     def state_dict(self) -> dict: ...
     def load_state_dict(self, d: dict) -> None: ...
 
@@ -309,8 +345,7 @@ def build_data(cfg: TrainConfig, env: DistEnv, tokenizer) -> DataBundle:
     streams, hit, report = main_process_first(env, lambda: load_token_streams(cfg, tokenizer, cache_dir),
                                               per_node=cfg.cache_scope == "node")
     train, valid = build_datasets(cfg, streams, tokenizer)
-    sampler = ResumableDistributedSampler(train, num_replicas=env.world_size, rank=env.rank, shuffle=True,
-                                          seed=cfg.seed, drop_last=False)
+    sampler = GlobalOrderSampler(train, env.world_size, env.rank, cfg.seed)
     train_loader = DataLoader(train, batch_size=cfg.per_device_train_batch_size, sampler=sampler,
                               collate_fn=_identity, num_workers=cfg.loader_workers,
                               generator=torch.Generator().manual_seed(cfg.seed))

@@ -94,13 +94,15 @@ def build_masking(cfg: TrainConfig, tokenizer) -> Masking:
 
 
 def build_trainable(cfg: TrainConfig, model: nn.Module, precision: str, device: torch.device,
-                    total_steps: int) -> Trainable:
-    """The loss module around the model (not yet under DDP), fused AdamW, the schedule and the scaler."""
+                    total_steps: int, global_batch: int = 1) -> Trainable:
+    """The loss module around the model (not yet under DDP), fused AdamW, the schedule and the scaler.
+    global_batch: examples per optimizer step, which the schedule counts in (a resume with another continues
+    it by examples seen)."""
     loss = MaskedLMLoss(model, compile_encoder=cfg.torch_compile, label_smoothing=cfg.label_smoothing)
     optimizer = build_optimizer(cfg, loss, device)
     return Trainable(wrapped=loss, loss=loss, optimizer=optimizer,
-                     schedule=build_scheduler(cfg, optimizer, total_steps), scaler=build_scaler(precision, device),
-                     precision=precision, max_grad_norm=cfg.max_grad_norm)
+                     schedule=build_scheduler(cfg, optimizer, total_steps, global_batch),
+                     scaler=build_scaler(precision, device), precision=precision, max_grad_norm=cfg.max_grad_norm)
 
 
 @dataclass

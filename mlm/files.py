@@ -94,6 +94,11 @@ def replace_dir(tmp: str, final: str) -> None:
         shutil.rmtree(old, ignore_errors=True)
 
 
+def read_json(path: str) -> Any:
+    with open(path, encoding="utf-8") as fh:
+        return json.load(fh)
+
+
 def read_history(output_dir: str) -> Optional[list[dict]]:
     """The entries of a run's training_history.json: None when there is no file, or it is not (yet) a complete
     JSON list (a run replaces it atomically, so that means another program wrote it, or none yet)."""

@@ -148,7 +148,7 @@ def write_on_main(env: DistEnv, output_dir: str, step: int, what: str, fn: Calla
 def _epoch_float(run: Run) -> float:
     if run.length.micro_per_epoch is None:  # a stream: the fraction of an epoch is unknown
         return float(run.state.epoch)
-    return run.state.epoch + run.state.micro_in_epoch / run.length.micro_per_epoch
+    return run.state.epoch + run.data.train.fraction(run.state.epoch_offset, run.state.micro_in_epoch)
 
 
 def evaluate_and_decide(run: Run) -> bool:
@@ -212,6 +212,8 @@ def save(run: Run) -> None:
             run.lock.check()
         run.state.tracker_run_id = run.tracker.run_id
         run.state.extra["data_states"] = data_states
+        # Readable before the model is built: a resume with another global batch sizes its run from it.
+        run.state.extra["schedule"] = run.trainable.schedule.state_dict()
         parts = checkpoint_parts(run.trainable, run.swa, rngs)
         path = save_checkpoint(run.cfg.output_dir, run.state, run.trainable.loss.model, parts,
                                run.cfg.save_total_limit)
@@ -266,9 +268,10 @@ def _one_step(run: Run, group: list[dict], meter: _Meter) -> bool:
     state.micro_in_epoch += len(group)
     if run.swa is not None:
         run.swa.update(run.trainable.loss.model, state.step)
-    epoch_end = run.length.micro_per_epoch is not None and state.micro_in_epoch >= run.length.micro_per_epoch
+    epoch_end = run.length.micro_per_epoch is not None and \
+        state.micro_in_epoch >= run.data.train.micro_from(state.epoch_offset)
     if epoch_end:  # recorded before any save, so a checkpoint here resumes at the next epoch
-        state.epoch, state.micro_in_epoch = state.epoch + 1, 0
+        state.epoch, state.micro_in_epoch, state.epoch_offset = state.epoch + 1, 0, 0
     run.tracker.advance()
     return epoch_end
 
@@ -284,7 +287,8 @@ def fit(run: Run) -> TrainState:
     run.trainable.wrapped.train()
     while state.step < total and not stop:
         steps_before, fresh_epoch = state.step, state.micro_in_epoch == 0
-        for group in run.data.train.groups(state.epoch, state.micro_in_epoch, cfg.gradient_accumulation_steps):
+        for group in run.data.train.groups(state.epoch, state.micro_in_epoch, cfg.gradient_accumulation_steps,
+                                           state.epoch_offset):
             epoch_end = _one_step(run, group, meter)
             if state.step % cfg.logging_steps == 0 or state.step == total:
                 _log(run, meter)
@@ -305,7 +309,7 @@ def fit(run: Run) -> TrainState:
                 raise UserError(f"the training stream gave no full batch of {cfg.per_device_train_batch_size} "
                                 f"examples of {cfg.max_seq_length} tokens on some rank in epoch {state.epoch}; "
                                 "give more text, or a smaller --per_device_train_batch_size or --max_seq_length")
-            state.epoch, state.micro_in_epoch = state.epoch + 1, 0
+            state.epoch, state.micro_in_epoch, state.epoch_offset = state.epoch + 1, 0, 0
     if last_saved != state.step:
         save(run)
     return state

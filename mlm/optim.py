@@ -3,6 +3,8 @@ its sync-free skip of a non-finite step, and the learning-rate schedule kept on 
 
 from __future__ import annotations
 
+import math
+
 import re
 from typing import Callable, Optional
 
@@ -87,17 +89,33 @@ class AppliedStepSchedule:
     not advance the schedule, as in the Hugging Face Trainer: early fp16 overflows do not eat the warmup. The
     host never asks whether a step was skipped (that would sync every step): each group's lr is a device
     tensor the fused AdamW kernel reads, refreshed after every step from a table of the library's schedule at
-    the applied-step count, which lives on the device too."""
+    the applied-step count, which lives on the device too.
 
-    def __init__(self, optimizer: torch.optim.Optimizer, lr_lambda: Callable[[int], float], total_steps: int):
+    The schedule is defined in steps of the global batch the run started with (`schedule_steps` of
+    `schedule_batch` examples). A run resumed with another global batch continues it by examples seen: its
+    applied step a sits at position p0 + (a - a0) * batch / schedule_batch of the original schedule, where
+    (a0, p0) are the applied count and position at the resume."""
+
+    def __init__(self, optimizer: torch.optim.Optimizer, make_lambda: Callable[[int], Callable[[float], float]],
+                 total_steps: int, batch: int = 1):
         device = optimizer.param_groups[0]["params"][0].device
-        self.optimizer = optimizer
-        self.base = torch.tensor([g["initial_lr"] for g in optimizer.param_groups], dtype=torch.float64,
-                                 device=device)
-        self.table = torch.tensor([lr_lambda(s) for s in range(total_steps + 1)], dtype=torch.float64,
-                                  device=device)
+        self.optimizer, self.make_lambda, self.total_steps, self.batch = optimizer, make_lambda, total_steps, batch
+        self.schedule_steps, self.schedule_batch, self.start = total_steps, batch, (0, 0.0)
+        self.base = torch.tensor([float(g.setdefault("initial_lr", g["lr"])) for g in optimizer.param_groups],
+                                 dtype=torch.float64, device=device)
         self.applied = torch.zeros((), dtype=torch.long, device=device)
         self.lrs = torch.empty(len(optimizer.param_groups), dtype=torch.float32, device=device)
+        self._build()
+
+    def _position(self, applied: int) -> float:
+        a0, p0 = self.start
+        return p0 + (applied - a0) * self.batch / self.schedule_batch
+
+    def _build(self) -> None:
+        lr_lambda = self.make_lambda(self.schedule_steps)
+        a0 = self.start[0]
+        self.table = torch.tensor([lr_lambda(s) if s < a0 else lr_lambda(self._position(s))
+                                   for s in range(self.total_steps + 1)], dtype=torch.float64, device=self.base.device)
         self._attach()
 
     def _attach(self) -> None:
@@ -120,20 +138,38 @@ class AppliedStepSchedule:
         return self.lrs.tolist()  # a sync: logging only
 
     def state_dict(self) -> dict:
-        return {"applied": int(self.applied)}
+        applied = int(self.applied)  # a sync: at a checkpoint only
+        return {"applied": applied, "position": self._position(applied), "schedule_steps": self.schedule_steps,
+                "schedule_batch": self.schedule_batch}
 
     def load_state_dict(self, d: dict) -> None:
         # "last_epoch" is what a checkpoint written with torch's LambdaLR (before this class) holds.
-        self.applied.fill_(int(d["applied"] if "applied" in d else d["last_epoch"]))
-        self._attach()
+        applied = int(d["applied"] if "applied" in d else d["last_epoch"])
+        self.applied.fill_(applied)
+        if d.get("schedule_batch", self.batch) != self.batch or d.get("position", applied) != applied:
+            self.schedule_steps, self.schedule_batch = d["schedule_steps"], d["schedule_batch"]
+            self.start = (applied, float(d["position"]))
+            self._build()
+        else:
+            self._attach()
 
 
-def build_scheduler(cfg: TrainConfig, optimizer: torch.optim.Optimizer, total_steps: int) -> AppliedStepSchedule:
-    """transformers' schedule (its lr_lambda) behind an AppliedStepSchedule."""
+def steps_left_at(schedule: dict, batch: int) -> int:
+    """Optimizer steps of `batch` examples that finish a schedule saved as `schedule` (state_dict above)."""
+    left = (schedule["schedule_steps"] - schedule["position"]) * schedule["schedule_batch"]
+    return max(0, math.ceil(left / batch - 1e-9))
+
+
+def build_scheduler(cfg: TrainConfig, optimizer: torch.optim.Optimizer, total_steps: int,
+                    batch: int = 1) -> AppliedStepSchedule:
+    """transformers' schedule (its lr_lambda) behind an AppliedStepSchedule; batch: the global batch."""
     from transformers import get_scheduler
-    lambda_lr = get_scheduler(cfg.lr_scheduler_type, optimizer, num_warmup_steps=warmup_steps(cfg, total_steps),
-                              num_training_steps=total_steps)
-    lr_lambda = lambda_lr.lr_lambdas[0]
-    if any(f is not lr_lambda for f in lambda_lr.lr_lambdas):
-        raise ValueError("every parameter group must follow the same schedule")
-    return AppliedStepSchedule(optimizer, lr_lambda, total_steps)
+
+    def make_lambda(steps: int) -> Callable[[float], float]:
+        lambda_lr = get_scheduler(cfg.lr_scheduler_type, optimizer, num_warmup_steps=warmup_steps(cfg, steps),
+                                  num_training_steps=steps)
+        lr_lambda = lambda_lr.lr_lambdas[0]
+        if any(f is not lr_lambda for f in lambda_lr.lr_lambdas):
+            raise ValueError("every parameter group must follow the same schedule")
+        return lr_lambda
+    return AppliedStepSchedule(optimizer, make_lambda, total_steps, batch)

@@ -122,7 +122,8 @@ class StreamingTrain:
         self.consumed: dict[int, dict] = {}  # worker -> stream state after the last batch trained on
         self.consumed_epoch = 0
 
-    def groups(self, epoch: int, micro_done: int, accumulation: int) -> Iterator[list[dict[str, torch.Tensor]]]:
+    def groups(self, epoch: int, micro_done: int, accumulation: int,
+               offset: int = 0) -> Iterator[list[dict[str, torch.Tensor]]]:  # offset: map-style data only
         if self.consumed_epoch != epoch:
             self.consumed, self.consumed_epoch = {}, epoch
         self.dataset.stream.set_epoch(epoch)  # a new shuffle order each epoch

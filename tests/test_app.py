@@ -36,19 +36,31 @@ def wait_for_http(url: str, proc: subprocess.Popen, timeout: float = 120) -> Non
 
 @pytest.fixture()
 def app(minilm_dir, forced_model_dir):
-    port = free_port()
-    proc = subprocess.Popen([sys.executable, "-m", "mlm.app", "--model", minilm_dir, "--compare", forced_model_dir,
-                             "--port", str(port)], cwd=ROOT, env=_env(), stdout=subprocess.PIPE,
-                            stderr=subprocess.STDOUT, text=True)
-    try:
-        wait_for_http(f"http://127.0.0.1:{port}/", proc)
-        yield f"http://127.0.0.1:{port}/"
-    finally:
-        proc.terminate()
+    # free_port() only finds a port free now: another test's process (a torchrun store) may take it before the
+    # app binds it, which the app reports as a port in use. Then another port, up to three tries.
+    for attempt in range(3):
+        port = free_port()
+        proc = subprocess.Popen([sys.executable, "-m", "mlm.app", "--model", minilm_dir, "--compare",
+                                 forced_model_dir, "--port", str(port)], cwd=ROOT, env=_env(),
+                                stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
         try:
-            proc.wait(10)
-        except subprocess.TimeoutExpired:
-            proc.kill()
+            wait_for_http(f"http://127.0.0.1:{port}/", proc)
+        except AssertionError as e:
+            if proc.poll() is None:
+                proc.kill()
+                proc.wait()
+            if "cannot serve on" not in str(e) or attempt == 2:
+                raise
+            continue
+        try:
+            yield f"http://127.0.0.1:{port}/"
+        finally:
+            proc.terminate()
+            try:
+                proc.wait(10)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+        return
 
 
 def test_browser_types_a_masked_sentence_and_sees_both_models_predictions(app, minilm_dir, forced_model_dir):

@@ -82,8 +82,17 @@ def test_several_nodes_use_a_c10d_rendezvous(tmp_path):
     assert "--standalone" not in p.stdout
 
 
+def test_an_elastic_job_gives_torchrun_min_and_max_nodes(tmp_path):
+    env = {"PATH": fake_nvidia_smi(tmp_path, 2), "LAUNCH_DRY_RUN": "1", "NNODES": "1:2", "NODE_RANK": "5",
+           "MASTER_ADDR": "node-a"}
+    p = launch([], env)
+    assert p.returncode == 0, p.stderr
+    assert "--nnodes=1:2" in p.stdout and "--rdzv_backend=c10d" in p.stdout and "--node_rank" not in p.stdout
+
+
 @pytest.mark.parametrize("env, word", [
     ({"NNODES": "2"}, "MASTER_ADDR"),
+    ({"NNODES": "3:2", "MASTER_ADDR": "node-a"}, "MIN must not exceed MAX"),
     ({"NNODES": "2", "MASTER_ADDR": "node-a", "NODE_RANK": "2"}, "NODE_RANK"),
     ({"NNODES": "two"}, "NNODES"),
     ({"NPROC": "0"}, "NPROC"),
