@@ -22,12 +22,12 @@ from torch.distributed.elastic.multiprocessing.errors import record
 from mlm import checkpoint, data, engine, loop, metrics, modeling, optim, runlock, streaming, tracking
 from mlm.cli import EXIT_DISK_FULL, EXIT_FAILURE, EXIT_NONFINITE, EXIT_USER_ERROR, LocalUserError, UserError, \
     quiet_logging, report, versions
-from mlm.config import TrainConfig, parse_args
+from mlm.config import TrainConfig, parse_args, runtime_seconds
 from mlm.distributed import DistEnv, any_rank, broadcast_object, describe_failure, dist_sum, \
     env_rank, init_distributed, is_peer_failure, main_decides, main_only, main_process_first, teardown, wrap_ddp
 from mlm.files import DiskFull, free_bytes, is_disk_full, read_json, write_json_atomic
 from mlm.inference.fill_mask import sample_rows
-from mlm.preemption import Preempted, StopRequest
+from mlm.preemption import OutOfTime, Preempted, StopRequest
 from mlm.swa import WeightAverage
 
 USER_ERROR_GRACE_S = 3.0
@@ -212,6 +212,11 @@ def report_failure(e: BaseException, rank: int) -> int:
             # torchrun stops the other workers as soon as one exits: leave rank 0 time to print the error.
             time.sleep(USER_ERROR_GRACE_S)
         return EXIT_USER_ERROR
+    if isinstance(e, OutOfTime):
+        if rank == 0:
+            print(f"{e}; checkpoint saved. Run the same command again to resume (exit code {e.exit_code})",
+                  file=sys.stderr, flush=True)
+        return e.exit_code
     if isinstance(e, Preempted):
         if rank == 0:
             print(f"{e} at a step boundary on every rank; checkpoint saved. Run the same command again to resume "
@@ -242,6 +247,7 @@ def report_failure(e: BaseException, rank: int) -> int:
 
 @record  # torchelastic's error file: torchrun names the failing rank and its error once, in its summary
 def main(argv: list[str] | None = None) -> int:
+    started = time.monotonic()  # --max_runtime counts from here
     rank = env_rank()
     quiet_logging(logging.INFO if rank == 0 else logging.WARNING)  # user-facing output comes from rank 0
     stop_request: Optional[StopRequest] = None
@@ -252,7 +258,8 @@ def main(argv: list[str] | None = None) -> int:
             # A restarted attempt continues its own run: overwriting would delete the checkpoints it resumes from.
             cfg.overwrite_output_dir = False
         env = init_distributed(cfg.ddp_timeout)
-        stop_request = StopRequest(cfg.stop_grace_seconds, env.control).install()
+        budget = runtime_seconds(cfg.max_runtime) if cfg.max_runtime else None
+        stop_request = StopRequest(cfg.stop_grace_seconds, env.control, budget, started).install()
         train(cfg, env, stop_request)
         return 0
     except Exception as e:

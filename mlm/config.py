@@ -13,6 +13,7 @@ import dataclasses
 import json
 import math
 import os
+import re
 import shutil
 import sys
 import typing
@@ -155,6 +156,9 @@ class TrainConfig:
                                    "evaluation")
     ddp_timeout: int = _f(1800, "Process-group timeout in seconds (a collective waiting longer fails).",
                           "evaluation")
+    max_runtime: Optional[str] = _f(None, "A time budget (11h30m, 90m, 3600 = seconds) counted from the start: the "
+                                    "run stops at a step boundary early enough that its checkpoint is on disk "
+                                    "before the budget ends (exit code 5); the same command resumes.", "evaluation")
     # --- output ---
     output_dir: Optional[str] = _f(None, "Run directory (default: outputs/<model>-<dataset>).", "output")
     overwrite_output_dir: bool = _f(False, "Start afresh in a non-empty output_dir (deletes its checkpoints).",
@@ -229,6 +233,8 @@ def _check_numbers(c: TrainConfig) -> None:
     _require(c.max_nonfinite_steps >= 0, f"--max_nonfinite_steps must be 0 (off) or more, got {c.max_nonfinite_steps}")
     _require(c.stop_grace_seconds > 0, f"--stop_grace_seconds must be positive, got {c.stop_grace_seconds}")
     _require(c.ddp_timeout >= 10, f"--ddp_timeout must be at least 10 seconds, got {c.ddp_timeout}")
+    if c.max_runtime is not None:
+        runtime_seconds(c.max_runtime)  # a UserError naming the accepted forms
     _require(0.0 < c.mlm_probability < 1.0,
              f"--mlm_probability must be in (0, 1), got {c.mlm_probability}; 0.15 is the BERT recipe")
     for name in ("mask_replace_prob", "random_replace_prob"):
@@ -400,6 +406,24 @@ def load_config_file(path: str) -> dict[str, Any]:
     _require(not unknown, f"--config {path!r} has unknown option(s) {', '.join(unknown)}; see "
              "`python train_ddp.py --help`")
     return data
+
+
+_DURATION = re.compile(r"^(?:(\d+(?:\.\d+)?)h)?(?:(\d+(?:\.\d+)?)m)?(?:(\d+(?:\.\d+)?)s)?$")
+
+
+def runtime_seconds(value: str) -> float:
+    """--max_runtime in seconds: 11h30m, 90m, 45s, 1h, or a plain number of seconds."""
+    text = str(value).strip().lower().replace(" ", "")
+    try:
+        seconds = float(text)
+    except ValueError:
+        match = _DURATION.match(text)
+        seconds = sum(float(g) * unit for g, unit in zip(match.groups(), (3600, 60, 1)) if g) \
+            if match and text else -1.0
+    if not seconds > 0:
+        raise UserError(f"--max_runtime {value!r}: give a positive duration such as 11h30m, 90m, 45s or 3600 "
+                        "(seconds)")
+    return seconds
 
 
 def parse_args(argv: Optional[Sequence[str]] = None, prog: str = "train_ddp.py") -> TrainConfig:

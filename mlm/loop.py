@@ -15,8 +15,8 @@ from typing import Any, Callable, Optional, TypeVar
 
 import torch
 
-from .checkpoint import RankRngs, TrainState, checkpoint_dirs, latest_complete_checkpoint, rng_state, \
-    save_checkpoint
+from .checkpoint import RankRngs, TrainState, checkpoint_bytes, checkpoint_dirs, latest_complete_checkpoint, \
+    rng_state, save_checkpoint
 from .cli import UserError
 from .config import TrainConfig
 from .data import DataBundle
@@ -25,7 +25,7 @@ from .files import DiskFull, free_bytes, is_disk_full
 from .engine import Masking, StepResult, Trainable, evaluate, prepare_batch, train_step
 from .export import export_pretrained
 from .metrics import Throughput, mlm_step_flops, peak_memory_bytes
-from .preemption import Preempted, StopRequest, signal_name
+from .preemption import OUT_OF_TIME, OutOfTime, Preempted, StopRequest, signal_name
 from .runlock import RunLock
 from .swa import WeightAverage
 from .tracking import Tracker
@@ -204,6 +204,12 @@ def checkpoint_parts(trainable: Trainable, swa: Optional[WeightAverage], rngs: R
 
 
 def save(run: Run) -> None:
+    t0 = time.perf_counter()
+    _save(run)
+    run.stop_request.save_seconds = time.perf_counter() - t0
+
+
+def _save(run: Run) -> None:
     rngs = RankRngs(run.env.rank, gather_to_main(rng_state(), run.env))
     data_states = gather_to_main(run.data.train.state_dict(), run.env)  # a stream's position, per rank
 
@@ -249,14 +255,21 @@ def _log(run: Run, meter: _Meter) -> None:
 
 
 def _stop_if_signalled(run: Run, last_saved: int) -> None:
-    """Every step: all ranks agree whether any got SIGTERM/SIGINT, and leave at the same boundary with a save."""
+    """Every step: all ranks agree whether any got SIGTERM/SIGINT, or whether the --max_runtime budget leaves
+    time for no more than this checkpoint, and leave at the same boundary with a save."""
     signum = run.stop_request.agreed()
-    if signum:
+    if not signum:
+        return
+    if signum == OUT_OF_TIME:
+        run.tracker.write(f"time budget (--max_runtime {run.cfg.max_runtime}) nearly spent: saving a checkpoint at "
+                          f"step {run.state.step} on all ranks")
+    else:
         run.tracker.write(f"stop requested ({signal_name(signum)}): saving a checkpoint at step "
                           f"{run.state.step} on all ranks")
-        if last_saved != run.state.step:
-            save(run)
-        raise Preempted(signum)
+    if last_saved != run.state.step:
+        save(run)
+    raise OutOfTime(f"stopped at step {run.state.step}: the --max_runtime {run.cfg.max_runtime} budget leaves no "
+                    "time for another step and checkpoint") if signum == OUT_OF_TIME else Preempted(signum)
 
 
 def _one_step(run: Run, group: list[dict], meter: _Meter) -> bool:
@@ -282,6 +295,9 @@ def fit(run: Run) -> TrainState:
     meter = _Meter(run.env.device, run.throughput)
     last_saved = state.step if state.step else -1
     stop = False
+    # Until a save has been timed: a checkpoint written at 100 MB/s (the first save replaces the guess).
+    run.stop_request.save_seconds = checkpoint_bytes(run.trainable.loss.model) / 100e6
+    t_iteration = time.perf_counter()
     if cfg.eval_on_start and state.step == 0 and state.best_metric is None:
         stop = evaluate_and_decide(run)
     run.trainable.wrapped.train()
@@ -292,6 +308,10 @@ def fit(run: Run) -> TrainState:
             epoch_end = _one_step(run, group, meter)
             if state.step % cfg.logging_steps == 0 or state.step == total:
                 _log(run, meter)
+            # The budget check's "one more step": the last iteration, its evaluation and save included.
+            now = time.perf_counter()
+            run.stop_request.step_seconds = max(run.stop_request.step_seconds * 0.9, now - t_iteration)
+            t_iteration = now
             _stop_if_signalled(run, last_saved)
             t_pause = time.perf_counter()
             final = state.step >= total

@@ -15,6 +15,7 @@ import logging
 import os
 import signal
 import threading
+import time
 from typing import Optional
 
 import torch
@@ -40,12 +41,29 @@ class Preempted(Exception):
         return 128 + self.signum
 
 
-class StopRequest:
-    """Records the first stop signal of this process; agreed() turns it into a decision of all ranks."""
+OUT_OF_TIME = 1000  # what agreed() returns when the --max_runtime budget is reached (no signal is numbered so)
+EXIT_OUT_OF_TIME = 5
 
-    def __init__(self, grace_seconds: float, group: Optional[dist.ProcessGroup] = None):
+
+class OutOfTime(Exception):
+    """Raised on every rank after the checkpoint of a run stopped by --max_runtime is written."""
+    exit_code = EXIT_OUT_OF_TIME
+
+
+class StopRequest:
+    """Records the first stop signal of this process; agreed() turns it, or a time budget about to run out,
+    into a decision of all ranks.
+
+    The budget (--max_runtime) counts from `started`. A run must stop while there is time for one more step
+    and a checkpoint: the loop tells expect() how long those take here (the slowest rank decides, as every rank
+    asks with its own figures and the answer is the maximum)."""
+
+    def __init__(self, grace_seconds: float, group: Optional[dist.ProcessGroup] = None,
+                 budget: Optional[float] = None, started: Optional[float] = None):
         self.grace_seconds = grace_seconds
         self.group = group  # a CPU (gloo) group: asking costs no device sync
+        self.budget, self.started = budget, time.monotonic() if started is None else started
+        self.step_seconds, self.save_seconds = 0.0, 0.0
         self.signum = 0
         self._previous = {}
         self._watchdog: Optional[threading.Timer] = None
@@ -77,10 +95,24 @@ class StopRequest:
                     f"of {signal_name(self.signum)}; exiting without a new checkpoint\n".encode())
         os._exit(128 + self.signum)
 
+    def expect(self, step_seconds: float, save_seconds: float) -> None:
+        """What the next step and a checkpoint take here (the loop measures them)."""
+        self.step_seconds, self.save_seconds = step_seconds, save_seconds
+
+    def out_of_time(self) -> bool:
+        """Whether one more step and a checkpoint, with a 10% margin, would overrun the budget."""
+        if self.budget is None:
+            return False
+        elapsed = time.monotonic() - self.started
+        return elapsed + 1.1 * (self.step_seconds + self.save_seconds) >= self.budget
+
     def agreed(self) -> int:
-        """The signal number when any rank has received one (the same on every rank), else 0. Collective."""
+        """The signal number when any rank has received one, else OUT_OF_TIME when any rank finds the budget
+        about to run out, else 0; the same on every rank. Collective."""
+        mine = self.signum or (OUT_OF_TIME if self.out_of_time() else 0)
         if not (dist.is_available() and dist.is_initialized()):
-            return self.signum
-        t = torch.tensor([self.signum], dtype=torch.int32)
+            return mine
+        t = torch.tensor([self.signum, OUT_OF_TIME if self.out_of_time() else 0], dtype=torch.int32)
         dist.all_reduce(t, op=dist.ReduceOp.MAX, group=self.group)
-        return int(t.item())
+        signum, late = t.tolist()
+        return signum or late

@@ -248,3 +248,27 @@ def test_path_checks(tmp_path, text_file, tokenizer_path):
         parse(tmp_path, "--train_file", str(tmp_path / "a-file"))
     with pytest.raises(UserError, match="--resume_from_checkpoint"):
         parse(tmp_path, "--resume_from_checkpoint", str(tmp_path / "no-such-step"))
+
+
+@pytest.mark.parametrize("text, seconds", [("11h30m", 41400), ("90m", 5400), ("3600", 3600), ("45s", 45),
+                                           ("1.5h", 5400), ("1h2m3s", 3723), (" 2H ", 7200)])
+def test_max_runtime_reads_a_duration(text, seconds):
+    from mlm.config import runtime_seconds
+    assert runtime_seconds(text) == seconds
+
+
+@pytest.mark.parametrize("text", ["soon", "0", "-5", "", "h", "10x"])
+def test_a_bad_max_runtime_is_a_one_line_error(text):
+    with pytest.raises(UserError, match=r"--max_runtime .*: give a positive duration such as 11h30m, 90m"):
+        parse_args(["--max_runtime", text])
+
+
+def test_the_budget_stops_while_a_step_and_a_checkpoint_still_fit():
+    import time
+    from mlm.preemption import OUT_OF_TIME, StopRequest
+    request = StopRequest(25.0, budget=10.0, started=time.monotonic() - 8.0)
+    request.expect(step_seconds=0.5, save_seconds=0.5)
+    assert not request.out_of_time() and request.agreed() == 0  # 8 + 1.1 s < 10
+    request.expect(step_seconds=1.0, save_seconds=1.0)
+    assert request.out_of_time() and request.agreed() == OUT_OF_TIME  # 8 + 2.2 s >= 10
+    assert not StopRequest(25.0).out_of_time()  # no budget

@@ -20,7 +20,7 @@ from helpers import TINY_BERT, make_text_file, read_json, run_train, start_ranks
 from test_ddp import load_weights, max_abs_diff
 
 STEPS = 12
-EXIT_NONFINITE, EXIT_DISK_FULL, EXIT_SIGTERM = 3, 4, 128 + signal.SIGTERM
+EXIT_NONFINITE, EXIT_DISK_FULL, EXIT_OUT_OF_TIME, EXIT_SIGTERM = 3, 4, 5, 128 + signal.SIGTERM
 
 
 @pytest.fixture(scope="module")
@@ -355,3 +355,27 @@ def test_no_secret_reaches_disk_or_logs(setup, tmp_path, tokenizer_path):
     for path in files:
         with open(path, "rb") as fh:
             assert secret.encode() not in fh.read(), path
+
+
+def test_a_time_budget_stops_every_rank_with_a_checkpoint_and_the_resume_is_exact(setup, reference, tmp_path,
+                                                                                  tokenizer_path):
+    """--max_runtime 14 s with 1 s steps: the run stops at a step boundary (exit code 5 on every rank) with its
+    checkpoint on disk before the budget ends, and the same command without a budget finishes it exactly."""
+    out = str(tmp_path / "run")
+    t0 = time.perf_counter()
+    results = wait_all(start_ranks(args_for(setup, out, tokenizer_path, max_runtime="14"), fault={"sleep": 1.0}),
+                       timeout=120)
+    seconds = time.perf_counter() - t0
+    for rank, r in enumerate(results):
+        assert r.returncode == EXIT_OUT_OF_TIME and "Traceback" not in r.output, \
+            f"rank {rank} exit {r.returncode}:\n{r.output[-3000:]}"
+    errors = [line for line in results[0].stderr.splitlines() if line.strip()]
+    assert len(errors) == 1 and "the --max_runtime 14 budget leaves no time for another step" in errors[0]
+    assert "Run the same command again to resume (exit code 5)" in errors[0]
+    assert not results[1].stderr.strip(), results[1].stderr
+    step = max(int(s.split("-")[1]) for s in os.listdir(os.path.join(out, "checkpoints")))
+    assert 1 <= step < STEPS and f"saving a checkpoint at step {step}" in results[0].stdout
+    assert seconds < 14 + 5, f"the stop took until {seconds:.1f} s of a 14 s budget"  # processes' exit included
+    r = run_train(args_for(setup, out, tokenizer_path), nproc=2)
+    assert r.returncode == 0, r.output[-3000:]
+    assert_same_run(out, reference, step)
