@@ -21,9 +21,9 @@ from .cli import UserError
 from .config import TrainConfig
 from .data import DataBundle
 from .distributed import DistEnv, any_rank, broadcast_flag, dist_max, dist_sum, dist_world, gather_to_main
-from .files import DiskFull, free_bytes, is_disk_full
 from .engine import Masking, StepResult, Trainable, evaluate, prepare_batch, train_step
 from .export import export_pretrained
+from .files import DiskFull, free_bytes, is_disk_full
 from .metrics import Throughput, mlm_step_flops, peak_memory_bytes
 from .preemption import OUT_OF_TIME, OutOfTime, Preempted, StopRequest, signal_name
 from .runlock import RunLock

@@ -4,7 +4,6 @@ its sync-free skip of a non-finite step, and the learning-rate schedule kept on 
 from __future__ import annotations
 
 import math
-
 import re
 from typing import Callable, Optional
 

@@ -109,10 +109,10 @@ class StopRequest:
     def agreed(self) -> int:
         """The signal number when any rank has received one, else OUT_OF_TIME when any rank finds the budget
         about to run out, else 0; the same on every rank. Collective."""
-        mine = self.signum or (OUT_OF_TIME if self.out_of_time() else 0)
+        late = OUT_OF_TIME if self.out_of_time() else 0
         if not (dist.is_available() and dist.is_initialized()):
-            return mine
-        t = torch.tensor([self.signum, OUT_OF_TIME if self.out_of_time() else 0], dtype=torch.int32)
+            return self.signum or late
+        t = torch.tensor([self.signum, late], dtype=torch.int32)
         dist.all_reduce(t, op=dist.ReduceOp.MAX, group=self.group)
         signum, late = t.tolist()
         return signum or late
