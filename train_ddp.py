@@ -19,7 +19,7 @@ from typing import Optional
 import torch
 from torch.distributed.elastic.multiprocessing.errors import record
 
-from mlm import checkpoint, data, engine, loop, metrics, modeling, optim, runlock, streaming, tracking
+from mlm import checkpoint, data, engine, finish, loop, metrics, modeling, optim, runlock, streaming, tracking
 from mlm.cli import EXIT_DISK_FULL, EXIT_FAILURE, EXIT_NONFINITE, EXIT_USER_ERROR, LocalUserError, UserError, \
     quiet_logging, report, versions
 from mlm.config import TrainConfig, parse_args, runtime_seconds
@@ -95,7 +95,7 @@ def banner(run: loop.Run, resume: Optional[str], peak_source: str, notes: list[s
                         f"processes x {cfg.gradient_accumulation_steps} accumulation",
         "steps": f"{run.length.steps_per_epoch(cfg.gradient_accumulation_steps) or 'unknown (a stream)'} per "
                  f"epoch, {total} total, {optim.warmup_steps(cfg, total)} warmup ({cfg.lr_scheduler_type})",
-        "train": s["train"], "eval": s["eval"], "data": s["data"],
+        "train": s["train"], "eval": s["eval"], **({"test": s["test"]} if "test" in s else {}), "data": s["data"],
         **({"messy text": s["messy text"]} if "messy text" in s else {}),
         "peak (for MFU)": f"{run.throughput.peak_flops / 1e12:.3g} TFLOP/s over {env.world_size} rank(s) "
                           f"({peak_source})",
@@ -159,12 +159,23 @@ def build_run(cfg: TrainConfig, env: DistEnv, stop_request: StopRequest) -> loop
 
 
 def evaluate_only(run: loop.Run) -> None:
-    metrics_ = engine.evaluate(run.trainable.loss, run.data.eval_loader, run.env, run.masking,
-                               run.trainable.precision)
-    loop.write_on_main(run.env, run.cfg.output_dir, run.state.step, "eval_results.json",
-                       lambda: write_json_atomic(os.path.join(run.cfg.output_dir, "eval_results.json"), metrics_))
+    """--do_train false: the model as given, on the validation split (eval_results.json) and on the test split
+    when there is one (test_results.json), exactly as a training run evaluates."""
+    results = {"eval": engine.evaluate(run.trainable.loss, run.data.eval_loader, run.env, run.masking,
+                                       run.trainable.precision)}
+    if run.data.test_loader is not None:
+        results["test"] = engine.evaluate(run.trainable.loss, run.data.test_loader, run.env, run.masking,
+                                          run.trainable.precision)
+    files = {"eval": "eval_results.json", "test": finish.TEST_RESULTS}
+
+    def write() -> None:
+        for split, metrics_ in results.items():
+            write_json_atomic(os.path.join(run.cfg.output_dir, files[split]), metrics_)
+        run.tracker.summary({f"{split}/{k}": v for split, m in results.items() for k, v in m.items()})
+    loop.write_on_main(run.env, run.cfg.output_dir, run.state.step, "eval_results.json", write)
     if run.env.is_main:
-        print("eval: " + json.dumps(metrics_), flush=True)
+        for split, metrics_ in results.items():
+            print(f"{split}: " + json.dumps(metrics_), flush=True)
 
 
 def train(cfg: TrainConfig, env: DistEnv, stop_request: StopRequest) -> None:
@@ -184,6 +195,7 @@ def run_locked(cfg: TrainConfig, env: DistEnv, stop_request: StopRequest, lock: 
         if not cfg.do_train:
             return evaluate_only(run)
         state = loop.fit(run)
+        finish.test_best(run, examples=sample_rows)  # and the final model card, with example predictions
         if cfg.wandb_log_model:
             run.tracker.log_model(os.path.join(cfg.output_dir, "best"))
     finally:

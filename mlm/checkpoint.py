@@ -47,6 +47,7 @@ class TrainState:
     gradient_accumulation_steps: int = 0  # 0 in checkpoints written before it was recorded
     precision: str = ""
     tracker_run_id: Optional[str] = None
+    train_seconds: float = 0.0  # wall time in the training loop, over every attempt (the model card's)
     extra: dict[str, Any] = field(default_factory=dict)
 
     def state_dict(self) -> dict[str, Any]:

@@ -67,8 +67,12 @@ class TrainConfig:
     train_file: Optional[str] = _f(None, "Local training text: .txt/.raw (a text per line), .json/.jsonl "
                                    "(a 'text' column), .parquet or .csv.", "data")
     validation_file: Optional[str] = _f(None, "Local validation text, same formats as --train_file.", "data")
-    dataset_dir: Optional[str] = _f(None, "Directory with WikiText raw files wiki.train.raw and wiki.valid.raw.",
-                                    "data")
+    test_file: Optional[str] = _f(None, "Local test text, same formats as --train_file: at the end, best/ is "
+                                  "evaluated on it exactly like validation (test_results.json). Default: the "
+                                  "source's own test split when it has one (the Hub's 'test', wiki.test.raw in "
+                                  "--dataset_dir).", "data")
+    dataset_dir: Optional[str] = _f(None, "Directory with WikiText raw files wiki.train.raw and wiki.valid.raw "
+                                    "(and wiki.test.raw, the test split, when present).", "data")
     validation_split_percentage: int = _f(
         5, "Percent of the training rows held out for validation when the source has no validation split.", "data")
     max_seq_length: int = _f(128, "Tokens per example, [CLS] and [SEP] included.", "data")
@@ -81,7 +85,8 @@ class TrainConfig:
                           choices=TEXT_ERRORS)
     max_train_samples: Optional[int] = _f(None, "Keep only the first N training examples (debugging, quick runs).",
                                           "data")
-    max_eval_samples: Optional[int] = _f(None, "Keep only the first N evaluation examples.", "data")
+    max_eval_samples: Optional[int] = _f(None, "Keep only the first N evaluation examples (of the validation "
+                                         "and of the test split).", "data")
     preprocessing_num_workers: Optional[int] = _f(None, "Threads the fast tokenizer uses (default: all cores).",
                                                   "data")
     data_cache_dir: Optional[str] = _f(None, "Where tokenised data is cached (default: $XDG_CACHE_HOME/mlm-ddp or "
@@ -306,6 +311,8 @@ def _check_sources(c: TrainConfig) -> None:
         _check_local_file("train_file", c.train_file)
     if c.validation_file:
         _check_local_file("validation_file", c.validation_file)
+    if c.test_file:
+        _check_local_file("test_file", c.test_file)
     _require(bool(c.dataset_name or c.train_file or c.dataset_dir),
              "no training data: give --dataset_name, --train_file or --dataset_dir")
     if c.streaming:

@@ -32,7 +32,7 @@ from .sources import build_source, default_cache_dir
 from .text import Framing, frame, plain_backend
 
 log = logging.getLogger("mlm")
-CACHE_VERSION = 1
+CACHE_VERSION = 2  # 2: the test split is cached too
 TOKENIZE_BATCH = 8192
 
 
@@ -98,7 +98,8 @@ def _read_cache(path: str) -> Optional[tuple[dict[str, TokenStream], dict]]:
 
 def load_token_streams(cfg: TrainConfig, tokenizer, cache_dir: str,
                        builder: Callable = tokenize_texts) -> tuple[dict[str, TokenStream], bool, TextReport]:
-    """Token streams for train and validation, from the cache or built (and cached). Returns (streams, hit,
+    """Token streams for train and validation (and test, when the source has one), from the cache or built (and
+    cached). Returns (streams, hit,
     what --text_errors replaced or skipped when the texts were read, kept with the cache for later hits)."""
     source = build_source(cfg)
     path = os.path.join(cache_dir, cache_key(tokenizer_fingerprint(tokenizer), source.fingerprint))
@@ -306,6 +307,7 @@ class DataBundle:
     train: TrainBatches
     eval_loader: DataLoader
     stats: dict
+    test_loader: Optional[DataLoader] = None  # the test split, evaluated exactly like validation on best/
 
 
 def build_datasets(cfg: TrainConfig, streams: dict[str, TokenStream], tokenizer):
@@ -321,12 +323,23 @@ def build_datasets(cfg: TrainConfig, streams: dict[str, TokenStream], tokenizer)
     datasets = {split: make(stream, cfg.max_train_samples if split == "train" else cfg.max_eval_samples,
                             split == "train") for split, stream in streams.items()}
     for split, ds in datasets.items():
-        if len(ds) == 0:
+        if len(ds) == 0 and split != "test":  # an empty test split is only not evaluated (the banner says so)
             n = int(streams[split].tokens.size)
             raise UserError(f"the {'training' if split == 'train' else split} data gives no example of "
                             f"{cfg.max_seq_length} tokens (it has {n} tokens); give a file that holds more text, "
                             "or a smaller --max_seq_length")
-    return datasets.get("train"), datasets["validation"]
+    return datasets
+
+
+def eval_stats(valid, test, streams: dict[str, TokenStream], max_seq_length: int) -> dict[str, str]:
+    """The banner's lines for the evaluated splits."""
+    stats = {"eval": f"{len(valid)} examples from {streams['validation'].tokens.size} tokens; "
+                     f"{valid.dropped_tokens} dropped by chunking"}
+    if "test" in streams:
+        stats["test"] = (f"{len(test)} examples from {streams['test'].tokens.size} tokens, evaluated on best/ at "
+                         "the end" if len(test) else f"none: the test split gives no example of {max_seq_length} "
+                         f"tokens ({streams['test'].tokens.size} tokens), so it is not evaluated")
+    return stats
 
 
 def eval_loader(cfg: TrainConfig, env: DistEnv, valid) -> DataLoader:
@@ -344,18 +357,19 @@ def build_data(cfg: TrainConfig, env: DistEnv, tokenizer) -> DataBundle:
     t0 = time.perf_counter()
     streams, hit, report = main_process_first(env, lambda: load_token_streams(cfg, tokenizer, cache_dir),
                                               per_node=cfg.cache_scope == "node")
-    train, valid = build_datasets(cfg, streams, tokenizer)
+    built = build_datasets(cfg, streams, tokenizer)
+    train, valid, test = built["train"], built["validation"], built.get("test")
     sampler = GlobalOrderSampler(train, env.world_size, env.rank, cfg.seed)
     train_loader = DataLoader(train, batch_size=cfg.per_device_train_batch_size, sampler=sampler,
                               collate_fn=_identity, num_workers=cfg.loader_workers,
                               generator=torch.Generator().manual_seed(cfg.seed))
     stats = {"train": f"{len(train)} examples of {cfg.max_seq_length} from {streams['train'].tokens.size} tokens; "
                       f"{train.dropped_tokens} dropped by chunking",
-             "eval": f"{len(valid)} examples from {streams['validation'].tokens.size} tokens; "
-                     f"{valid.dropped_tokens} dropped by chunking",
+             **eval_stats(valid, test, streams, cfg.max_seq_length),
              "data": f"{'cache hit' if hit else 'tokenised and cached'} in {time.perf_counter() - t0:.2f} s"}
     if report.describe(cfg.text_errors):
         stats["messy text"] = report.describe(cfg.text_errors)
     batches = EpochBatches(train_loader, sampler, cfg.per_device_train_batch_size, fixed_rows=cfg.torch_compile,
                            special_ids=(tokenizer.cls_token_id, tokenizer.sep_token_id))
-    return DataBundle(batches, eval_loader(cfg, env, valid), stats)
+    return DataBundle(batches, eval_loader(cfg, env, valid), stats,
+                      eval_loader(cfg, env, test) if test is not None and len(test) else None)

@@ -243,6 +243,13 @@ def main_decides(env: DistEnv, fn: Callable[[], T]) -> T | None:
     return result
 
 
+def broadcast_weights(module: torch.nn.Module, env: DistEnv) -> None:
+    """Rank 0's parameters and buffers on every rank, in place (the default group: on the device)."""
+    if env.distributed:
+        for t in module.state_dict().values():
+            dist.broadcast(t, src=0)
+
+
 def gather_to_main(obj: T, env: DistEnv) -> list[T] | None:
     """Every rank's obj, in rank order, on rank 0 (None elsewhere)."""
     if not env.distributed:

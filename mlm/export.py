@@ -4,22 +4,26 @@ from __future__ import annotations
 
 import os
 import shutil
-from typing import Any
+from typing import Any, Optional
 
 import torch
 
-from .files import replace_dir, write_json_atomic
+from .files import replace_dir, write_json_atomic, write_text_atomic
 
 
-def export_pretrained(model: torch.nn.Module, tokenizer, path: str, metrics: dict[str, Any]) -> None:
-    """save_pretrained weights (safetensors), config and tokenizer, and the metrics that made it the best;
-    AutoModelForMaskedLM.from_pretrained and pipeline("fill-mask") load it unchanged."""
+def export_pretrained(model: torch.nn.Module, tokenizer, path: str, metrics: dict[str, Any],
+                      texts: Optional[dict[str, str]] = None) -> None:
+    """save_pretrained weights (safetensors), config and tokenizer, the metrics that made it the best, and texts
+    (file name -> content: the model card); AutoModelForMaskedLM.from_pretrained and pipeline("fill-mask") load
+    it unchanged."""
     tmp = f"{path}.tmp"
     shutil.rmtree(tmp, ignore_errors=True)
     try:
         model.save_pretrained(tmp, safe_serialization=True)
         tokenizer.save_pretrained(tmp)
         write_json_atomic(os.path.join(tmp, "eval_results.json"), metrics)
+        for name, text in (texts or {}).items():
+            write_text_atomic(os.path.join(tmp, name), text)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)  # a full disk: the previous best/ stays as it was
         raise

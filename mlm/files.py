@@ -8,7 +8,7 @@ import hashlib
 import json
 import os
 import shutil
-from typing import Any, Optional
+from typing import Any, Callable, Optional, TextIO
 
 HISTORY = "training_history.json"
 # How a full disk (or a reached quota) shows: the OSError of a plain write, the text safetensors' Rust writer
@@ -62,10 +62,19 @@ def fsync_dir(path: str) -> None:
 
 def write_json_atomic(path: str, obj: Any) -> None:
     """Written to a temporary file, flushed, renamed: a reader sees the old file or the new one, never half."""
+    _write_atomic(path, lambda fh: json.dump(obj, fh, indent=1, default=str))
+
+
+def write_text_atomic(path: str, text: str) -> None:
+    """As write_json_atomic, for text."""
+    _write_atomic(path, lambda fh: fh.write(text))
+
+
+def _write_atomic(path: str, write: Callable[[TextIO], Any]) -> None:
     tmp = f"{path}.tmp"
     try:
         with open(tmp, "w", encoding="utf-8") as fh:
-            json.dump(obj, fh, indent=1, default=str)
+            write(fh)
             fh.flush()
             os.fsync(fh.fileno())
         os.replace(tmp, path)

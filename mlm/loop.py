@@ -15,6 +15,7 @@ from typing import Any, Callable, Optional, TypeVar
 
 import torch
 
+from .card import CARD_FILE, CardFacts, model_card
 from .checkpoint import RankRngs, TrainState, checkpoint_bytes, checkpoint_dirs, latest_complete_checkpoint, \
     rng_state, save_checkpoint
 from .cli import UserError
@@ -183,18 +184,67 @@ def _decide(run: Run, metrics: dict[str, Any], swa: Optional[WeightAverage]) -> 
     run.tracker.log_predictions(state.step, model, run.tokenizer)
     if improved:
         best_model = swa.model if use_swa else model
+        prefix = "swa_" if use_swa else ""
+        facts = card_facts(run, {k: metrics[prefix + k] for k in ("loss", "perplexity", "accuracy", "masked_tokens")},
+                           best_step=state.step, epoch=_epoch_float(run))
         export_pretrained(best_model, run.tokenizer, os.path.join(cfg.output_dir, "best"),
-                          {"step": state.step, "epoch": _epoch_float(run), **metrics, "swa": use_swa})
+                          {"step": state.step, "epoch": _epoch_float(run), **metrics, "swa": use_swa},
+                          {CARD_FILE: model_card(facts)})
         state.best_metric, state.best_step, state.bad_evals = ppl, state.step, 0  # once best/ is on disk
         run.tracker.write(f"new best perplexity {ppl:.3f} at step {state.step}"
                           f"{' (the SWA average)' if use_swa else ''}: exported best/")
-        prefix = "swa_" if use_swa else ""
         run.tracker.summary({"best/perplexity": ppl, "best/loss": metrics[f"{prefix}loss"],
                              "best/accuracy": metrics[f"{prefix}accuracy"], "best/step": state.step,
                              "best/swa": use_swa})
     else:
         state.bad_evals += 1
     return cfg.early_stopping_patience > 0 and state.bad_evals >= cfg.early_stopping_patience
+
+
+# The options a model card lists (besides batch, steps, hardware and precision, which it shows anyway).
+CARD_OPTIONS = ("learning_rate", "lr_scheduler_type", "warmup_ratio", "num_warmup_steps", "weight_decay",
+                "max_grad_norm", "max_seq_length", "line_by_line", "mlm_probability", "whole_word_mask",
+                "layerwise_lr_decay", "label_smoothing", "swa_start_step", "num_train_epochs", "max_train_steps",
+                "seed")
+
+
+def hardware(env: DistEnv) -> str:
+    if env.device.type == "cuda":
+        return f"{env.world_size} x {torch.cuda.get_device_name(env.device)}"
+    return f"{env.world_size} x CPU process{'es' if env.world_size > 1 else ''}"
+
+
+def card_facts(run: Run, validation: dict[str, Any], *, best_step: int, epoch: float,
+               test: Optional[dict[str, Any]] = None, examples: Optional[list] = None) -> CardFacts:
+    """What best/README.md says about this run (mlm/card.py writes it)."""
+    cfg, env = run.cfg, run.env
+    hub_model = cfg.model_name_or_path if cfg.model_name_or_path and not os.path.isdir(cfg.model_name_or_path) \
+        else None
+    base = cfg.model_name_or_path or f"A BERT-style model built from scratch ({cfg.config_name or 'BertConfig'}" \
+        f"{', ' + cfg.config_overrides if cfg.config_overrides else ''})"
+    if cfg.dataset_name:
+        data = f"the Hugging Face dataset {cfg.dataset_name}" + \
+            (f" ({cfg.dataset_config_name})" if cfg.dataset_config_name else "")
+    else:
+        data = "the WikiText files in " + cfg.dataset_dir if cfg.dataset_dir else \
+            ", ".join(os.path.basename(p) for p in (cfg.train_file, cfg.validation_file) if p)
+    if cfg.test_file:
+        data += f"; test {os.path.basename(cfg.test_file)}"
+    batch = cfg.per_device_train_batch_size * env.world_size * cfg.gradient_accumulation_steps
+    kept = 1.0 - cfg.mask_replace_prob - cfg.random_replace_prob
+    masking = f"{cfg.mlm_probability:.0%} of {'whole words' if cfg.whole_word_mask else 'tokens'} selected, " \
+              f"{cfg.mask_replace_prob:.0%}/{cfg.random_replace_prob:.0%}/{kept:.0%} [MASK]/random/kept"
+    return CardFacts(model_name=os.path.basename(os.path.normpath(cfg.output_dir)), base_model=hub_model,
+                     base_label=base, dataset=(cfg.dataset_name, cfg.dataset_config_name) if cfg.dataset_name
+                     else None, data_label=data, masking=masking, validation=validation, test=test,
+                     best_step=best_step, total_steps=run.length.total_steps, epoch=epoch,
+                     global_batch=f"{batch} = {cfg.per_device_train_batch_size} per device x {env.world_size} "
+                                  f"processes x {cfg.gradient_accumulation_steps} accumulation",
+                     hardware=hardware(env), precision=run.trainable.precision +
+                     (" + GradScaler" if run.trainable.scaler.is_enabled() else ""),
+                     train_seconds=run.state.train_seconds,
+                     options={k: getattr(cfg, k) for k in CARD_OPTIONS if getattr(cfg, k) not in (None, False)},
+                     examples=examples or [])
 
 
 def checkpoint_parts(trainable: Trainable, swa: Optional[WeightAverage], rngs: RankRngs) -> dict[str, Any]:
@@ -311,6 +361,7 @@ def fit(run: Run) -> TrainState:
             # The budget check's "one more step": the last iteration, its evaluation and save included.
             now = time.perf_counter()
             run.stop_request.step_seconds = max(run.stop_request.step_seconds * 0.9, now - t_iteration)
+            state.train_seconds += now - t_iteration
             t_iteration = now
             _stop_if_signalled(run, last_saved)
             t_pause = time.perf_counter()

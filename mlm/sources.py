@@ -20,6 +20,7 @@ if TYPE_CHECKING:
 
 LOCAL_SUFFIXES = (".txt", ".raw", ".json", ".jsonl", ".parquet", ".csv")
 WIKITEXT_FILES = {"train": "wiki.train.raw", "validation": "wiki.valid.raw"}
+WIKITEXT_TEST = "wiki.test.raw"  # optional: when present, the final best/ is evaluated on it
 
 
 def default_cache_dir() -> str:
@@ -33,7 +34,16 @@ def text_copies_dir(cfg: TrainConfig) -> str:
 
 
 def wikitext_file(dataset_dir: str, split: str) -> str:
-    return os.path.join(dataset_dir, WIKITEXT_FILES[split])
+    return os.path.join(dataset_dir, WIKITEXT_TEST if split == "test" else WIKITEXT_FILES[split])
+
+
+def test_file(cfg: TrainConfig) -> Optional[str]:
+    """The local file of the test split: --test_file, else wiki.test.raw in --dataset_dir when it is there."""
+    if cfg.test_file:
+        return cfg.test_file
+    if cfg.dataset_dir and os.path.isfile(wikitext_file(cfg.dataset_dir, "test")):
+        return wikitext_file(cfg.dataset_dir, "test")
+    return None
 
 
 def hub_label(name: str, config_name: str | None) -> str:
@@ -50,8 +60,9 @@ def builder_for(path: str) -> str:
 # ---------------------------------------------------------------------- whole splits (the cached path)
 @dataclass(frozen=True)
 class Source:
-    """Where each split's texts come from: a name for messages, a fingerprint, a loader of texts, and what the
-    loader replaced or skipped (--text_errors), filled as it loads."""
+    """Where each split's texts come from: a name for messages, a fingerprint, a loader of texts (train and
+    validation, and test when the source has one), and what the loader replaced or skipped (--text_errors),
+    filled as it loads."""
     description: str
     fingerprint: str
     load: Callable[[], dict[str, list[str]]]
@@ -139,14 +150,31 @@ def _hub_source(cfg: TrainConfig) -> Source:
         return clean_values(dd[split]["text"], cfg.text_errors, origin, report)
 
     def load() -> dict[str, list[str]]:
-        if "validation" in dd:
-            return {"train": split_texts("train"), "validation": split_texts("validation")}
-        return carve_validation(split_texts("train"), pct, label)
+        texts = {"train": split_texts("train"), "validation": split_texts("validation")} if "validation" in dd \
+            else carve_validation(split_texts("train"), pct, label)
+        if "test" in dd and not cfg.test_file:  # --test_file replaces it
+            texts["test"] = split_texts("test")
+        return texts
     return Source(f"Hub dataset {label}", fp if "validation" in dd else f"{fp}:holdout{pct}", load, report)
 
 
+def _with_test_file(source: Source, cfg: TrainConfig, path: str) -> Source:
+    """source with its test split read from a local file (--test_file, or wiki.test.raw in --dataset_dir)."""
+    mode = "" if cfg.text_errors == "error" else f":text_errors={cfg.text_errors}"
+
+    def load() -> dict[str, list[str]]:
+        texts = source.load()
+        texts["test"] = read_text_file(path, cfg.text_errors, source.report, text_copies_dir(cfg))
+        return texts
+    return Source(f"{source.description}, test {path}",
+                  f"{source.fingerprint}|test:{sha256_file(path)}:{path.rsplit('.', 1)[-1]}{mode}", load,
+                  source.report)
+
+
 def build_source(cfg: TrainConfig) -> Source:
-    return _local_source(cfg) if (cfg.dataset_dir or cfg.train_file) else _hub_source(cfg)
+    source = _local_source(cfg) if (cfg.dataset_dir or cfg.train_file) else _hub_source(cfg)
+    path = test_file(cfg)
+    return _with_test_file(source, cfg, path) if path else source
 
 
 # ---------------------------------------------------------------------- one split as a stream
@@ -155,11 +183,20 @@ def _stream_error(label: str, e: Exception) -> UserError:
                      "connection, or stream local files with --train_file/--validation_file or --dataset_dir")
 
 
-def open_split(cfg: TrainConfig, split: str, report: Optional[TextReport] = None):
+def open_split(cfg: TrainConfig, split: str, report: Optional[TextReport] = None, missing_ok: bool = False):
     """One split as a datasets IterableDataset with a 'text' column (and perhaps others). A local file with
-    undecodable bytes is streamed from its marked UTF-8 copy (mlm/cleaning.py); report counts them."""
+    undecodable bytes is streamed from its marked UTF-8 copy (mlm/cleaning.py); report counts them.
+    missing_ok: None for a split the source does not have (the test split is optional)."""
     import datasets
-    if cfg.dataset_dir or cfg.train_file:
+    if split == "test" and (test_file(cfg) or cfg.dataset_dir or cfg.train_file):
+        path = test_file(cfg)
+        if path is None:
+            return None
+        readable = path if path.endswith(".parquet") else \
+            readable_copy(path, cfg.text_errors, report if report is not None else TextReport(), text_copies_dir(cfg))
+        ds = datasets.load_dataset(builder_for(path), data_files={split: readable}, split=split, streaming=True)
+        label = path
+    elif cfg.dataset_dir or cfg.train_file:
         if cfg.dataset_dir:
             path = wikitext_file(cfg.dataset_dir, split)
         else:
@@ -173,6 +210,8 @@ def open_split(cfg: TrainConfig, split: str, report: Optional[TextReport] = None
         try:
             ds = datasets.load_dataset(cfg.dataset_name, cfg.dataset_config_name, split=split, streaming=True)
         except ValueError as e:
+            if "split" in str(e).lower() and missing_ok:
+                return None
             if "split" in str(e).lower():
                 raise UserError(f"dataset {label!r} has no {split!r} split; --streaming reads the validation "
                                 "split whole, so use a dataset that has one, or local files") from None
@@ -189,6 +228,8 @@ def open_split(cfg: TrainConfig, split: str, report: Optional[TextReport] = None
 
 def split_label(cfg: TrainConfig, split: str) -> str:
     """How a split's rows are named in messages: the local file, or the Hub dataset and split."""
+    if split == "test" and test_file(cfg):
+        return test_file(cfg)
     if cfg.dataset_dir:
         return wikitext_file(cfg.dataset_dir, split)
     if cfg.train_file:
@@ -196,7 +237,10 @@ def split_label(cfg: TrainConfig, split: str) -> str:
     return f"dataset {hub_label(cfg.dataset_name, cfg.dataset_config_name)} split {split}"
 
 
-def validation_texts(cfg: TrainConfig, report: TextReport) -> list[str]:
-    """The whole validation split: it is finite, and evaluation must count each example exactly once."""
-    rows = (row["text"] for row in open_split(cfg, "validation", report))
-    return clean_values(rows, cfg.text_errors, split_label(cfg, "validation"), report)
+def whole_split(cfg: TrainConfig, split: str, report: TextReport) -> Optional[list[str]]:
+    """The whole validation (or test) split, read from its stream: it is finite, and evaluation must count each
+    example exactly once. None for a test split the source does not have."""
+    ds = open_split(cfg, split, report, missing_ok=split == "test")
+    if ds is None:
+        return None
+    return clean_values((row["text"] for row in ds), cfg.text_errors, split_label(cfg, split), report)

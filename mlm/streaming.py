@@ -36,9 +36,9 @@ from torch.utils.data import DataLoader
 from .cleaning import TextReport, clean_value
 from .cli import LocalUserError, UserError
 from .config import TrainConfig
-from .data import DataBundle, build_datasets, eval_loader, tokenize_texts
+from .data import DataBundle, build_datasets, eval_loader, eval_stats, tokenize_texts
 from .distributed import DistEnv, all_ranks, main_process_first
-from .sources import open_split, split_label, validation_texts
+from .sources import open_split, split_label, whole_split
 from .text import frame, plain_backend
 
 log = logging.getLogger("mlm")
@@ -163,7 +163,8 @@ class StreamingTrain:
 
 
 def build_streaming_data(cfg: TrainConfig, env: DistEnv, tokenizer) -> DataBundle:
-    """Training from a stream (tokenised in the loader workers); validation read whole, tokenised here."""
+    """Training from a stream (tokenised in the loader workers); validation (and test) read whole, tokenised
+    here."""
     t0 = time.perf_counter()
     if cfg.loader_workers > 0:
         # The workers are the tokenising parallelism. A tokenizer thread pool used before the workers fork can
@@ -171,8 +172,11 @@ def build_streaming_data(cfg: TrainConfig, env: DistEnv, tokenizer) -> DataBundl
         os.environ["TOKENIZERS_PARALLELISM"] = "false"
     # Downloads of the validation split (and the Hub script/metadata) happen once per node, or once in all.
     report = TextReport()
-    texts = main_process_first(env, lambda: validation_texts(cfg, report), per_node=cfg.cache_scope == "node")
-    _, valid = build_datasets(cfg, {"validation": tokenize_texts(tokenizer, texts)}, tokenizer)
+    texts = main_process_first(env, lambda: {split: whole_split(cfg, split, report)
+                                             for split in ("validation", "test")}, per_node=cfg.cache_scope == "node")
+    streams = {split: tokenize_texts(tokenizer, t) for split, t in texts.items() if t is not None}
+    built = build_datasets(cfg, streams, tokenizer)
+    valid, test = built["validation"], built.get("test")
     stream = rank_stream(cfg, env, plain_backend(tokenizer), report)
     batches = PackedBatches(stream, cfg.per_device_train_batch_size, cfg.max_seq_length,
                             tokenizer.cls_token_id, tokenizer.sep_token_id)
@@ -180,9 +184,10 @@ def build_streaming_data(cfg: TrainConfig, env: DistEnv, tokenizer) -> DataBundl
     stats = {"train": f"streamed: {cfg.train_file or cfg.dataset_dir or cfg.dataset_name}, shuffle buffer "
                       f"{cfg.shuffle_buffer_size} texts, packed into {cfg.max_seq_length}-token examples by "
                       f"{workers or 'no'} loader worker(s) per rank",
-             "eval": f"{len(valid)} examples of {cfg.max_seq_length}, read whole; {valid.dropped_tokens} tokens "
-                     "dropped by chunking",
-             "data": f"validation tokenised in {time.perf_counter() - t0:.2f} s"}
+             **eval_stats(valid, test, streams, cfg.max_seq_length),
+             "data": f"validation{' and test' if 'test' in streams else ''} read whole and tokenised in "
+                     f"{time.perf_counter() - t0:.2f} s"}
     if report.describe(cfg.text_errors):
         stats["messy text"] = report.describe(cfg.text_errors) + " (the training stream's rows: told as met)"
-    return DataBundle(StreamingTrain(batches, env, workers, cfg.seed), eval_loader(cfg, env, valid), stats)
+    return DataBundle(StreamingTrain(batches, env, workers, cfg.seed), eval_loader(cfg, env, valid), stats,
+                      eval_loader(cfg, env, test) if test is not None and len(test) else None)

@@ -155,6 +155,15 @@ class Tracker:
                    (f"; SWA average of {metrics['swa_snapshots']}: perplexity {metrics['swa_perplexity']:.3f}"
                     if "swa_perplexity" in metrics else ""))
 
+    def log_test(self, step: int, metrics: dict[str, Any]) -> None:
+        """best/ on the test split, once at the end: test/* at the final step and in the run's summary."""
+        if not (self.enabled and self.wandb):
+            return
+        values = {f"test/{k}": v for k, v in metrics.items()}
+        if step > self.wandb_floor:
+            self.wandb.log(values, step=step)
+        self.summary(values)
+
     def summary(self, values: dict[str, Any]) -> None:
         if self.enabled and self.wandb:
             for k, v in values.items():

@@ -59,4 +59,13 @@ def wikitext_dir(tmp_path_factory) -> str:
     d = tmp_path_factory.mktemp("wikitext")
     make_text_file(str(d / "wiki.train.raw"), n_lines=8000, seed=8)
     make_text_file(str(d / "wiki.valid.raw"), n_lines=600, seed=9)
+    make_text_file(str(d / "wiki.test.raw"), n_lines=600, seed=10)
     return str(d)
+
+
+@pytest.fixture(scope="session")
+def hf_env(tmp_path_factory, wikitext_dir) -> dict:
+    """Hugging Face caches seeded with what the default command downloads (tests/hf_cache.py), and the
+    environment that points transformers and datasets at them, offline."""
+    from hf_cache import seed_hf_home
+    return seed_hf_home(str(tmp_path_factory.mktemp("hf-home")), minilm_path(), wikitext_dir)

@@ -1,0 +1,74 @@
+"""After training: best/ evaluated on the test split exactly like validation, and its model card completed.
+
+The test split is evaluated once, on the final best/ (not on the last step's weights), by every rank over its
+own shard, so the figure is exact for any world size (invariant 3). Rank 0 reads best/ and gives its weights to
+the others, so no other node needs to see the output directory.
+"""
+
+from __future__ import annotations
+
+import copy
+import os
+from typing import Any, Callable, Optional
+
+from .card import CARD_FILE, model_card
+from .distributed import broadcast_weights, main_decides
+from .engine import evaluate
+from .files import read_json, write_json_atomic, write_text_atomic
+from .loop import Run, card_facts, write_on_main
+from .modeling import MaskedLMLoss
+
+TEST_RESULTS = "test_results.json"
+METRICS = ("loss", "perplexity", "accuracy", "masked_tokens")
+
+# (model, tokenizer) -> rows of the card's prediction table; supplied by train_ddp.py from the inference package.
+Examples = Callable[[Any, Any], list[list[Any]]]
+
+
+def _best_weights(best_dir: str) -> dict:
+    """best/'s weights as the model's own state dict (tied weights included)."""
+    from transformers import AutoModelForMaskedLM
+    import torch
+    return AutoModelForMaskedLM.from_pretrained(best_dir, dtype=torch.float32).state_dict()
+
+
+def best_model(run: Run) -> MaskedLMLoss:
+    """The exported best/ on every rank: read by rank 0, broadcast to the others."""
+    model = copy.deepcopy(run.trainable.loss.model)
+    weights = main_decides(run.env, lambda: _best_weights(os.path.join(run.cfg.output_dir, "best")))
+    if weights is not None:
+        model.load_state_dict(weights)
+    broadcast_weights(model, run.env)
+    return MaskedLMLoss(model)
+
+
+def test_best(run: Run, examples: Optional[Examples] = None) -> Optional[dict[str, Any]]:
+    """Evaluate best/ on the test split (when there is one), write test_results.json and best/eval_results.json,
+    complete best/README.md, print and log the figures. Collective: every rank calls it after fit()."""
+    cfg, env, state = run.cfg, run.env, run.state
+    best = os.path.join(cfg.output_dir, "best")
+    if run.data.test_loader is None and examples is None:
+        return None
+    loss = best_model(run)
+    test = None
+    if run.data.test_loader is not None:
+        test = evaluate(loss, run.data.test_loader, env, run.masking, run.trainable.precision)
+
+    def write() -> None:
+        saved = read_json(os.path.join(best, "eval_results.json"))
+        prefix = "swa_" if saved.get("swa") else ""
+        validation = {k: saved[prefix + k] for k in METRICS}
+        if test is not None:
+            write_json_atomic(os.path.join(cfg.output_dir, TEST_RESULTS), {"step": saved["step"], **test})
+            write_json_atomic(os.path.join(best, "eval_results.json"),
+                              {**saved, **{f"test_{k}": v for k, v in test.items()}})
+            run.tracker.log_test(state.step, test)
+            run.tracker.write(f"test (best/ from step {saved['step']}): loss {test['loss']:.4f} perplexity "
+                              f"{test['perplexity']:.3f} accuracy {test['accuracy']:.4f} ({test['masked_tokens']} "
+                              f"masked tokens) -> {os.path.join(cfg.output_dir, TEST_RESULTS)}")
+        rows = examples(loss.model, run.tokenizer) if examples is not None else None
+        facts = card_facts(run, validation, best_step=saved["step"], epoch=saved.get("epoch", 0.0), test=test,
+                           examples=rows)
+        write_text_atomic(os.path.join(best, CARD_FILE), model_card(facts))
+    write_on_main(env, cfg.output_dir, state.step, "the test results and the model card", write)
+    return test
