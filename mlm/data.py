@@ -99,8 +99,8 @@ def _read_cache(path: str) -> Optional[tuple[dict[str, TokenStream], dict]]:
 def load_token_streams(cfg: TrainConfig, tokenizer, cache_dir: str,
                        builder: Callable = tokenize_texts) -> tuple[dict[str, TokenStream], bool, TextReport]:
     """Token streams for train and validation (and test, when the source has one), from the cache or built (and
-    cached). Returns (streams, hit,
-    what --text_errors replaced or skipped when the texts were read, kept with the cache for later hits)."""
+    cached). Returns (streams, hit, what --text_errors replaced or skipped when the texts were read, kept with the
+    cache for later hits)."""
     source = build_source(cfg)
     path = os.path.join(cache_dir, cache_key(tokenizer_fingerprint(tokenizer), source.fingerprint))
     cached = _read_cache(path)

@@ -25,20 +25,26 @@ METRICS = ("loss", "perplexity", "accuracy", "masked_tokens")
 Examples = Callable[[Any, Any], list[list[Any]]]
 
 
-def _best_weights(best_dir: str) -> dict:
+def _best_weights(best_dir: str, trust_remote_code: bool) -> dict:
     """best/'s weights as the model's own state dict (tied weights included)."""
     from transformers import AutoModelForMaskedLM
     import torch
-    return AutoModelForMaskedLM.from_pretrained(best_dir, dtype=torch.float32).state_dict()
+    return AutoModelForMaskedLM.from_pretrained(best_dir, dtype=torch.float32,
+                                                trust_remote_code=trust_remote_code).state_dict()
 
 
-def best_model(run: Run) -> MaskedLMLoss:
-    """The exported best/ on every rank: read by rank 0, broadcast to the others."""
+def best_model(run: Run, on_every_rank: bool) -> Optional[MaskedLMLoss]:
+    """The exported best/, read by rank 0; broadcast to the others when on_every_rank (the test split is
+    evaluated by all), else on rank 0 alone (None elsewhere)."""
+    best = os.path.join(run.cfg.output_dir, "best")
+    weights = main_decides(run.env, lambda: _best_weights(best, run.cfg.trust_remote_code))
+    if not (on_every_rank or run.env.is_main):
+        return None
     model = copy.deepcopy(run.trainable.loss.model)
-    weights = main_decides(run.env, lambda: _best_weights(os.path.join(run.cfg.output_dir, "best")))
     if weights is not None:
         model.load_state_dict(weights)
-    broadcast_weights(model, run.env)
+    if on_every_rank:
+        broadcast_weights(model, run.env)
     return MaskedLMLoss(model)
 
 
@@ -47,12 +53,11 @@ def test_best(run: Run, examples: Optional[Examples] = None) -> Optional[dict[st
     complete best/README.md, print and log the figures. Collective: every rank calls it after fit()."""
     cfg, env, state = run.cfg, run.env, run.state
     best = os.path.join(cfg.output_dir, "best")
-    if run.data.test_loader is None and examples is None:
+    testing = run.data.test_loader is not None
+    if not testing and examples is None:
         return None
-    loss = best_model(run)
-    test = None
-    if run.data.test_loader is not None:
-        test = evaluate(loss, run.data.test_loader, env, run.masking, run.trainable.precision)
+    loss = best_model(run, on_every_rank=testing)
+    test = evaluate(loss, run.data.test_loader, env, run.masking, run.trainable.precision) if testing else None
 
     def write() -> None:
         saved = read_json(os.path.join(best, "eval_results.json"))
