@@ -203,6 +203,9 @@ def safe_exp(x: float) -> float:
     return math.exp(x) if x < 709.0 else math.inf
 
 
+EVAL_METRICS = ("loss", "perplexity", "accuracy", "masked_tokens")  # what evaluate() returns
+
+
 @torch.no_grad()
 def evaluate(loss_module: MaskedLMLoss, loader, env: DistEnv, masking: Masking,
              precision: str) -> dict[str, float]:

@@ -13,13 +13,12 @@ from typing import Any, Callable, Optional
 
 from .card import CARD_FILE, model_card
 from .distributed import broadcast_weights, main_decides
-from .engine import evaluate
+from .engine import EVAL_METRICS, evaluate
 from .files import read_json, write_json_atomic, write_text_atomic
 from .loop import Run, card_facts, write_on_main
 from .modeling import MaskedLMLoss
 
 TEST_RESULTS = "test_results.json"
-METRICS = ("loss", "perplexity", "accuracy", "masked_tokens")
 
 # (model, tokenizer) -> rows of the card's prediction table; supplied by train_ddp.py from the inference package.
 Examples = Callable[[Any, Any], list[list[Any]]]
@@ -62,7 +61,7 @@ def test_best(run: Run, examples: Optional[Examples] = None) -> Optional[dict[st
     def write() -> None:
         saved = read_json(os.path.join(best, "eval_results.json"))
         prefix = "swa_" if saved.get("swa") else ""
-        validation = {k: saved[prefix + k] for k in METRICS}
+        validation = {k: saved[prefix + k] for k in EVAL_METRICS}
         if test is not None:
             write_json_atomic(os.path.join(cfg.output_dir, TEST_RESULTS), {"step": saved["step"], **test})
             write_json_atomic(os.path.join(best, "eval_results.json"),

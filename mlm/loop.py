@@ -22,7 +22,7 @@ from .cli import UserError
 from .config import TrainConfig
 from .data import DataBundle
 from .distributed import DistEnv, any_rank, broadcast_flag, dist_max, dist_sum, dist_world, gather_to_main
-from .engine import Masking, StepResult, Trainable, evaluate, prepare_batch, train_step
+from .engine import EVAL_METRICS, Masking, StepResult, Trainable, evaluate, prepare_batch, train_step
 from .export import export_pretrained
 from .files import DiskFull, free_bytes, is_disk_full
 from .metrics import Throughput, mlm_step_flops, peak_memory_bytes
@@ -185,7 +185,7 @@ def _decide(run: Run, metrics: dict[str, Any], swa: Optional[WeightAverage]) -> 
     if improved:
         best_model = swa.model if use_swa else model
         prefix = "swa_" if use_swa else ""
-        facts = card_facts(run, {k: metrics[prefix + k] for k in ("loss", "perplexity", "accuracy", "masked_tokens")},
+        facts = card_facts(run, {k: metrics[prefix + k] for k in EVAL_METRICS},
                            best_step=state.step, epoch=_epoch_float(run))
         export_pretrained(best_model, run.tokenizer, os.path.join(cfg.output_dir, "best"),
                           {"step": state.step, "epoch": _epoch_float(run), **metrics, "swa": use_swa},

@@ -105,10 +105,15 @@ def carve_validation(texts: list[str], percentage: int, origin: str) -> dict[str
     return {"train": texts[n_val:], "validation": texts[:n_val]}
 
 
+def _mode(cfg: TrainConfig) -> str:
+    """The fingerprint's suffix for --text_errors: replace and skip give different texts from the same file (error
+    gives texts only from clean files)."""
+    return "" if cfg.text_errors == "error" else f":text_errors={cfg.text_errors}"
+
+
 def _local_source(cfg: TrainConfig) -> Source:
     report = TextReport()
-    # replace and skip give different texts from the same file (error gives texts only from clean files).
-    mode = "" if cfg.text_errors == "error" else f":text_errors={cfg.text_errors}"
+    mode = _mode(cfg)
 
     def read(path: str) -> list[str]:
         return read_text_file(path, cfg.text_errors, report, text_copies_dir(cfg))
@@ -142,7 +147,7 @@ def _hub_source(cfg: TrainConfig) -> Source:
         raise UserError(f"dataset {label!r} has no 'text' column (columns: {', '.join(dd['train'].column_names)})")
     pct = cfg.validation_split_percentage
     fp = f"hub:{label}:" + ",".join(f"{k}={v._fingerprint}" for k, v in sorted(dd.items()))
-    fp += "" if cfg.text_errors == "error" else f":text_errors={cfg.text_errors}"
+    fp += _mode(cfg)
     report = TextReport()
 
     def split_texts(split: str) -> list[str]:  # Arrow strings are UTF-8: only non-string values can occur
@@ -160,14 +165,13 @@ def _hub_source(cfg: TrainConfig) -> Source:
 
 def _with_test_file(source: Source, cfg: TrainConfig, path: str) -> Source:
     """source with its test split read from a local file (--test_file, or wiki.test.raw in --dataset_dir)."""
-    mode = "" if cfg.text_errors == "error" else f":text_errors={cfg.text_errors}"
 
     def load() -> dict[str, list[str]]:
         texts = source.load()
         texts["test"] = read_text_file(path, cfg.text_errors, source.report, text_copies_dir(cfg))
         return texts
     return Source(f"{source.description}, test {path}",
-                  f"{source.fingerprint}|test:{sha256_file(path)}:{path.rsplit('.', 1)[-1]}{mode}", load,
+                  f"{source.fingerprint}|test:{sha256_file(path)}:{path.rsplit('.', 1)[-1]}{_mode(cfg)}", load,
                   source.report)
 
 
@@ -183,28 +187,31 @@ def _stream_error(label: str, e: Exception) -> UserError:
                      "connection, or stream local files with --train_file/--validation_file or --dataset_dir")
 
 
+def local_file(cfg: TrainConfig, split: str) -> Optional[str]:
+    """The local file a split is read from; None for a Hub dataset's split, and for a test split that neither
+    --test_file nor --dataset_dir provides."""
+    if split == "test":
+        return test_file(cfg)
+    if cfg.dataset_dir:
+        return wikitext_file(cfg.dataset_dir, split)
+    if cfg.train_file:
+        return cfg.train_file if split == "train" else cfg.validation_file
+    return None
+
+
 def open_split(cfg: TrainConfig, split: str, report: Optional[TextReport] = None, missing_ok: bool = False):
     """One split as a datasets IterableDataset with a 'text' column (and perhaps others). A local file with
     undecodable bytes is streamed from its marked UTF-8 copy (mlm/cleaning.py); report counts them.
     missing_ok: None for a split the source does not have (the test split is optional)."""
     import datasets
-    if split == "test" and (test_file(cfg) or cfg.dataset_dir or cfg.train_file):
-        path = test_file(cfg)
-        if path is None:
-            return None
+    path = local_file(cfg, split)
+    if path is not None:
         readable = path if path.endswith(".parquet") else \
             readable_copy(path, cfg.text_errors, report if report is not None else TextReport(), text_copies_dir(cfg))
         ds = datasets.load_dataset(builder_for(path), data_files={split: readable}, split=split, streaming=True)
         label = path
     elif cfg.dataset_dir or cfg.train_file:
-        if cfg.dataset_dir:
-            path = wikitext_file(cfg.dataset_dir, split)
-        else:
-            path = cfg.train_file if split == "train" else cfg.validation_file
-        readable = path if path.endswith(".parquet") else \
-            readable_copy(path, cfg.text_errors, report if report is not None else TextReport(), text_copies_dir(cfg))
-        ds = datasets.load_dataset(builder_for(path), data_files={split: readable}, split=split, streaming=True)
-        label = path
+        return None  # a local source without a test split
     else:
         label = hub_label(cfg.dataset_name, cfg.dataset_config_name)
         try:
@@ -228,12 +235,9 @@ def open_split(cfg: TrainConfig, split: str, report: Optional[TextReport] = None
 
 def split_label(cfg: TrainConfig, split: str) -> str:
     """How a split's rows are named in messages: the local file, or the Hub dataset and split."""
-    if split == "test" and test_file(cfg):
-        return test_file(cfg)
-    if cfg.dataset_dir:
-        return wikitext_file(cfg.dataset_dir, split)
-    if cfg.train_file:
-        return cfg.train_file if split == "train" else cfg.validation_file
+    path = local_file(cfg, split)
+    if path is not None:
+        return path
     return f"dataset {hub_label(cfg.dataset_name, cfg.dataset_config_name)} split {split}"
 
 
