@@ -26,6 +26,7 @@ from mlm.config import TrainConfig, parse_args, runtime_seconds
 from mlm.distributed import DistEnv, any_rank, broadcast_object, describe_failure, dist_sum, \
     env_rank, init_distributed, is_peer_failure, main_decides, main_only, main_process_first, teardown, wrap_ddp
 from mlm.files import DiskFull, free_bytes, is_disk_full, read_json, write_json_atomic
+from mlm.heads import head_path
 from mlm.inference.fill_mask import sample_rows
 from mlm.preemption import OutOfTime, Preempted, StopRequest
 from mlm.swa import WeightAverage
@@ -88,6 +89,8 @@ def banner(run: loop.Run, resume: Optional[str], peak_source: str, notes: list[s
     return "mlm-ddp\n" + tracking.format_banner({
         "model": f"{cfg.model_name_or_path or 'from scratch: ' + str(cfg.config_name or 'BertConfig')} "
                  f"({sum(p.numel() for p in model.parameters()) / 1e6:.1f}M parameters)",
+        "attention / head": f"{modeling.attention_kernel(model)} (--attn_implementation {cfg.attn_implementation}); "
+                            f"vocabulary logits at {head_path(model)}",
         "world size / device": f"{env.world_size} x {env.device.type} "
                                f"({'nccl' if env.device.type == 'cuda' else 'gloo'})",
         "precision": f"{t.precision}{' + GradScaler' if t.scaler.is_enabled() else ''}",
@@ -132,8 +135,8 @@ def build_run(cfg: TrainConfig, env: DistEnv, stop_request: StopRequest) -> loop
     if env.distributed:
         trainable = replace(trainable, wrapped=wrap_ddp(trainable.loss, env))
     run_config = {**cfg.to_dict(), "world_size": env.world_size, "device": str(env.device),
-                  "precision_resolved": precision, "versions": versions(), "global_batch_size":
-                  global_batch(cfg, env)}
+                  "precision_resolved": precision, "attention_resolved": modeling.attention_kernel(model),
+                  "head_path": head_path(model), "versions": versions(), "global_batch_size": global_batch(cfg, env)}
 
     def write_run_config() -> None:
         os.makedirs(cfg.output_dir, exist_ok=True)

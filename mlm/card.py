@@ -80,14 +80,32 @@ def _cell(value: Any) -> str:
     return str(value).replace("|", "\\|").replace("\n", " ")
 
 
+def coverage(metrics: dict[str, Any]) -> str:
+    """How much of its split an evaluation counted, in words; '' when it counted all of it."""
+    n, of = metrics.get("examples"), metrics.get("split_examples")
+    return f"the first {n} of the split's {of} examples (--max_eval_samples)" if n is not None and of and n < of \
+        else ""
+
+
+def _counted(metrics: dict[str, Any]) -> str:
+    return f"{coverage(metrics)}, each counted once" if coverage(metrics) else "every example of the split counted once"
+
+
+def _exactness(f: CardFacts) -> str:
+    """What the figures count: the whole split, or (with --max_eval_samples) how much of it."""
+    splits = [("validation", f.validation)] + ([("test", f.test)] if f.test else [])
+    counted = {_counted(m) for _, m in splits}
+    where = next(iter(counted)) if len(counted) == 1 else "; ".join(f"{s}: {_counted(m)}" for s, m in splits)
+    return (f"Each figure is exact ({where}), with masks fixed by the seed (the same on any number of GPUs), "
+            "perplexity = exp(total NLL / total masked tokens)." + ("" if f.test else " No test split was evaluated."))
+
+
 def body(f: CardFacts) -> str:
     lines = [f"# {f.model_name}", "",
              f"{f.base_label} fine-tuned with masked language modeling ({f.masking}) on {f.data_label}, with "
              "mlm-ddp on PyTorch DDP.", "",
              "## Results", "", *_results_table(f), "",
-             "Each figure is exact: every example of the split counted once, with masks fixed by the seed (the "
-             "same on any number of GPUs), perplexity = exp(total NLL / total masked tokens)." +
-             ("" if f.test else " No test split was evaluated."), "",
+             _exactness(f), "",
              "## Use", "", "```python", "from transformers import pipeline", "",
              'fill = pipeline("fill-mask", model="path/to/this/folder")  # or its Hub id once uploaded',
              f'fill("{f.examples[0][0] if f.examples else "The capital of France is [MASK]."}")', "```", ""]

@@ -31,6 +31,7 @@ from typing import Any, Iterable, Optional
 from .cli import UserError
 
 TEXT_ERRORS = ("error", "replace", "skip")
+EMPTY_ROWS = "rows empty after joining --text_column skipped"  # counted beside what --text_errors did
 SENTINEL = "\ufffe"  # a noncharacter: marks where undecodable bytes were in a decoded copy
 BLOCK = 16 << 20
 FIX = ("convert the file to UTF-8 (e.g. iconv -f latin1 -t utf-8), or pass --text_errors replace (U+FFFD, "
@@ -63,7 +64,8 @@ class TextReport:
             return None
         parts = [f"{os.path.basename(o) or o}: " + ", ".join(f"{n} {w}" for w, n in sorted(by.items()))
                  for o, by in sorted(self.counts.items())]
-        return f"--text_errors {mode}: " + "; ".join(parts)
+        messy = any(w != EMPTY_ROWS for by in self.counts.values() for w in by)
+        return (f"--text_errors {mode}: " if messy else "") + "; ".join(parts)
 
 
 def _blocks(path: str) -> Iterable[tuple[int, bytes]]:
@@ -140,8 +142,10 @@ def _as_text(value: Any) -> str:
     return json.dumps(value, ensure_ascii=False, default=str)
 
 
-def clean_value(value: Any, mode: str, where: str, report: TextReport, origin: str) -> Optional[str]:
-    """One row's `text`: the string to train on, or None when the row is skipped. where names the row."""
+def clean_value(value: Any, mode: str, where: str, report: TextReport, origin: str,
+                column: str = "text") -> Optional[str]:
+    """One row's `text` (or other text column): the string to train on, or None when the row is skipped. where
+    names the row."""
     if value is None:
         return ""
     if isinstance(value, str):
@@ -153,21 +157,21 @@ def clean_value(value: Any, mode: str, where: str, report: TextReport, origin: s
         return value.replace(SENTINEL, "\ufffd")
     if mode == "error":
         shown = repr(value)
-        raise UserError(f"{where}: 'text' is {type(value).__name__} {shown[:40]}{'...' if len(shown) > 40 else ''}, "
+        raise UserError(f"{where}: {column!r} is {type(value).__name__} {shown[:40]}{'...' if len(shown) > 40 else ''}, "
                         "not a string; fix the data, or pass --text_errors replace (uses the value's text) or "
                         "--text_errors skip (drops the row)")
     if mode == "skip":
-        report.add(origin, "rows with a non-string 'text' skipped")
+        report.add(origin, f"rows with a non-string {column!r} skipped")
         return None
-    report.add(origin, "non-string 'text' values converted")
+    report.add(origin, f"non-string {column!r} values converted")
     return _as_text(value)
 
 
-def clean_values(values: Iterable[Any], mode: str, origin: str, report: TextReport) -> list[str]:
-    """Every row's `text` of one file or split (rows numbered from 1)."""
+def clean_values(values: Iterable[Any], mode: str, origin: str, report: TextReport, first_row: int = 0) -> list[str]:
+    """Every row's `text` of one file or split (rows numbered from first_row + 1)."""
     out = []
     for i, value in enumerate(values):
-        text = clean_value(value, mode, f"{origin} row {i + 1}", report, origin)
+        text = clean_value(value, mode, f"{origin} row {first_row + i + 1}", report, origin)
         if text is not None:
             out.append(text)
     return out

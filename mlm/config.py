@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import glob
 import json
 import math
 import os
@@ -18,11 +19,11 @@ import shutil
 import sys
 import typing
 from dataclasses import dataclass, field
-from typing import Any, Optional, Sequence
+from typing import Any, Optional, Sequence, Union
 
 from .cleaning import TEXT_ERRORS
 from .cli import OUTPUTS_ROOT, UserError, command_line, looks_like_path
-from .sources import LOCAL_SUFFIXES, WIKITEXT_FILES
+from .sources import LOCAL_SUFFIXES, WIKITEXT_FILES, builder_for
 
 DEFAULT_MODEL = "bert-base-uncased"
 DEFAULT_DATASET, DEFAULT_DATASET_CONFIG = "wikitext", "wikitext-2-raw-v1"
@@ -30,6 +31,7 @@ PRECISIONS = ("auto", "fp32", "fp16", "bf16")
 SCHEDULERS = ("linear", "cosine", "cosine_with_restarts", "polynomial", "constant", "constant_with_warmup")
 REPORT_TO = ("all", "wandb", "none")
 CACHE_SCOPES = ("node", "shared")
+ATTENTION_KERNELS = ("auto", "sdpa", "eager", "flash_attention_2")
 
 
 def _f(default: Any, help: str, group: str, **kw: Any) -> Any:
@@ -48,8 +50,10 @@ class TrainConfig:
     tokenizer_name: Optional[str] = _f(None, "Tokenizer (Hub id or directory); default: the model's.", "model")
     config_overrides: Optional[str] = _f(
         None, "Overrides for a from-scratch config, e.g. 'num_hidden_layers=2,hidden_size=128'.", "model")
-    attn_implementation: str = _f("sdpa", "Attention kernel: sdpa (fused scaled-dot-product) or eager.", "model",
-                                  choices=("sdpa", "eager"))
+    attn_implementation: str = _f("auto", "Attention kernel: auto = transformers' own choice (SDPA where the model "
+                                  "has it, eager where not, as DeBERTa); sdpa (fused scaled-dot-product); eager; "
+                                  "flash_attention_2 (needs the flash-attn package and a GPU).", "model",
+                                  choices=ATTENTION_KERNELS)
     trust_remote_code: bool = _f(False, "Allow custom model code from the Hub (off: only transformers' own).", "model")
     gradient_checkpointing: bool = _f(False, "Recompute activations in backward to save memory.", "model")
     torch_compile: bool = _f(False, "torch.compile the encoder for training, with one fixed shape (an epoch's "
@@ -64,13 +68,20 @@ class TrainConfig:
     # None, not wikitext's configuration: another --dataset_name must not inherit wikitext-2-raw-v1.
     dataset_config_name: Optional[str] = _f(None, f"Hub dataset configuration name ({DEFAULT_DATASET_CONFIG} "
                                             f"when --dataset_name is {DEFAULT_DATASET}).", "data")
-    train_file: Optional[str] = _f(None, "Local training text: .txt/.raw (a text per line), .json/.jsonl "
-                                   "(a 'text' column), .parquet or .csv.", "data")
-    validation_file: Optional[str] = _f(None, "Local validation text, same formats as --train_file.", "data")
-    test_file: Optional[str] = _f(None, "Local test text, same formats as --train_file: at the end, best/ is "
-                                  "evaluated on it exactly like validation (test_results.json). Default: the "
-                                  "source's own test split when it has one (the Hub's 'test', wiki.test.raw in "
-                                  "--dataset_dir).", "data")
+    train_file: Optional[list[str]] = _f(None, "Local training text, one or more paths or globs (data/*.csv): "
+                                         ".txt/.raw (a text per line), .json/.jsonl, .parquet or .csv (the "
+                                         "--text_column column(s)). The files of one split share a format.", "data")
+    validation_file: Optional[list[str]] = _f(None, "Local validation text: paths or globs, same formats as "
+                                              "--train_file.", "data")
+    test_file: Optional[list[str]] = _f(None, "Local test text: paths or globs, same formats as --train_file: at "
+                                        "the end, best/ is evaluated on it exactly like validation "
+                                        "(test_results.json). Default: the source's own test split when it has one "
+                                        "(the Hub's 'test', wiki.test.raw in --dataset_dir).", "data")
+    text_column: Optional[str] = _f(None, "The column holding the text in csv/json/parquet files and Hub datasets "
+                                    "(default 'text'), or several, NAME,NAME, joined by --text_separator (a prompt "
+                                    "and a response). Rows whose joined text is empty are skipped and counted.",
+                                    "data")
+    text_separator: str = _f("\n", "What joins the --text_column columns of a row.", "data")
     dataset_dir: Optional[str] = _f(None, "Directory with WikiText raw files wiki.train.raw and wiki.valid.raw "
                                     "(and wiki.test.raw, the test split, when present).", "data")
     validation_split_percentage: int = _f(
@@ -109,7 +120,9 @@ class TrainConfig:
     mask_replace_prob: float = _f(0.8, "Of the selected tokens, the fraction replaced by [MASK].", "masking")
     random_replace_prob: float = _f(0.1, "Of the selected tokens, the fraction replaced by a random token "
                                     "(the rest stay unchanged).", "masking")
-    whole_word_mask: bool = _f(False, "Select whole words: every WordPiece of a chosen word is masked together.",
+    whole_word_mask: bool = _f(False, "Select whole words: every piece of a chosen word is masked together. Words "
+                               "come from the vocabulary: WordPiece '##' pieces continue a word, byte-level BPE 'Ġ' "
+                               "and SentencePiece '▁' pieces start one.",
                                "masking")
     # --- optimisation ---
     per_device_train_batch_size: int = _f(32, "Training examples per process per micro-step.", "training")
@@ -218,7 +231,7 @@ class TrainConfig:
 def default_run_name(cfg: TrainConfig) -> str:
     model = cfg.model_name_or_path or cfg.config_name or "scratch"
     data = (cfg.dataset_config_name or cfg.dataset_name if cfg.dataset_name else
-            os.path.basename(os.path.normpath(cfg.dataset_dir or cfg.train_file or "data")))
+            os.path.basename(os.path.normpath(cfg.dataset_dir or (cfg.train_file or ["data"])[0])))
     name = f"{os.path.basename(os.path.normpath(model))}-{data}"
     return "".join(c if c.isalnum() or c in "-_." else "_" for c in name)
 
@@ -298,6 +311,23 @@ def _check_local_file(flag: str, path: str) -> None:
     _require(os.path.getsize(path) > 0, f"--{flag} {path!r} is empty; give a file that holds text")
 
 
+def _expand_files(flag: str, given: Union[str, Sequence[str]]) -> list[str]:
+    """The files of --train_file (or another split's option): each path or glob (sorted matches) in the order
+    given, checked; the first that names nothing is the error. One split's files share one format."""
+    files: list[str] = []
+    for pattern in [given] if isinstance(given, str) else list(given):
+        matches = sorted(glob.glob(pattern)) if glob.has_magic(pattern) else [pattern]
+        _require(bool(matches), f"--{flag} {pattern!r} matches no file; check the pattern (quote it so the shell "
+                 "does not expand it first)")
+        for path in matches:
+            _check_local_file(flag, path)
+            files.append(path)
+    kinds = sorted({builder_for(p) for p in files})
+    _require(len(kinds) == 1, f"--{flag} mixes formats ({', '.join(kinds)}); give the files of one split in one "
+             "format")
+    return files
+
+
 def _check_sources(c: TrainConfig) -> None:
     _require(not (c.train_file and c.dataset_dir), "give either --train_file or --dataset_dir, not both")
     _require(not (c.validation_file and not c.train_file),
@@ -307,12 +337,14 @@ def _check_sources(c: TrainConfig) -> None:
                  "folder holding wiki.train.raw and wiki.valid.raw")
         for name in WIKITEXT_FILES.values():
             _check_local_file("dataset_dir", os.path.join(c.dataset_dir, name))
-    if c.train_file:
-        _check_local_file("train_file", c.train_file)
-    if c.validation_file:
-        _check_local_file("validation_file", c.validation_file)
-    if c.test_file:
-        _check_local_file("test_file", c.test_file)
+    for flag in ("train_file", "validation_file", "test_file"):
+        if getattr(c, flag):
+            setattr(c, flag, _expand_files(flag, getattr(c, flag)))
+    # A separator typed on a shell arrives as backslash-n: read the usual escapes as what they name.
+    c.text_separator = c.text_separator.replace("\\n", "\n").replace("\\t", "\t")
+    if c.text_column is not None:
+        _require(all(n.strip() for n in c.text_column.split(",")), f"--text_column {c.text_column!r} names an empty "
+                 "column; give NAME or NAME,NAME")
     _require(bool(c.dataset_name or c.train_file or c.dataset_dir),
              "no training data: give --dataset_name, --train_file or --dataset_dir")
     if c.streaming:
@@ -467,6 +499,8 @@ def _coerce(name: str, value: Any) -> Any:
     try:
         if tp is bool:
             return value if isinstance(value, bool) else _str2bool(str(value))
+        if typing.get_origin(tp) is list:  # a path list: one path or several
+            return [str(v) for v in value] if isinstance(value, (list, tuple)) else [str(value)]
         if tp is int and isinstance(value, float) and not value.is_integer():
             raise ValueError
         return tp(value)

@@ -132,6 +132,7 @@ class ChunkDataset(torch.utils.data.Dataset):
                  limit: Optional[int] = None):
         body = max_seq_length - 2
         n = stream.tokens.size // body
+        self.available = int(n)  # examples before --max_*_samples capped them
         n = min(n, limit) if limit else n
         self.bodies = stream.tokens[: n * body].reshape(n, body)
         self.max_seq_length, self.cls_id, self.sep_id = max_seq_length, cls_id, sep_id
@@ -158,6 +159,7 @@ class LineDataset(torch.utils.data.Dataset):
                  fixed_width: bool = False):
         offsets = np.concatenate([[0], np.cumsum(stream.lengths)])
         keep = np.nonzero(stream.lengths > 0)[0]
+        self.available = int(keep.size)  # examples before --max_*_samples capped them
         keep = keep[:limit] if limit else keep
         self.starts, self.lengths = offsets[keep], np.minimum(stream.lengths[keep], max_seq_length - 2)
         self.tokens = stream.tokens

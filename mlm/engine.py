@@ -86,8 +86,10 @@ class Trainable:
 
 def build_masking(cfg: TrainConfig, tokenizer) -> Masking:
     tables = build_masking_tables(tokenizer)  # on the host: prepare_batch masks there
-    if cfg.whole_word_mask and not bool(tables.continuation.any()):
-        raise UserError("--whole_word_mask needs a WordPiece tokenizer (## continuation pieces); this one has none")
+    if cfg.whole_word_mask and tables.word_convention is None:
+        raise UserError("--whole_word_mask needs a vocabulary that marks words (WordPiece '##' pieces, byte-level "
+                        "BPE 'Ġ' or SentencePiece '▁' word starts); this tokenizer's shows none, so train without "
+                        "--whole_word_mask")
     spec = MaskingSpec(cfg.mlm_probability, cfg.mask_replace_prob, cfg.random_replace_prob, cfg.whole_word_mask,
                        cfg.seed)
     return Masking(spec, tables)
@@ -203,7 +205,10 @@ def safe_exp(x: float) -> float:
     return math.exp(x) if x < 709.0 else math.inf
 
 
-EVAL_METRICS = ("loss", "perplexity", "accuracy", "masked_tokens")  # what evaluate() returns
+# What evaluate() returns: the figures, then how many examples they counted of how many the split has (fewer
+# only when --max_eval_samples capped it).
+EVAL_METRICS = ("loss", "perplexity", "accuracy", "masked_tokens", "examples", "split_examples")
+
 
 
 @torch.no_grad()
@@ -226,5 +231,7 @@ def evaluate(loss_module: MaskedLMLoss, loader, env: DistEnv, masking: Masking,
     nll_sum, correct, count = dist_sum(totals).tolist()
     loss_module.train(was_training)
     loss = nll_sum / count if count else math.nan
+    dataset = loader.dataset
     return {"loss": loss, "perplexity": safe_exp(loss) if count else math.nan,
-            "accuracy": correct / count if count else math.nan, "masked_tokens": int(count)}
+            "accuracy": correct / count if count else math.nan, "masked_tokens": int(count),
+            "examples": len(dataset), "split_examples": int(getattr(dataset, "available", len(dataset)))}

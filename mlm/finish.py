@@ -11,7 +11,7 @@ import copy
 import os
 from typing import Any, Callable, Optional
 
-from .card import CARD_FILE, model_card
+from .card import CARD_FILE, coverage, model_card
 from .distributed import broadcast_weights, main_decides
 from .engine import EVAL_METRICS, evaluate
 from .files import read_json, write_json_atomic, write_text_atomic
@@ -61,7 +61,7 @@ def test_best(run: Run, examples: Optional[Examples] = None) -> Optional[dict[st
     def write() -> None:
         saved = read_json(os.path.join(best, "eval_results.json"))
         prefix = "swa_" if saved.get("swa") else ""
-        validation = {k: saved[prefix + k] for k in EVAL_METRICS}
+        validation = {k: saved[prefix + k] for k in EVAL_METRICS if prefix + k in saved}
         if test is not None:
             write_json_atomic(os.path.join(cfg.output_dir, TEST_RESULTS), {"step": saved["step"], **test})
             write_json_atomic(os.path.join(best, "eval_results.json"),
@@ -69,7 +69,8 @@ def test_best(run: Run, examples: Optional[Examples] = None) -> Optional[dict[st
             run.tracker.log_test(state.step, test)
             run.tracker.write(f"test (best/ from step {saved['step']}): loss {test['loss']:.4f} perplexity "
                               f"{test['perplexity']:.3f} accuracy {test['accuracy']:.4f} ({test['masked_tokens']} "
-                              f"masked tokens) -> {os.path.join(cfg.output_dir, TEST_RESULTS)}")
+                              f"masked tokens{'; ' + coverage(test) if coverage(test) else ''}) -> "
+                              f"{os.path.join(cfg.output_dir, TEST_RESULTS)}")
         rows = examples(loss.model, run.tokenizer) if examples is not None else None
         facts = card_facts(run, validation, best_step=saved["step"], epoch=saved.get("epoch", 0.0), test=test,
                            examples=rows)

@@ -214,22 +214,38 @@ def hardware(env: DistEnv) -> str:
     return f"{env.world_size} x CPU process{'es' if env.world_size > 1 else ''}"
 
 
+def hub_name(name: str) -> bool:
+    """Whether a model name is a Hub id rather than something on this machine."""
+    return not os.path.exists(name)
+
+
+def local_name(path: str) -> str:
+    return os.path.basename(os.path.normpath(path))
+
+
+def files_names(paths: list[str]) -> str:
+    names = [local_name(p) for p in paths]
+    return ", ".join(names) if len(names) <= 3 else f"{', '.join(names[:2])} and {len(names) - 2} more"
+
+
 def card_facts(run: Run, validation: dict[str, Any], *, best_step: int, epoch: float,
                test: Optional[dict[str, Any]] = None, examples: Optional[list] = None) -> CardFacts:
     """What best/README.md says about this run (mlm/card.py writes it)."""
     cfg, env = run.cfg, run.env
-    hub_model = cfg.model_name_or_path if cfg.model_name_or_path and not os.path.isdir(cfg.model_name_or_path) \
-        else None
-    base = cfg.model_name_or_path or f"A BERT-style model built from scratch ({cfg.config_name or 'BertConfig'}" \
+    hub_model = cfg.model_name_or_path if cfg.model_name_or_path and hub_name(cfg.model_name_or_path) else None
+    # A card is uploaded: a local directory or file is named by its last component, never by this machine's path.
+    config = cfg.config_name and (cfg.config_name if hub_name(cfg.config_name) else local_name(cfg.config_name))
+    base = (hub_model or local_name(cfg.model_name_or_path)) if cfg.model_name_or_path else \
+        f"A model built from scratch ({config or 'BertConfig'}" \
         f"{', ' + cfg.config_overrides if cfg.config_overrides else ''})"
     if cfg.dataset_name:
         data = f"the Hugging Face dataset {cfg.dataset_name}" + \
             (f" ({cfg.dataset_config_name})" if cfg.dataset_config_name else "")
     else:
-        data = "the WikiText files in " + cfg.dataset_dir if cfg.dataset_dir else \
-            ", ".join(os.path.basename(p) for p in (cfg.train_file, cfg.validation_file) if p)
+        data = "the WikiText files in " + local_name(cfg.dataset_dir) if cfg.dataset_dir else \
+            " + ".join(files_names(p) for p in (cfg.train_file, cfg.validation_file) if p)
     if cfg.test_file:
-        data += f"; test {os.path.basename(cfg.test_file)}"
+        data += f"; test {files_names(cfg.test_file)}"
     batch = cfg.per_device_train_batch_size * env.world_size * cfg.gradient_accumulation_steps
     kept = 1.0 - cfg.mask_replace_prob - cfg.random_replace_prob
     masking = f"{cfg.mlm_probability:.0%} of {'whole words' if cfg.whole_word_mask else 'tokens'} selected, " \
@@ -311,7 +327,10 @@ def _stop_if_signalled(run: Run, last_saved: int) -> None:
     if not signum:
         return
     if signum == OUT_OF_TIME:
-        run.tracker.write(f"time budget (--max_runtime {run.cfg.max_runtime}) nearly spent: saving a checkpoint at "
+        req = run.stop_request
+        run.tracker.write(f"time budget (--max_runtime {run.cfg.max_runtime}) nearly spent: another step and "
+                          f"checkpoint would end at {req.projected_end:.1f} s of {req.budget:g} s (step "
+                          f"{req.step_seconds:.2f} s, checkpoint {req.save_seconds:.2f} s); saving a checkpoint at "
                           f"step {run.state.step} on all ranks")
     else:
         run.tracker.write(f"stop requested ({signal_name(signum)}): saving a checkpoint at step "

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import re
 from dataclasses import dataclass
+from typing import Optional
 
 import torch
 
@@ -21,13 +22,28 @@ _STREAM_SELECT, _STREAM_ACTION, _STREAM_TOKEN = 1, 2, 3
 _UNUSED = re.compile(r"^\[unused\d+\]$")
 
 
+# How a vocabulary marks words, by tokenizer kind: (name, marker, whether the marker starts a word). A WordPiece
+# "##" piece continues a word; a byte-level BPE "Ġ" piece (RoBERTa, ModernBERT) and a SentencePiece/Metaspace
+# "▁" piece (DeBERTa-v3, XLM-R, ALBERT) start one.
+WORD_CONVENTIONS = (("WordPiece", "##", False), ("byte-level BPE", "\u0120", True), ("SentencePiece", "\u2581", True))
+
+
 @dataclass(frozen=True)
 class MaskingTables:
     """Per-vocabulary lookups, built once from the tokenizer and kept on the device."""
     special: torch.Tensor       # bool [V]: never selected
-    continuation: torch.Tensor  # bool [V]: a WordPiece "##" piece (whole-word masking)
+    continuation: torch.Tensor  # bool [V]: a piece that continues the word before it (whole-word masking)
     ordinary_ids: torch.Tensor  # long [K]: candidates for random replacement
     mask_id: int
+    word_convention: Optional[str] = None  # WORD_CONVENTIONS' name, None when the vocabulary shows none
+
+
+def word_convention(pieces: list[str]) -> Optional[tuple[str, str, bool]]:
+    """The WORD_CONVENTIONS row whose marker begins the most pieces of the vocabulary, when it begins at least
+    1% of them; None when the vocabulary shows no word boundaries (whole-word masking is then refused)."""
+    count, row = max(((sum(p.startswith(row[1]) for p in pieces), row) for row in WORD_CONVENTIONS),
+                     key=lambda c: c[0])
+    return row if count and count >= 0.01 * len(pieces) else None
 
 
 @dataclass(frozen=True)
@@ -48,14 +64,16 @@ def build_masking_tables(tokenizer, device: torch.device | str = "cpu") -> Maski
     special[sorted(set(tokenizer.all_special_ids))] = True
     continuation = torch.zeros(size, dtype=torch.bool)
     unused = torch.zeros(size, dtype=torch.bool)
+    convention = word_convention(list(vocab))
+    name, marker, marks_start = convention or (None, "##", False)
     for piece, i in vocab.items():
-        continuation[i] = piece.startswith("##")
+        continuation[i] = piece.startswith(marker) != marks_start
         unused[i] = bool(_UNUSED.match(piece))
     ordinary = torch.nonzero(~special & ~unused).flatten()
     if tokenizer.mask_token_id is None:
         raise ValueError("the tokenizer has no mask token, so it cannot be used for masked-LM training")
     return MaskingTables(special=special.to(device), continuation=continuation.to(device),
-                         ordinary_ids=ordinary.to(device), mask_id=int(tokenizer.mask_token_id))
+                         ordinary_ids=ordinary.to(device), mask_id=int(tokenizer.mask_token_id), word_convention=name)
 
 
 def _mul32(h: torch.Tensor, c: int) -> torch.Tensor:
@@ -107,11 +125,12 @@ def _uniform(h: torch.Tensor) -> torch.Tensor:
 
 
 def _word_start_positions(input_ids: torch.Tensor, tables: MaskingTables) -> torch.Tensor:
-    """For each token, the position of the first WordPiece of its word ([B, T])."""
+    """For each token, the position of the first piece of its word ([B, T])."""
     special = tables.special[input_ids]
     prev_special = torch.ones_like(special)
     prev_special[:, 1:] = special[:, :-1]
-    # A "##" piece right after a special token (a word cut by a chunk boundary) starts its own word.
+    # A special token, and the piece right after one (a word cut by a chunk boundary, or the first word of a
+    # byte-level BPE text, which has no "Ġ"), start a word.
     is_start = ~tables.continuation[input_ids] | special | prev_special
     pos = torch.arange(input_ids.shape[1], device=input_ids.device).expand_as(input_ids)
     return torch.where(is_start, pos, torch.zeros_like(pos)).cummax(dim=1).values

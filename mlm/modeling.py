@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import importlib.util
 import logging
 from typing import Optional
 
@@ -35,7 +36,35 @@ def load_model_config(cfg: TrainConfig):
     return config
 
 
+def _masked_lm_class(config):
+    """The transformers class AutoModelForMaskedLM builds for this config; None when remote code decides."""
+    from transformers.models.auto.modeling_auto import MODEL_FOR_MASKED_LM_MAPPING
+    try:
+        return MODEL_FOR_MASKED_LM_MAPPING[type(config)]
+    except KeyError:
+        return None
+
+
+def check_attention(kernel: str, config) -> None:
+    """An explicit --attn_implementation the model or this machine cannot run is a one-line error naming auto,
+    before any weights load (transformers would say it after, in a paragraph)."""
+    if kernel == "flash_attention_2" and importlib.util.find_spec("flash_attn") is None:
+        raise UserError("--attn_implementation flash_attention_2 needs the flash-attn package, which is not "
+                        "installed; pip install flash-attn on a CUDA machine, or use --attn_implementation auto")
+    support = {"sdpa": "_supports_sdpa", "flash_attention_2": "_supports_flash_attn"}.get(kernel)
+    model_class = _masked_lm_class(config)
+    if support and model_class is not None and not getattr(model_class, support, False):
+        raise UserError(f"{model_class.__name__} has no {kernel} attention kernel; use --attn_implementation auto "
+                        "(transformers picks SDPA where a model has it, eager where not) or eager")
+
+
+def attention_kernel(model: nn.Module) -> str:
+    """The attention kernel the loaded model runs (what auto resolved to), for the banner and run_config.json."""
+    return str(getattr(model.config, "_attn_implementation", None) or "eager")
+
+
 def check_model_config(cfg: TrainConfig, config) -> None:
+    check_attention(cfg.attn_implementation, config)
     limit = usable_positions(config)
     if cfg.max_seq_length > limit:
         raise UserError(f"--max_seq_length {cfg.max_seq_length} exceeds the model's {limit} position embeddings; "
@@ -64,14 +93,15 @@ def build_model(cfg: TrainConfig, config, tokenizer) -> nn.Module:
     and a bf16 one pure-bf16 training. Autocast supplies the low precision."""
     from transformers import AutoModelForMaskedLM
     torch.manual_seed(cfg.seed)  # the same fresh weights (head, or whole model) on every rank
+    attention = None if cfg.attn_implementation == "auto" else cfg.attn_implementation  # None: transformers' choice
     if cfg.from_scratch:
         config.vocab_size = max(config.vocab_size, len(tokenizer))
-        model = AutoModelForMaskedLM.from_config(config, attn_implementation=cfg.attn_implementation,
+        model = AutoModelForMaskedLM.from_config(config, attn_implementation=attention,
                                                  trust_remote_code=cfg.trust_remote_code, dtype=torch.float32)
     else:
         try:
             model = AutoModelForMaskedLM.from_pretrained(cfg.model_name_or_path, config=config,
-                                                         attn_implementation=cfg.attn_implementation,
+                                                         attn_implementation=attention,
                                                          trust_remote_code=cfg.trust_remote_code,
                                                          dtype=torch.float32)
         except Exception as e:

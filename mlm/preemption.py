@@ -64,6 +64,7 @@ class StopRequest:
         self.group = group  # a CPU (gloo) group: asking costs no device sync
         self.budget, self.started = budget, time.monotonic() if started is None else started
         self.step_seconds, self.save_seconds = 0.0, 0.0
+        self.projected_end = 0.0  # the estimate the last budget check decided on (seconds from `started`)
         self.signum = 0
         self._previous = {}
         self._watchdog: Optional[threading.Timer] = None
@@ -99,20 +100,25 @@ class StopRequest:
         """What the next step and a checkpoint take here (the loop measures them)."""
         self.step_seconds, self.save_seconds = step_seconds, save_seconds
 
+    def _projected_end(self) -> float:
+        """When one more step and a checkpoint, with a 10% margin, would end (seconds from `started`)."""
+        return time.monotonic() - self.started + 1.1 * (self.step_seconds + self.save_seconds)
+
     def out_of_time(self) -> bool:
-        """Whether one more step and a checkpoint, with a 10% margin, would overrun the budget."""
-        if self.budget is None:
-            return False
-        elapsed = time.monotonic() - self.started
-        return elapsed + 1.1 * (self.step_seconds + self.save_seconds) >= self.budget
+        """Whether one more step and a checkpoint would overrun the budget."""
+        return self.budget is not None and self._projected_end() >= self.budget
 
     def agreed(self) -> int:
         """The signal number when any rank has received one, else OUT_OF_TIME when any rank finds the budget
-        about to run out, else 0; the same on every rank. Collective."""
-        late = OUT_OF_TIME if self.out_of_time() else 0
-        if not (dist.is_available() and dist.is_initialized()):
-            return self.signum or late
-        t = torch.tensor([self.signum, late], dtype=torch.int32)
-        dist.all_reduce(t, op=dist.ReduceOp.MAX, group=self.group)
-        signum, late = t.tolist()
+        about to run out, else 0; the same on every rank. Collective. projected_end is then the latest
+        estimate of any rank, the one the decision rests on."""
+        end = self._projected_end() if self.budget is not None else 0.0
+        if dist.is_available() and dist.is_initialized():
+            t = torch.tensor([float(self.signum), end], dtype=torch.float64)
+            dist.all_reduce(t, op=dist.ReduceOp.MAX, group=self.group)
+            signum, end = int(t[0].item()), float(t[1].item())
+        else:
+            signum = self.signum
+        self.projected_end = end
+        late = OUT_OF_TIME if self.budget is not None and end >= self.budget else 0
         return signum or late

@@ -8,9 +8,9 @@ from __future__ import annotations
 
 import os
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Callable, Optional
+from typing import TYPE_CHECKING, Any, Callable, Optional, Sequence
 
-from .cleaning import TextReport, clean_values, readable_copy
+from .cleaning import EMPTY_ROWS, TextReport, clean_value, clean_values, readable_copy
 from .cli import UserError
 from .files import sha256_file
 from .hub import failure as hub_failure
@@ -37,12 +37,12 @@ def wikitext_file(dataset_dir: str, split: str) -> str:
     return os.path.join(dataset_dir, WIKITEXT_TEST if split == "test" else WIKITEXT_FILES[split])
 
 
-def test_file(cfg: TrainConfig) -> Optional[str]:
-    """The local file of the test split: --test_file, else wiki.test.raw in --dataset_dir when it is there."""
+def test_files(cfg: TrainConfig) -> Optional[list[str]]:
+    """The local files of the test split: --test_file, else wiki.test.raw in --dataset_dir when it is there."""
     if cfg.test_file:
-        return cfg.test_file
+        return list(cfg.test_file)
     if cfg.dataset_dir and os.path.isfile(wikitext_file(cfg.dataset_dir, "test")):
-        return wikitext_file(cfg.dataset_dir, "test")
+        return [wikitext_file(cfg.dataset_dir, "test")]
     return None
 
 
@@ -69,9 +69,62 @@ class Source:
     report: TextReport = field(default_factory=TextReport)
 
 
+@dataclass(frozen=True)
+class TextColumns:
+    """Which columns of a csv/json/parquet row or Hub dataset row hold its text (--text_column), and what joins
+    them. `given` is False for the default 'text', whose rows are kept as they are (a blank line is a text);
+    with --text_column, a row whose joined text is empty is skipped and counted."""
+    names: tuple[str, ...] = ("text",)
+    separator: str = "\n"
+    given: bool = False
+
+    @staticmethod
+    def of(cfg: TrainConfig) -> "TextColumns":
+        if not cfg.text_column:
+            return TextColumns()
+        return TextColumns(tuple(n.strip() for n in cfg.text_column.split(",")), cfg.text_separator, True)
+
+    def check(self, columns: list[str], label: str) -> None:
+        """A one-line error when a wanted column is missing, listing the columns there are."""
+        missing = [n for n in self.names if n not in columns]
+        if not missing:
+            return
+        have = ", ".join(columns)
+        if self.given:
+            raise UserError(f"{label!r} has no column {missing[0]!r} (columns: {have}); give --text_column one or "
+                            "more of these, NAME or NAME,NAME")
+        raise UserError(f"{label!r} has no 'text' column (columns: {have}); name the column holding the text with "
+                        "--text_column NAME, or several with NAME,NAME")
+
+    def row_text(self, values: Sequence[Any], mode: str, where: str, report: TextReport, origin: str) -> Optional[str]:
+        """One row's text from its column values (in self.names' order); None when the row is skipped."""
+        if not self.given:
+            return clean_value(values[0], mode, where, report, origin)
+        parts = [clean_value(v, mode, where, report, origin, column=n) for n, v in zip(self.names, values)]
+        if any(p is None for p in parts):
+            return None
+        text = self.separator.join(p for p in parts if p)
+        if not text.strip():
+            report.add(origin, EMPTY_ROWS)
+            return None
+        return text
+
+    def texts(self, table: dict[str, Sequence[Any]], mode: str, origin: str, report: TextReport,
+              first_row: int = 0) -> list[str]:
+        """The texts of a batch of rows given as columns (rows numbered from first_row + 1 in messages)."""
+        if not self.given:
+            return clean_values(table["text"], mode, origin, report, first_row)
+        out = []
+        for i, values in enumerate(zip(*(table[n] for n in self.names))):
+            text = self.row_text(values, mode, f"{origin} row {first_row + i + 1}", report, origin)
+            if text is not None:
+                out.append(text)
+        return out
+
+
 def read_text_file(path: str, text_errors: str = "error", report: Optional[TextReport] = None,
-                   clean_dir: Optional[str] = None) -> list[str]:
-    """Texts of a local file: a line each for .txt/.raw; the 'text' column for .json/.jsonl/.parquet/.csv.
+                   clean_dir: Optional[str] = None, columns: TextColumns = TextColumns()) -> list[str]:
+    """Texts of a local file: a line each for .txt/.raw; the text column(s) for .json/.jsonl/.parquet/.csv.
     Undecodable bytes and non-string values are handled as text_errors says (mlm/cleaning.py)."""
     report = report if report is not None else TextReport()
     readable = path if path.endswith(".parquet") else readable_copy(path, text_errors, report, clean_dir)
@@ -90,10 +143,23 @@ def read_text_file(path: str, text_errors: str = "error", report: Optional[TextR
     finally:
         if bars:
             datasets.enable_progress_bars()
-    if "text" not in ds.column_names:
-        raise UserError(f"{path!r} has no 'text' column (columns: {', '.join(ds.column_names)}); name the column "
-                        "holding the text 'text'")
-    return clean_values(ds["text"], text_errors, path, report)
+    columns.check(ds.column_names, path)
+    return columns.texts({n: ds[n] for n in columns.names}, text_errors, path, report)
+
+
+def read_files(paths: list[str], text_errors: str, report: TextReport, clean_dir: Optional[str],
+               columns: TextColumns) -> list[str]:
+    """The texts of several files of one split, in the order given."""
+    return [t for p in paths for t in read_text_file(p, text_errors, report, clean_dir, columns)]
+
+
+def files_label(paths: list[str]) -> str:
+    """Several files in a message: the first and how many more."""
+    return paths[0] if len(paths) == 1 else f"{paths[0]} and {len(paths) - 1} more"
+
+
+def files_fingerprint(paths: list[str]) -> str:
+    return ",".join(f"{sha256_file(p)}:{p.rsplit('.', 1)[-1]}" for p in paths)
 
 
 def carve_validation(texts: list[str], percentage: int, origin: str) -> dict[str, list[str]]:
@@ -106,31 +172,33 @@ def carve_validation(texts: list[str], percentage: int, origin: str) -> dict[str
 
 
 def _mode(cfg: TrainConfig) -> str:
-    """The fingerprint's suffix for --text_errors: replace and skip give different texts from the same file (error
-    gives texts only from clean files)."""
-    return "" if cfg.text_errors == "error" else f":text_errors={cfg.text_errors}"
+    """The fingerprint's suffix for what turns rows into texts: --text_errors replace and skip give different texts
+    from the same file (error gives texts only from clean files), and so do other --text_column choices."""
+    mode = "" if cfg.text_errors == "error" else f":text_errors={cfg.text_errors}"
+    columns = TextColumns.of(cfg)
+    return mode + (f":columns={list(columns.names)}:sep={columns.separator!r}" if columns.given else "")
 
 
 def _local_source(cfg: TrainConfig) -> Source:
     report = TextReport()
     mode = _mode(cfg)
 
-    def read(path: str) -> list[str]:
-        return read_text_file(path, cfg.text_errors, report, text_copies_dir(cfg))
+    def read(paths: list[str]) -> list[str]:
+        return read_files(paths, cfg.text_errors, report, text_copies_dir(cfg), TextColumns.of(cfg))
     if cfg.dataset_dir:
         files = {split: wikitext_file(cfg.dataset_dir, split) for split in WIKITEXT_FILES}
         return Source(f"WikiText directory {cfg.dataset_dir}",
                       "wikitext-dir:" + ",".join(sha256_file(p) for p in files.values()) + mode,
-                      lambda: {split: read(p) for split, p in files.items()}, report)
+                      lambda: {split: read([p]) for split, p in files.items()}, report)
     train, valid = cfg.train_file, cfg.validation_file
-    fp = f"files:{sha256_file(train)}:{train.rsplit('.', 1)[-1]}"
+    fp = f"files:{files_fingerprint(train)}"
     if valid:
-        fp += f":{sha256_file(valid)}:{valid.rsplit('.', 1)[-1]}"
-        return Source(f"{train} + {valid}", fp + mode, lambda: {"train": read(train), "validation": read(valid)},
-                      report)
+        fp += f":{files_fingerprint(valid)}"
+        return Source(f"{files_label(train)} + {files_label(valid)}", fp + mode,
+                      lambda: {"train": read(train), "validation": read(valid)}, report)
     pct = cfg.validation_split_percentage
-    return Source(f"{train} ({pct}% held out)", f"{fp}:holdout{pct}{mode}",
-                  lambda: carve_validation(read(train), pct, train), report)
+    return Source(f"{files_label(train)} ({pct}% held out)", f"{fp}:holdout{pct}{mode}",
+                  lambda: carve_validation(read(train), pct, files_label(train)), report)
 
 
 def _hub_source(cfg: TrainConfig) -> Source:
@@ -143,8 +211,8 @@ def _hub_source(cfg: TrainConfig) -> Source:
                         "connection, or use local data with --train_file or --dataset_dir") from None
     if "train" not in dd:
         raise UserError(f"dataset {label!r} has no 'train' split (splits: {', '.join(dd)})")
-    if "text" not in dd["train"].column_names:
-        raise UserError(f"dataset {label!r} has no 'text' column (columns: {', '.join(dd['train'].column_names)})")
+    columns = TextColumns.of(cfg)
+    columns.check(dd["train"].column_names, f"dataset {label}")
     pct = cfg.validation_split_percentage
     fp = f"hub:{label}:" + ",".join(f"{k}={v._fingerprint}" for k, v in sorted(dd.items()))
     fp += _mode(cfg)
@@ -152,7 +220,8 @@ def _hub_source(cfg: TrainConfig) -> Source:
 
     def split_texts(split: str) -> list[str]:  # Arrow strings are UTF-8: only non-string values can occur
         origin = f"dataset {label} split {split}"
-        return clean_values(dd[split]["text"], cfg.text_errors, origin, report)
+        columns.check(dd[split].column_names, origin)
+        return columns.texts({n: dd[split][n] for n in columns.names}, cfg.text_errors, origin, report)
 
     def load() -> dict[str, list[str]]:
         texts = {"train": split_texts("train"), "validation": split_texts("validation")} if "validation" in dd \
@@ -163,22 +232,21 @@ def _hub_source(cfg: TrainConfig) -> Source:
     return Source(f"Hub dataset {label}", fp if "validation" in dd else f"{fp}:holdout{pct}", load, report)
 
 
-def _with_test_file(source: Source, cfg: TrainConfig, path: str) -> Source:
-    """source with its test split read from a local file (--test_file, or wiki.test.raw in --dataset_dir)."""
+def _with_test_files(source: Source, cfg: TrainConfig, paths: list[str]) -> Source:
+    """source with its test split read from local files (--test_file, or wiki.test.raw in --dataset_dir)."""
 
     def load() -> dict[str, list[str]]:
         texts = source.load()
-        texts["test"] = read_text_file(path, cfg.text_errors, source.report, text_copies_dir(cfg))
+        texts["test"] = read_files(paths, cfg.text_errors, source.report, text_copies_dir(cfg), TextColumns.of(cfg))
         return texts
-    return Source(f"{source.description}, test {path}",
-                  f"{source.fingerprint}|test:{sha256_file(path)}:{path.rsplit('.', 1)[-1]}{_mode(cfg)}", load,
-                  source.report)
+    return Source(f"{source.description}, test {files_label(paths)}",
+                  f"{source.fingerprint}|test:{files_fingerprint(paths)}{_mode(cfg)}", load, source.report)
 
 
 def build_source(cfg: TrainConfig) -> Source:
     source = _local_source(cfg) if (cfg.dataset_dir or cfg.train_file) else _hub_source(cfg)
-    path = test_file(cfg)
-    return _with_test_file(source, cfg, path) if path else source
+    paths = test_files(cfg)
+    return _with_test_files(source, cfg, paths) if paths else source
 
 
 # ---------------------------------------------------------------------- one split as a stream
@@ -187,29 +255,30 @@ def _stream_error(label: str, e: Exception) -> UserError:
                      "connection, or stream local files with --train_file/--validation_file or --dataset_dir")
 
 
-def local_file(cfg: TrainConfig, split: str) -> Optional[str]:
-    """The local file a split is read from; None for a Hub dataset's split, and for a test split that neither
+def local_files(cfg: TrainConfig, split: str) -> Optional[list[str]]:
+    """The local files a split is read from; None for a Hub dataset's split, and for a test split that neither
     --test_file nor --dataset_dir provides."""
     if split == "test":
-        return test_file(cfg)
+        return test_files(cfg)
     if cfg.dataset_dir:
-        return wikitext_file(cfg.dataset_dir, split)
+        return [wikitext_file(cfg.dataset_dir, split)]
     if cfg.train_file:
-        return cfg.train_file if split == "train" else cfg.validation_file
+        return list(cfg.train_file if split == "train" else cfg.validation_file)
     return None
 
 
 def open_split(cfg: TrainConfig, split: str, report: Optional[TextReport] = None, missing_ok: bool = False):
-    """One split as a datasets IterableDataset with a 'text' column (and perhaps others). A local file with
-    undecodable bytes is streamed from its marked UTF-8 copy (mlm/cleaning.py); report counts them.
+    """One split as a datasets IterableDataset holding the --text_column column(s) (and perhaps others). A local
+    file with undecodable bytes is streamed from its marked UTF-8 copy (mlm/cleaning.py); report counts them.
     missing_ok: None for a split the source does not have (the test split is optional)."""
     import datasets
-    path = local_file(cfg, split)
-    if path is not None:
-        readable = path if path.endswith(".parquet") else \
-            readable_copy(path, cfg.text_errors, report if report is not None else TextReport(), text_copies_dir(cfg))
-        ds = datasets.load_dataset(builder_for(path), data_files={split: readable}, split=split, streaming=True)
-        label = path
+    paths = local_files(cfg, split)
+    if paths is not None:
+        report = report if report is not None else TextReport()
+        readable = [p if p.endswith(".parquet") else readable_copy(p, cfg.text_errors, report, text_copies_dir(cfg))
+                    for p in paths]
+        ds = datasets.load_dataset(builder_for(paths[0]), data_files={split: readable}, split=split, streaming=True)
+        label = files_label(paths)
     elif cfg.dataset_dir or cfg.train_file:
         return None  # a local source without a test split
     else:
@@ -227,17 +296,24 @@ def open_split(cfg: TrainConfig, split: str, report: Optional[TextReport] = None
             raise _stream_error(label, e) from None
     if ds.column_names is None:
         ds = ds._resolve_features()  # peeks at the first example: the columns must be known to drop them
-    if "text" not in ds.column_names:
-        raise UserError(f"{label!r} has no 'text' column (columns: {', '.join(ds.column_names)}); name the "
-                        "column holding the text 'text'")
+    columns = TextColumns.of(cfg)
+    if paths is not None and paths[0].endswith((".txt", ".raw")):
+        columns = TextColumns()  # a text file's lines are its texts, whatever --text_column says
+    columns.check(list(ds.column_names), label)
     return ds
 
 
+def split_columns(cfg: TrainConfig, split: str) -> TextColumns:
+    """The columns a split's rows are read from: a text file has one, 'text', whatever --text_column says."""
+    paths = local_files(cfg, split)
+    return TextColumns() if paths and paths[0].endswith((".txt", ".raw")) else TextColumns.of(cfg)
+
+
 def split_label(cfg: TrainConfig, split: str) -> str:
-    """How a split's rows are named in messages: the local file, or the Hub dataset and split."""
-    path = local_file(cfg, split)
-    if path is not None:
-        return path
+    """How a split's rows are named in messages: the local file(s), or the Hub dataset and split."""
+    paths = local_files(cfg, split)
+    if paths is not None:
+        return files_label(paths)
     return f"dataset {hub_label(cfg.dataset_name, cfg.dataset_config_name)} split {split}"
 
 
@@ -247,4 +323,7 @@ def whole_split(cfg: TrainConfig, split: str, report: TextReport) -> Optional[li
     ds = open_split(cfg, split, report, missing_ok=split == "test")
     if ds is None:
         return None
-    return clean_values((row["text"] for row in ds), cfg.text_errors, split_label(cfg, split), report)
+    columns, label = split_columns(cfg, split), split_label(cfg, split)
+    texts = (columns.row_text([row[n] for n in columns.names], cfg.text_errors, f"{label} row {i + 1}", report, label)
+             for i, row in enumerate(ds))
+    return [t for t in texts if t is not None]

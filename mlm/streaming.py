@@ -38,33 +38,34 @@ from .cli import LocalUserError, UserError
 from .config import TrainConfig
 from .data import DataBundle, build_datasets, eval_loader, eval_stats, tokenize_texts
 from .distributed import DistEnv, all_ranks, main_process_first
-from .sources import open_split, split_label, whole_split
+from .sources import TextColumns, open_split, split_columns, split_label, whole_split
 from .text import frame, plain_backend
 
 log = logging.getLogger("mlm")
 PACK_TEXTS = 1000  # texts tokenised and packed together; the remainder under one body is dropped per group
 
 
-def pack_function(backend, body: int, text_errors: str = "error", label: str = "the training stream"):
-    """Batched map: tokenise a group of texts, concatenate, cut into bodies of `body` tokens. Rows are cleaned
-    as --text_errors says; a stream's rows are met lazily, in a loader worker, so what is replaced or skipped is
-    told once per worker in a warning (the banner is long printed), and an error is raised by the rank that met
-    it (LocalUserError)."""
+def pack_function(backend, body: int, text_errors: str = "error", label: str = "the training stream",
+                  columns: TextColumns = TextColumns()):
+    """Batched map: tokenise a group of texts, concatenate, cut into bodies of `body` tokens. Rows are read from
+    the text column(s) and cleaned as --text_errors says; a stream's rows are met lazily, in a loader worker, so
+    what is replaced or skipped is told once per worker in a warning (the banner is long printed), and an error
+    is raised by the rank that met it (LocalUserError)."""
     report, told = TextReport(), set()
 
-    def clean(value) -> Optional[str]:
+    def text(values: list) -> Optional[str]:
         try:
-            text = clean_value(value, text_errors, f"{label}: a row", report, label)
+            t = columns.row_text(values, text_errors, f"{label}: a row", report, label)
         except UserError as e:
             raise LocalUserError(str(e)) from None
         for what in report.counts.get(label, {}):
             if what not in told:
                 told.add(what)
                 log.warning(f"warning: {label}: {what} (--text_errors {text_errors}); further ones are not told")
-        return text
+        return t
 
     def pack(batch: dict[str, list]) -> dict[str, list]:
-        texts = [t for t in map(clean, batch["text"]) if t is not None]
+        texts = [t for t in map(text, zip(*(batch[n] for n in columns.names))) if t is not None]
         ids = [e.ids for e in backend.encode_batch(texts, add_special_tokens=False)]
         flat = np.fromiter(itertools.chain.from_iterable(ids), dtype=np.int64)
         n = flat.size // body
@@ -79,7 +80,8 @@ def rank_stream(cfg: TrainConfig, env: DistEnv, backend, report: TextReport):
     columns = list(ds.column_names)
     ds = ds.shuffle(seed=cfg.seed, buffer_size=cfg.shuffle_buffer_size)
     ds = split_dataset_by_node(ds, rank=env.rank, world_size=env.world_size)
-    pack = pack_function(backend, cfg.max_seq_length - 2, cfg.text_errors, split_label(cfg, "train"))
+    pack = pack_function(backend, cfg.max_seq_length - 2, cfg.text_errors, split_label(cfg, "train"),
+                         split_columns(cfg, "train"))
     return ds.map(pack, batched=True, batch_size=PACK_TEXTS, remove_columns=columns)
 
 
@@ -181,7 +183,7 @@ def build_streaming_data(cfg: TrainConfig, env: DistEnv, tokenizer) -> DataBundl
     batches = PackedBatches(stream, cfg.per_device_train_batch_size, cfg.max_seq_length,
                             tokenizer.cls_token_id, tokenizer.sep_token_id)
     workers = cfg.loader_workers
-    stats = {"train": f"streamed: {cfg.train_file or cfg.dataset_dir or cfg.dataset_name}, shuffle buffer "
+    stats = {"train": f"streamed: {split_label(cfg, 'train')}, shuffle buffer "
                       f"{cfg.shuffle_buffer_size} texts, packed into {cfg.max_seq_length}-token examples by "
                       f"{workers or 'no'} loader worker(s) per rank",
              **eval_stats(valid, test, streams, cfg.max_seq_length),

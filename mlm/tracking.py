@@ -14,6 +14,7 @@ import time
 from typing import Any, Callable, Optional
 
 from .cli import UserError
+from .card import coverage
 from .config import TrainConfig
 from .files import HISTORY, read_history, write_json_atomic
 
@@ -151,7 +152,8 @@ class Tracker:
         if self.wandb and step > self.wandb_floor:
             self.wandb.log({f"eval/{k}": v for k, v in metrics.items()}, step=step)
         self.write(f"eval at step {step}: loss {metrics['loss']:.4f} perplexity {metrics['perplexity']:.3f} "
-                   f"accuracy {metrics['accuracy']:.4f} ({metrics['masked_tokens']} masked tokens)" +
+                   f"accuracy {metrics['accuracy']:.4f} ({metrics['masked_tokens']} masked tokens"
+                   f"{'; ' + coverage(metrics) if coverage(metrics) else ''})" +
                    (f"; SWA average of {metrics['swa_snapshots']}: perplexity {metrics['swa_perplexity']:.3f}"
                     if "swa_perplexity" in metrics else ""))
 

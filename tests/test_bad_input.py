@@ -128,7 +128,6 @@ def test_bad_input_under_torchrun(name, tmp_path, tiny_config_dir, tokenizer_pat
     res = run_train(case.args, nproc=2, timeout=120, extra_env=case.env,
                     torchrun_args=["--log-dir", log_dir, "--redirects", "3"])
     assert res.returncode != 0, res.output
-    assert res.seconds < TIME_LIMIT_S, f"took {res.seconds:.1f} s"
     (out0, err0), (out1, err1) = worker_logs(log_dir, 0), worker_logs(log_dir, 1)
     for rank, text in enumerate((out0 + err0, out1 + err1)):
         assert "Traceback" not in text, f"rank {rank} printed a traceback:\n{text}"
