@@ -57,6 +57,20 @@ def builder_for(path: str) -> str:
     return {"txt": "text", "raw": "text", "jsonl": "json"}.get(suffix, suffix)
 
 
+def builder_options(path: str) -> dict[str, Any]:
+    """Options for that builder. A CSV cell is text: every column (named by the file's header) is read as a
+    string, so that a column type-guessed differently in two files (all empty in one, numbers in another)
+    cannot stop a split of several files."""
+    if builder_for(path) != "csv":
+        return {}
+    import csv
+
+    import datasets
+    with open(path, newline="", encoding="utf-8", errors="replace") as fh:
+        header = next(csv.reader(fh), [])
+    return {"features": datasets.Features({name: datasets.Value("string") for name in header})} if header else {}
+
+
 # ---------------------------------------------------------------------- whole splits (the cached path)
 @dataclass(frozen=True)
 class Source:
@@ -137,7 +151,7 @@ def read_text_file(path: str, text_errors: str = "error", report: Optional[TextR
     bars = datasets.is_progress_bar_enabled()
     datasets.disable_progress_bars()  # "Generating train split" for a local file is noise, on every run
     try:
-        ds = datasets.load_dataset(kind, data_files=readable, split="train")
+        ds = datasets.load_dataset(kind, data_files=readable, split="train", **builder_options(readable))
     except Exception as e:
         raise UserError(f"could not read {path!r} as {kind} ({type(e).__name__}); check the file's format") from None
     finally:
@@ -277,7 +291,8 @@ def open_split(cfg: TrainConfig, split: str, report: Optional[TextReport] = None
         report = report if report is not None else TextReport()
         readable = [p if p.endswith(".parquet") else readable_copy(p, cfg.text_errors, report, text_copies_dir(cfg))
                     for p in paths]
-        ds = datasets.load_dataset(builder_for(paths[0]), data_files={split: readable}, split=split, streaming=True)
+        ds = datasets.load_dataset(builder_for(paths[0]), data_files={split: readable}, split=split, streaming=True,
+                                   **builder_options(readable[0]))
         label = files_label(paths)
     elif cfg.dataset_dir or cfg.train_file:
         return None  # a local source without a test split

@@ -33,7 +33,26 @@ def test_test_file_is_evaluated_on_best_and_written_beside_it(files, tiny_config
     card = ModelCard.load(os.path.join(out, "best", "README.md"))
     assert card.data.base_model is None and card.data.datasets is None  # from scratch, local files
     assert {r.dataset_split for r in card.data.eval_results} == {"validation", "test"}
-    assert "test.txt" in card.text and "A BERT-style model built from scratch" in card.text
+    assert "test.txt" in card.text and "A model built from scratch (tiny-bert" in card.text
+    # A card is uploaded: it names local files and directories by their last component, never this machine's path.
+    card_file = open(os.path.join(out, "best", "README.md"), encoding="utf-8").read()
+    assert str(tmp_path) not in card_file and os.path.dirname(tiny_config_dir) not in card_file
+    assert "every example of the split counted once" in card.text
+
+
+def test_a_capped_evaluation_says_how_much_it_counted(files, tiny_config_dir, tokenizer_path, tmp_path, capsys):
+    out = str(tmp_path / "run")
+    args = tiny_args(tiny_config_dir, tokenizer_path, out, str(tmp_path / "cache"), train_file=files["train"],
+                     validation_file=files["valid"], test_file=files["test"], max_train_steps=2,
+                     max_eval_samples=5)
+    assert train_here(args) == 0
+    test = read_json(os.path.join(out, "test_results.json"))
+    assert test["examples"] == 5 and test["split_examples"] > 5
+    stdout = capsys.readouterr().out
+    assert f"the first 5 of the split's {test['split_examples']} examples (--max_eval_samples)" in stdout
+    card = open(os.path.join(out, "best", "README.md"), encoding="utf-8").read()
+    assert "every example of the split counted once" not in card
+    assert "the first 5 of the split's" in card
 
 
 def test_without_a_test_split_nothing_is_tested_and_the_card_says_so(files, tiny_config_dir, tokenizer_path,
