@@ -34,11 +34,18 @@ def export(model: nn.Module, path: str, opset: int = 17) -> None:
     model = copy.deepcopy(model).eval().to("cpu")
     example = torch.tensor([[101, 2023, 103, 1012, 102]]) % model.config.vocab_size
     tmp = f"{path}.tmp"
-    with torch.no_grad():
-        torch.onnx.export(LogitsOnly(model), (example, torch.ones_like(example)), tmp, dynamo=False,
-                          input_names=["input_ids", "attention_mask"], output_names=["logits"], opset_version=opset,
-                          dynamic_axes={name: {0: "batch", 1: "sequence"}
-                                        for name in ("input_ids", "attention_mask", "logits")})
+    try:
+        with torch.no_grad():
+            torch.onnx.export(LogitsOnly(model), (example, torch.ones_like(example)), tmp, dynamo=False,
+                              input_names=["input_ids", "attention_mask"], output_names=["logits"],
+                              opset_version=opset, dynamic_axes={name: {0: "batch", 1: "sequence"}
+                                                                 for name in ("input_ids", "attention_mask", "logits")})
+    except Exception as e:  # the exporter's own limits for this architecture: say so in one line
+        if os.path.exists(tmp):
+            os.remove(tmp)
+        reason = (str(e).strip().splitlines() or [type(e).__name__])[0][:200]
+        raise UserError(f"the ONNX exporter cannot export {type(model).__name__} at opset {opset} ({reason}); "
+                        "use the PyTorch model (predict.py without --onnx), or try another --opset") from None
     os.replace(tmp, path)
 
 
