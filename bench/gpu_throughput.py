@@ -3,7 +3,10 @@
     python bench/gpu_throughput.py --assets DIR --out DIR [--budget_s 200] [--steps 20] [--repeats 2]
 
 Model: the bert-base-uncased architecture built from its config (BertConfig(): 12 layers, hidden 768, vocabulary
-30522), random weights (no Hub), the same seed on both sides, sdpa attention. Data: WikiText-2 train cut into
+30522), random weights (no Hub), the same seed on both sides, sdpa attention; two rows of the same kind for the
+deberta-v3-base (vocabulary 128100, eager attention: DeBERTa has no SDPA kernel) and ModernBERT-base (22 layers,
+vocabulary 50368) architectures, their token ids from the same WordPiece data (all below 30522). MFU uses the
+BERT-like FLOP formula for all three (ModernBERT's GeGLU and DeBERTa's relative attention add work it omits). Data: WikiText-2 train cut into
 chunks of the sequence length, the same chunks on both sides, with the bert-base-uncased WordPiece tokenizer.
 Rows, in order of priority (a row that would not fit in what is left of --budget_s is printed as not run):
 sequence 128 x batch 64 and 512 x 16, bf16 (compute capability 8.0 and up) and fp16 + GradScaler, eager, then
@@ -51,39 +54,57 @@ def sync() -> None:
         torch.cuda.synchronize()
 
 
+ARCHS = ("bert-base", "deberta-v3-base", "modernbert-base")
+
+
 @dataclass(frozen=True)
 class Row:
     seq: int
     batch: int
     precision: str
     compile: bool
+    arch: str = "bert-base"
 
     @property
     def label(self) -> str:
-        return f"{self.seq} x {self.batch}, {self.precision}{' + GradScaler' if self.precision == 'fp16' else ''}" \
-               f"{', compiled' if self.compile else ''}"
+        return f"{'' if self.arch == 'bert-base' else self.arch + ', '}{self.seq} x {self.batch}, {self.precision}" \
+               f"{' + GradScaler' if self.precision == 'fp16' else ''}{', compiled' if self.compile else ''}"
+
+
+def arch_config(arch: str = "bert-base"):
+    """The architecture of bert-base-uncased (BertConfig's defaults), microsoft/deberta-v3-base (its config.json's
+    values) or answerdotai/ModernBERT-base (ModernBertConfig's defaults); a tiny one of each in a dry run."""
+    from transformers import BertConfig, DebertaV2Config, ModernBertConfig
+    tiny = dict(hidden_size=64, num_hidden_layers=2, num_attention_heads=2, intermediate_size=128) \
+        if DRY_RUN["on"] else {}
+    if arch == "deberta-v3-base":
+        return DebertaV2Config(**{**dict(vocab_size=128100, hidden_size=768, num_hidden_layers=12,
+                                         num_attention_heads=12, intermediate_size=3072, max_position_embeddings=512,
+                                         relative_attention=True, position_buckets=256, norm_rel_ebd="layer_norm",
+                                         share_att_key=True, pos_att_type=["p2c", "c2p"], layer_norm_eps=1e-7,
+                                         position_biased_input=False, type_vocab_size=0), **tiny})
+    if arch == "modernbert-base":
+        return ModernBertConfig(**tiny)
+    return BertConfig(**tiny)
 
 
 def bert_config():
-    """bert-base-uncased's architecture (BertConfig's defaults), or a tiny one in a dry run."""
-    from transformers import BertConfig
-    if DRY_RUN["on"]:
-        return BertConfig(hidden_size=64, num_hidden_layers=2, num_attention_heads=2, intermediate_size=128)
-    return BertConfig()
+    return arch_config("bert-base")
 
 
-def bert_base():
-    """The model from its config, random weights, fp32 masters (the same on both sides)."""
+def bert_base(arch: str = "bert-base"):
+    """The model from its config, random weights, fp32 masters (the same on both sides); transformers' own
+    attention choice (SDPA, or eager for DeBERTa, which has no SDPA kernel)."""
     from transformers import AutoModelForMaskedLM
     torch.manual_seed(0)
-    return AutoModelForMaskedLM.from_config(bert_config(), attn_implementation="sdpa", dtype=torch.float32)
+    return AutoModelForMaskedLM.from_config(arch_config(arch), dtype=torch.float32)
 
 
 def run_ours(row: Row, chunks: ChunkDataset, tokenizer, warmup: int, steps: int) -> float:
     """Seconds of `steps` optimizer steps after `warmup`."""
     cfg = TrainConfig(learning_rate=5e-5, num_warmup_steps=0, per_device_train_batch_size=row.batch,
                       torch_compile=row.compile)
-    trainable = build_trainable(cfg, bert_base().to(DEVICE), row.precision, DEVICE, warmup + steps)
+    trainable = build_trainable(cfg, bert_base(row.arch).to(DEVICE), row.precision, DEVICE, warmup + steps)
     trainable.loss.train()
     masking = build_masking(cfg, tokenizer)
     sampler = GlobalOrderSampler(chunks, 1, 0, cfg.seed)
@@ -136,7 +157,7 @@ def run_hf(row: Row, chunks: ChunkDataset, tokenizer, warmup: int, steps: int) -
             save_strategy="no", logging_strategy="no", disable_tqdm=True, seed=42, optim="adamw_torch_fused",
             bf16=row.precision == "bf16", fp16=row.precision == "fp16", torch_compile=row.compile,
             dataloader_num_workers=0, use_cpu=DEVICE.type == "cpu")
-        trainer = Trainer(model=bert_base(), args=args, train_dataset=Rows(chunks),
+        trainer = Trainer(model=bert_base(row.arch), args=args, train_dataset=Rows(chunks),
                           data_collator=DataCollatorForLanguageModeling(tokenizer, mlm_probability=0.15),
                           callbacks=[StepClock()])
         trainer.remove_callback(PrinterCallback)
@@ -184,11 +205,13 @@ def plan(native_bf16: bool) -> list:
     """The rows in order of priority (the budget cuts from the end): the headline (sequence 128, the card's
     precision) eager and compiled first, fill-mask once the eager rows are in."""
     first, second = ("bf16", "fp16") if native_bf16 else ("fp16", None)
-    order = [(128, 64, first, False), (128, 64, second, False), (128, 64, first, True), (512, 16, first, False),
-             (512, 16, second, False), PREDICT, (128, 64, second, True), (512, 16, first, True),
-             (512, 16, second, True)]
+    order = [(128, 64, first, False), (128, 64, second, False), (128, 64, first, True),
+             (128, 64, first, False, "deberta-v3-base"), (128, 64, first, False, "modernbert-base"),
+             (512, 16, first, False), (512, 16, second, False), PREDICT, (128, 64, second, True),
+             (512, 16, first, True), (512, 16, second, True)]
     if DRY_RUN["on"]:
-        order = [(128, 64, "bf16", False), (128, 64, "bf16", True), PREDICT]
+        order = [(128, 64, "bf16", False), (128, 64, "bf16", True), (128, 64, "bf16", False, "deberta-v3-base"),
+                 (128, 64, "bf16", False, "modernbert-base"), PREDICT]
     return [item if item == PREDICT else Row(*item) for item in order if item == PREDICT or item[2] is not None]
 
 
@@ -240,7 +263,6 @@ def main() -> None:
     torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True  # as train_ddp.py (--tf32)
     capability = torch.cuda.get_device_capability(0) if DEVICE.type == "cuda" else (8, 0)
     native_bf16 = capability >= (8, 0)
-    shape = MlmShape.from_config(bert_config())
     name = torch.cuda.get_device_name(0) if DEVICE.type == "cuda" else "CPU (dry run)"
     peak, peak_source = device_peak(DEVICE, "bf16" if native_bf16 else "fp16")
     header = (f"GPU throughput, {name} (compute capability {capability[0]}.{capability[1]}); {common.versions()}; "
@@ -272,7 +294,8 @@ def main() -> None:
             ours.append(a.steps * row.batch / run_ours(row, chunks[row.seq], tokenizer, a.warmup, a.steps))
             hf.append(a.steps * row.batch / run_hf(row, chunks[row.seq], tokenizer, a.warmup, a.steps))
             print(f"{row.label}: ours {ours[-1]:.1f}, HF {hf[-1]:.1f} samples/s", flush=True)
-        needed = mlm_step_flops(shape, row.seq * row.batch, row.batch * row.seq ** 2, 0.15 * (row.seq - 2) * row.batch)
+        needed = mlm_step_flops(MlmShape.from_config(arch_config(row.arch)), row.seq * row.batch,
+                                row.batch * row.seq ** 2, 0.15 * (row.seq - 2) * row.batch)
         mo, mh = common.median(ours), common.median(hf)
         results.append({"row": row.label, "ours": mo, "hf": mh, "ours_runs": ours, "hf_runs": hf,
                         "ours_mfu": needed * mo / row.batch / peak, "hf_mfu": needed * mh / row.batch / peak})

@@ -116,7 +116,8 @@ def run_hf(cfg: TrainConfig, tokenizer, hf_data, warmup: int, steps: int) -> tup
             marks[state.global_step] = time.perf_counter()
 
     torch.manual_seed(cfg.seed)  # the same fresh MLM head as build_model gives ours
-    model = AutoModelForMaskedLM.from_pretrained(cfg.model_name_or_path, attn_implementation="sdpa")
+    attention = None if cfg.attn_implementation == "auto" else cfg.attn_implementation  # as build_model
+    model = AutoModelForMaskedLM.from_pretrained(cfg.model_name_or_path, attn_implementation=attention)
     with tempfile.TemporaryDirectory() as out:
         args = TrainingArguments(
             output_dir=out, per_device_train_batch_size=cfg.per_device_train_batch_size, max_steps=warmup + steps,

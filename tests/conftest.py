@@ -11,6 +11,13 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
 import pytest  # noqa: E402
+import torch  # noqa: E402
+
+if os.environ.get("PYTEST_XDIST_WORKER"):
+    # Two workers (-n 2) share the cores with the torchrun subprocesses they start (OMP_NUM_THREADS=1 each):
+    # in-process training at torch's default of one thread per core would oversubscribe them, and spinning
+    # OpenMP threads then slow every process down.
+    torch.set_num_threads(1)
 
 
 def pytest_configure(config):

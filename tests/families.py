@@ -68,6 +68,19 @@ def unigram_metaspace(directory: str, specials=("[CLS]", "[SEP]", "[PAD]", "[MAS
     return _wrap(tok, cls, sep, pad, mask, unk, directory)
 
 
+def trained_wordpiece(directory: str, vocab_size: int = 200):
+    """A WordPiece tokenizer trained here, as BERT's is built ("##" marks a piece that continues a word)."""
+    from tokenizers import Tokenizer, decoders, models, normalizers, pre_tokenizers, trainers
+    cls, sep, pad, mask, unk = SPECIALS[2], SPECIALS[3], SPECIALS[0], SPECIALS[4], SPECIALS[1]
+    tok = Tokenizer(models.WordPiece(unk_token=unk))
+    tok.normalizer = normalizers.BertNormalizer(lowercase=True)
+    tok.pre_tokenizer = pre_tokenizers.BertPreTokenizer()
+    tok.decoder = decoders.WordPiece()
+    trainer = trainers.WordPieceTrainer(vocab_size=vocab_size, special_tokens=SPECIALS, show_progress=False)
+    tok.train_from_iterator(training_text(), trainer)
+    return _wrap(tok, cls, sep, pad, mask, unk, directory)
+
+
 def wordpiece(directory: str):
     """The MiniLM (bert-base-uncased) WordPiece tokenizer."""
     from transformers import AutoTokenizer
@@ -153,7 +166,7 @@ FAMILIES: dict[str, tuple[Callable, Callable]] = {
 }
 
 
-def save_family(name: str, directory: str, seed: int = 0) -> str:
+def save_family(name: str, directory: str, seed: int = 0, **config_overrides) -> str:
     """A random masked LM of the family, with its tokenizer, saved as a pretrained directory."""
     import torch
     from transformers import AutoModelForMaskedLM
@@ -161,6 +174,8 @@ def save_family(name: str, directory: str, seed: int = 0) -> str:
     os.makedirs(directory, exist_ok=True)
     tok = make_tokenizer(directory)
     torch.manual_seed(seed)
-    model = AutoModelForMaskedLM.from_config(make_config(tok))
+    config = make_config(tok)
+    config.update(config_overrides)
+    model = AutoModelForMaskedLM.from_config(config)
     model.save_pretrained(directory)
     return directory

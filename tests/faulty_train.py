@@ -3,7 +3,8 @@
 MLM_FAULT (JSON) says what goes wrong, where and when; only the tests set it, and nothing of it lives in the
 product's code. Steps count this process's optimizer steps, so on a fresh run they are the global step.
   {"kind": "sigkill" | "sigterm" | "raise", "rank": R, "step": S}   after step S on rank R
-  {"kind": "nan", "rank": R, "step": S}        rank R's loss is NaN from step S on
+  {"kind": "nan", "rank": R, "step": S}        rank R's loss is NaN from step S on ("until": U: to step U only,
+                                               an overflow that passes)
   {"kind": "save_crash", "rank": 0, "step": S}  SIGKILL in the middle of writing checkpoint step-S
   "attempt": A   only in torchrun's attempt A (default 0; a restarted group runs clean)
   "sleep": T     sleep T seconds after every step, on every rank (so a test can act mid-run)
@@ -95,7 +96,7 @@ def install(fault: dict) -> None:
 
         def forward(self, *args, **kwargs):
             nll = original_forward(self, *args, **kwargs)
-            if steps["done"] + 1 >= at:  # the step being computed is steps["done"] + 1
+            if at <= steps["done"] + 1 <= fault.get("until", 10**9):  # the step being computed is done + 1
                 if steps["done"] + 1 == at:
                     fire()
                 return nll * float("nan")

@@ -24,7 +24,11 @@ def torchrun() -> list[str]:
     return [script] if os.path.isfile(script) else [sys.executable, "-m", "torch.distributed.run"]
 
 
-@pytest.fixture(scope="module")
+# One worker runs this module (README's test command: --dist loadgroup): the default command runs once.
+pytestmark = pytest.mark.xdist_group("first-hour")
+
+
+@pytest.fixture(scope="session")
 def first_hour(tmp_path_factory, hf_env):
     """Seeded caches, then `torchrun --nproc_per_node=2 train_ddp.py` and `python predict.py`, in a fresh working
     directory (where the default outputs/ goes)."""

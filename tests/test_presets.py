@@ -17,7 +17,7 @@ PRESETS = sorted(glob.glob(os.path.join(ROOT, "configs", "*.yaml")))
 def test_the_documented_presets_exist():
     names = {os.path.basename(p) for p in PRESETS}
     assert {"wikitext2-bert-base.yaml", "wikitext103-bert-base.yaml", "imdb-distilbert.yaml",
-            "smoke-cpu.yaml"} <= names
+            "smoke-cpu.yaml", "deberta-v3-base.yaml", "modernbert-base.yaml"} <= names
     readme = open(os.path.join(ROOT, "README.md")).read()
     assert all(f"configs/{n}" in readme for n in names)
 
@@ -75,3 +75,35 @@ def test_wikitext103_preset_streams_with_offline_stand_ins(tmp_path, wikitext_di
     assert "finished at step 4 on all 1 ranks" in r.output
     state = read_json(os.path.join(out, "checkpoints", "step-4", "trainer_state.json"))
     assert [s["num_workers"] for s in state["extra"]["data_states"]] == [2]
+
+
+def test_the_family_presets_say_what_their_families_need():
+    deberta = parse_args(["--config", os.path.join(ROOT, "configs", "deberta-v3-base.yaml")])
+    modern = parse_args(["--config", os.path.join(ROOT, "configs", "modernbert-base.yaml")])
+    assert deberta.model_name_or_path == "microsoft/deberta-v3-base" and deberta.precision == "auto"
+    assert deberta.attn_implementation == "auto" and deberta.max_nonfinite_steps > 0 and deberta.whole_word_mask
+    assert modern.model_name_or_path == "answerdotai/ModernBERT-base" and modern.mlm_probability == 0.3
+    assert modern.max_seq_length > 512
+
+
+@pytest.mark.parametrize("preset, family, positions", [("deberta-v3-base.yaml", "deberta-v3", 512),
+                                                       ("modernbert-base.yaml", "modernbert", 8192)])
+def test_a_family_preset_runs_on_a_tiny_model_of_its_family(preset, family, positions, tmp_path, hf_env):
+    """The preset as written, on its own data (WikiText-2 from the seeded Hub cache), with a tiny random model of
+    its family in place of the Hub's; only the run's length and where it writes are cut for CI."""
+    from families import save_family
+    model = save_family(family, str(tmp_path / "model"), max_position_embeddings=positions)
+    out = str(tmp_path / "run")
+    r = run_train(["--config", os.path.join(ROOT, "configs", preset), "--model_name_or_path", model,
+                   "--output_dir", out, "--data_cache_dir", str(tmp_path / "cache"), "--report_to", "none",
+                   "--max_train_steps", "2", "--max_eval_samples", "4", "--per_device_eval_batch_size", "4"],
+                  nproc=0, extra_env=hf_env, timeout=300)
+    assert r.returncode == 0, r.output[-3000:]
+    saved = read_json(os.path.join(out, "run_config.json"))
+    values = yaml.safe_load(open(os.path.join(ROOT, "configs", preset)))
+    for key in ("max_seq_length", "mlm_probability", "whole_word_mask", "gradient_accumulation_steps",
+                "per_device_train_batch_size", "learning_rate", "dataset_name", "dataset_config_name"):
+        assert saved[key] == values.get(key, saved[key]), key
+    assert saved["head_path"] == "masked positions only"
+    assert saved["attention_resolved"] == ("eager" if family == "deberta-v3" else "sdpa")
+    assert "finished at step 2 on all 1 ranks" in r.output
