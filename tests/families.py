@@ -141,6 +141,12 @@ def _deberta_v2(legacy: bool):
     return build
 
 
+def _deberta_v1(tok):
+    from transformers import DebertaConfig
+    return DebertaConfig(**_ids(tok), **_SIZE, **_NO_DROPOUT, max_position_embeddings=128, relative_attention=True,
+                         pos_att_type=["p2c", "c2p"], position_biased_input=False)
+
+
 def _roberta(tok):
     from transformers import RobertaConfig
     return _roberta_like(RobertaConfig)(tok)
@@ -152,7 +158,7 @@ def _xlmr(tok):
 
 
 # name -> (tokenizer builder, config builder). deberta-v3 is the DeBERTa-v3 layout (legacy head, as its
-# checkpoints load); deberta-v3-lm-predictions the non-legacy head.
+# checkpoints load); deberta-v3-lm-predictions the non-legacy head; deberta is v1 (byte-level BPE, as it ships).
 FAMILIES: dict[str, tuple[Callable, Callable]] = {
     "bert": (wordpiece, _bert),
     "distilbert": (wordpiece, _distilbert),
@@ -163,6 +169,7 @@ FAMILIES: dict[str, tuple[Callable, Callable]] = {
     "modernbert": (lambda d: byte_level_bpe(d, ("[CLS]", "[SEP]", "[PAD]", "[MASK]", "[UNK]")), _modernbert),
     "deberta-v3": (unigram_metaspace, _deberta_v2(legacy=True)),
     "deberta-v3-lm-predictions": (unigram_metaspace, _deberta_v2(legacy=False)),
+    "deberta": (lambda d: byte_level_bpe(d, ("[CLS]", "[SEP]", "[PAD]", "[MASK]", "[UNK]")), _deberta_v1),
 }
 
 
