@@ -4,7 +4,7 @@
 
 For each family, a random masked LM of MiniLM's size (6 layers, hidden 384, 6 heads, intermediate 1536) with the
 family's real vocabulary size (BERT 30522, RoBERTa 50265, XLM-R 250002, DeBERTa-v3 128100, ModernBERT 50368,
-ALBERT 30000, ...): the vocabulary head is where the masked-only head saves work, so its size is kept. Both
+ALBERT 30522 here (30000 in albert-base, below the WordPiece data's ids), ...): the vocabulary head is where the masked-only head saves work, so its size is kept. Both
 sides train the same saved model (the same seed for the fresh weights), on the same WikiText-2 chunks of 128
 tokens (MiniLM's WordPiece ids, valid in every vocabulary), batch 16, fp32, one process, every core, with
 transformers' own attention choice (SDPA, eager for DeBERTa). Runs alternate ours, HF, ours, HF. Prints a
@@ -41,7 +41,7 @@ def family_config(name: str):
     if name == "electra":
         return t.ElectraConfig(vocab_size=30522, embedding_size=128, **SIZE)
     if name == "albert":
-        return t.AlbertConfig(vocab_size=30000, embedding_size=128, **SIZE)
+        return t.AlbertConfig(vocab_size=30522, embedding_size=128, **SIZE)  # 30000 in albert-base; the data is WordPiece
     if name == "modernbert":
         return t.ModernBertConfig(vocab_size=50368, hidden_size=384, num_hidden_layers=6, num_attention_heads=6,
                                   intermediate_size=1536, pad_token_id=0, cls_token_id=101, sep_token_id=102)
