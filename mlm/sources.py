@@ -66,7 +66,8 @@ def builder_options(path: str) -> dict[str, Any]:
     import csv
 
     import datasets
-    with open(path, newline="", encoding="utf-8", errors="replace") as fh:
+    # utf-8-sig: a byte-order mark (spreadsheet exports) is no part of the first column's name, as for pandas.
+    with open(path, newline="", encoding="utf-8-sig", errors="replace") as fh:
         header = next(csv.reader(fh), [])
     return {"features": datasets.Features({name: datasets.Value("string") for name in header})} if header else {}
 

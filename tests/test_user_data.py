@@ -43,6 +43,13 @@ def test_a_csv_without_a_text_column_names_its_columns_and_the_option(tmp_path):
         read_text_file(path, columns=TextColumns(("full_text", "body"), given=True))
 
 
+def test_a_spreadsheet_export_with_a_byte_order_mark_reads_its_first_column(tmp_path):
+    path = str(tmp_path / "export.csv")
+    with open(path, "w", encoding="utf-8-sig", newline="") as fh:  # as Excel writes "CSV UTF-8"
+        fh.write("full_text,score\nFirst essay.,3\nSecond essay.,4\n")
+    assert read_text_file(path, columns=TextColumns(("full_text",), given=True)) == ["First essay.", "Second essay."]
+
+
 def test_text_columns_are_joined_and_empty_rows_skipped_and_counted(tmp_path):
     path = write_csv(str(tmp_path / "train.csv"), ESSAYS)
     report = TextReport()
