@@ -25,7 +25,7 @@ from mlm.data import ChunkDataset, GlobalOrderSampler, tokenize_texts
 from mlm.sources import read_text_file
 from mlm.distributed import DistEnv
 from mlm.engine import build_masking, build_trainable, prepare_batch, train_step
-from mlm.modeling import build_model, load_model_config
+from mlm.modeling import attention_argument, build_model, load_model_config
 
 CPU = torch.device("cpu")
 
@@ -116,8 +116,8 @@ def run_hf(cfg: TrainConfig, tokenizer, hf_data, warmup: int, steps: int) -> tup
             marks[state.global_step] = time.perf_counter()
 
     torch.manual_seed(cfg.seed)  # the same fresh MLM head as build_model gives ours
-    attention = None if cfg.attn_implementation == "auto" else cfg.attn_implementation  # as build_model
-    model = AutoModelForMaskedLM.from_pretrained(cfg.model_name_or_path, attn_implementation=attention)
+    model = AutoModelForMaskedLM.from_pretrained(cfg.model_name_or_path,
+                                                 attn_implementation=attention_argument(cfg.attn_implementation))
     with tempfile.TemporaryDirectory() as out:
         args = TrainingArguments(
             output_dir=out, per_device_train_batch_size=cfg.per_device_train_batch_size, max_steps=warmup + steps,

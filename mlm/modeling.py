@@ -58,6 +58,11 @@ def check_attention(kernel: str, config) -> None:
                         "(transformers picks SDPA where a model has it, eager where not) or eager")
 
 
+def attention_argument(kernel: str) -> Optional[str]:
+    """from_pretrained's attn_implementation for --attn_implementation: None lets transformers choose (auto)."""
+    return None if kernel == "auto" else kernel
+
+
 def attention_kernel(model: nn.Module) -> str:
     """The attention kernel the loaded model runs (what auto resolved to), for the banner and run_config.json."""
     return str(getattr(model.config, "_attn_implementation", None) or "eager")
@@ -93,7 +98,7 @@ def build_model(cfg: TrainConfig, config, tokenizer) -> nn.Module:
     and a bf16 one pure-bf16 training. Autocast supplies the low precision."""
     from transformers import AutoModelForMaskedLM
     torch.manual_seed(cfg.seed)  # the same fresh weights (head, or whole model) on every rank
-    attention = None if cfg.attn_implementation == "auto" else cfg.attn_implementation  # None: transformers' choice
+    attention = attention_argument(cfg.attn_implementation)
     if cfg.from_scratch:
         config.vocab_size = max(config.vocab_size, len(tokenizer))
         model = AutoModelForMaskedLM.from_config(config, attn_implementation=attention,

@@ -312,10 +312,7 @@ def open_split(cfg: TrainConfig, split: str, report: Optional[TextReport] = None
             raise _stream_error(label, e) from None
     if ds.column_names is None:
         ds = ds._resolve_features()  # peeks at the first example: the columns must be known to drop them
-    columns = TextColumns.of(cfg)
-    if paths is not None and paths[0].endswith((".txt", ".raw")):
-        columns = TextColumns()  # a text file's lines are its texts, whatever --text_column says
-    columns.check(list(ds.column_names), label)
+    split_columns(cfg, split).check(list(ds.column_names), label)
     return ds
 
 
