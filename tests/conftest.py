@@ -22,6 +22,15 @@ if os.environ.get("PYTEST_XDIST_WORKER"):
 
 def pytest_configure(config):
     config.addinivalue_line("markers", "gpu: needs a CUDA GPU (tests/gpu/, collected only where CUDA is present)")
+    if os.environ.get("PYTEST_XDIST_WORKER") or not getattr(config.option, "numprocesses", None):
+        import forkserver  # where tests run (not xdist's controller): its imports overlap collection
+        from helpers import _env
+        forkserver.prestart(_env())
+
+
+def pytest_unconfigure(config):
+    import forkserver
+    forkserver.close_all()
 
 from helpers import SHARED_WIKITEXT, TINY_BERT, make_text_file, minilm_path, sharpened_minilm, train_forced_model, \
     write_tiny_config  # noqa: E402

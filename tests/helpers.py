@@ -11,6 +11,8 @@ import time
 from dataclasses import dataclass
 from typing import Optional
 
+import forkserver
+
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SHARED_WIKITEXT = os.path.join(os.path.dirname(ROOT), "shared", "data", "wikitext-2-raw-v1")
 # Dropout off: the DDP-equivalence and exact-evaluation tests compare runs, so forward passes must be pure.
@@ -66,8 +68,18 @@ def _env(extra: Optional[dict] = None) -> dict:
 
 def run_command(cmd: list[str], timeout: float, extra_env: Optional[dict] = None, cwd: str = ROOT,
                 stdin: Optional[str] = None) -> Result:
-    """A subprocess with a timeout, so a hang fails the test instead of blocking CI."""
+    """A subprocess with a timeout, so a hang fails the test instead of blocking CI. `python SCRIPT.py ...` is
+    forked from a server that has torch and transformers imported (tests/forkserver.py)."""
     t0 = time.perf_counter()
+    if len(cmd) >= 2 and cmd[0] == sys.executable and cmd[1].endswith(".py"):
+        p = forkserver.spawn(cmd[1:], _env(extra_env), cwd, stdin=stdin)
+        try:
+            out, err = p.communicate(timeout=timeout)
+        except subprocess.TimeoutExpired:
+            p.kill()
+            out, _ = p.communicate()
+            raise AssertionError(f"timed out after {timeout}s (a hang): {' '.join(cmd)}\n{out[-4000:]}") from None
+        return Result(p.returncode, out, err, time.perf_counter() - t0)
     try:
         p = subprocess.run(cmd, cwd=cwd, env=_env(extra_env), capture_output=True, text=True, timeout=timeout,
                            input=stdin, stdin=None if stdin is not None else subprocess.DEVNULL)
@@ -78,19 +90,69 @@ def run_command(cmd: list[str], timeout: float, extra_env: Optional[dict] = None
 
 
 def run_train(args: list[str], nproc: int = 1, timeout: float = 300, extra_env: Optional[dict] = None,
-              torchrun_args: Optional[list[str]] = None, cwd: str = ROOT, fault: Optional[dict] = None) -> Result:
-    """train_ddp.py under torchrun (nproc >= 1) with gloo, or plain python when nproc == 0.
+              torchrun_args: Optional[list[str]] = None, cwd: str = ROOT, fault: Optional[dict] = None,
+              torchrun: bool = False) -> Result:
+    """train_ddp.py on nproc >= 1 gloo ranks, or plain python when nproc == 0.
 
+    The ranks are forked processes with the environment torchrun gives them, under torchrun's policy (one rank
+    fails: the others are stopped), see run_ranks; torchrun=True (or torchrun_args) starts the real torchrun,
+    for the tests of what its agent does.
     fault: run tests/faulty_train.py instead, with this fault injected (see that file)."""
     script = os.path.join(ROOT, "tests", "faulty_train.py") if fault else os.path.join(ROOT, "train_ddp.py")
     if fault:
         extra_env = {**(extra_env or {}), "MLM_FAULT": json.dumps(fault)}
     if nproc == 0:
         cmd = [sys.executable, script, *args]
+    elif not torchrun and not torchrun_args:
+        return run_ranks([script, *args], nproc, timeout, extra_env, cwd)
     else:
         cmd = [sys.executable, "-m", "torch.distributed.run", f"--nproc_per_node={nproc}",
                "--standalone", *(torchrun_args or []), script, *args]
     return run_command(cmd, timeout, extra_env, cwd)
+
+
+def rank_env(rank: int, nproc: int, port: int, run_id: Optional[str] = None) -> dict:
+    """The variables torchrun --standalone sets for a worker (no agent store); with run_id, also its elastic
+    ones for a first attempt."""
+    env = {"RANK": str(rank), "LOCAL_RANK": str(rank), "WORLD_SIZE": str(nproc), "LOCAL_WORLD_SIZE": str(nproc),
+           "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port)}
+    if run_id is not None:
+        env.update({"GROUP_RANK": "0", "GROUP_WORLD_SIZE": "1", "ROLE_RANK": str(rank),
+                    "ROLE_WORLD_SIZE": str(nproc), "ROLE_NAME": "default", "TORCHELASTIC_RESTART_COUNT": "0",
+                    "TORCHELASTIC_MAX_RESTARTS": "0", "TORCHELASTIC_RUN_ID": run_id})
+    return env
+
+
+def run_ranks(argv: list[str], nproc: int, timeout: float, extra_env: Optional[dict] = None,
+              cwd: str = ROOT) -> Result:
+    """nproc ranks of `python argv...`, supervised as torchrun's agent does: when one rank fails, the others get
+    SIGTERM and, 30 s later, SIGKILL; the result fails (1) unless every rank ended 0. Output: each rank's stdout,
+    then each rank's stderr, in rank order."""
+    import uuid
+    t0, port, run_id = time.perf_counter(), free_port(), uuid.uuid4().hex[:8]
+    procs = [forkserver.spawn(argv, _env({**(extra_env or {}), **rank_env(r, nproc, port, run_id)}), cwd)
+             for r in range(nproc)]
+    stop_at = None
+    try:
+        while any(p.poll() is None for p in procs):
+            now = time.perf_counter()
+            if now - t0 > timeout:
+                raise AssertionError(f"a rank was still running after {timeout:.0f} s (a hang): {' '.join(argv)}")
+            if stop_at is None and any(p.returncode not in (None, 0) for p in procs):
+                stop_at = now + 30
+                for p in procs:
+                    p.terminate()
+            elif stop_at is not None and now > stop_at:
+                for p in procs:
+                    p.kill()
+            time.sleep(0.02)
+    finally:
+        for p in procs:
+            if p.poll() is None:
+                p.kill()
+        outputs = [p.communicate() for p in procs]
+    code = 0 if all(p.returncode == 0 for p in procs) else 1
+    return Result(code, "".join(o for o, _ in outputs), "".join(e for _, e in outputs), time.perf_counter() - t0)
 
 
 def train_here(args: list[str]) -> int:
@@ -108,17 +170,14 @@ def free_port() -> int:
 
 
 def start_ranks(args: list[str], nproc: int = 2, fault: Optional[dict] = None,
-                extra_env: Optional[dict] = None) -> list[subprocess.Popen]:
-    """Start the ranks by hand, with the variables torchrun sets, so a test can signal and wait on each one."""
+                extra_env: Optional[dict] = None) -> list:
+    """Start the ranks by hand, with the variables torchrun sets, so a test can signal and wait on each one
+    (Popen-like handles: pid, poll, send_signal, communicate)."""
     script = os.path.join(ROOT, "tests", "faulty_train.py") if fault else os.path.join(ROOT, "train_ddp.py")
-    port, procs = free_port(), []
-    for rank in range(nproc):
-        env = _env({**(extra_env or {}), "RANK": str(rank), "LOCAL_RANK": str(rank), "WORLD_SIZE": str(nproc),
-                    "LOCAL_WORLD_SIZE": str(nproc), "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port),
-                    **({"MLM_FAULT": json.dumps(fault)} if fault else {})})
-        procs.append(subprocess.Popen([sys.executable, script, *args], cwd=ROOT, env=env, stdout=subprocess.PIPE,
-                                      stderr=subprocess.PIPE, stdin=subprocess.DEVNULL, text=True))
-    return procs
+    port = free_port()
+    extra = {**(extra_env or {}), **({"MLM_FAULT": json.dumps(fault)} if fault else {})}
+    return [forkserver.spawn([script, *args], _env({**extra, **rank_env(rank, nproc, port)}), ROOT)
+            for rank in range(nproc)]
 
 
 def wait_all(procs: list[subprocess.Popen], timeout: float) -> list[Result]:

@@ -50,7 +50,7 @@ def test_presets_name_what_the_issue_asks_for():
 def test_smoke_cpu_runs_to_completion_offline(tmp_path, wikitext_dir):
     """As a user runs it: launch.sh, the preset, and local stand-ins for the Hub tokenizer and dataset."""
     out = str(tmp_path / "smoke")
-    env = _env({"NPROC": "1", "MAX_RESTARTS": "0", "PYTHON": sys.executable, "OMP_NUM_THREADS": "2"})
+    env = _env({"NPROC": "1", "MAX_RESTARTS": "0", "PYTHON": sys.executable, "OMP_NUM_THREADS": "1"})
     p = subprocess.run(["bash", os.path.join(ROOT, "launch.sh"), "--config", "configs/smoke-cpu.yaml",
                         "--tokenizer_name", minilm_path(), "--dataset_dir", wikitext_dir, "--output_dir", out,
                         "--data_cache_dir", str(tmp_path / "cache")],

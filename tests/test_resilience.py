@@ -75,7 +75,14 @@ def wait_for_step(run_dir: str, step: int, procs, timeout: float = 120) -> None:
                 return
         except (OSError, ValueError):
             pass
-        assert all(p.poll() is None for p in procs), "a rank ended before the signal"
+        ended = [p for p in procs if p.poll() is not None]
+        if ended:
+            try:
+                out, err = ended[0].communicate(timeout=10)
+            except subprocess.TimeoutExpired:
+                out, err = "", "(its output is held open by a process it started)"
+            raise AssertionError(f"a rank ended before the signal, with {ended[0].returncode}:\n"
+                                 f"{((out or '') + (err or ''))[-3000:]}")
         time.sleep(0.05)
     raise AssertionError(f"step {step} not reached in {timeout} s")
 

@@ -203,7 +203,9 @@ def _descendants(pid: int) -> list[int]:
 def test_an_elastic_job_that_loses_a_node_reforms_and_finishes(corpus, tmp_path):
     """torchrun --nnodes=1:2 --max-restarts=1, two "nodes" on loopback (one process each): the second node's agent
     and worker are killed after the step-4 checkpoint; the first node's torchrun re-forms the group alone, and the
-    run resumes on one process (accumulation 2 keeps the global batch) and ends as the uninterrupted run."""
+    run resumes on one process (accumulation 2 keeps the global batch) and ends as the uninterrupted run.
+    last_call_timeout is how long the first node waits for the second before it would start alone: 10 s, so a
+    loaded machine that starts the second torchrun late still forms the group of two (2 s did not, once)."""
     import json
     import signal
     import subprocess
@@ -216,7 +218,7 @@ def test_an_elastic_job_that_loses_a_node_reforms_and_finishes(corpus, tmp_path)
     def node() -> subprocess.Popen:
         cmd = [sys.executable, "-m", "torch.distributed.run", "--nnodes=1:2", "--nproc_per_node=1",
                "--rdzv_backend=c10d", f"--rdzv_endpoint=127.0.0.1:{port}", "--rdzv_id=mlm-elastic-test",
-               "--local_addr=127.0.0.1", "--max-restarts=1", "--rdzv-conf=last_call_timeout=2",
+               "--local_addr=127.0.0.1", "--max-restarts=1", "--rdzv-conf=last_call_timeout=10",
                os.path.join(ROOT, "tests", "faulty_train.py"), *corpus["args"](out)]
         return subprocess.Popen(cmd, cwd=str(tmp_path), env=_env({"MLM_FAULT": json.dumps({"sleep": 0.5})}),
                                 stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True)

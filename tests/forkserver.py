@@ -1,0 +1,371 @@
+"""Start a rank or a script of ours in milliseconds instead of seconds, for the tests.
+
+Most of a multi-process test's time went into each new interpreter importing torch and transformers (about 6 of
+the 8 seconds a 4-step, 2-rank run took). A fork server imports them once and forks a child per run: the child is
+a real process, with its own pid, environment, working directory, stdin/stdout/stderr and exit status, that runs
+the script as `python SCRIPT ARGS` would (runpy, `__main__`, atexit handlers, exit code). Ranks started this way
+meet through gloo exactly as torchrun's do; tests of torchrun itself (its agent, restarts, elastic membership,
+its handling of signals) still start the real torchrun.
+
+What a module reads from the environment when it is imported (Hugging Face cache paths, thread counts, the
+locale) is fixed in the server, so each server serves one such environment: `spawn` starts another server for
+another one. Only modules that start no thread are loaded (pyarrow's jemalloc starts one, so `datasets` is
+not): fork copies only the calling thread, and a lock held by another thread would be held forever in the child.
+
+Server: `python tests/forkserver.py SOCKET`, then one connection per child: the request (8-byte length, JSON
+{argv, env, cwd, new_session}) with stdin, stdout and stderr passed as file descriptors; the answer is the line
+"pid N", and "exit CODE" when the child has ended (CODE as Popen gives it: -N for a signal).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import selectors
+import socket
+import struct
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from typing import Optional
+
+TESTS = os.path.dirname(os.path.abspath(__file__))
+ROOT = os.path.dirname(TESTS)
+# The variables a preloaded module may read when it is imported (Hugging Face caches and offline switches, thread
+# pools, allocators, locale, temporary and home directories): a request that differs in one goes to a server
+# started with its values.
+IMPORT_TIME_PREFIXES = ("HF_", "HUGGINGFACE", "TRANSFORMERS", "DATASETS", "TORCH", "PYTORCH", "OMP_", "MKL_",
+                        "KMP_", "CUDA", "NCCL", "GLOO", "TOKENIZERS", "RAYON", "XDG_", "PYTHON", "LANG", "LC_",
+                        "TMP", "TEMP", "HOME", "SAFETENSORS", "MALLOC")
+RUNTIME_PREFIXES = ("TORCHELASTIC_",)  # read when the run starts: torchrun's attempt and run id
+MAX_SERVERS = 4  # per test process; an environment beyond these runs in a fresh interpreter
+
+
+def import_key(env: dict) -> tuple:
+    return tuple(sorted((k, v) for k, v in env.items()
+                        if k.startswith(IMPORT_TIME_PREFIXES) and not k.startswith(RUNTIME_PREFIXES)))
+
+
+# ---------------------------------------------------------------------------------------------------- server
+
+SERVER_PATH = list(sys.path)  # sys.path as the interpreter set it, before preload adds the project root
+
+
+def preload() -> None:
+    """What every run imports, without datasets/pyarrow (see the module docstring)."""
+    import numpy  # noqa: F401
+    import safetensors.torch  # noqa: F401
+    import tokenizers  # noqa: F401
+    import torch  # noqa: F401
+    import torch.distributed  # noqa: F401
+    import torch.distributed.elastic.multiprocessing.errors  # noqa: F401
+    import transformers  # noqa: F401
+    from transformers import modeling_utils, tokenization_utils_base  # noqa: F401
+    from transformers.models.auto import modeling_auto, tokenization_auto  # noqa: F401
+    from transformers.models.bert import modeling_bert, tokenization_bert  # noqa: F401
+    sys.path.insert(0, ROOT)
+    import predict  # noqa: F401
+    import train_ddp  # noqa: F401
+    from mlm import card, checkpoint, config, data, engine, finish, loop, masking, modeling, runlock, tracking  # noqa
+    threads = [t for t in os.listdir("/proc/self/task")]
+    if len(threads) != 1:
+        raise SystemExit(f"forkserver: the preloaded modules started {len(threads) - 1} thread(s); fork is unsafe")
+
+
+def run_child(request: dict, fds: list[int]) -> None:
+    """In the forked child: become `python SCRIPT ARGS` and never return."""
+    import atexit
+    import random
+    import runpy
+    import traceback
+    code = 1
+    try:
+        if request.get("new_session"):
+            os.setsid()
+        for target, fd in enumerate(fds):
+            os.dup2(fd, target)
+            os.close(fd)
+        os.chdir(request["cwd"])
+        os.environ.clear()
+        os.environ.update(request["env"])
+        script = request["argv"][0]
+        sys.argv = list(request["argv"])
+        sys.path[:] = [os.path.dirname(os.path.abspath(script)), *SERVER_PATH[1:]]
+        random.seed()  # a new interpreter's state, not the server's
+        try:
+            runpy.run_path(script, run_name="__main__")
+            code = 0
+        except SystemExit as e:
+            if e.code is None:
+                code = 0
+            elif isinstance(e.code, int):
+                code = e.code & 0xFF
+            else:
+                print(e.code, file=sys.stderr)
+                code = 1
+        except BaseException:
+            traceback.print_exc()
+            code = 1
+        threading._shutdown()  # what the interpreter does at exit: join the non-daemon threads
+        atexit._run_exitfuncs()
+    finally:
+        for stream in (sys.stdout, sys.stderr):
+            try:
+                stream.flush()
+            except Exception:
+                pass
+        os._exit(code)
+
+
+def receive(conn: socket.socket) -> tuple[dict, list[int]]:
+    header, fds, _, _ = socket.recv_fds(conn, 8, 3)
+    (size,) = struct.unpack("!Q", header)
+    payload = b""
+    while len(payload) < size:
+        chunk = conn.recv(size - len(payload))
+        if not chunk:
+            raise ConnectionError("request cut short")
+        payload += chunk
+    return json.loads(payload), list(fds)
+
+
+def serve(path: str) -> None:
+    preload()
+    listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    listener.bind(path)
+    listener.listen(64)
+    print("ready", flush=True)
+    selector = selectors.DefaultSelector()
+    selector.register(listener, selectors.EVENT_READ)
+    selector.register(sys.stdin, selectors.EVENT_READ)  # EOF: the test process is gone
+    children: dict[int, socket.socket] = {}
+    while True:
+        for key, _ in selector.select(timeout=0.02):
+            if key.fileobj is sys.stdin:
+                if not sys.stdin.buffer.read1(1):
+                    return
+                continue
+            conn, _ = listener.accept()
+            conn.settimeout(10)  # a client that connects and sends nothing must not stop the server
+            try:
+                request, fds = receive(conn)
+            except (ConnectionError, OSError, ValueError):
+                conn.close()
+                continue
+            conn.settimeout(None)
+            pid = os.fork()
+            if pid == 0:
+                listener.close()
+                conn.close()
+                for other in children.values():
+                    other.close()
+                run_child(request, fds)
+            for fd in fds:
+                os.close(fd)
+            children[pid] = conn
+            conn.sendall(f"pid {pid}\n".encode())
+        while children:
+            try:
+                pid, status = os.waitpid(-1, os.WNOHANG)
+            except ChildProcessError:
+                break
+            if pid == 0:
+                break
+            conn = children.pop(pid, None)
+            if conn is not None:
+                try:
+                    conn.sendall(f"exit {os.waitstatus_to_exitcode(status)}\n".encode())
+                except OSError:
+                    pass
+                conn.close()
+
+
+# ---------------------------------------------------------------------------------------------------- client
+
+class ForkedProcess:
+    """The part of subprocess.Popen the tests use, for a child of a fork server: pid, poll, wait, signals and
+    communicate (its output goes to unlinked temporary files, so no pipe fills up)."""
+
+    def __init__(self, conn: socket.socket, stdout, stderr, argv: list[str]):
+        self.args = argv
+        self._conn, self._stdout, self._stderr = conn, stdout, stderr
+        self._buffer = b""
+        self.returncode: Optional[int] = None
+        self.pid = int(self._line(timeout=60).split()[1])
+
+    def _line(self, timeout: Optional[float]) -> str:
+        deadline = None if timeout is None else time.monotonic() + timeout
+        while b"\n" not in self._buffer:
+            left = None if deadline is None else max(0.0, deadline - time.monotonic())
+            self._conn.settimeout(left)
+            try:
+                chunk = self._conn.recv(4096)
+            except (socket.timeout, BlockingIOError):
+                raise subprocess.TimeoutExpired(self.args, timeout) from None
+            if not chunk:
+                raise RuntimeError("the fork server went away (see its log in the test's temporary directory)")
+            self._buffer += chunk
+        line, self._buffer = self._buffer.split(b"\n", 1)
+        return line.decode()
+
+    def wait(self, timeout: Optional[float] = None) -> int:
+        if self.returncode is None:
+            self.returncode = int(self._line(timeout).split()[1])
+            self._conn.close()
+        return self.returncode
+
+    def poll(self) -> Optional[int]:
+        if self.returncode is None:
+            try:
+                self.wait(timeout=0)
+            except subprocess.TimeoutExpired:
+                return None
+        return self.returncode
+
+    def send_signal(self, sig: int) -> None:
+        if self.poll() is None:
+            try:
+                os.kill(self.pid, sig)
+            except ProcessLookupError:
+                pass
+
+    def terminate(self) -> None:
+        import signal
+        self.send_signal(signal.SIGTERM)
+
+    def kill(self) -> None:
+        import signal
+        self.send_signal(signal.SIGKILL)
+
+    def communicate(self, timeout: Optional[float] = None) -> tuple[str, str]:
+        self.wait(timeout)
+        return self._read(self._stdout), self._read(self._stderr)
+
+    @staticmethod
+    def _read(fh) -> str:
+        """The whole output; a second call (as after Popen.communicate) gives it again."""
+        if not hasattr(fh, "text"):
+            fh.seek(0)
+            fh.text = fh.read().decode("utf-8", errors="replace")
+        return fh.text
+
+
+class _Server:
+    def __init__(self, env: dict):
+        self.dir = tempfile.mkdtemp(prefix="mlm-forkserver-")
+        self.path = os.path.join(self.dir, "socket")
+        self.log = open(os.path.join(self.dir, "server.log"), "w+b")
+        self.proc = subprocess.Popen([sys.executable, os.path.abspath(__file__), self.path], env=env, cwd=ROOT,
+                                     stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=self.log)
+        self.ready = False
+
+    def wait_ready(self) -> None:
+        if self.ready:
+            return
+        line = self.proc.stdout.readline()  # the server prints "ready" once it listens, or dies
+        if line.strip() != b"ready":
+            self.log.seek(0)
+            raise RuntimeError(f"the fork server did not start: {self.log.read().decode()[-3000:]}")
+        self.ready = True
+
+    def close(self) -> None:
+        try:
+            self.proc.stdin.close()  # EOF: it returns; its children run on until they end
+            self.proc.wait(10)
+        except Exception:
+            self.proc.kill()
+
+
+_servers: dict[tuple, _Server] = {}
+_servers_lock = threading.Lock()
+
+
+def server_for(env: dict) -> Optional[_Server]:
+    key = import_key(env)
+    with _servers_lock:
+        if key not in _servers:
+            if len(_servers) >= MAX_SERVERS:
+                return None
+            _servers[key] = _Server(env)
+        server = _servers[key]
+    server.wait_ready()
+    return server
+
+
+def prestart(env: dict) -> None:
+    """Start the server for env in the background (its imports overlap whatever the caller does next)."""
+    with _servers_lock:
+        key = import_key(env)
+        if key not in _servers:
+            _servers[key] = _Server(env)
+
+
+def close_all() -> None:
+    with _servers_lock:
+        for server in _servers.values():
+            server.close()
+        _servers.clear()
+
+
+def spawn(argv: list[str], env: dict, cwd: str, stdin: Optional[str] = None, new_session: bool = False):
+    """`python argv...` as a child of a fork server (a ForkedProcess), or as a fresh interpreter (a Popen with
+    the same interface) when argv is not a script or no server holds env's import-time variables."""
+    env = {k: os.fspath(v) for k, v in env.items()}
+    argv = [os.fspath(a) if isinstance(a, os.PathLike) else a for a in argv]
+    server = server_for(env) if argv and argv[0].endswith(".py") and os.path.isfile(argv[0]) else None
+    stdout, stderr = tempfile.TemporaryFile(), tempfile.TemporaryFile()
+    stdin_file = tempfile.TemporaryFile()
+    if stdin is not None:
+        stdin_file.write(stdin.encode())
+        stdin_file.seek(0)
+    if server is None:
+        p = subprocess.Popen([sys.executable, *argv], env=env, cwd=cwd, stdin=stdin_file, stdout=stdout,
+                             stderr=stderr, start_new_session=new_session)
+        stdin_file.close()
+        return _PopenToFiles(p, stdout, stderr)
+    payload = json.dumps({"argv": argv, "env": env, "cwd": os.fspath(cwd), "new_session": new_session}).encode()
+    conn = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    conn.connect(server.path)
+    socket.send_fds(conn, [struct.pack("!Q", len(payload))], [stdin_file.fileno(), stdout.fileno(),
+                                                              stderr.fileno()])
+    conn.sendall(payload)
+    stdin_file.close()
+    return ForkedProcess(conn, stdout, stderr, argv)
+
+
+class _PopenToFiles:
+    """A Popen whose output went to temporary files, with ForkedProcess's communicate."""
+
+    def __init__(self, p: subprocess.Popen, stdout, stderr):
+        self._p, self._stdout, self._stderr = p, stdout, stderr
+        self.pid, self.args = p.pid, p.args
+
+    @property
+    def returncode(self) -> Optional[int]:
+        return self._p.returncode
+
+    def poll(self):
+        return self._p.poll()
+
+    def wait(self, timeout=None):
+        return self._p.wait(timeout)
+
+    def send_signal(self, sig):
+        if self._p.poll() is None:
+            self._p.send_signal(sig)
+
+    def terminate(self):
+        self._p.terminate()
+
+    def kill(self):
+        self._p.kill()
+
+    def communicate(self, timeout=None):
+        self._p.wait(timeout)
+        return ForkedProcess._read(self._stdout), ForkedProcess._read(self._stderr)
+
+
+if __name__ == "__main__":
+    serve(sys.argv[1])
