@@ -28,18 +28,20 @@ from .cli import UserError
 from .config import TrainConfig
 from .distributed import DistEnv, main_process_first
 from .cleaning import TextReport
-from .sources import build_source, default_cache_dir
+from .sources import build_source, default_cache_dir, holdout_count
 from .text import Framing, frame, plain_backend
 
 log = logging.getLogger("mlm")
-CACHE_VERSION = 2  # 2: the test split is cached too
+CACHE_VERSION = 3  # 3: raw token files written as the texts are read, a split a slice of one (2: + test split)
 TOKENIZE_BATCH = 8192
+PROGRESS_LOG_SECONDS = 60  # without a terminal, a progress line this often on a long preparation
 
 
 # ---------------------------------------------------------------------- tokenisation and cache
 @dataclass(frozen=True)
 class TokenStream:
-    """One split: every text's tokens back to back, and each text's token count."""
+    """One split: every text's tokens back to back, and each text's token count (read from the cache, both are
+    memory maps: a rank holds no split in RAM)."""
     tokens: np.ndarray   # [N] uint16 or int32
     lengths: np.ndarray  # [texts] int64
 
@@ -49,11 +51,15 @@ def tokenizer_fingerprint(tokenizer) -> str:
     return hashlib.sha256(plain_backend(tokenizer).to_str().encode()).hexdigest()
 
 
+def token_dtype(tokenizer) -> np.dtype:
+    return np.dtype(np.uint16 if len(tokenizer) <= np.iinfo(np.uint16).max + 1 else np.int32)
+
+
 def tokenize_texts(tokenizer, texts: Sequence[str]) -> TokenStream:
     """Batched fast tokenisation without special tokens; concatenated into one array."""
     backend = plain_backend(tokenizer)
     encode = getattr(backend, "encode_batch_fast", backend.encode_batch)  # _fast skips offsets we never use
-    dtype = np.uint16 if len(tokenizer) <= np.iinfo(np.uint16).max + 1 else np.int32
+    dtype = token_dtype(tokenizer)
     pieces, lengths = [], []
     for start in range(0, len(texts), TOKENIZE_BATCH):
         ids = [e.ids for e in encode(list(texts[start:start + TOKENIZE_BATCH]), add_special_tokens=False)]
@@ -69,37 +75,159 @@ def cache_key(tokenizer_fp: str, source_fp: str) -> str:
     return hashlib.sha256(blob.encode()).hexdigest()[:24]
 
 
-def _write_cache(path: str, streams: dict[str, TokenStream], meta: dict) -> None:
-    """Write into a temporary sibling, then rename: a reader never sees half a cache."""
-    os.makedirs(os.path.dirname(path), exist_ok=True)
-    tmp = tempfile.mkdtemp(prefix=".tmp-", dir=os.path.dirname(path))
+class _PartWriter:
+    """One part's tokens and per-text lengths, appended to two raw files as its batches are tokenised."""
+
+    def __init__(self, directory: str, name: str, dtype: np.dtype):
+        self.name, self.dtype = name, dtype
+        self.tokens = open(os.path.join(directory, f"{name}.tokens.bin"), "wb")
+        self.lengths = open(os.path.join(directory, f"{name}.lengths.bin"), "wb")
+        self.n_tokens = self.n_texts = 0
+
+    def append(self, stream: TokenStream) -> None:
+        self.tokens.write(np.ascontiguousarray(stream.tokens, dtype=self.dtype).tobytes())
+        self.lengths.write(np.ascontiguousarray(stream.lengths, dtype=np.int64).tobytes())
+        self.n_tokens += int(stream.tokens.size)
+        self.n_texts += int(stream.lengths.size)
+
+    def close(self) -> None:
+        for fh in (self.tokens, self.lengths):
+            fh.flush()
+            os.fsync(fh.fileno())
+            fh.close()
+
+    def layout(self, texts: tuple[int, int], tokens: tuple[int, int]) -> dict:
+        return {"file": self.name, "texts": list(texts), "tokens": list(tokens)}
+
+
+def _memmap(path: str, dtype: np.dtype, start: int, end: int) -> np.ndarray:
+    """Elements [start, end) of a raw file, memory-mapped (numpy cannot map an empty range)."""
+    if end <= start:
+        return np.zeros(0, dtype=dtype)
+    return np.memmap(path, dtype=dtype, mode="r", offset=start * dtype.itemsize, shape=(end - start,))
+
+
+def _prefix_tokens(path: str, texts: int) -> int:
+    """Tokens in the first `texts` texts of a lengths file, summed a block at a time."""
+    lengths, total, block = _memmap(path, np.dtype(np.int64), 0, texts), 0, 1 << 22
+    for start in range(0, texts, block):
+        total += int(lengths[start:start + block].sum())
+    return total
+
+
+class PrepProgress:
+    """How far the preparation is, in characters of text against the source's size: a tqdm bar with MB/s and an
+    ETA on a terminal (after a few seconds, so a quick preparation shows none), else a log line every minute."""
+
+    def __init__(self, total: int, description: str):
+        self.total, self.done, self.t0 = max(total, 1), 0, time.perf_counter()
+        self.last_log, self.bar, self.description = self.t0, None, description
+        import sys
+        if sys.stderr.isatty():
+            from tqdm.auto import tqdm
+            self.bar = tqdm(total=self.total, unit="B", unit_scale=True, desc="tokenising", delay=2,
+                            dynamic_ncols=True, leave=False)
+
+    def advance(self, chars: int) -> None:
+        self.done += chars
+        if self.bar is not None:
+            self.bar.update(chars)
+            return
+        now = time.perf_counter()
+        if now - self.last_log >= PROGRESS_LOG_SECONDS:
+            self.last_log = now
+            rate = self.done / max(now - self.t0, 1e-9)
+            left = max(self.total - self.done, 0) / max(rate, 1e-9)
+            log.info(f"tokenising {self.description}: {self.done / 1e6:,.0f} of about {self.total / 1e6:,.0f} MB, "
+                     f"{rate / 1e6:.1f} MB/s, about {left / 60:.0f} min left")
+
+    def close(self) -> None:
+        if self.bar is not None:
+            self.bar.close()
+
+
+def _prefetched(batches: Iterator[list[str]], depth: int = 2) -> Iterator[list[str]]:
+    """batches read by a thread ahead of the consumer: reading and cleaning (Python) overlap tokenising (Rust,
+    without the GIL). An exception in the reader is raised here, in order."""
+    import queue
+    import threading
+    q: queue.Queue = queue.Queue(maxsize=depth)
+    done = object()
+    stop = threading.Event()
+
+    def read() -> None:
+        try:
+            for batch in batches:
+                while not stop.is_set():
+                    try:
+                        q.put(batch, timeout=0.1)
+                        break
+                    except queue.Full:
+                        continue
+                if stop.is_set():
+                    return
+            q.put(done)
+        except BaseException as e:  # noqa: BLE001 - handed to the consumer, which raises it
+            q.put(e)
+    reader = threading.Thread(target=read, name="mlm-read-texts", daemon=True)
+    reader.start()
     try:
-        for split, s in streams.items():
-            np.save(os.path.join(tmp, f"{split}.tokens.npy"), s.tokens)
-            np.save(os.path.join(tmp, f"{split}.lengths.npy"), s.lengths)
-        with open(os.path.join(tmp, "meta.json"), "w") as fh:
-            json.dump(meta, fh, indent=1)
-        os.rename(tmp, path)
-    except OSError:
-        shutil.rmtree(tmp, ignore_errors=True)
-        if not os.path.isfile(os.path.join(path, "meta.json")):  # not a lost race with another writer
-            raise
+        while (item := q.get()) is not done:
+            if isinstance(item, BaseException):
+                raise item
+            yield item
+    finally:
+        stop.set()
+        reader.join()
+
+
+def _build_cache(tmp: str, source, tokenizer, builder: Callable) -> dict:
+    """Every part of source tokenised batch by batch into raw files in tmp; the splits' layout over them."""
+    dtype, layout = token_dtype(tokenizer), {}
+    progress = PrepProgress(source.size, source.description)
+    try:
+        for part, batches in source.parts.items():
+            name = "pool" if part == "train" and source.holdout else part
+            writer = _PartWriter(tmp, name, dtype)
+            try:
+                for texts in _prefetched(batches()):
+                    writer.append(builder(tokenizer, texts))
+                    progress.advance(sum(map(len, texts)))
+            finally:
+                writer.close()
+            texts, tokens = (0, writer.n_texts), (0, writer.n_tokens)
+            if name != "pool":
+                layout[part] = writer.layout(texts, tokens)
+                continue
+            n_val = holdout_count(writer.n_texts, source.holdout)
+            cut = _prefix_tokens(os.path.join(tmp, "pool.lengths.bin"), n_val)
+            layout["validation"] = writer.layout((0, n_val), (0, cut))
+            layout["train"] = writer.layout((n_val, writer.n_texts), (cut, writer.n_tokens))
+    finally:
+        progress.close()
+    return {"dtype": dtype.name, "layout": layout}
 
 
 def _read_cache(path: str) -> Optional[tuple[dict[str, TokenStream], dict]]:
-    """(streams, meta) of a cache entry, or None."""
+    """(streams, meta) of a cache entry, or None: each split a memory map of its slice of a part's files."""
     if not os.path.isfile(os.path.join(path, "meta.json")):
         return None
     with open(os.path.join(path, "meta.json")) as fh:
         meta = json.load(fh)
-    return {s: TokenStream(np.load(os.path.join(path, f"{s}.tokens.npy"), mmap_mode="r"),
-                           np.load(os.path.join(path, f"{s}.lengths.npy"))) for s in meta["splits"]}, meta
+    dtype, streams = np.dtype(meta["dtype"]), {}
+    for split, where in meta["layout"].items():
+        base = os.path.join(path, where["file"])
+        streams[split] = TokenStream(_memmap(f"{base}.tokens.bin", dtype, *where["tokens"]),
+                                     _memmap(f"{base}.lengths.bin", np.dtype(np.int64), *where["texts"]))
+    return streams, meta
 
 
 def load_token_streams(cfg: TrainConfig, tokenizer, cache_dir: str,
                        builder: Callable = tokenize_texts) -> tuple[dict[str, TokenStream], bool, TextReport]:
-    """Token streams for train and validation (and test, when the source has one), from the cache or built (and
-    cached). Returns (streams, hit, what --text_errors replaced or skipped when the texts were read, kept with the
+    """Token streams for train and validation (and test, when the source has one), from the cache or built into
+    it. The texts are read, tokenised and written a batch at a time (builder(tokenizer, texts) -> TokenStream),
+    so preparing needs the same memory for any corpus size; the entry is a temporary sibling until complete, then
+    renamed. Returns (streams, hit, what --text_errors replaced or skipped when the texts were read, kept with the
     cache for later hits)."""
     source = build_source(cfg)
     path = os.path.join(cache_dir, cache_key(tokenizer_fingerprint(tokenizer), source.fingerprint))
@@ -110,17 +238,29 @@ def load_token_streams(cfg: TrainConfig, tokenizer, cache_dir: str,
     if cfg.preprocessing_num_workers:
         os.environ["RAYON_NUM_THREADS"] = str(cfg.preprocessing_num_workers)
     t0 = time.perf_counter()
-    texts = source.load()
-    streams = {split: builder(tokenizer, t) for split, t in texts.items()}
-    if streams["train"].tokens.size == 0:  # checked before caching, so an empty stream is never cached
-        raise UserError(f"the training text ({source.description}) holds no tokens, only blank lines or "
-                        "whitespace; give a file that holds text")
-    meta = {"source": source.description, "fingerprint": source.fingerprint, "splits": sorted(streams),
-            "build_seconds": round(time.perf_counter() - t0, 3),
-            "tokens": {s: int(v.tokens.size) for s, v in streams.items()}, "text_errors": source.report.counts}
-    _write_cache(path, streams, meta)
-    cached = _read_cache(path)
-    return cached[0] if cached else streams, False, source.report
+    os.makedirs(cache_dir, exist_ok=True)
+    tmp = tempfile.mkdtemp(prefix=".tmp-", dir=cache_dir)
+    try:
+        meta = _build_cache(tmp, source, tokenizer, builder)
+        tokens = {split: where["tokens"][1] - where["tokens"][0] for split, where in meta["layout"].items()}
+        if tokens["train"] == 0:  # checked before caching, so an empty stream is never cached
+            raise UserError(f"the training text ({source.description}) holds no tokens, only blank lines or "
+                            "whitespace; give a file that holds text")
+        meta.update({"version": CACHE_VERSION, "source": source.description, "fingerprint": source.fingerprint,
+                     "splits": sorted(meta["layout"]), "build_seconds": round(time.perf_counter() - t0, 3),
+                     "tokens": tokens, "text_errors": source.report.counts})
+        with open(os.path.join(tmp, "meta.json"), "w") as fh:
+            json.dump(meta, fh, indent=1)
+        os.rename(tmp, path)
+    except OSError:
+        shutil.rmtree(tmp, ignore_errors=True)
+        if not os.path.isfile(os.path.join(path, "meta.json")):  # not a lost race with another writer
+            raise
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    streams, _ = _read_cache(path)
+    return streams, False, source.report
 
 
 # ---------------------------------------------------------------------- datasets
@@ -203,15 +343,17 @@ class GlobalOrderSampler(DistributedSampler):
         super().__init__(dataset, num_replicas=world_size, rank=rank, shuffle=shuffle, seed=seed, drop_last=False)
         self.n, self.world_size, self.start = len(dataset), world_size, 0
 
-    def order(self) -> list[int]:
+    def order(self) -> torch.Tensor:
+        """The epoch's order of example indices: 8 bytes an example while it is drawn, and only this rank's
+        share of it (from start on) becomes a Python list."""
         if not self.shuffle:
-            return list(range(self.n))
+            return torch.arange(self.n)
         g = torch.Generator()
         g.manual_seed(self.seed + self.epoch)  # DistributedSampler's permutation
-        return torch.randperm(self.n, generator=g).tolist()
+        return torch.randperm(self.n, generator=g)
 
     def __iter__(self) -> Iterator[int]:
-        return iter(self.order()[self.start + self.rank::self.world_size])
+        return iter(self.order()[self.start + self.rank::self.world_size].tolist())
 
     def __len__(self) -> int:
         return len(range(self.start + self.rank, self.n, self.world_size))

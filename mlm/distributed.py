@@ -10,6 +10,8 @@ import datetime
 import gc
 import logging
 import os
+import threading
+import time
 from dataclasses import dataclass, field
 from typing import Callable, Optional, TypeVar
 
@@ -43,6 +45,8 @@ class DistEnv:
     # default group on CPU runs; None in a world of one.
     control: Optional[dist.ProcessGroup] = None
     store: Optional[dist.Store] = field(default=None, repr=False)
+    timeout_seconds: float = 1800.0  # --ddp_timeout
+    waits: int = 0  # leader-first waits so far: each has its own keys in the store
 
     @property
     def is_main(self) -> bool:
@@ -93,7 +97,8 @@ def init_distributed(timeout_seconds: float = 1800.0) -> DistEnv:
         dist.init_process_group(backend, store=dist.PrefixStore(f"mlm-ddp/attempt-{attempt}", store), rank=rank,
                                 world_size=world, timeout=timeout, device_id=device if backend == "nccl" else None)
         control = dist.group.WORLD if backend == "gloo" else dist.new_group(backend="gloo", timeout=timeout)
-    return DistEnv(rank=rank, local_rank=local_rank, world_size=world, device=device, control=control, store=store)
+    return DistEnv(rank=rank, local_rank=local_rank, world_size=world, device=device, control=control, store=store,
+                   timeout_seconds=timeout_seconds)
 
 # What a rank sees when a peer process died or its host vanished: the connection to it is gone. Only these
 # make a rank end quietly (the failed rank, or torchrun, reports why); any other error, an NCCL setup failure
@@ -176,12 +181,61 @@ def all_ranks(flag: bool, env: DistEnv) -> bool:
     return not any_rank(not flag, env)
 
 
-def _leader_first(env: DistEnv, leader: bool, fn: Callable[[], T]) -> T | None:
-    """fn on the leader(s) while the others wait on the CPU control group (sleeping in a socket read, not
-    spinning in an NCCL wait, so the leader keeps every core); a failure there reaches every rank, so none
-    waits forever. A leader still busy after --ddp_timeout is an error on the waiting ranks."""
+HEARTBEAT_SECONDS = 5.0  # how often a leader at work says so through the store
+SILENCE_SECONDS = 120.0  # no heartbeat for this long (or --ddp_timeout, if shorter): the leader is stuck or gone
+
+
+def _patient_wait(env: DistEnv, leader: bool, fn: Callable[[], T], silence_limit: float) -> T | None:
+    """fn on the leader(s); the others wait through the rendezvous store for as long as every leader is at work,
+    however long that is (a multi-hour tokenisation, a slow download): each leader's heartbeat thread counts up a
+    key while fn runs. A waiter gives up only when no heartbeat came for silence_limit seconds (a leader stuck
+    or gone), with WaitedTooLong. Without a store (a group set up elsewhere) the collective's timeout applies."""
     result = None
+    env.waits += 1
+    key = f"mlm-ddp/leader-first/{os.environ.get('TORCHELASTIC_RESTART_COUNT', '0')}/{env.waits}"
+    leaders = torch.tensor([int(leader)])
+    dist.all_reduce(leaders, group=env.control)
     if leader:
+        stop = threading.Event()
+
+        def beat() -> None:
+            while not stop.wait(HEARTBEAT_SECONDS):
+                env.store.add(f"{key}/beat", 1)
+        beater = threading.Thread(target=beat, name="mlm-leader-heartbeat", daemon=True)
+        beater.start()
+        try:
+            result = fn()
+        except BaseException:
+            stop.set()
+            env.store.add(f"{key}/done", 1)
+            any_rank(True, env)
+            raise
+        finally:
+            stop.set()
+            beater.join()
+        env.store.add(f"{key}/done", 1)
+    else:
+        last, heard = -1, time.monotonic()
+        while env.store.add(f"{key}/done", 0) < int(leaders.item()):
+            beats = env.store.add(f"{key}/beat", 0)
+            if beats != last:
+                last, heard = beats, time.monotonic()
+            elif time.monotonic() - heard > silence_limit:
+                raise WaitedTooLong(f"rank {env.rank} heard nothing for {silence_limit:.0f} s from the process "
+                                    "preparing shared files (downloads, the tokenised cache); it is stuck or gone")
+            time.sleep(0.2)
+    return result
+
+
+def _leader_first(env: DistEnv, leader: bool, fn: Callable[[], T]) -> T | None:
+    """fn on the leader(s) while the others wait (sleeping in a store poll or a socket read, not spinning in an
+    NCCL wait, so the leader keeps every core); a failure there reaches every rank, so none waits forever. With
+    the rendezvous store, the others wait as long as a leader is at work (_patient_wait); without it, a leader
+    still busy after --ddp_timeout is an error on the waiting ranks."""
+    result = None
+    if env.store is not None:
+        result = _patient_wait(env, leader, fn, min(env.timeout_seconds, SILENCE_SECONDS))
+    elif leader:
         try:
             result = fn()
         except BaseException:

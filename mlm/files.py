@@ -44,10 +44,13 @@ def free_bytes(path: str) -> int:
     return shutil.disk_usage(existing).free
 
 
+HASH_BLOCK = 1 << 22  # bytes read at a time: hashing a file of any size holds one block
+
+
 def sha256_file(path: str) -> str:
     h = hashlib.sha256()
     with open(path, "rb") as fh:
-        for block in iter(lambda: fh.read(1 << 22), b""):
+        for block in iter(lambda: fh.read(HASH_BLOCK), b""):
             h.update(block)
     return h.hexdigest()
 

@@ -1,5 +1,6 @@
-"""Where the texts come from: a Hub dataset, local files or a WikiText directory, for the cached path (every
-split's texts, read whole) and for the streamed one (a split as a datasets IterableDataset).
+"""Where the texts come from: a Hub dataset, local files or a WikiText directory, for the cached path (each
+split's texts in batches, never whole: a corpus may be larger than memory) and for the streamed one (a split as a
+datasets IterableDataset).
 
 Both paths name files, splits and datasets the same way, so they live here, below data.py and streaming.py.
 """
@@ -8,7 +9,7 @@ from __future__ import annotations
 
 import os
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any, Callable, Optional, Sequence
+from typing import TYPE_CHECKING, Any, Callable, Iterator, Optional, Sequence
 
 from .cleaning import EMPTY_ROWS, TextReport, clean_value, clean_values, readable_copy
 from .cli import UserError
@@ -72,18 +73,6 @@ def builder_options(path: str) -> dict[str, Any]:
     return {"features": datasets.Features({name: datasets.Value("string") for name in header})} if header else {}
 
 
-# ---------------------------------------------------------------------- whole splits (the cached path)
-@dataclass(frozen=True)
-class Source:
-    """Where each split's texts come from: a name for messages, a fingerprint, a loader of texts (train and
-    validation, and test when the source has one), and what the loader replaced or skipped (--text_errors),
-    filled as it loads."""
-    description: str
-    fingerprint: str
-    load: Callable[[], dict[str, list[str]]]
-    report: TextReport = field(default_factory=TextReport)
-
-
 @dataclass(frozen=True)
 class TextColumns:
     """Which columns of a csv/json/parquet row or Hub dataset row hold its text (--text_column), and what joins
@@ -137,16 +126,54 @@ class TextColumns:
         return out
 
 
-def read_text_file(path: str, text_errors: str = "error", report: Optional[TextReport] = None,
-                   clean_dir: Optional[str] = None, columns: TextColumns = TextColumns()) -> list[str]:
-    """Texts of a local file: a line each for .txt/.raw; the text column(s) for .json/.jsonl/.parquet/.csv.
-    Undecodable bytes and non-string values are handled as text_errors says (mlm/cleaning.py)."""
+# ---------------------------------------------------------------------- splits read in batches (the cached path)
+TEXT_BATCH_ROWS = 8192        # texts per batch ...
+TEXT_BATCH_CHARS = 16 << 20   # ... or fewer, so that a batch of long documents stays about this size
+
+
+def _batched(texts: Iterator[str]) -> Iterator[list[str]]:
+    """Texts in batches of at most TEXT_BATCH_ROWS texts and about TEXT_BATCH_CHARS characters."""
+    batch, chars = [], 0
+    for text in texts:
+        batch.append(text)
+        chars += len(text)
+        if len(batch) >= TEXT_BATCH_ROWS or chars >= TEXT_BATCH_CHARS:
+            yield batch
+            batch, chars = [], 0
+    if batch:
+        yield batch
+
+
+def _text_lines(path: str) -> Iterator[str]:
+    """A text file's lines without their ends, read a block at a time (universal newlines, as str.split after
+    read() with them: no empty text after a final newline)."""
+    with open(path, encoding="utf-8") as fh:
+        for line in fh:
+            yield line[:-1] if line.endswith("\n") else line
+
+
+def _arrow_batches(ds, columns: "TextColumns", mode: str, origin: str, report: TextReport) -> Iterator[list[str]]:
+    """The texts of a datasets.Dataset (Arrow on disk, memory-mapped) a batch of rows at a time: only the text
+    column(s) of one batch are ever Python objects (decoded as its features say, as ds[column] would)."""
+    row = 0
+    for values in ds.select_columns(list(columns.names)).iter(batch_size=TEXT_BATCH_ROWS):
+        yield columns.texts(values, mode, origin, report, first_row=row)
+        row += len(values[columns.names[0]])
+
+
+def iter_text_file(path: str, text_errors: str = "error", report: Optional[TextReport] = None,
+                   clean_dir: Optional[str] = None, columns: TextColumns = TextColumns()) -> Iterator[list[str]]:
+    """Texts of a local file in batches: a line each for .txt/.raw; the text column(s) for
+    .json/.jsonl/.parquet/.csv. Undecodable bytes and non-string values are handled as text_errors says
+    (mlm/cleaning.py)."""
     report = report if report is not None else TextReport()
     readable = path if path.endswith(".parquet") else readable_copy(path, text_errors, report, clean_dir)
     if path.endswith((".txt", ".raw")):
-        with open(readable, encoding="utf-8") as fh:
-            lines = fh.read().split("\n")
-        return clean_values(lines[:-1] if lines and lines[-1] == "" else lines, text_errors, path, report)
+        row = 0
+        for batch in _batched(_text_lines(readable)):
+            yield clean_values(batch, text_errors, path, report, first_row=row)
+            row += len(batch)
+        return
     import datasets
     kind = builder_for(path)
     bars = datasets.is_progress_bar_enabled()
@@ -159,13 +186,13 @@ def read_text_file(path: str, text_errors: str = "error", report: Optional[TextR
         if bars:
             datasets.enable_progress_bars()
     columns.check(ds.column_names, path)
-    return columns.texts({n: ds[n] for n in columns.names}, text_errors, path, report)
+    yield from _arrow_batches(ds, columns, text_errors, path, report)
 
 
-def read_files(paths: list[str], text_errors: str, report: TextReport, clean_dir: Optional[str],
-               columns: TextColumns) -> list[str]:
-    """The texts of several files of one split, in the order given."""
-    return [t for p in paths for t in read_text_file(p, text_errors, report, clean_dir, columns)]
+def read_text_file(path: str, text_errors: str = "error", report: Optional[TextReport] = None,
+                   clean_dir: Optional[str] = None, columns: TextColumns = TextColumns()) -> list[str]:
+    """Every text of a local file, as iter_text_file reads them (for small files and tests)."""
+    return [t for batch in iter_text_file(path, text_errors, report, clean_dir, columns) for t in batch]
 
 
 def files_label(paths: list[str]) -> str:
@@ -177,13 +204,40 @@ def files_fingerprint(paths: list[str]) -> str:
     return ",".join(f"{sha256_file(p)}:{p.rsplit('.', 1)[-1]}" for p in paths)
 
 
-def carve_validation(texts: list[str], percentage: int, origin: str) -> dict[str, list[str]]:
-    """Hold out the first `percentage`% of rows, as run_mlm's train[:N%] / train[N%:] split does."""
-    if percentage == 0:
-        raise UserError(f"{origin} has no validation split; give --validation_file or a "
-                        "--validation_split_percentage above 0")
-    n_val = len(texts) * percentage // 100
-    return {"train": texts[n_val:], "validation": texts[:n_val]}
+def holdout_count(texts: int, percentage: int) -> int:
+    """How many of the first texts --validation_split_percentage holds out, as run_mlm's train[:N%] does."""
+    return texts * percentage // 100
+
+
+def _no_validation(origin: str) -> UserError:
+    return UserError(f"{origin} has no validation split; give --validation_file or a "
+                     "--validation_split_percentage above 0")
+
+
+Batches = Callable[[], Iterator[list[str]]]
+
+
+@dataclass(frozen=True)
+class Source:
+    """Where each split's texts come from: a name for messages, a fingerprint, and per part its texts in batches,
+    read lazily (train and validation, and test when the source has one; with holdout > 0 there is no validation
+    part: validation is the first holdout% of the train part's texts). report: what the reading replaced or
+    skipped (--text_errors), filled as it reads. size: about how many characters the parts hold (the files'
+    bytes, or the Arrow data's), for a progress bar."""
+    description: str
+    fingerprint: str
+    parts: dict[str, Batches]
+    report: TextReport = field(default_factory=TextReport)
+    holdout: int = 0
+    size: int = 0
+
+    def load(self) -> dict[str, list[str]]:
+        """Every split's texts in memory (small data and tests; training reads parts batch by batch)."""
+        texts = {split: [t for batch in part() for t in batch] for split, part in self.parts.items()}
+        if self.holdout:
+            n_val = holdout_count(len(texts["train"]), self.holdout)
+            texts["validation"], texts["train"] = texts["train"][:n_val], texts["train"][n_val:]
+        return texts
 
 
 def _mode(cfg: TrainConfig) -> str:
@@ -194,26 +248,37 @@ def _mode(cfg: TrainConfig) -> str:
     return mode + (f":columns={list(columns.names)}:sep={columns.separator!r}" if columns.given else "")
 
 
-def _local_source(cfg: TrainConfig) -> Source:
-    report = TextReport()
-    mode = _mode(cfg)
+def _files_part(cfg: TrainConfig, paths: list[str], report: TextReport) -> Batches:
+    def batches() -> Iterator[list[str]]:
+        for path in paths:
+            yield from iter_text_file(path, cfg.text_errors, report, text_copies_dir(cfg), TextColumns.of(cfg))
+    return batches
 
-    def read(paths: list[str]) -> list[str]:
-        return read_files(paths, cfg.text_errors, report, text_copies_dir(cfg), TextColumns.of(cfg))
+
+def _files_size(paths: list[str]) -> int:
+    return sum(os.path.getsize(p) for p in paths)
+
+
+def _local_source(cfg: TrainConfig) -> Source:
+    report, mode = TextReport(), _mode(cfg)
     if cfg.dataset_dir:
         files = {split: wikitext_file(cfg.dataset_dir, split) for split in WIKITEXT_FILES}
         return Source(f"WikiText directory {cfg.dataset_dir}",
                       "wikitext-dir:" + ",".join(sha256_file(p) for p in files.values()) + mode,
-                      lambda: {split: read([p]) for split, p in files.items()}, report)
+                      {split: _files_part(cfg, [p], report) for split, p in files.items()}, report,
+                      size=_files_size(list(files.values())))
     train, valid = cfg.train_file, cfg.validation_file
     fp = f"files:{files_fingerprint(train)}"
     if valid:
         fp += f":{files_fingerprint(valid)}"
         return Source(f"{files_label(train)} + {files_label(valid)}", fp + mode,
-                      lambda: {"train": read(train), "validation": read(valid)}, report)
+                      {"train": _files_part(cfg, train, report), "validation": _files_part(cfg, valid, report)},
+                      report, size=_files_size(train + valid))
     pct = cfg.validation_split_percentage
+    if pct == 0:
+        raise _no_validation(files_label(train))
     return Source(f"{files_label(train)} ({pct}% held out)", f"{fp}:holdout{pct}{mode}",
-                  lambda: carve_validation(read(train), pct, files_label(train)), report)
+                  {"train": _files_part(cfg, train, report)}, report, holdout=pct, size=_files_size(train))
 
 
 def _hub_source(cfg: TrainConfig) -> Source:
@@ -233,29 +298,25 @@ def _hub_source(cfg: TrainConfig) -> Source:
     fp += _mode(cfg)
     report = TextReport()
 
-    def split_texts(split: str) -> list[str]:  # Arrow strings are UTF-8: only non-string values can occur
+    def part(split: str) -> Batches:  # Arrow strings are UTF-8: only non-string values can occur
         origin = f"dataset {label} split {split}"
         columns.check(dd[split].column_names, origin)
-        return columns.texts({n: dd[split][n] for n in columns.names}, cfg.text_errors, origin, report)
-
-    def load() -> dict[str, list[str]]:
-        texts = {"train": split_texts("train"), "validation": split_texts("validation")} if "validation" in dd \
-            else carve_validation(split_texts("train"), pct, label)
-        if "test" in dd and not cfg.test_file:  # --test_file replaces it
-            texts["test"] = split_texts("test")
-        return texts
-    return Source(f"Hub dataset {label}", fp if "validation" in dd else f"{fp}:holdout{pct}", load, report)
+        return lambda: _arrow_batches(dd[split], columns, cfg.text_errors, origin, report)
+    splits = ["train"] + (["validation"] if "validation" in dd else []) + \
+        (["test"] if "test" in dd and not cfg.test_file else [])  # --test_file replaces the dataset's test split
+    if "validation" not in dd and pct == 0:
+        raise _no_validation(label)
+    size = sum(dd[s].data.nbytes for s in splits)
+    return Source(f"Hub dataset {label}", fp if "validation" in dd else f"{fp}:holdout{pct}",
+                  {s: part(s) for s in splits}, report, holdout=0 if "validation" in dd else pct, size=size)
 
 
 def _with_test_files(source: Source, cfg: TrainConfig, paths: list[str]) -> Source:
     """source with its test split read from local files (--test_file, or wiki.test.raw in --dataset_dir)."""
-
-    def load() -> dict[str, list[str]]:
-        texts = source.load()
-        texts["test"] = read_files(paths, cfg.text_errors, source.report, text_copies_dir(cfg), TextColumns.of(cfg))
-        return texts
     return Source(f"{source.description}, test {files_label(paths)}",
-                  f"{source.fingerprint}|test:{files_fingerprint(paths)}{_mode(cfg)}", load, source.report)
+                  f"{source.fingerprint}|test:{files_fingerprint(paths)}{_mode(cfg)}",
+                  {**source.parts, "test": _files_part(cfg, paths, source.report)}, source.report,
+                  source.holdout, source.size + _files_size(paths))
 
 
 def build_source(cfg: TrainConfig) -> Source:

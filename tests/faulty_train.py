@@ -14,6 +14,7 @@ product's code. Steps count this process's optimizer steps, so on a fresh run th
   "error": "nccl_shm"  with kind "raise": raise the DistBackendError NCCL gives when /dev/shm is too small
   "fake_cuda": {"count": N, "capability": [7, 5], "name": "Tesla T4"}  torch.cuda reports N such GPUs
   "compile_backend": B   torch.compile uses backend B (e.g. aot_eager: graph capture without code generation)
+  "prep_sleep": T   building the tokenised cache takes T seconds longer (a long preparation)
 """
 
 import hashlib
@@ -29,7 +30,7 @@ sys.path.insert(0, ROOT)
 import torch  # noqa: E402
 
 import train_ddp  # noqa: E402
-from mlm import checkpoint, loop, modeling  # noqa: E402
+from mlm import checkpoint, data, loop, modeling  # noqa: E402
 
 
 def install(fault: dict) -> None:
@@ -55,6 +56,15 @@ def install(fault: dict) -> None:
             return original_prepare(raw, epoch, *args, **kwargs)
 
         loop.prepare_batch = prepare_batch
+
+    if fault.get("prep_sleep"):
+        original_build = data._build_cache
+
+        def build_cache(*args, **kwargs):
+            time.sleep(fault["prep_sleep"])
+            return original_build(*args, **kwargs)
+
+        data._build_cache = build_cache
 
     if fault.get("fake_cuda"):
         fake = fault["fake_cuda"]

@@ -1,0 +1,135 @@
+"""Issue 24: the cached path prepares a corpus of any size in bounded memory, every rank reads it through the
+memory map, and ranks wait for a long preparation without a timeout firing."""
+
+import json
+import logging
+import os
+import tracemalloc
+
+import numpy as np
+import pytest
+
+from helpers import make_text_file, run_train, tiny_args
+from mlm import cleaning, data, files, sources
+from mlm.config import TrainConfig, UserError, parse_args
+from mlm.data import build_datasets, load_token_streams, tokenize_texts
+from mlm.sources import read_text_file
+
+
+def cfg_for(tmp_path, **kw) -> TrainConfig:
+    kw.setdefault("output_dir", str(tmp_path / "out"))
+    return TrainConfig(**kw).resolve_and_validate()
+
+
+def small_batches(monkeypatch, rows: int) -> None:
+    """Batches of `rows` texts, and the UTF-8 scan and the hash of a file in 1 MB blocks."""
+    monkeypatch.setattr(sources, "TEXT_BATCH_ROWS", rows)
+    monkeypatch.setattr(sources, "TEXT_BATCH_CHARS", rows * 200)
+    monkeypatch.setattr(cleaning, "BLOCK", 1 << 20)
+    monkeypatch.setattr(files, "HASH_BLOCK", 1 << 20)
+
+
+def test_batches_of_any_size_give_the_same_streams(tokenizer, tmp_path, monkeypatch):
+    """Read 7 texts at a time, the held-out validation split ends mid-batch: both splits, tokens and lengths,
+    equal the whole file tokenised at once."""
+    path = make_text_file(str(tmp_path / "train.txt"), n_lines=400, seed=3)
+    texts = read_text_file(path)
+    n_val = len(texts) * 10 // 100
+    assert n_val % 7 != 0
+    whole = {"validation": tokenize_texts(tokenizer, texts[:n_val]), "train": tokenize_texts(tokenizer, texts[n_val:])}
+    small_batches(monkeypatch, 7)
+    calls = []
+
+    def builder(tok, batch):
+        calls.append(len(batch))
+        return tokenize_texts(tok, batch)
+    streams, hit, _ = load_token_streams(cfg_for(tmp_path, train_file=path, validation_split_percentage=10),
+                                         tokenizer, str(tmp_path / "cache"), builder=builder)
+    assert not hit and max(calls) == 7 and sum(calls) == len(texts)
+    for split in ("train", "validation"):
+        assert np.array_equal(streams[split].tokens, whole[split].tokens)
+        assert np.array_equal(streams[split].lengths, whole[split].lengths)
+
+
+def test_a_bad_row_is_named_by_its_row_across_batches(monkeypatch):
+    """Arrow data read 7 rows at a time: the row with a non-string text is named by its row in the split."""
+    import datasets
+    mixed = datasets.Features({"essay": datasets.Json()})
+    rows = [{"essay": 19 if i == 19 else f"essay {i}"} for i in range(30)]
+    dd = datasets.DatasetDict({"train": datasets.Dataset.from_list(rows, features=mixed),
+                               "validation": datasets.Dataset.from_list(rows[:3], features=mixed)})
+    monkeypatch.setattr(datasets, "load_dataset", lambda *a, **k: dd)
+    small_batches(monkeypatch, 7)
+    cfg = lambda mode: parse_args(["--dataset_name", "someone/essays", "--text_column", "essay",
+                                   "--text_errors", mode])
+    with pytest.raises(UserError, match=r"split train row 20: 'essay' is int 19"):
+        sources.build_source(cfg("error")).load()
+    assert sources.build_source(cfg("skip")).load()["train"] == [f"essay {i}" for i in range(30) if i != 19]
+
+
+def prepare_peak(tokenizer, tmp_path, name: str, n_lines: int) -> tuple[int, int]:
+    """(corpus bytes, peak traced memory while load_token_streams prepares it)."""
+    path = make_text_file(str(tmp_path / f"{name}.txt"), n_lines=n_lines, seed=5, words_per_line=(20, 60))
+    cfg = cfg_for(tmp_path, train_file=path, validation_split_percentage=5)
+    tracemalloc.start()
+    try:
+        streams, hit, _ = load_token_streams(cfg, tokenizer, str(tmp_path / f"cache-{name}"))
+        _, peak = tracemalloc.get_traced_memory()
+    finally:
+        tracemalloc.stop()
+    assert not hit and streams["train"].tokens.size > n_lines * 10
+    return os.path.getsize(path), peak
+
+
+def test_preparation_memory_does_not_grow_with_the_corpus(tokenizer, tmp_path, monkeypatch):
+    """A corpus and one 4 times larger, prepared in batches of 256 texts (1 MB blocks to scan and hash a file):
+    the peak traced memory (Python objects and numpy arrays) is the same, and below the larger corpus itself.
+    Holding every text at once, as before, needed several times the corpus."""
+    small_batches(monkeypatch, 256)
+    size_1, peak_1 = prepare_peak(tokenizer, tmp_path, "n", 6_000)
+    size_4, peak_4 = prepare_peak(tokenizer, tmp_path, "4n", 24_000)
+    assert size_4 > 3.9 * size_1 > 3_000_000
+    assert peak_4 < 1.25 * peak_1 + (256 << 10), (peak_1, peak_4)
+    assert peak_4 < size_4, (peak_4, size_4)
+
+
+def test_every_split_is_read_through_the_memory_map(tokenizer, tmp_path):
+    """Built or from the cache, each split's tokens and lengths are memory maps of the cache's files, and the
+    training and evaluation datasets are views of them: no rank copies a split into RAM."""
+    path = make_text_file(str(tmp_path / "train.txt"), n_lines=300, seed=1)
+    valid = make_text_file(str(tmp_path / "valid.txt"), n_lines=60, seed=2)
+    for line_by_line in (False, True):
+        cfg = cfg_for(tmp_path, train_file=path, validation_file=valid, max_seq_length=32,
+                      line_by_line=line_by_line)
+        for attempt in range(2):  # built, then a cache hit
+            streams, hit, _ = load_token_streams(cfg, tokenizer, str(tmp_path / "cache"))
+            assert hit == (attempt == 1 or line_by_line)
+            for stream in streams.values():
+                assert isinstance(stream.tokens, np.memmap) and isinstance(stream.lengths, np.memmap)
+            built = build_datasets(cfg, streams, tokenizer)
+            for split, ds in built.items():
+                held = ds.tokens if line_by_line else ds.bodies
+                assert np.shares_memory(held, streams[split].tokens) and not held.flags.owndata
+
+
+def test_a_long_preparation_shows_its_rate_and_what_is_left(tokenizer, tmp_path, monkeypatch, caplog):
+    """Without a terminal, a long preparation logs how far it is, its MB/s and the time left."""
+    monkeypatch.setattr(data, "PROGRESS_LOG_SECONDS", 0)
+    small_batches(monkeypatch, 50)
+    path = make_text_file(str(tmp_path / "train.txt"), n_lines=300, seed=1)
+    with caplog.at_level(logging.INFO, logger="mlm"):
+        load_token_streams(cfg_for(tmp_path, train_file=path), tokenizer, str(tmp_path / "cache"))
+    lines = [r.getMessage() for r in caplog.records if r.getMessage().startswith("tokenising")]
+    assert len(lines) >= 5
+    assert all(" MB/s, about " in line and line.endswith("min left") for line in lines)
+
+
+def test_ranks_wait_for_a_preparation_longer_than_the_ddp_timeout(tmp_path, tiny_config_dir, tokenizer_path):
+    """Rank 0 tokenises for 15 s more than it needs, with --ddp_timeout 10: rank 1 waits on rank 0's heartbeat,
+    not on a collective's timeout, and the run trains to its end."""
+    text = make_text_file(str(tmp_path / "train.txt"), n_lines=300, seed=1)
+    args = tiny_args(tiny_config_dir, tokenizer_path, str(tmp_path / "out"), str(tmp_path / "cache"),
+                     train_file=text, max_train_steps=2, eval_steps=1000, eval_on_start="false", ddp_timeout=10)
+    r = run_train(args, nproc=2, fault={"prep_sleep": 15})
+    assert r.returncode == 0, r.output[-3000:]
+    assert "finished at step 2 on all 2 ranks" in r.output and "tokenised and cached" in r.output
