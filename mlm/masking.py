@@ -66,9 +66,10 @@ def build_masking_tables(tokenizer, device: torch.device | str = "cpu") -> Maski
     unused = torch.zeros(size, dtype=torch.bool)
     convention = word_convention(list(vocab))
     name, marker, marks_start = convention or (None, "##", False)
-    for piece, i in vocab.items():
-        continuation[i] = piece.startswith(marker) != marks_start
-        unused[i] = bool(_UNUSED.match(piece))
+    # Indices gathered in Python, written in one assignment each: a tensor write per piece took 0.3 s for
+    # BERT's 30k pieces, on every rank of every run, and 2.5 s for XLM-R's 250k.
+    continuation[[i for piece, i in vocab.items() if piece.startswith(marker) != marks_start]] = True
+    unused[[i for piece, i in vocab.items() if _UNUSED.match(piece)]] = True
     ordinary = torch.nonzero(~special & ~unused).flatten()
     if tokenizer.mask_token_id is None:
         raise ValueError("the tokenizer has no mask token, so it cannot be used for masked-LM training")
