@@ -215,7 +215,9 @@ def _patient_wait(env: DistEnv, leader: bool, fn: Callable[[], T], silence_limit
             beater.join()
         env.store.add(f"{key}/done", 1)
     else:
-        last, heard = -1, time.monotonic()
+        # Polled from 1 ms up to 0.1 s: most waits (a config, a cache hit) end in milliseconds, and a store wait
+        # with a timeout would print a C++ warning each time it ran out.
+        last, heard, pause = -1, time.monotonic(), 0.001
         while env.store.add(f"{key}/done", 0) < int(leaders.item()):
             beats = env.store.add(f"{key}/beat", 0)
             if beats != last:
@@ -223,7 +225,8 @@ def _patient_wait(env: DistEnv, leader: bool, fn: Callable[[], T], silence_limit
             elif time.monotonic() - heard > silence_limit:
                 raise WaitedTooLong(f"rank {env.rank} heard nothing for {silence_limit:.0f} s from the process "
                                     "preparing shared files (downloads, the tokenised cache); it is stuck or gone")
-            time.sleep(0.2)
+            time.sleep(pause)
+            pause = min(2 * pause, 0.1)
     return result
 
 
