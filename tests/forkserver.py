@@ -13,7 +13,7 @@ another one. Only modules that start no thread are loaded (pyarrow's jemalloc st
 not): fork copies only the calling thread, and a lock held by another thread would be held forever in the child.
 
 Server: `python tests/forkserver.py SOCKET`, then one connection per child: the request (8-byte length, JSON
-{argv, env, cwd, new_session}) with stdin, stdout and stderr passed as file descriptors; the answer is the line
+{argv: [SCRIPT, ARGS...] or ["-m", MODULE, ARGS...], env, cwd, new_session}) with stdin, stdout and stderr passed as file descriptors; the answer is the line
 "pid N", and "exit CODE" when the child has ended (CODE as Popen gives it: -N for a signal).
 """
 
@@ -90,12 +90,18 @@ def run_child(request: dict, fds: list[int]) -> None:
         os.chdir(request["cwd"])
         os.environ.clear()
         os.environ.update(request["env"])
-        script = request["argv"][0]
-        sys.argv = list(request["argv"])
-        sys.path[:] = [os.path.dirname(os.path.abspath(script)), *SERVER_PATH[1:]]
+        argv = list(request["argv"])
         random.seed()  # a new interpreter's state, not the server's
         try:
-            runpy.run_path(script, run_name="__main__")
+            if argv[0] == "-m":  # python -m MODULE: the working directory first on the path, as python puts it
+                sys.argv = argv[1:]
+                sys.path[:] = [os.getcwd(), *SERVER_PATH[1:]]
+                sys.modules.pop(argv[1], None)  # loaded by the server: run afresh as __main__, as python would
+                runpy.run_module(argv[1], run_name="__main__", alter_sys=True)
+            else:
+                sys.argv = argv
+                sys.path[:] = [os.path.dirname(os.path.abspath(argv[0])), *SERVER_PATH[1:]]
+                runpy.run_path(argv[0], run_name="__main__")
             code = 0
         except SystemExit as e:
             if e.code is None:
@@ -316,10 +322,13 @@ def close_all() -> None:
 
 def spawn(argv: list[str], env: dict, cwd: str, stdin: Optional[str] = None, new_session: bool = False):
     """`python argv...` as a child of a fork server (a ForkedProcess), or as a fresh interpreter (a Popen with
-    the same interface) when argv is not a script or no server holds env's import-time variables."""
+    the same interface) when argv is neither a script nor `-m mlm.X`, or no server holds env's import-time
+    variables."""
     env = {k: os.fspath(v) for k, v in env.items()}
     argv = [os.fspath(a) if isinstance(a, os.PathLike) else a for a in argv]
-    server = server_for(env) if argv and argv[0].endswith(".py") and os.path.isfile(argv[0]) else None
+    ours = (argv and argv[0].endswith(".py") and os.path.isfile(argv[0])) or \
+        (len(argv) >= 2 and argv[0] == "-m" and argv[1].startswith("mlm."))
+    server = server_for(env) if ours else None
     stdout, stderr = tempfile.TemporaryFile(), tempfile.TemporaryFile()
     stdin_file = tempfile.TemporaryFile()
     if stdin is not None:

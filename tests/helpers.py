@@ -71,7 +71,8 @@ def run_command(cmd: list[str], timeout: float, extra_env: Optional[dict] = None
     """A subprocess with a timeout, so a hang fails the test instead of blocking CI. `python SCRIPT.py ...` is
     forked from a server that has torch and transformers imported (tests/forkserver.py)."""
     t0 = time.perf_counter()
-    if len(cmd) >= 2 and cmd[0] == sys.executable and cmd[1].endswith(".py"):
+    if len(cmd) >= 2 and cmd[0] == sys.executable and (cmd[1].endswith(".py") or cmd[1] == "-m" and
+                                                       len(cmd) >= 3 and cmd[2].startswith("mlm.")):
         p = forkserver.spawn(cmd[1:], _env(extra_env), cwd, stdin=stdin)
         try:
             out, err = p.communicate(timeout=timeout)
