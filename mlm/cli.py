@@ -33,11 +33,18 @@ class LocalUserError(UserError):
     reported by the rank that raised it, where other user errors are reported once, by rank 0."""
 
 
+def parser_error(message: str, prog: str) -> UserError:
+    """argparse's message as one line (a value typed on the command line may hold a newline, shown as \\n),
+    and where to look for the fix."""
+    flat = message.replace("\r", "\\r").replace("\n", "\\n")
+    return UserError(f"{flat} (run `python {prog} --help` to list the options)")
+
+
 class Parser(argparse.ArgumentParser):
     """argparse with one-line errors: the problem, and where to look for the fix."""
 
     def error(self, message: str) -> typing.NoReturn:
-        raise UserError(f"{message} (run `python {self.prog} --help` to list the options)")
+        raise parser_error(message, self.prog)
 
 
 def report(error: UserError) -> int:

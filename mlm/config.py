@@ -22,7 +22,7 @@ from dataclasses import dataclass, field
 from typing import Any, Optional, Sequence, Union
 
 from .cleaning import TEXT_ERRORS
-from .cli import OUTPUTS_ROOT, UserError, command_line, looks_like_path
+from .cli import OUTPUTS_ROOT, UserError, command_line, looks_like_path, parser_error
 from .sources import LOCAL_SUFFIXES, WIKITEXT_FILES, builder_for
 
 DEFAULT_MODEL = "bert-base-uncased"
@@ -413,7 +413,7 @@ def build_parser(prog: str = "train_ddp.py") -> argparse.ArgumentParser:
 
     class Parser(HfArgumentParser):
         def error(self, message: str) -> typing.NoReturn:  # one line, not argparse's usage dump and exit
-            raise UserError(f"{message} (run `python {self.prog} --help` to list the options)")
+            raise parser_error(message, self.prog)
 
     p = Parser(TrainConfig, prog=prog, description="Masked-LM fine-tuning of BERT-style models on PyTorch DDP. "
                "Launch with torchrun --nproc_per_node=N train_ddp.py [options], or bash launch.sh [options].")

@@ -272,3 +272,10 @@ def test_the_budget_stops_while_a_step_and_a_checkpoint_still_fit():
     request.expect(step_seconds=1.0, save_seconds=1.0)
     assert request.out_of_time() and request.agreed() == OUT_OF_TIME  # 8 + 2.2 s >= 10
     assert not StopRequest(25.0).out_of_time()  # no budget
+
+
+def test_a_typed_value_with_a_newline_is_still_a_one_line_error(tmp_path):
+    """argparse quotes the bad value in its message: a newline in it is shown as \\n (the fuzz test found it)."""
+    with pytest.raises(UserError) as e:
+        parse_args(["--output_dir", str(tmp_path / "o"), "--trust_remote_code", "\n"])
+    assert "\n" not in str(e.value) and "got \\n but expected" in str(e.value)
