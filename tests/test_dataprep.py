@@ -11,14 +11,10 @@ import pytest
 
 from helpers import make_text_file, run_train, tiny_args
 from mlm import cleaning, data, files, sources
-from mlm.config import TrainConfig, UserError, parse_args
+from mlm.config import UserError, parse_args
+from test_data import cfg_for
 from mlm.data import build_datasets, load_token_streams, tokenize_texts
 from mlm.sources import read_text_file
-
-
-def cfg_for(tmp_path, **kw) -> TrainConfig:
-    kw.setdefault("output_dir", str(tmp_path / "out"))
-    return TrainConfig(**kw).resolve_and_validate()
 
 
 def small_batches(monkeypatch, rows: int) -> None:
