@@ -11,7 +11,9 @@ from __future__ import annotations
 import json
 import logging
 import os
+import signal
 import sys
+import threading
 import time
 from dataclasses import replace
 from typing import Optional
@@ -217,6 +219,29 @@ def restart_count() -> int:
     return int(os.environ.get("TORCHELASTIC_RESTART_COUNT", "0"))
 
 
+class _Stopped(Exception):
+    pass
+
+
+def _stopped(signum: int, frame) -> None:
+    raise _Stopped
+
+
+def wait_for_rank_0_to_report(seconds: float) -> None:
+    """Sleep up to `seconds`, ended early by SIGTERM: torchrun sends it once another worker has exited, so rank
+    0 has printed its line and the command can end now rather than at the end of the grace."""
+    if threading.current_thread() is not threading.main_thread():
+        time.sleep(seconds)  # signal handlers can only be set from the main thread
+        return
+    previous = signal.signal(signal.SIGTERM, _stopped)
+    try:
+        time.sleep(seconds)
+    except _Stopped:
+        pass
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+
+
 def report_failure(e: BaseException, rank: int) -> int:
     """The exit code of a run that raised: each kind of failure said once, by the rank that knows it."""
     if isinstance(e, UserError):
@@ -225,7 +250,7 @@ def report_failure(e: BaseException, rank: int) -> int:
             return report(e)
         if int(os.environ.get("WORLD_SIZE", "1")) > 1:
             # torchrun stops the other workers as soon as one exits: leave rank 0 time to print the error.
-            time.sleep(USER_ERROR_GRACE_S)
+            wait_for_rank_0_to_report(USER_ERROR_GRACE_S)
         return EXIT_USER_ERROR
     if isinstance(e, OutOfTime):
         if rank == 0:

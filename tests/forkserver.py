@@ -12,9 +12,17 @@ locale) is fixed in the server, so each server serves one such environment: `spa
 another one. Only modules that start no thread are loaded (pyarrow's jemalloc starts one, so `datasets` is
 not): fork copies only the calling thread, and a lock held by another thread would be held forever in the child.
 
+The shim: a forked child's `sys.executable` is a small script (written by the test process, see `shim`) that
+forks `python SCRIPT ARGS` from the server for its environment when there is one, and execs the real python
+otherwise. What a run of ours starts with sys.executable (torchrun's agent its workers, the search its trials)
+starts in milliseconds too. The shim stands in for the child: it forwards every catchable signal to it and ends
+as it ends (by the same signal, or with its exit code); the child is killed when the shim is, so killing the
+worker torchrun knows ends the run it stands for.
+
 Server: `python tests/forkserver.py SOCKET`, then one connection per child: the request (8-byte length, JSON
-{argv: [SCRIPT, ARGS...] or ["-m", MODULE, ARGS...], env, cwd, new_session}) with stdin, stdout and stderr passed as file descriptors; the answer is the line
-"pid N", and "exit CODE" when the child has ended (CODE as Popen gives it: -N for a signal).
+{argv: [SCRIPT, ARGS...] or ["-m", MODULE, ARGS...], env, cwd, new_session, watch}) with stdin, stdout and
+stderr passed as file descriptors; the answer is the line "pid N", and "exit CODE" when the child has ended
+(CODE as Popen gives it: -N for a signal). watch: a pid (the shim's) whose end kills the child.
 """
 
 from __future__ import annotations
@@ -39,13 +47,22 @@ ROOT = os.path.dirname(TESTS)
 IMPORT_TIME_PREFIXES = ("HF_", "HUGGINGFACE", "TRANSFORMERS", "DATASETS", "TORCH", "PYTORCH", "OMP_", "MKL_",
                         "KMP_", "CUDA", "NCCL", "GLOO", "TOKENIZERS", "RAYON", "XDG_", "PYTHON", "LANG", "LC_",
                         "TMP", "TEMP", "HOME", "SAFETENSORS", "MALLOC")
-RUNTIME_PREFIXES = ("TORCHELASTIC_",)  # read when the run starts: torchrun's attempt and run id
+# Read when the run starts, not at import: torchrun's attempt, run id and NCCL switches; the shim's own.
+RUNTIME_PREFIXES = ("TORCHELASTIC_", "TORCH_NCCL_", "PYTHON_EXEC", "MLM_FORKSERVERS")
 MAX_SERVERS = 4  # per test process; an environment beyond these runs in a fresh interpreter
+# Where a test process's servers listen, one socket per import-time environment, so that the shim (below) finds
+# the one for its environment. Children inherit it through their environment.
+DIRECTORY_VARIABLE = "MLM_FORKSERVERS"
 
 
 def import_key(env: dict) -> tuple:
     return tuple(sorted((k, v) for k, v in env.items()
                         if k.startswith(IMPORT_TIME_PREFIXES) and not k.startswith(RUNTIME_PREFIXES)))
+
+
+def socket_path(directory: str, env: dict) -> str:
+    import hashlib
+    return os.path.join(directory, hashlib.sha256(repr(import_key(env)).encode()).hexdigest()[:16] + ".sock")
 
 
 # ---------------------------------------------------------------------------------------------------- server
@@ -61,6 +78,7 @@ def preload() -> None:
     import torch  # noqa: F401
     import torch.distributed  # noqa: F401
     import torch.distributed.elastic.multiprocessing.errors  # noqa: F401
+    import torch.distributed.run  # noqa: F401  (torchrun's agent)
     import transformers  # noqa: F401
     from transformers import modeling_utils, tokenization_utils_base  # noqa: F401
     from transformers.models.auto import modeling_auto, tokenization_auto  # noqa: F401
@@ -92,6 +110,11 @@ def run_child(request: dict, fds: list[int]) -> None:
         os.environ.update(request["env"])
         argv = list(request["argv"])
         random.seed()  # a new interpreter's state, not the server's
+        if request.get("watch"):
+            die_with(request["watch"])
+        shim_path = os.path.join(os.environ.get(DIRECTORY_VARIABLE, ""), "python")
+        if os.environ.get(DIRECTORY_VARIABLE) and os.path.isfile(shim_path):
+            sys.executable = shim_path  # what this child starts as `python X.py` is forked too
         try:
             if argv[0] == "-m":  # python -m MODULE: the working directory first on the path, as python puts it
                 sys.argv = argv[1:]
@@ -123,6 +146,22 @@ def run_child(request: dict, fds: list[int]) -> None:
             except Exception:
                 pass
         os._exit(code)
+
+
+def die_with(pid: int) -> None:
+    """SIGKILL this process when process pid (the shim that stands for it) ends."""
+    import select
+    import signal
+    try:
+        fd = os.pidfd_open(pid)
+    except ProcessLookupError:
+        os.kill(os.getpid(), signal.SIGKILL)
+        return
+
+    def watch() -> None:
+        select.select([fd], [], [])
+        os.kill(os.getpid(), signal.SIGKILL)
+    threading.Thread(target=watch, daemon=True, name="forkserver-watch").start()
 
 
 def receive(conn: socket.socket) -> tuple[dict, list[int]]:
@@ -266,7 +305,7 @@ class ForkedProcess:
 class _Server:
     def __init__(self, env: dict):
         self.dir = tempfile.mkdtemp(prefix="mlm-forkserver-")
-        self.path = os.path.join(self.dir, "socket")
+        self.path = socket_path(directory(), env)
         self.log = open(os.path.join(self.dir, "server.log"), "w+b")
         self.proc = subprocess.Popen([sys.executable, os.path.abspath(__file__), self.path], env=env, cwd=ROOT,
                                      stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=self.log)
@@ -291,6 +330,27 @@ class _Server:
 
 _servers: dict[tuple, _Server] = {}
 _servers_lock = threading.Lock()
+_directory: Optional[str] = None
+
+SHIM = """#!{python} -IS
+import sys
+sys.path.insert(0, {tests!r})
+from forkserver import shim
+shim(sys.argv[1:])
+"""
+
+
+def directory() -> str:
+    """This test process's server directory, with the shim in it as `python` (made on first use)."""
+    global _directory
+    if _directory is None:
+        d = tempfile.mkdtemp(prefix="mlm-fs-")
+        path = os.path.join(d, "python")
+        with open(path, "w") as fh:
+            fh.write(SHIM.format(python=sys.executable, tests=TESTS))
+        os.chmod(path, 0o755)
+        _directory = d
+    return _directory
 
 
 def server_for(env: dict) -> Optional[_Server]:
@@ -318,6 +378,9 @@ def close_all() -> None:
         for server in _servers.values():
             server.close()
         _servers.clear()
+        if _directory is not None:
+            import shutil
+            shutil.rmtree(_directory, ignore_errors=True)
 
 
 def spawn(argv: list[str], env: dict, cwd: str, stdin: Optional[str] = None, new_session: bool = False):
@@ -325,10 +388,11 @@ def spawn(argv: list[str], env: dict, cwd: str, stdin: Optional[str] = None, new
     the same interface) when argv is neither a script nor `-m mlm.X`, or no server holds env's import-time
     variables."""
     env = {k: os.fspath(v) for k, v in env.items()}
+    env[DIRECTORY_VARIABLE] = directory()
     argv = [os.fspath(a) if isinstance(a, os.PathLike) else a for a in argv]
-    ours = (argv and argv[0].endswith(".py") and os.path.isfile(argv[0])) or \
-        (len(argv) >= 2 and argv[0] == "-m" and argv[1].startswith("mlm."))
-    server = server_for(env) if ours else None
+    if argv and os.path.basename(argv[0]) == "torchrun":  # the console script: torch.distributed.run's main
+        argv = ["-m", "torch.distributed.run", *argv[1:]]
+    server = server_for(env) if forkable(argv) else None
     stdout, stderr = tempfile.TemporaryFile(), tempfile.TemporaryFile()
     stdin_file = tempfile.TemporaryFile()
     if stdin is not None:
@@ -339,14 +403,73 @@ def spawn(argv: list[str], env: dict, cwd: str, stdin: Optional[str] = None, new
                              stderr=stderr, start_new_session=new_session)
         stdin_file.close()
         return _PopenToFiles(p, stdout, stderr)
-    payload = json.dumps({"argv": argv, "env": env, "cwd": os.fspath(cwd), "new_session": new_session}).encode()
-    conn = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-    conn.connect(server.path)
-    socket.send_fds(conn, [struct.pack("!Q", len(payload))], [stdin_file.fileno(), stdout.fileno(),
-                                                              stderr.fileno()])
-    conn.sendall(payload)
+    conn = request(server.path, {"argv": argv, "env": env, "cwd": os.fspath(cwd), "new_session": new_session},
+                   [stdin_file.fileno(), stdout.fileno(), stderr.fileno()])
     stdin_file.close()
     return ForkedProcess(conn, stdout, stderr, argv)
+
+
+def forkable(argv: list[str]) -> bool:
+    """A script, `-m mlm.X`, or torchrun's agent: what the server runs (anything else: a fresh interpreter)."""
+    if len(argv) >= 2 and argv[0] == "-m":
+        return argv[1].startswith("mlm.") or argv[1] == "torch.distributed.run"
+    return bool(argv) and argv[0].endswith(".py") and os.path.isfile(argv[0])
+
+
+def request(path: str, what: dict, fds: list[int]) -> socket.socket:
+    """Ask the server at path for a child; the connection, on which "pid N" and "exit CODE" come."""
+    payload = json.dumps(what).encode()
+    conn = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    conn.connect(path)
+    socket.send_fds(conn, [struct.pack("!Q", len(payload))], fds)
+    conn.sendall(payload)
+    return conn
+
+
+# ------------------------------------------------------------------------------------------------------ shim
+
+def shim(args: list[str]) -> None:
+    """`python ARGS` for a child of a forked run: forked from this test process's server for this environment,
+    or, where there is none (or ARGS is not a script of ours), the real python in this process's place."""
+    import signal
+    flags = []
+    while args[:1] == ["-u"]:  # torchrun starts its workers with -u
+        flags.append(args.pop(0))
+    env = dict(os.environ)
+    if flags:
+        env["PYTHONUNBUFFERED"] = "1"
+    path = socket_path(env.get(DIRECTORY_VARIABLE, ""), env)
+    conn = None
+    if forkable(args) and os.path.exists(path):
+        try:
+            conn = request(path, {"argv": args, "env": env, "cwd": os.getcwd(), "watch": os.getpid()}, [0, 1, 2])
+        except OSError:
+            conn = None  # the server is gone (its test process ended)
+    if conn is None:
+        os.execv(sys.executable, [sys.executable, *flags, *args])
+    reader = conn.makefile("rb")
+    line = reader.readline().split()
+    if not line or line[0] != b"pid":
+        os._exit(1)
+    child = int(line[1])
+
+    def forward(signum, frame) -> None:
+        try:
+            os.kill(child, signum)
+        except ProcessLookupError:
+            pass
+    for signum in set(signal.Signals) - {signal.SIGKILL, signal.SIGSTOP, signal.SIGCHLD}:
+        try:
+            signal.signal(signum, forward)
+        except (OSError, ValueError):
+            pass
+    line = reader.readline().split()
+    code = int(line[1]) if len(line) == 2 and line[0] == b"exit" else 1
+    if code < 0:  # ended by a signal: so does the shim, as the process it stands for did
+        signal.signal(-code, signal.SIG_DFL)
+        os.kill(os.getpid(), -code)
+        code = 128 - code
+    os._exit(code & 0xFF)
 
 
 class _PopenToFiles:

@@ -68,12 +68,12 @@ def _env(extra: Optional[dict] = None) -> dict:
 
 def run_command(cmd: list[str], timeout: float, extra_env: Optional[dict] = None, cwd: str = ROOT,
                 stdin: Optional[str] = None) -> Result:
-    """A subprocess with a timeout, so a hang fails the test instead of blocking CI. `python SCRIPT.py ...` is
-    forked from a server that has torch and transformers imported (tests/forkserver.py)."""
+    """A subprocess with a timeout, so a hang fails the test instead of blocking CI. `python SCRIPT.py ...` and
+    torchrun (its agent, and its workers through the shim) are forked from a server that has torch and
+    transformers imported (tests/forkserver.py)."""
     t0 = time.perf_counter()
-    if len(cmd) >= 2 and cmd[0] == sys.executable and (cmd[1].endswith(".py") or cmd[1] == "-m" and
-                                                       len(cmd) >= 3 and cmd[2].startswith("mlm.")):
-        p = forkserver.spawn(cmd[1:], _env(extra_env), cwd, stdin=stdin)
+    if cmd and (cmd[0] == sys.executable and forkserver.forkable(cmd[1:]) or os.path.basename(cmd[0]) == "torchrun"):
+        p = forkserver.spawn(cmd[1:] if cmd[0] == sys.executable else cmd, _env(extra_env), cwd, stdin=stdin)
         try:
             out, err = p.communicate(timeout=timeout)
         except subprocess.TimeoutExpired:

@@ -166,3 +166,44 @@ def test_every_rank_exits_by_itself(name, tmp_path, tiny_config_dir, tokenizer_p
     assert results[0].returncode == 2
     check_error_line(results[0].stderr, case)
     assert not lines(results[1].output), f"rank 1 printed:\n{results[1].output}"
+
+
+GRACE_SCRIPT = """
+import sys
+import time
+sys.path.insert(0, sys.argv[1])
+import train_ddp
+from mlm.cli import UserError
+train_ddp.USER_ERROR_GRACE_S = 600.0
+real_sleep = time.sleep
+
+
+def sleep(seconds):
+    print("waiting", flush=True)  # the grace has begun: its handler is in place
+    real_sleep(seconds)
+
+
+time.sleep = sleep
+print("exit", train_ddp.report_failure(UserError("bad option"), rank=1), flush=True)
+"""
+
+
+def test_a_quiet_rank_leaves_its_grace_when_torchrun_stops_it(tmp_path):
+    """A rank other than 0 that meets a user error stays quiet and waits for rank 0 to print it; torchrun's
+    SIGTERM (sent once rank 0 has exited) ends the wait at once, with the user-error exit code, not a signal."""
+    import signal
+    import subprocess
+    import sys
+    from helpers import ROOT
+    script = tmp_path / "grace.py"
+    script.write_text(GRACE_SCRIPT)
+    env = {**os.environ, "RANK": "1", "WORLD_SIZE": "2"}
+    p = subprocess.Popen([sys.executable, str(script), ROOT], env=env, stdout=subprocess.PIPE,
+                         stderr=subprocess.STDOUT, text=True)
+    try:
+        assert p.stdout.readline().strip() == "waiting"
+        p.send_signal(signal.SIGTERM)
+        out, _ = p.communicate(timeout=60)  # far below the 600 s grace: the signal ended the wait
+    finally:
+        p.kill()
+    assert p.returncode == 0 and out.strip() == "exit 2", out

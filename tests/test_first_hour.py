@@ -15,8 +15,10 @@ from helpers import ROOT, free_port, read_json, run_command
 from wandb_offline import offline_runs, read_run
 
 RUN = f"{MODEL_ID}-{DATASET_CONFIG}"  # the default run directory's name
-# Only options that shorten the run: steps and evaluation size.
-SHORT = ["--max_train_steps", "2", "--max_eval_samples", "24"]
+# Only options that shorten the run: steps (one: a step of the default batch costs 7 s on a CPU) and evaluation
+# size.
+STEPS = 1
+SHORT = ["--max_train_steps", str(STEPS), "--max_eval_samples", "24"]
 
 
 def torchrun() -> list[str]:
@@ -53,7 +55,7 @@ def test_the_default_command_resolves_model_and_data_through_the_libraries_cache
     assert (config["model_name_or_path"], config["dataset_name"], config["dataset_config_name"]) == \
         (MODEL_ID, DATASET, DATASET_CONFIG)
     assert config["train_file"] is None and config["dataset_dir"] is None and config["world_size"] == 2
-    assert max(h["step"] for h in read_json(os.path.join(out, "training_history.json"))) == 2
+    assert max(h["step"] for h in read_json(os.path.join(out, "training_history.json"))) == STEPS
     assert os.path.isfile(os.path.join(out, "best", "model.safetensors"))
 
 
@@ -68,14 +70,15 @@ def test_best_is_evaluated_on_the_test_split_written_printed_and_logged(first_ho
     out, train = first_hour["out"], first_hour["train"]
     test = read_json(os.path.join(out, "test_results.json"))
     best = read_json(os.path.join(out, "best", "eval_results.json"))
-    assert test["step"] == best["step"] == 2
+    assert test["step"] == best["step"] == STEPS
     assert test["masked_tokens"] > 0 and 1 < test["perplexity"] < 1e6
     assert best["test_perplexity"] == test["perplexity"] and best["test_accuracy"] == test["accuracy"]
-    assert f"test (best/ from step 2): loss {test['loss']:.4f} perplexity {test['perplexity']:.3f}" in train.stdout
+    line = f"test (best/ from step {STEPS}): loss {test['loss']:.4f} perplexity {test['perplexity']:.3f}"
+    assert line in train.stdout
     (run_dir,) = offline_runs(out)
     run = read_run(run_dir)
     logged = [h for h in run.history if "test/perplexity" in h]
-    assert len(logged) == 1 and logged[0]["_step"] == 2
+    assert len(logged) == 1 and logged[0]["_step"] == STEPS
     assert logged[0]["test/perplexity"] == pytest.approx(test["perplexity"], rel=1e-12)
     assert logged[0]["test/accuracy"] == pytest.approx(test["accuracy"], rel=1e-12)
     assert run.summary["test/perplexity"] == pytest.approx(test["perplexity"], rel=1e-12)
@@ -114,6 +117,6 @@ def test_best_has_a_model_card_the_hub_library_parses(first_hour):
     assert {r.dataset_config for r in card.data.eval_results} == {DATASET_CONFIG}
     text = card.text
     for needle in ("| validation |", "| test |", "64 = 32 per device x 2 processes x 1 accumulation",
-                   "2 x CPU processes", "| precision | fp32 |", "best at step 2 of 2", "of training |",
+                   "2 x CPU processes", "| precision | fp32 |", f"best at step {STEPS} of {STEPS}", "of training |",
                    'pipeline("fill-mask"', "The capital of France is [MASK].", "hf upload"):
         assert needle in text, needle

@@ -12,6 +12,7 @@ import sys
 
 import pytest
 
+import forkserver
 from helpers import ROOT, _env, free_port, make_text_file, run_train, tiny_args, wait_all
 from test_ddp import load_weights, max_abs_diff
 
@@ -19,12 +20,11 @@ STEPS = 4
 
 
 def start_node(node_rank: int, nnodes: int, nproc: int, port: int, script: str, args: list[str], cwd: str,
-               extra_env: dict | None = None) -> subprocess.Popen:
+               extra_env: dict | None = None) -> forkserver.ForkedProcess:
     cmd = [sys.executable, "-m", "torch.distributed.run", f"--nnodes={nnodes}", f"--node_rank={node_rank}",
            f"--nproc_per_node={nproc}", "--rdzv_backend=c10d", f"--rdzv_endpoint=127.0.0.1:{port}",
            "--rdzv_id=mlm-test", "--local_addr=127.0.0.1", "--max-restarts=0", script, *args]
-    return subprocess.Popen(cmd, cwd=cwd, env=_env(extra_env), stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                            stdin=subprocess.DEVNULL, text=True)
+    return forkserver.spawn(cmd[1:], _env(extra_env), cwd)  # torchrun's agent and workers, forked
 
 
 @pytest.fixture(scope="module")

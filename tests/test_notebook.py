@@ -41,7 +41,9 @@ def test_the_notebook_runs_top_to_bottom(tmp_path, hf_env):
     out = str(tmp_path / "run")
     # The session directory holds the checkout, as after the clone cell: the notebook finds it and moves into it.
     os.symlink(ROOT, tmp_path / "mlm-ddp")
-    nb = with_parameters(load(), {"TRAIN_ARGS": "--max_train_steps 2 --max_eval_samples 16 --logging_steps 1",
+    # A short run: 2 small steps (the default batch, 32 x 128, costs 7 s a step on a CPU), 16 evaluation examples.
+    nb = with_parameters(load(), {"TRAIN_ARGS": "--max_train_steps 2 --per_device_train_batch_size 4 "
+                                                "--max_eval_samples 16 --logging_steps 1",
                                   "NPROC": 2, "SESSION_HOURS": 1, "OUTPUT_DIR": out})
     env = {**os.environ, **hf_env, "XDG_CACHE_HOME": str(tmp_path / "cache"), "WANDB_MODE": "offline",
            "PET_MASTER_PORT": str(free_port()), "OMP_NUM_THREADS": "1", "TOKENIZERS_PARALLELISM": "false",

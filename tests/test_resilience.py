@@ -124,18 +124,16 @@ def test_sigterm_to_one_rank_stops_all_with_a_checkpoint_and_resumes_exactly(set
 def test_sigterm_to_torchrun_saves_and_resumes_exactly(setup, reference, tmp_path, tokenizer_path):
     """The usual preemption: the platform signals the launcher, which forwards SIGTERM to every worker."""
     import json
-    import subprocess
-    import sys
+    import forkserver
     from helpers import ROOT, _env
     out = str(tmp_path / "run")
-    p = subprocess.Popen([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "--standalone",
+    p = forkserver.spawn(["-m", "torch.distributed.run", "--nproc_per_node=2", "--standalone",
                           os.path.join(ROOT, "tests", "faulty_train.py"), *args_for(setup, out, tokenizer_path)],
-                         env=_env({"MLM_FAULT": json.dumps({"sleep": 0.3})}), stdout=subprocess.PIPE,
-                         stderr=subprocess.STDOUT, text=True)
+                         _env({"MLM_FAULT": json.dumps({"sleep": 0.3})}), ROOT)
     try:
         wait_for_step(out, 3, [p])
         p.send_signal(signal.SIGTERM)
-        output, _ = p.communicate(timeout=60)
+        output = "".join(p.communicate(timeout=60))
     finally:
         if p.poll() is None:
             p.kill()

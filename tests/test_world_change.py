@@ -208,20 +208,20 @@ def test_an_elastic_job_that_loses_a_node_reforms_and_finishes(corpus, tmp_path)
     loaded machine that starts the second torchrun late still forms the group of two (2 s did not, once)."""
     import json
     import signal
-    import subprocess
     import sys
+    import forkserver
     from helpers import ROOT, _env, free_port, wait_all
     from test_resilience import wait_for_step
     out = str(tmp_path / "run")
     port = free_port()
 
-    def node() -> subprocess.Popen:
+    def node() -> forkserver.ForkedProcess:
         cmd = [sys.executable, "-m", "torch.distributed.run", "--nnodes=1:2", "--nproc_per_node=1",
                "--rdzv_backend=c10d", f"--rdzv_endpoint=127.0.0.1:{port}", "--rdzv_id=mlm-elastic-test",
                "--local_addr=127.0.0.1", "--max-restarts=1", "--rdzv-conf=last_call_timeout=10",
                os.path.join(ROOT, "tests", "faulty_train.py"), *corpus["args"](out)]
-        return subprocess.Popen(cmd, cwd=str(tmp_path), env=_env({"MLM_FAULT": json.dumps({"sleep": 0.5})}),
-                                stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True)
+        return forkserver.spawn(cmd[1:], _env({"MLM_FAULT": json.dumps({"sleep": 0.5})}), str(tmp_path),
+                                new_session=True)  # torchrun's agent and its worker, forked
     first = node()  # hosts the rendezvous store, so it must be the node that stays
     time.sleep(1.0)
     second = node()
