@@ -82,6 +82,8 @@ count_gpus() {
         else
             echo "$physical"
         fi
+    elif [[ -n "${CUDA_VISIBLE_DEVICES+set}" && -z "$CUDA_VISIBLE_DEVICES" ]]; then
+        echo 0  # an empty list hides every GPU: no need to spend 2 s importing torch to hear it
     else  # no driver tool: ask torch (it honours CUDA_VISIBLE_DEVICES)
         "$python" -c 'import torch; print(torch.cuda.device_count())' 2>/dev/null || echo 0
     fi

@@ -59,9 +59,20 @@ def test_one_process_per_gpu_and_arguments_pass_through(tmp_path):
     assert "--nproc_per_node=3" in p.stdout
 
 
+def recording_python(tmp_path) -> tuple[str, str]:
+    """A PYTHON that logs each command line it is given, then runs it with this interpreter; (path, log)."""
+    log, path = tmp_path / "python-calls.log", tmp_path / "python"
+    path.write_text(f'#!/bin/sh\nprintf "%s\\n" "$*" >> "{log}"\nexec "{sys.executable}" "$@"\n')
+    path.chmod(0o755)
+    log.write_text("")
+    return str(path), str(log)
+
+
 def test_cpu_fallback_uses_gloo_and_splits_the_cores(tmp_path):
-    p = launch([], {"CUDA_VISIBLE_DEVICES": "", "LAUNCH_DRY_RUN": "1"})
+    python, calls = recording_python(tmp_path)
+    p = launch([], {"CUDA_VISIBLE_DEVICES": "", "LAUNCH_DRY_RUN": "1", "PYTHON": python})
     assert p.returncode == 0, p.stderr
+    assert "torch" not in open(calls).read()  # an empty CUDA_VISIBLE_DEVICES is no GPU, without asking torch
     cores = os.cpu_count() if not hasattr(os, "sched_getaffinity") else len(os.sched_getaffinity(0))
     n = 2 if cores >= 4 else 1
     assert f"--nproc_per_node={n}" in p.stdout
