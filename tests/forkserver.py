@@ -5,7 +5,8 @@ the 8 seconds a 4-step, 2-rank run took). A fork server imports them once and fo
 a real process, with its own pid, environment, working directory, stdin/stdout/stderr and exit status, that runs
 the script as `python SCRIPT ARGS` would (runpy, `__main__`, atexit handlers, exit code). Ranks started this way
 meet through gloo exactly as torchrun's do; tests of torchrun itself (its agent, restarts, elastic membership,
-its handling of signals) still start the real torchrun.
+its handling of signals) run torchrun's own agent (torch.distributed.run's main), forked the same way, whose
+workers start through the shim below.
 
 What a module reads from the environment when it is imported (Hugging Face cache paths, thread counts, the
 locale) is fixed in the server, so each server serves one such environment: `spawn` starts another server for

@@ -96,8 +96,8 @@ def run_train(args: list[str], nproc: int = 1, timeout: float = 300, extra_env: 
     """train_ddp.py on nproc >= 1 gloo ranks, or plain python when nproc == 0.
 
     The ranks are forked processes with the environment torchrun gives them, under torchrun's policy (one rank
-    fails: the others are stopped), see run_ranks; torchrun=True (or torchrun_args) starts the real torchrun,
-    for the tests of what its agent does.
+    fails: the others are stopped), see run_ranks; torchrun=True (or torchrun_args) starts torchrun's own agent
+    (forked too, its workers through the fork server's shim), for the tests of what the agent does.
     fault: run tests/faulty_train.py instead, with this fault injected (see that file)."""
     script = os.path.join(ROOT, "tests", "faulty_train.py") if fault else os.path.join(ROOT, "train_ddp.py")
     if fault:
