@@ -391,8 +391,6 @@ def spawn(argv: list[str], env: dict, cwd: str, stdin: Optional[str] = None, new
     env = {k: os.fspath(v) for k, v in env.items()}
     env[DIRECTORY_VARIABLE] = directory()
     argv = [os.fspath(a) if isinstance(a, os.PathLike) else a for a in argv]
-    if argv and os.path.basename(argv[0]) == "torchrun":  # the console script: torch.distributed.run's main
-        argv = ["-m", "torch.distributed.run", *argv[1:]]
     server = server_for(env) if forkable(argv) else None
     stdout, stderr = tempfile.TemporaryFile(), tempfile.TemporaryFile()
     stdin_file = tempfile.TemporaryFile()
@@ -415,6 +413,16 @@ def forkable(argv: list[str]) -> bool:
     if len(argv) >= 2 and argv[0] == "-m":
         return argv[1].startswith("mlm.") or argv[1] == "torch.distributed.run"
     return bool(argv) and argv[0].endswith(".py") and os.path.isfile(argv[0])
+
+
+def python_args(cmd: list[str]) -> Optional[list[str]]:
+    """What follows `python` in a command line the server can run: `python ARGS` with ARGS forkable, or the
+    torchrun console script (torch.distributed.run's main); None for any other command."""
+    if cmd and os.path.basename(cmd[0]) == "torchrun":
+        return ["-m", "torch.distributed.run", *cmd[1:]]
+    if cmd and cmd[0] == sys.executable and forkable(cmd[1:]):
+        return cmd[1:]
+    return None
 
 
 def request(path: str, what: dict, fds: list[int]) -> socket.socket:

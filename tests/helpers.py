@@ -72,8 +72,9 @@ def run_command(cmd: list[str], timeout: float, extra_env: Optional[dict] = None
     torchrun (its agent, and its workers through the shim) are forked from a server that has torch and
     transformers imported (tests/forkserver.py)."""
     t0 = time.perf_counter()
-    if cmd and (cmd[0] == sys.executable and forkserver.forkable(cmd[1:]) or os.path.basename(cmd[0]) == "torchrun"):
-        p = forkserver.spawn(cmd[1:] if cmd[0] == sys.executable else cmd, _env(extra_env), cwd, stdin=stdin)
+    args = forkserver.python_args(cmd)
+    if args is not None:
+        p = forkserver.spawn(args, _env(extra_env), cwd, stdin=stdin)
         try:
             out, err = p.communicate(timeout=timeout)
         except subprocess.TimeoutExpired:
