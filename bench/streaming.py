@@ -36,7 +36,7 @@ from mlm.masking import MaskingSpec, build_masking_tables
 from mlm.modeling import build_model, load_model_config
 from mlm.cleaning import TextReport
 from mlm.streaming import PackedBatches, rank_stream
-from mlm.text import plain_backend
+from mlm.text import text_encoder
 
 CPU = torch.device("cpu")
 SEQ, BATCH, BUFFER = 128, 16, 10000
@@ -50,7 +50,7 @@ def config(**kw) -> TrainConfig:
 
 def ours_loader(cfg: TrainConfig, tokenizer, workers: int, start_state=None):
     env = DistEnv(0, 0, 1, CPU)
-    batches = PackedBatches(rank_stream(cfg, env, plain_backend(tokenizer), TextReport()), BATCH, SEQ,
+    batches = PackedBatches(rank_stream(cfg, env, text_encoder(tokenizer), TextReport()), BATCH, SEQ,
                             tokenizer.cls_token_id, tokenizer.sep_token_id)
     if start_state is not None:
         batches.start_states = {0: start_state}

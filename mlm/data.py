@@ -29,7 +29,7 @@ from .config import TrainConfig
 from .distributed import DistEnv, main_process_first
 from .cleaning import TextReport
 from .sources import build_source, default_cache_dir, holdout_count
-from .text import Framing, frame, plain_backend
+from .text import Framing, frame, plain_backend, text_encoder
 
 log = logging.getLogger("mlm")
 CACHE_VERSION = 3  # 3: raw token files written as the texts are read, a split a slice of one (2: + test split)
@@ -57,12 +57,11 @@ def token_dtype(tokenizer) -> np.dtype:
 
 def tokenize_texts(tokenizer, texts: Sequence[str]) -> TokenStream:
     """Batched fast tokenisation without special tokens; concatenated into one array."""
-    backend = plain_backend(tokenizer)
-    encode = getattr(backend, "encode_batch_fast", backend.encode_batch)  # _fast skips offsets we never use
+    encoder = text_encoder(tokenizer)
     dtype = token_dtype(tokenizer)
     pieces, lengths = [], []
     for start in range(0, len(texts), TOKENIZE_BATCH):
-        ids = [e.ids for e in encode(list(texts[start:start + TOKENIZE_BATCH]), add_special_tokens=False)]
+        ids = encoder.ids(texts[start:start + TOKENIZE_BATCH])
         n = np.fromiter(map(len, ids), dtype=np.int64, count=len(ids))
         pieces.append(np.fromiter(itertools.chain.from_iterable(ids), dtype=dtype, count=int(n.sum())))
         lengths.append(n)

@@ -39,14 +39,14 @@ from .config import TrainConfig
 from .data import DataBundle, build_datasets, eval_loader, eval_stats, tokenize_texts
 from .distributed import DistEnv, all_ranks, main_process_first
 from .sources import TextColumns, open_split, split_columns, split_label, whole_split
-from .text import frame, plain_backend
+from .text import TextEncoder, frame, text_encoder
 
 log = logging.getLogger("mlm")
 PACK_TEXTS = 1000  # texts tokenised and packed together; the remainder under one body is dropped per group
 
 
-def pack_function(backend, body: int, text_errors: str = "error", label: str = "the training stream",
-                  columns: TextColumns = TextColumns()):
+def pack_function(encoder: TextEncoder, body: int, text_errors: str = "error",
+                  label: str = "the training stream", columns: TextColumns = TextColumns()):
     """Batched map: tokenise a group of texts, concatenate, cut into bodies of `body` tokens. Rows are read from
     the text column(s) and cleaned as --text_errors says; a stream's rows are met lazily, in a loader worker, so
     what is replaced or skipped is told once per worker in a warning (the banner is long printed), and an error
@@ -66,21 +66,21 @@ def pack_function(backend, body: int, text_errors: str = "error", label: str = "
 
     def pack(batch: dict[str, list]) -> dict[str, list]:
         texts = [t for t in map(text, zip(*(batch[n] for n in columns.names))) if t is not None]
-        ids = [e.ids for e in backend.encode_batch(texts, add_special_tokens=False)]
+        ids = encoder.ids(texts)
         flat = np.fromiter(itertools.chain.from_iterable(ids), dtype=np.int64)
         n = flat.size // body
         return {"input_ids": flat[: n * body].reshape(n, body).tolist()}
     return pack
 
 
-def rank_stream(cfg: TrainConfig, env: DistEnv, backend, report: TextReport):
+def rank_stream(cfg: TrainConfig, env: DistEnv, encoder: TextEncoder, report: TextReport):
     """This rank's shuffled share of the training split, as packed bodies of max_seq_length - 2 tokens."""
     from datasets.distributed import split_dataset_by_node
     ds = open_split(cfg, "train", report)
     columns = list(ds.column_names)
     ds = ds.shuffle(seed=cfg.seed, buffer_size=cfg.shuffle_buffer_size)
     ds = split_dataset_by_node(ds, rank=env.rank, world_size=env.world_size)
-    pack = pack_function(backend, cfg.max_seq_length - 2, cfg.text_errors, split_label(cfg, "train"),
+    pack = pack_function(encoder, cfg.max_seq_length - 2, cfg.text_errors, split_label(cfg, "train"),
                          split_columns(cfg, "train"))
     return ds.map(pack, batched=True, batch_size=PACK_TEXTS, remove_columns=columns)
 
@@ -179,7 +179,7 @@ def build_streaming_data(cfg: TrainConfig, env: DistEnv, tokenizer) -> DataBundl
     streams = {split: tokenize_texts(tokenizer, t) for split, t in texts.items() if t is not None}
     built = build_datasets(cfg, streams, tokenizer)
     valid, test = built["validation"], built.get("test")
-    stream = rank_stream(cfg, env, plain_backend(tokenizer), report)
+    stream = rank_stream(cfg, env, text_encoder(tokenizer), report)
     batches = PackedBatches(stream, cfg.per_device_train_batch_size, cfg.max_seq_length,
                             tokenizer.cls_token_id, tokenizer.sep_token_id)
     workers = cfg.loader_workers

@@ -1,7 +1,9 @@
 """Acceptance (b): chunking, the on-disk cache, sources, line-by-line batches and exact eval sharding."""
 
+import itertools
 import json
 import os
+import random
 
 import numpy as np
 import pytest
@@ -23,6 +25,65 @@ def reference_stream(tokenizer, texts) -> list[int]:
     for t in texts:
         out += tokenizer(t, add_special_tokens=False)["input_ids"]
     return out
+
+
+def _texts_for_the_ascii_path() -> list[str]:
+    """Every ASCII character (controls included), random ASCII, texts with non-ASCII characters, empty ones, and
+    special and added tokens as written and as lowercased."""
+    rng = random.Random(0)
+    texts = ["".join(map(chr, range(128))), "", " ", "\t\x00\x7f", "Hello, World!  It's 3.14 (approx.)"]
+    texts += ["".join(chr(rng.randrange(128)) for _ in range(rng.randint(1, 60))) for _ in range(300)]
+    texts += ["".join(rng.choice("Ab cD,.!?'-") for _ in range(rng.randint(1, 30))) for _ in range(300)]
+    texts += ["Café naïve RÉSUMÉ", "戦場のヴァルキュリア 3 : Unrecorded Chronicles", "ΣΑΣ σας", "x\u00a0y\u200bz"]
+    texts += ["[MASK] [mask] [Mask]", "a [SEP] b [sep]", "<s> </s> <mask>", "FooBar foobar BaZ baz Baz"]
+    texts += ["foobar alone", "baz alone", "[mask] alone", "a [sep]"]  # an added token only once normalised
+    return texts
+
+
+def _reference_ids(tokenizer, texts) -> list[list[int]]:
+    return [tokenizer(t, add_special_tokens=False)["input_ids"] for t in texts]
+
+
+def _with_normalizer(tokenizer, normalizer):
+    tokenizer.backend_tokenizer.normalizer = normalizer
+    return tokenizer
+
+
+@pytest.mark.parametrize("kind, fast_path", [
+    ("bert uncased (MiniLM)", True),
+    ("bert cased", True),
+    ("NFD + Lowercase + StripAccents", True),
+    ("NFKC, added tokens", True),
+    ("byte-level BPE, no normaliser", False),
+    ("Replace + NFKC (SentencePiece-like)", False),
+])
+def test_the_ascii_path_gives_the_fast_tokenizers_ids(kind, fast_path, tokenizer_path, tmp_path):
+    """ASCII texts are normalised by a byte table and tokenised without the Rust normaliser where the normaliser
+    acts a character at a time; the ids are the fast tokenizer's own, text by text, for every tokenizer kind."""
+    from tokenizers import AddedToken, normalizers
+    from transformers import AutoTokenizer
+    from families import byte_level_bpe, trained_wordpiece, unigram_metaspace
+    from mlm.text import TextEncoder, plain_backend
+    d = str(tmp_path / "tok")
+    if kind == "bert uncased (MiniLM)":
+        tok = AutoTokenizer.from_pretrained(tokenizer_path)
+    elif kind == "bert cased":
+        tok = _with_normalizer(trained_wordpiece(d), normalizers.BertNormalizer(lowercase=False, strip_accents=False))
+    elif kind == "NFD + Lowercase + StripAccents":
+        tok = _with_normalizer(trained_wordpiece(d), normalizers.Sequence(
+            [normalizers.NFD(), normalizers.Lowercase(), normalizers.StripAccents()]))
+    elif kind == "NFKC, added tokens":
+        tok = _with_normalizer(unigram_metaspace(d), normalizers.Sequence([normalizers.NFKC(), normalizers.Lowercase()]))
+        tok.add_tokens([AddedToken("FooBar", normalized=True), AddedToken("BaZ", normalized=False)])
+    elif kind == "byte-level BPE, no normaliser":
+        tok = byte_level_bpe(d)
+    else:
+        tok = _with_normalizer(unigram_metaspace(d), normalizers.Sequence(
+            [normalizers.Replace("``", '"'), normalizers.NFKC()]))
+    encoder = TextEncoder(plain_backend(tok))
+    assert (encoder.ascii is not None) == fast_path
+    texts = _texts_for_the_ascii_path()
+    assert encoder.ids(texts) == _reference_ids(tok, texts)
 
 
 def test_tokenised_stream_equals_per_text_tokenisation(tokenizer, text_file):
@@ -56,6 +117,9 @@ def test_wikitext_chunking_on_real_data(tokenizer, tmp_path):
     ds = ChunkDataset(streams["train"], 128, tokenizer.cls_token_id, tokenizer.sep_token_id)
     assert len(ds) == streams["train"].tokens.size // 126
     assert ds.bodies.reshape(-1).tolist() == streams["train"].tokens[: len(ds) * 126].tolist()
+    # The real text, ASCII path and all, tokenises as the fast tokenizer does it text by text.
+    texts = read_text_file(os.path.join(SHARED_WIKITEXT, "wiki.valid.raw"))
+    assert streams["validation"].tokens.tolist() == list(itertools.chain.from_iterable(_reference_ids(tokenizer, texts)))
 
 
 def test_second_build_is_served_from_the_cache(tokenizer, text_file, tmp_path):
