@@ -14,7 +14,7 @@ import numpy as np
 from .cli import UserError
 
 
-_PLAIN: "weakref.WeakKeyDictionary" = weakref.WeakKeyDictionary()  # tokenizer -> its plain copy
+_PLAIN: "weakref.WeakKeyDictionary" = weakref.WeakKeyDictionary()  # tokenizer -> (its size, its plain copy)
 
 
 def plain_backend(tokenizer):
@@ -29,12 +29,12 @@ def plain_backend(tokenizer):
     if backend is None:
         raise UserError(f"{type(tokenizer).__name__} is not a fast tokenizer; use a model whose tokenizer has a "
                         "tokenizer.json (all common BERT-style models do)")
-    plain = _PLAIN.get(tokenizer)
-    if plain is None:
+    size, plain = _PLAIN.get(tokenizer, (None, None))
+    if plain is None or size != len(tokenizer):  # made again after tokenizer.add_tokens(...)
         plain = Tokenizer.from_str(backend.to_str())
         plain.no_padding()
         plain.no_truncation()
-        _PLAIN[tokenizer] = plain
+        _PLAIN[tokenizer] = (len(tokenizer), plain)
     return plain
 
 
@@ -42,6 +42,7 @@ def plain_backend(tokenizer):
 # a table from each of the 128 characters to at most one character. Replace, Precompiled (SentencePiece's
 # charsmap), Strip and Prepend look at more than one character, so a tokenizer with one of them has no fast path.
 _PER_CHARACTER_NORMALIZERS = frozenset({"BertNormalizer", "Lowercase", "NFC", "NFD", "NFKC", "NFKD", "StripAccents"})
+_MAX_ADDED = 64  # added tokens' ASCII forms searched for in each ASCII text (BERT's: 10)
 
 
 def _normalizer_types(spec: dict) -> list[str]:
@@ -54,7 +55,7 @@ def _normalizer_types(spec: dict) -> list[str]:
 class _AsciiPath:
     """ASCII texts normalised here by a byte table, then tokenised by a copy of the tokenizer without its
     normaliser. The Rust normaliser tracks every character's alignment to the original text (offsets we never
-    use); on BERT's uncased WordPiece it is about a third of the tokenising time of an ASCII text."""
+    use); on BERT's uncased WordPiece it is about 30% of the tokenising time of an ASCII text."""
     bare: Any              # the plain tokenizer, normaliser removed
     table: bytes           # bytes.translate table: each ASCII character to its normalised image ...
     delete: bytes          # ... or deleted (BERT's normaliser drops control characters)
@@ -74,10 +75,12 @@ def _ascii_path(plain) -> Optional[_AsciiPath]:
     table = bytes(ord(image) if image else c for c, image in enumerate(images)) + bytes(range(128, 256))
     delete = bytes(c for c, image in enumerate(images) if not image)
     # Added tokens are matched on the text as written or as normalised, depending on each token; without a
-    # normaliser that choice changes. A text holding one in either form goes the full way.
+    # normaliser that choice changes. A text holding one in either form goes the full way. Only ASCII forms can
+    # occur in an ASCII text; past _MAX_ADDED of them the search would cost more than the normaliser it saves.
     contents = {t["content"] for t in spec.get("added_tokens", [])}
-    contents |= {plain.normalizer.normalize_str(c) for c in contents}
-    contents.discard("")
+    contents = {c for c in contents | {plain.normalizer.normalize_str(c) for c in contents} if c and c.isascii()}
+    if len(contents) > _MAX_ADDED:
+        return None
     added = re.compile("|".join(map(re.escape, sorted(contents, key=len, reverse=True)))) if contents else None
     bare = Tokenizer.from_str(plain.to_str())
     bare.normalizer = None
@@ -122,10 +125,11 @@ _ENCODERS: "weakref.WeakKeyDictionary" = weakref.WeakKeyDictionary()  # tokenize
 
 
 def text_encoder(tokenizer) -> TextEncoder:
-    """The TextEncoder of a transformers fast tokenizer, made once per tokenizer object."""
+    """The TextEncoder of a transformers fast tokenizer, made once per tokenizer object (and its plain copy)."""
+    plain = plain_backend(tokenizer)
     encoder = _ENCODERS.get(tokenizer)
-    if encoder is None:
-        encoder = _ENCODERS[tokenizer] = TextEncoder(plain_backend(tokenizer))
+    if encoder is None or encoder.plain is not plain:
+        encoder = _ENCODERS[tokenizer] = TextEncoder(plain)
     return encoder
 
 

@@ -86,6 +86,19 @@ def test_the_ascii_path_gives_the_fast_tokenizers_ids(kind, fast_path, tokenizer
     assert encoder.ids(texts) == _reference_ids(tok, texts)
 
 
+def test_many_added_tokens_keep_the_normaliser(tokenizer_path):
+    """Searching every ASCII text for more than 64 added tokens would cost more than the normaliser saves."""
+    from transformers import AutoTokenizer
+    from mlm.text import text_encoder
+    tok = AutoTokenizer.from_pretrained(tokenizer_path)
+    tok.add_tokens([f"addedword{i}" for i in range(30)])  # 40 forms with the specials and their lowercase: fast
+    assert text_encoder(tok).ascii is not None
+    tok.add_tokens([f"addedword{i}" for i in range(30, 60)])  # 70: the copies are made again, without the path
+    assert text_encoder(tok).ascii is None
+    texts = _texts_for_the_ascii_path() + ["addedword3 and addedword45, AddedWord7"]
+    assert text_encoder(tok).ids(texts) == _reference_ids(tok, texts)
+
+
 def test_tokenised_stream_equals_per_text_tokenisation(tokenizer, text_file):
     texts = read_text_file(text_file)
     stream = tokenize_texts(tokenizer, texts)
