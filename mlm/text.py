@@ -61,13 +61,23 @@ class _AsciiPath:
     delete: bytes          # ... or deleted (BERT's normaliser drops control characters)
     added: Optional[re.Pattern]  # any added token, as written or normalised: such texts take the full path
 
+    def normalise(self, text: str) -> Optional[str]:
+        """text as the tokenizer's normaliser leaves it, or None where the full path must tokenise it."""
+        if not text.isascii():
+            return None
+        normal = text.encode("ascii").translate(self.table, self.delete).decode("ascii")
+        if self.added is not None and (self.added.search(text) or self.added.search(normal)):
+            return None
+        return normal
+
 
 def _ascii_path(plain) -> Optional[_AsciiPath]:
     """The fast path for ASCII texts, or None where the normaliser is absent (nothing to skip) or not known to act
     a character at a time."""
     from tokenizers import Tokenizer
     spec = json.loads(plain.to_str())
-    if spec.get("normalizer") is None or not set(_normalizer_types(spec["normalizer"])) <= _PER_CHARACTER_NORMALIZERS:
+    normalizer = spec.get("normalizer")
+    if normalizer is None or not set(_normalizer_types(normalizer)) <= _PER_CHARACTER_NORMALIZERS:
         return None
     images = [plain.normalizer.normalize_str(chr(c)) for c in range(128)]
     if any(len(image) > 1 or not image.isascii() for image in images):
@@ -87,35 +97,28 @@ def _ascii_path(plain) -> Optional[_AsciiPath]:
     return _AsciiPath(bare, table, delete, added)
 
 
+def _encode(backend, texts: list[str]) -> list[list[int]]:
+    encode = getattr(backend, "encode_batch_fast", backend.encode_batch)  # _fast skips offsets we never use
+    return [e.ids for e in encode(texts, add_special_tokens=False)] if texts else []
+
+
 class TextEncoder:
     """Token ids of a batch of texts, without special tokens, exactly as the fast tokenizer gives them: batched
-    calls without offsets (encode_batch_fast), and ASCII texts normalised by a byte table where the tokenizer's
-    normaliser allows it (_AsciiPath). Picklable, for DataLoader workers."""
+    calls without offsets, and ASCII texts normalised by a byte table where the tokenizer's normaliser allows it
+    (_AsciiPath). Picklable, for DataLoader workers."""
 
     def __init__(self, plain):
         self.plain, self.ascii = plain, _ascii_path(plain)
 
-    def _encode(self, backend, texts: list[str]) -> list[list[int]]:
-        encode = getattr(backend, "encode_batch_fast", backend.encode_batch)  # _fast skips offsets we never use
-        return [e.ids for e in encode(texts, add_special_tokens=False)]
-
     def ids(self, texts: Sequence[str]) -> list[list[int]]:
         if self.ascii is None:
-            return self._encode(self.plain, list(texts))
-        fast, fast_at, slow, slow_at = [], [], [], []
-        path = self.ascii
-        for i, text in enumerate(texts):
-            if text.isascii():
-                normal = text.encode("ascii").translate(path.table, path.delete).decode("ascii")
-                if path.added is None or not (path.added.search(text) or path.added.search(normal)):
-                    fast.append(normal)
-                    fast_at.append(i)
-                    continue
-            slow.append(text)
-            slow_at.append(i)
+            return _encode(self.plain, list(texts))
+        normal = [self.ascii.normalise(t) for t in texts]
+        fast_at = [i for i, n in enumerate(normal) if n is not None]
+        slow_at = [i for i, n in enumerate(normal) if n is None]
         out: list[Any] = [None] * len(texts)
-        for at, ids in ((fast_at, self._encode(path.bare, fast) if fast else []),
-                        (slow_at, self._encode(self.plain, slow) if slow else [])):
+        for at, ids in ((fast_at, _encode(self.ascii.bare, [normal[i] for i in fast_at])),
+                        (slow_at, _encode(self.plain, [texts[i] for i in slow_at]))):
             for i, one in zip(at, ids):
                 out[i] = one
         return out
