@@ -75,7 +75,8 @@ def _ascii_path(plain) -> Optional[_AsciiPath]:
     """The fast path for ASCII texts, or None where the normaliser is absent (nothing to skip) or not known to act
     a character at a time."""
     from tokenizers import Tokenizer
-    spec = json.loads(plain.to_str())
+    definition = plain.to_str()
+    spec = json.loads(definition)
     normalizer = spec.get("normalizer")
     if normalizer is None or not set(_normalizer_types(normalizer)) <= _PER_CHARACTER_NORMALIZERS:
         return None
@@ -92,7 +93,7 @@ def _ascii_path(plain) -> Optional[_AsciiPath]:
     if len(contents) > _MAX_ADDED:
         return None
     added = re.compile("|".join(map(re.escape, sorted(contents, key=len, reverse=True)))) if contents else None
-    bare = Tokenizer.from_str(plain.to_str())
+    bare = Tokenizer.from_str(definition)
     bare.normalizer = None
     return _AsciiPath(bare, table, delete, added)
 
