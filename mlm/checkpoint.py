@@ -24,7 +24,7 @@ import numpy as np
 import torch
 
 from .cli import UserError
-from .files import HISTORY, free_bytes, replace_dir, sha256_file, write_json_atomic
+from .files import clear_run_dir, free_bytes, replace_dir, sha256_file, write_json_atomic
 from .optim import steps_left_at
 
 log = logging.getLogger("mlm")
@@ -318,20 +318,18 @@ def load_checkpoint(path: str, state: TrainState, model: torch.nn.Module, parts:
 
 
 # ---------------------------------------------------------------------- the run directory
-OWNED = ("checkpoints", "best", HISTORY, "run_config.json", "wandb")
 
 
 def choose_resume(output_dir: str, resume_from_checkpoint: Optional[str], overwrite: bool) -> Optional[str]:
     """Rank 0: which checkpoint to resume from, after clearing the run directory when asked to.
 
     Default (None) and 'auto' resume from the newest complete checkpoint when there is one; overwrite starts
-    afresh and deletes only what a run writes (checkpoints, best/, history, run config).
+    afresh and deletes only what a run writes, by name (files.run_written_paths); the config has refused a run
+    that reads a path among them.
     """
     recover_interrupted_saves(output_dir)
     if overwrite:
-        for name in OWNED:
-            p = os.path.join(output_dir, name)
-            shutil.rmtree(p, ignore_errors=True) if os.path.isdir(p) else (os.path.exists(p) and os.remove(p))
+        clear_run_dir(output_dir)
     if resume_from_checkpoint not in (None, "auto", "none"):
         return resume_from_checkpoint
     found = checkpoint_dirs(output_dir)

@@ -23,6 +23,7 @@ from typing import Any, Optional, Sequence, Union
 
 from .cleaning import TEXT_ERRORS
 from .cli import OUTPUTS_ROOT, UserError, command_line, looks_like_path, parser_error
+from .files import input_in_run_dir
 from .sources import LOCAL_SUFFIXES, WIKITEXT_FILES, builder_for
 
 DEFAULT_MODEL = "bert-base-uncased"
@@ -179,7 +180,8 @@ class TrainConfig:
                                     "before the budget ends (exit code 5); the same command resumes.", "evaluation")
     # --- output ---
     output_dir: Optional[str] = _f(None, "Run directory (default: outputs/<model>-<dataset>).", "output")
-    overwrite_output_dir: bool = _f(False, "Start afresh in a non-empty output_dir (deletes its checkpoints).",
+    overwrite_output_dir: bool = _f(False, "Start afresh in a non-empty output_dir (deletes what runs wrote there, "
+                                    "by name; nothing else).",
                                     "output")
     resume_from_checkpoint: Optional[str] = _f(
         None, "auto (newest checkpoint in output_dir; the default when one exists), none, or a checkpoint path.",
@@ -400,6 +402,23 @@ def _check_output(c: TrainConfig) -> None:
     if r not in (None, "auto", "none"):
         _require(os.path.isdir(r), f"--resume_from_checkpoint {r!r} is not a directory; give a checkpoints/step-N "
                  "folder, 'auto' or 'none'")
+    if c.overwrite_output_dir:
+        _check_overwrite_spares_inputs(c)
+
+
+def _check_overwrite_spares_inputs(c: TrainConfig) -> None:
+    """--overwrite_output_dir deletes what a run wrote in output_dir: refuse, before anything is deleted, when a
+    path this run reads is among it (fine-tuning further from OUT/best into OUT, say)."""
+    reads = {flag: [getattr(c, flag)] for flag in ("model_name_or_path", "config_name", "tokenizer_name",
+                                                   "dataset_dir", "resume_from_checkpoint")}
+    reads.update({flag: list(getattr(c, flag) or ()) for flag in ("train_file", "validation_file", "test_file")})
+    reads = {flag: [p for p in paths if p and os.path.exists(p)] for flag, paths in reads.items()}
+    overlap = input_in_run_dir(c.output_dir, reads)
+    if overlap:
+        flag, path = overlap
+        raise UserError(f"--{flag} {path!r} is inside --output_dir {c.output_dir!r}, where --overwrite_output_dir "
+                        "deletes what a run wrote (checkpoints/, best/, the history); copy it out of there and "
+                        f"point --{flag} at the copy, or choose another --output_dir")
 
 
 # ---------------------------------------------------------------------- command line

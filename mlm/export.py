@@ -8,7 +8,7 @@ from typing import Any, Optional
 
 import torch
 
-from .files import replace_dir, write_json_atomic, write_text_atomic
+from .files import EXPORT_FILE, replace_dir, write_json_atomic, write_text_atomic
 
 
 def export_pretrained(model: torch.nn.Module, tokenizer, path: str, metrics: dict[str, Any],
@@ -24,7 +24,21 @@ def export_pretrained(model: torch.nn.Module, tokenizer, path: str, metrics: dic
         write_json_atomic(os.path.join(tmp, "eval_results.json"), metrics)
         for name, text in (texts or {}).items():
             write_text_atomic(os.path.join(tmp, name), text)
+        _keep_users_files(path, tmp)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)  # a full disk: the previous best/ stays as it was
         raise
     replace_dir(tmp, path)
+
+
+def _keep_users_files(path: str, tmp: str) -> None:
+    """What a user put in best/ (files a run does not write) moves into the new export: replacing best/ whole
+    must not delete it."""
+    if not os.path.isdir(path):
+        return
+    for name in os.listdir(path):
+        source, target = os.path.join(path, name), os.path.join(tmp, name)
+        if EXPORT_FILE.match(name) or os.path.lexists(target):
+            continue
+        shutil.copytree(source, target, symlinks=True) if os.path.isdir(source) and not os.path.islink(source) \
+            else shutil.copy2(source, target, follow_symlinks=False)

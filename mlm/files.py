@@ -7,10 +7,22 @@ import errno
 import hashlib
 import json
 import os
+import re
 import shutil
 from typing import Any, Callable, Optional, TextIO
 
 HISTORY = "training_history.json"
+RUN_CONFIG = "run_config.json"
+# What a run writes in its output_dir, by name; --overwrite_output_dir removes these and nothing else, so a
+# user's own files stay wherever they are (docs/DESIGN.md, "A run's directory").
+RUN_FILES = (HISTORY, RUN_CONFIG)
+RUN_DIRS = ("wandb",)  # W&B's own folder (offline runs, run files)
+CHECKPOINT_DIR = re.compile(r"^(\.tmp-)?step-\d+(\.old)?$")  # under checkpoints/: saves, torn saves
+# best/ holds save_pretrained's files (weights, config, any tokenizer kind's vocabulary), the metrics and the card.
+EXPORT_FILE = re.compile(r"^(config|generation_config|tokenizer|tokenizer_config|special_tokens_map|added_tokens"
+                         r"|vocab|merges|chat_template|eval_results|test_results)\.(json|txt|jinja)$"
+                         r"|^(spm|spiece|sentencepiece\.bpe|tokenizer)\.model$|^README\.md$"
+                         r"|^(model|pytorch_model)(-\d+-of-\d+)?\.(safetensors|bin)(\.index\.json)?$")
 # How a full disk (or a reached quota) shows: the OSError of a plain write, the text safetensors' Rust writer
 # gives it, and what torch.save's zip writer raises instead (a size check that fails after a short write: it
 # does not say why, but a write that came up short on a local disk is a full one).
@@ -130,3 +142,45 @@ def train_entries(history: list[dict]) -> list[dict]:
 def eval_entries(history: list[dict]) -> list[dict]:
     """The evaluations, flattened: {"step", "epoch", "loss", "perplexity", "accuracy", ...}."""
     return [{**h["eval"], "step": h["step"], "epoch": h.get("epoch")} for h in history if "eval" in h]
+
+
+# ---------------------------------------------------------------------- what --overwrite_output_dir removes
+def _children(path: str) -> list[str]:
+    return sorted(os.listdir(path)) if os.path.isdir(path) else []
+
+
+def run_written_paths(output_dir: str) -> list[str]:
+    """The existing files and folders in output_dir that a run wrote, by name: step-N checkpoints (and torn
+    saves), best/'s export files (and an unfinished best.tmp/best.old), the history, the run config, W&B's folder."""
+    found = [os.path.join(output_dir, n) for n in RUN_FILES + RUN_DIRS + ("best.tmp", "best.old")]
+    checkpoints = os.path.join(output_dir, "checkpoints")
+    found += [os.path.join(checkpoints, n) for n in _children(checkpoints) if CHECKPOINT_DIR.match(n)]
+    best = os.path.join(output_dir, "best")
+    found += [os.path.join(best, n) for n in _children(best) if EXPORT_FILE.match(n)]
+    return [p for p in found if os.path.lexists(p)]
+
+
+def clear_run_dir(output_dir: str) -> None:
+    """Remove what a run wrote in output_dir (run_written_paths); checkpoints/ and best/ go too once empty."""
+    for path in run_written_paths(output_dir):
+        shutil.rmtree(path) if os.path.isdir(path) and not os.path.islink(path) else os.remove(path)
+    for name in ("checkpoints", "best"):
+        path = os.path.join(output_dir, name)
+        if os.path.isdir(path) and not os.listdir(path):
+            os.rmdir(path)
+
+
+def _within(path: str, area: str) -> bool:
+    return path == area or path.startswith(area.rstrip(os.sep) + os.sep)
+
+
+def input_in_run_dir(output_dir: str, inputs: dict[str, list[str]]) -> Optional[tuple[str, str]]:
+    """The first (option, path) among inputs (option -> the local paths it reads) that lies where a run writes
+    in output_dir: in checkpoints/ or best/, or one of the run's files. --overwrite_output_dir would delete it."""
+    out = os.path.realpath(output_dir)
+    areas = [os.path.join(out, n) for n in ("checkpoints", "best", "best.tmp", "best.old") + RUN_FILES + RUN_DIRS]
+    for option, paths in inputs.items():
+        for path in paths:
+            if any(_within(os.path.realpath(path), area) for area in areas):
+                return option, path
+    return None

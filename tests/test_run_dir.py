@@ -264,3 +264,115 @@ def test_the_heartbeat_touches_the_lock(tmp_path, monkeypatch):
         assert os.stat(lock.path).st_mtime_ns > first
     finally:
         lock.release()
+
+
+# ---------------------------------------------------------------------- --overwrite_output_dir deletes no input
+def _tree(root: str) -> dict[str, str]:
+    """Every file under root -> its SHA-256: what a refused run must leave exactly as it was."""
+    return {os.path.relpath(os.path.join(d, n), root): files.sha256_file(os.path.join(d, n))
+            for d, _, names in os.walk(root) for n in names}
+
+
+@pytest.fixture(scope="module")
+def finished_run(tmp_path_factory, tiny_config_dir, tokenizer_path):
+    """A finished tiny run's directory (best/ and checkpoints/step-2, step-4), copied afresh for each test."""
+    root = tmp_path_factory.mktemp("finished")
+    train = make_text_file(str(root / "t.txt"), n_lines=150, seed=6)
+    out = str(root / "out")
+    args = tiny_args(tiny_config_dir, tokenizer_path, out, str(root / "cache"), train_file=train,
+                     max_train_steps=4, eval_steps=2, save_steps=2, eval_on_start="false")
+    assert train_here(args) == 0
+    return out, args
+
+
+@pytest.fixture
+def run_dir(finished_run, tmp_path):
+    import shutil
+    out, args = finished_run
+    copy = str(tmp_path / "out")
+    shutil.copytree(out, copy)
+    return copy, [copy if a == out else a for a in args]
+
+
+def _set(args: list[str], **kw) -> list[str]:
+    """args with each --key's value replaced (or appended)."""
+    args = list(args)
+    for k, v in kw.items():
+        flag = f"--{k}"
+        if flag in args:
+            args[args.index(flag) + 1] = v
+        else:
+            args += [flag, v]
+    return args
+
+
+@pytest.mark.parametrize("flag, inside", [
+    ("model_name_or_path", "best"),  # fine-tune further from the run's own best model, into the same directory
+    ("config_name", "best"),
+    ("tokenizer_name", "best"),
+    ("train_file", "best/notes.txt"),
+    ("validation_file", "checkpoints/notes.txt"),
+    ("test_file", "training_history.json"),
+    ("resume_from_checkpoint", "checkpoints/step-2"),
+])
+def test_overwrite_refuses_before_deleting_a_path_the_run_reads(flag, inside, run_dir, capsys):
+    out, args = run_dir
+    path = os.path.join(out, inside)
+    if inside.endswith("notes.txt"):
+        make_text_file(path, n_lines=50)
+    if flag == "test_file":  # a .json the run reads as text: the history itself
+        path = os.path.join(out, "training_history.json")
+    before = _tree(out)
+    if flag == "model_name_or_path":
+        args = _set(args, config_name="", tokenizer_name="")
+        args = [a for i, a in enumerate(args) if a not in ("--config_name", "--tokenizer_name", "")]
+    capsys.readouterr()
+    assert train_here(_set(args, **{flag: path, "overwrite_output_dir": "true"})) == 2
+    err = capsys.readouterr().err
+    lines = [line for line in err.splitlines() if line.startswith("error:")]
+    assert len(lines) == 1 and "Traceback" not in err, err
+    assert f"--{flag} {path!r} is inside --output_dir" in lines[0] and "choose another --output_dir" in lines[0]
+    assert _tree(out) == before  # nothing deleted, nothing written
+
+
+def test_overwrite_removes_what_runs_wrote_and_keeps_a_users_own_files(run_dir):
+    out, args = run_dir
+    notes = {name: os.path.join(out, name) for name in ("notes.md", "best/notes.md", "checkpoints/notes.md",
+                                                        "checkpoints/step-notes")}
+    for path in notes.values():
+        os.makedirs(os.path.dirname(path), exist_ok=True)
+        if path.endswith("step-notes"):
+            os.makedirs(path)
+            path = os.path.join(path, "a.txt")
+        with open(path, "w") as fh:
+            fh.write("mine\n")
+    old_history = read_json(os.path.join(out, "training_history.json"))
+    written = files.run_written_paths(out)
+    names = {os.path.relpath(p, out) for p in written}
+    assert {"training_history.json", "run_config.json", "checkpoints/step-2", "checkpoints/step-4",
+            "best/model.safetensors", "best/config.json", "best/eval_results.json", "best/README.md"} <= names
+    assert not any("notes" in n for n in names), names
+    files.clear_run_dir(out)
+    assert not any(os.path.exists(p) for p in written)
+    assert all(os.path.exists(p) for p in notes.values())
+    # And through a run: it starts afresh (no resume), and the user's files are still there afterwards.
+    assert train_here(_set(args, overwrite_output_dir="true", max_train_steps="2")) == 0
+    assert all(os.path.exists(p) for p in notes.values())
+    history = read_json(os.path.join(out, "training_history.json"))
+    assert max(h["step"] for h in history) == 2 and history != old_history
+    assert [s for s, _ in checkpoint.checkpoint_dirs(out)] == [2]
+
+
+@pytest.mark.parametrize("names", [
+    ["vocab.txt", "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json"],  # WordPiece
+    ["vocab.json", "merges.txt", "added_tokens.json"],  # byte-level BPE
+    ["spm.model", "spiece.model", "sentencepiece.bpe.model", "tokenizer.model"],  # SentencePiece kinds
+    ["model-00001-of-00002.safetensors", "model.safetensors.index.json", "pytorch_model.bin", "chat_template.jinja",
+     "generation_config.json", "test_results.json"],
+])
+def test_every_kind_of_export_file_counts_as_written_by_a_run(names, tmp_path):
+    best = tmp_path / "best"
+    best.mkdir()
+    for name in names + ["my_vocab_notes.txt", "config.json.bak"]:
+        (best / name).write_text("x")
+    assert sorted(os.path.basename(p) for p in files.run_written_paths(str(tmp_path))) == sorted(names)
