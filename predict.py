@@ -17,7 +17,7 @@ import logging
 import sys
 from typing import Optional, TextIO
 
-from mlm.cli import Parser, UserError, quiet_logging, report
+from mlm.common.cli import Parser, UserError, quiet_logging, report
 
 # mlm.inference (and with it torch and transformers) is imported inside the functions that need it, so that a
 # mistake on the command line is reported at once, before seconds of imports.
@@ -36,7 +36,7 @@ def build_parser() -> Parser:
                    "the model stays loaded.")
     p.add_argument("--model", help="Run directory (its best/ is used), saved model directory or Hub id. Default: "
                    "the newest best/ under outputs/, where train_ddp.py writes.")
-    p.add_argument("--onnx", help="Run this ONNX export of --model (python -m mlm.export_onnx) with onnxruntime "
+    p.add_argument("--onnx", help="Run this ONNX export of --model (python -m mlm.inference.export_onnx) with onnxruntime "
                    "instead of PyTorch; the tokenizer and config come from --model.")
     p.add_argument("--compare", help="A second model (e.g. the base model), shown beside the first for each input.")
     p.add_argument("--top_k", type=int, default=5, help="Tokens per mask, and joint fills per input (default: 5).")

@@ -21,17 +21,23 @@ from typing import Optional
 import torch
 from torch.distributed.elastic.multiprocessing.errors import record
 
-from mlm import checkpoint, data, engine, finish, loop, metrics, modeling, optim, runlock, streaming, tracking
-from mlm.cli import EXIT_DISK_FULL, EXIT_FAILURE, EXIT_NONFINITE, EXIT_USER_ERROR, LocalUserError, UserError, \
+from mlm.data import cached, streaming
+
+from mlm.model import modeling
+
+from mlm.report import metrics, tracking
+
+from mlm.train import checkpoint, engine, finish, loop, optim, runlock
+from mlm.common.cli import EXIT_DISK_FULL, EXIT_FAILURE, EXIT_NONFINITE, EXIT_USER_ERROR, LocalUserError, UserError, \
     quiet_logging, report, versions
 from mlm.config import TrainConfig, parse_args, runtime_seconds
-from mlm.distributed import DistEnv, any_rank, broadcast_object, describe_failure, dist_sum, \
+from mlm.common.distributed import DistEnv, any_rank, broadcast_object, describe_failure, dist_sum, \
     env_rank, init_distributed, is_peer_failure, main_decides, main_only, main_process_first, teardown, wrap_ddp
-from mlm.files import DiskFull, free_bytes, is_disk_full, read_json, write_json_atomic
-from mlm.heads import head_path
+from mlm.common.files import DiskFull, free_bytes, is_disk_full, read_json, write_json_atomic
+from mlm.model.heads import head_path
 from mlm.inference.fill_mask import sample_rows
-from mlm.preemption import OutOfTime, Preempted, StopRequest
-from mlm.swa import WeightAverage
+from mlm.train.preemption import OutOfTime, Preempted, StopRequest
+from mlm.train.swa import WeightAverage
 
 USER_ERROR_GRACE_S = 3.0
 log = logging.getLogger("mlm")
@@ -119,7 +125,7 @@ def build_run(cfg: TrainConfig, env: DistEnv, stop_request: StopRequest) -> loop
     tokenizer = main_process_first(env, lambda: modeling.load_tokenizer(cfg), per_node)
     resume = choose_resume(cfg, env)
     notes = adapt_to_checkpoint(cfg, env, precision, resume) if resume else []
-    bundle = (streaming.build_streaming_data if cfg.streaming else data.build_data)(cfg, env, tokenizer)
+    bundle = (streaming.build_streaming_data if cfg.streaming else cached.build_data)(cfg, env, tokenizer)
     model = main_process_first(env, lambda: modeling.build_model(cfg, model_config, tokenizer), per_node)
     model = model.to(env.device)
     main_only(env, lambda: checkpoint.check_free_space(cfg.output_dir, model) if cfg.do_train else None)

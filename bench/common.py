@@ -28,7 +28,7 @@ def minilm_path() -> str:
 
 def quiet_transformers() -> None:
     """transformers' load reports and progress bars off, as train_ddp.py and predict.py have them."""
-    from mlm.cli import quiet_logging
+    from mlm.common.cli import quiet_logging
     quiet_logging()
 
 

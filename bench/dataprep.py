@@ -57,10 +57,10 @@ def make_corpus(path: str, megabytes: int, source: str) -> int:
 
 # ---------------------------------------------------------------------------------------------- one measurement
 def measure_ours(path: str, cache: str, tokenizer) -> dict:
-    from mlm import data, sources
+    from mlm.data import cached, sources
     from mlm.config import TrainConfig
     spent = {"read": 0.0, "tokenise": 0.0, "write": 0.0}
-    original_iter, original_append = sources.iter_text_file, data._PartWriter.append
+    original_iter, original_append = sources.iter_text_file, cached._PartWriter.append
 
     def timed_iter(*args, **kwargs):  # runs in the reader thread: time to produce each batch
         it = original_iter(*args, **kwargs)
@@ -81,13 +81,13 @@ def measure_ours(path: str, cache: str, tokenizer) -> dict:
 
     def builder(tok, texts):
         t0 = time.perf_counter()
-        out = data.tokenize_texts(tok, texts)
+        out = cached.tokenize_texts(tok, texts)
         spent["tokenise"] += time.perf_counter() - t0
         return out
-    sources.iter_text_file, data._PartWriter.append = timed_iter, timed_append
+    sources.iter_text_file, cached._PartWriter.append = timed_iter, timed_append
     cfg = TrainConfig(model_name_or_path=common.minilm_path(), train_file=[path], validation_split_percentage=5)
     t0 = time.perf_counter()
-    streams, hit, _ = data.load_token_streams(cfg, tokenizer, cache, builder=builder)
+    streams, hit, _ = cached.load_token_streams(cfg, tokenizer, cache, builder=builder)
     seconds = time.perf_counter() - t0
     assert not hit
     return {"seconds": seconds, "tokens": int(sum(s.tokens.size for s in streams.values())), **spent}

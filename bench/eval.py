@@ -1,4 +1,4 @@
-"""Evaluation pass: mlm.engine.evaluate vs Trainer.evaluate on the same examples with the same masks.
+"""Evaluation pass: mlm.train.engine.evaluate vs Trainer.evaluate on the same examples with the same masks.
 
     python bench/eval.py [--max_eval_samples 512 --repeats 3]     # --max_eval_samples 0: the whole split
 
@@ -20,12 +20,12 @@ import torch
 from torch.utils.data import DataLoader, Dataset
 
 from mlm.config import TrainConfig
-from mlm.data import ChunkDataset, eval_shard, tokenize_texts
-from mlm.sources import read_text_file
-from mlm.distributed import DistEnv
-from mlm.engine import Masking, evaluate
-from mlm.masking import EVAL_EPOCH, IGNORE_INDEX, MaskingSpec, build_masking_tables, mask_tokens
-from mlm.modeling import MaskedLMLoss, build_model, load_model_config, masked_positions
+from mlm.data.cached import ChunkDataset, eval_shard, tokenize_texts
+from mlm.data.sources import read_text_file
+from mlm.common.distributed import DistEnv
+from mlm.train.engine import Masking, evaluate
+from mlm.data.masking import EVAL_EPOCH, IGNORE_INDEX, MaskingSpec, build_masking_tables, mask_tokens
+from mlm.model.modeling import MaskedLMLoss, build_model, load_model_config, masked_positions
 
 CPU = torch.device("cpu")
 
@@ -105,7 +105,7 @@ def main() -> None:
             per_batch.append((float(nll) / int((labels[i:i + a.batch_size] != IGNORE_INDEX).sum()), rows))
     ours_batch_mean = sum(l * n for l, n in per_batch) / len(valid)
     mo, mh = common.median(ours_s), common.median(hf_s)
-    print(f"\n== evaluation pass: mlm.engine.evaluate vs Trainer.evaluate ==\n"
+    print(f"\n== evaluation pass: mlm.train.engine.evaluate vs Trainer.evaluate ==\n"
           f"machine        {common.machine()}; torch threads {torch.get_num_threads()}\n"
           f"versions       {common.versions()}\n"
           f"model          {cfg.model_name_or_path} (AutoModelForMaskedLM, attn_implementation='sdpa', one model "

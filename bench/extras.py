@@ -5,7 +5,7 @@
 1. SWA: MiniLM training step (ours, fp32, batch 16 x 128 tokens, CPU) with and without the AveragedModel update
    after it; the update's share of a step.
 2. Fill-mask: FillMask.predict on WikiText-2 test sentences with one mask each, batch 32, PyTorch vs the same
-   model exported by mlm.export_onnx and run by onnxruntime (CPU), alternated; top-1 agreement and the largest
+   model exported by mlm.inference.export_onnx and run by onnxruntime (CPU), alternated; top-1 agreement and the largest
    score difference.
 Prints figures; asserts nothing.
 """
@@ -22,11 +22,11 @@ import common
 import torch
 
 from mlm.config import TrainConfig
-from mlm.distributed import DistEnv
-from mlm.engine import build_masking, build_trainable, prepare_batch, train_step
+from mlm.common.distributed import DistEnv
+from mlm.train.engine import build_masking, build_trainable, prepare_batch, train_step
 from mlm.inference.fill_mask import FillMask
-from mlm.modeling import build_model, load_model_config
-from mlm.swa import WeightAverage
+from mlm.model.modeling import build_model, load_model_config
+from mlm.train.swa import WeightAverage
 
 CPU = torch.device("cpu")
 

@@ -23,7 +23,7 @@ import torch
 from train_throughput import hf_dataset, load_chunks, run_hf, run_ours
 
 from mlm.config import TrainConfig
-from mlm.heads import head_path
+from mlm.model.heads import head_path
 
 SIZE = dict(hidden_size=384, num_hidden_layers=6, num_attention_heads=6, intermediate_size=1536)
 

@@ -30,10 +30,10 @@ from torch.utils.data import DataLoader
 
 from gpu_throughput import DRY_RUN, bert_base, bert_config, load_chunks
 from mlm.config import TrainConfig
-from mlm.data import GlobalOrderSampler
-from mlm.distributed import DistEnv
-from mlm.engine import build_masking, build_trainable, prepare_batch, train_step
-from mlm.metrics import MlmShape, device_peak, mlm_step_flops
+from mlm.data.cached import GlobalOrderSampler
+from mlm.common.distributed import DistEnv
+from mlm.train.engine import build_masking, build_trainable, prepare_batch, train_step
+from mlm.report.metrics import MlmShape, device_peak, mlm_step_flops
 
 
 def sync(device: torch.device) -> None:

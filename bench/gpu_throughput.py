@@ -18,7 +18,7 @@ timed over --steps optimizer steps after --warmup (compilation happens in the wa
   HF:   Trainer + DataCollatorForLanguageModeling(mlm_probability=0.15), optim adamw_torch_fused, bf16/fp16,
         torch_compile for the compiled rows; timed by a callback that synchronises at the two marks only.
 MFU: the model FLOPs a step needs (encoder and attention on every token, the head at the 15% masked positions:
-mlm.metrics.mlm_step_flops, the same figure for both sides) / seconds / the data-sheet dense peak of the card.
+mlm.report.metrics.mlm_step_flops, the same figure for both sides) / seconds / the data-sheet dense peak of the card.
 Then fill-mask: predict.py's Predictor (FillMask, batch 32) vs the pipeline one sentence at a time and batched,
 on 256 single-mask WikiText-2 test sentences, on the GPU. Prints a markdown table, writes it to OUT/gpu_table.md
 (and OUT/gpu_table.json). Asserts nothing.
@@ -39,11 +39,11 @@ import torch
 from torch.utils.data import DataLoader
 
 from mlm.config import TrainConfig
-from mlm.data import ChunkDataset, GlobalOrderSampler, tokenize_texts
-from mlm.sources import read_text_file
-from mlm.distributed import DistEnv
-from mlm.engine import build_masking, build_trainable, prepare_batch, train_step
-from mlm.metrics import MlmShape, device_peak, mlm_step_flops
+from mlm.data.cached import ChunkDataset, GlobalOrderSampler, tokenize_texts
+from mlm.data.sources import read_text_file
+from mlm.common.distributed import DistEnv
+from mlm.train.engine import build_masking, build_trainable, prepare_batch, train_step
+from mlm.report.metrics import MlmShape, device_peak, mlm_step_flops
 
 DEVICE = torch.device("cuda", 0)
 DRY_RUN = {"on": False}  # --dry_run: the whole script on a CPU with a tiny BERT, to check it before GPU time

@@ -2,7 +2,7 @@
 
     python bench/resilience.py [--repeats 3] [--steps_before_signal 3]
 
-1. Save: `mlm.checkpoint.save_checkpoint` (weights as safetensors, AdamW state after one step, scheduler,
+1. Save: `mlm.train.checkpoint.save_checkpoint` (weights as safetensors, AdamW state after one step, scheduler,
    scaler, RNG states, manifest with SHA-256, fsync, rename) for MiniLM with its MLM head; then the load
    `auto` resume does (hash check + `load_checkpoint`). Medians of --repeats, with the checkpoint's size.
 2. SIGTERM: train_ddp.py as 2 CPU ranks started by hand (MiniLM, WikiText-2, sequence 128, batch 8 per rank),
@@ -28,7 +28,7 @@ import common
 def bench_save(repeats: int) -> None:
     import torch
     from transformers import AutoModelForMaskedLM
-    from mlm import checkpoint
+    from mlm.train import checkpoint
     torch.manual_seed(0)
     model = AutoModelForMaskedLM.from_pretrained(common.minilm_path())
     opt = torch.optim.AdamW(model.parameters(), lr=1e-4, fused=True)

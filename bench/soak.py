@@ -26,7 +26,7 @@ import common
 import torch
 
 import train_ddp
-from mlm import loop
+from mlm.train import loop
 
 
 class _Mallinfo2(ctypes.Structure):

@@ -30,13 +30,13 @@ import torch  # noqa: E402
 from torch.utils.data import DataLoader  # noqa: E402
 
 from mlm.config import TrainConfig
-from mlm.distributed import DistEnv
-from mlm.engine import Masking, build_trainable, prepare_batch, train_step
-from mlm.masking import MaskingSpec, build_masking_tables
-from mlm.modeling import build_model, load_model_config
-from mlm.cleaning import TextReport
-from mlm.streaming import PackedBatches, rank_stream
-from mlm.text import text_encoder
+from mlm.common.distributed import DistEnv
+from mlm.train.engine import Masking, build_trainable, prepare_batch, train_step
+from mlm.data.masking import MaskingSpec, build_masking_tables
+from mlm.model.modeling import build_model, load_model_config
+from mlm.data.cleaning import TextReport
+from mlm.data.streaming import PackedBatches, rank_stream
+from mlm.data.text import text_encoder
 
 CPU = torch.device("cpu")
 SEQ, BATCH, BUFFER = 128, 16, 10000

@@ -21,11 +21,11 @@ import torch
 from torch.utils.data import DataLoader
 
 from mlm.config import TrainConfig
-from mlm.data import ChunkDataset, GlobalOrderSampler, tokenize_texts
-from mlm.sources import read_text_file
-from mlm.distributed import DistEnv
-from mlm.engine import build_masking, build_trainable, prepare_batch, train_step
-from mlm.modeling import attention_argument, build_model, load_model_config
+from mlm.data.cached import ChunkDataset, GlobalOrderSampler, tokenize_texts
+from mlm.data.sources import read_text_file
+from mlm.common.distributed import DistEnv
+from mlm.train.engine import build_masking, build_trainable, prepare_batch, train_step
+from mlm.model.modeling import attention_argument, build_model, load_model_config
 
 CPU = torch.device("cpu")
 

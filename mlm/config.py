@@ -21,10 +21,8 @@ import typing
 from dataclasses import dataclass, field
 from typing import Any, Optional, Sequence, Union
 
-from .cleaning import TEXT_ERRORS
-from .cli import OUTPUTS_ROOT, UserError, command_line, looks_like_path, parser_error
-from .files import input_in_run_dir
-from .sources import LOCAL_SUFFIXES, WIKITEXT_FILES, builder_for
+from mlm.common.cli import OUTPUTS_ROOT, UserError, command_line, looks_like_path, parser_error
+from mlm.common.files import input_in_run_dir
 
 DEFAULT_MODEL = "bert-base-uncased"
 DEFAULT_DATASET, DEFAULT_DATASET_CONFIG = "wikitext", "wikitext-2-raw-v1"
@@ -33,6 +31,17 @@ SCHEDULERS = ("linear", "cosine", "cosine_with_restarts", "polynomial", "constan
 REPORT_TO = ("all", "wandb", "none")
 CACHE_SCOPES = ("node", "shared")
 ATTENTION_KERNELS = ("auto", "sdpa", "eager", "flash_attention_2")
+TEXT_ERRORS = ("error", "replace", "skip")  # what --text_errors does with undecodable bytes (mlm.data.cleaning)
+# The local files a run reads (mlm.data.sources reads them; the checks here accept them).
+LOCAL_SUFFIXES = (".txt", ".raw", ".json", ".jsonl", ".parquet", ".csv")
+WIKITEXT_FILES = {"train": "wiki.train.raw", "validation": "wiki.valid.raw"}
+WIKITEXT_TEST = "wiki.test.raw"  # optional: when present, the final best/ is evaluated on it
+
+
+def builder_for(path: str) -> str:
+    """The `datasets` packaged builder that reads a local file of this kind."""
+    suffix = path.rsplit(".", 1)[-1]
+    return {"txt": "text", "raw": "text", "jsonl": "json"}.get(suffix, suffix)
 
 
 def _f(default: Any, help: str, group: str, **kw: Any) -> Any:

@@ -30,7 +30,9 @@ sys.path.insert(0, ROOT)
 import torch  # noqa: E402
 
 import train_ddp  # noqa: E402
-from mlm import checkpoint, data, loop, modeling  # noqa: E402
+from mlm.data import cached  # noqa: E402
+from mlm.model import modeling  # noqa: E402
+from mlm.train import checkpoint, loop  # noqa: E402
 
 
 def install(fault: dict) -> None:
@@ -58,13 +60,13 @@ def install(fault: dict) -> None:
         loop.prepare_batch = prepare_batch
 
     if fault.get("prep_sleep"):
-        original_build = data._build_cache
+        original_build = cached._build_cache
 
         def build_cache(*args, **kwargs):
             time.sleep(fault["prep_sleep"])
             return original_build(*args, **kwargs)
 
-        data._build_cache = build_cache
+        cached._build_cache = build_cache
 
     if fault.get("fake_cuda"):
         fake = fault["fake_cuda"]

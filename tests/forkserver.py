@@ -87,7 +87,11 @@ def preload() -> None:
     sys.path.insert(0, ROOT)
     import predict  # noqa: F401
     import train_ddp  # noqa: F401
-    from mlm import card, checkpoint, config, data, engine, finish, loop, masking, modeling, runlock, tracking  # noqa
+    from mlm import config  # noqa
+    from mlm.data import cached, masking  # noqa
+    from mlm.model import modeling  # noqa
+    from mlm.report import card, tracking  # noqa
+    from mlm.train import checkpoint, engine, finish, loop, runlock  # noqa
     threads = [t for t in os.listdir("/proc/self/task")]
     if len(threads) != 1:
         raise SystemExit(f"forkserver: the preloaded modules started {len(threads) - 1} thread(s); fork is unsafe")

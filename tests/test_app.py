@@ -40,7 +40,7 @@ def app(minilm_dir, forced_model_dir):
     # app binds it, which the app reports as a port in use. Then another port, up to three tries.
     for attempt in range(3):
         port = free_port()
-        proc = subprocess.Popen([sys.executable, "-m", "mlm.app", "--model", minilm_dir, "--compare",
+        proc = subprocess.Popen([sys.executable, "-m", "mlm.inference.app", "--model", minilm_dir, "--compare",
                                  forced_model_dir, "--port", str(port)], cwd=ROOT, env=_env(),
                                 stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
         try:

@@ -173,7 +173,7 @@ import sys
 import time
 sys.path.insert(0, sys.argv[1])
 import train_ddp
-from mlm.cli import UserError
+from mlm.common.cli import UserError
 train_ddp.USER_ERROR_GRACE_S = 600.0
 real_sleep = time.sleep
 

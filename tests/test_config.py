@@ -265,7 +265,7 @@ def test_a_bad_max_runtime_is_a_one_line_error(text):
 
 def test_the_budget_stops_while_a_step_and_a_checkpoint_still_fit():
     import time
-    from mlm.preemption import OUT_OF_TIME, StopRequest
+    from mlm.train.preemption import OUT_OF_TIME, StopRequest
     request = StopRequest(25.0, budget=10.0, started=time.monotonic() - 8.0)
     request.expect(step_seconds=0.5, save_seconds=0.5)
     assert not request.out_of_time() and request.agreed() == 0  # 8 + 1.1 s < 10

@@ -9,9 +9,9 @@ import pytest
 
 from helpers import SHARED_WIKITEXT, make_text_file
 from mlm.config import TrainConfig, UserError
-from mlm.data import ChunkDataset, LineDataset, TokenStream, eval_shard, load_token_streams, tokenize_texts
-from mlm.sources import read_text_file
-from mlm.text import Framing
+from mlm.data.cached import ChunkDataset, LineDataset, TokenStream, eval_shard, load_token_streams, tokenize_texts
+from mlm.data.sources import read_text_file
+from mlm.data.text import Framing
 
 
 def cfg_for(tmp_path, **kw) -> TrainConfig:
@@ -62,7 +62,7 @@ def test_the_ascii_path_gives_the_fast_tokenizers_ids(kind, fast_path, tokenizer
     from tokenizers import AddedToken, normalizers
     from transformers import AutoTokenizer
     from families import byte_level_bpe, trained_wordpiece, unigram_metaspace
-    from mlm.text import TextEncoder, plain_backend
+    from mlm.data.text import TextEncoder, plain_backend
     d = str(tmp_path / "tok")
     if kind == "bert uncased (MiniLM)":
         tok = AutoTokenizer.from_pretrained(tokenizer_path)
@@ -89,7 +89,7 @@ def test_the_ascii_path_gives_the_fast_tokenizers_ids(kind, fast_path, tokenizer
 def test_many_added_tokens_keep_the_normaliser(tokenizer_path):
     """Searching every ASCII text for more than 64 added tokens would cost more than the normaliser saves."""
     from transformers import AutoTokenizer
-    from mlm.text import text_encoder
+    from mlm.data.text import text_encoder
     tok = AutoTokenizer.from_pretrained(tokenizer_path)
     tok.add_tokens([f"addedword{i}" for i in range(30)])  # 40 forms with the specials and their lowercase: fast
     assert text_encoder(tok).ascii is not None

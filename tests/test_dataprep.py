@@ -10,11 +10,12 @@ import numpy as np
 import pytest
 
 from helpers import make_text_file, run_train, tiny_args
-from mlm import cleaning, data, files, sources
+from mlm.common import files
+from mlm.data import cached, cleaning, sources
 from mlm.config import UserError, parse_args
 from test_data import cfg_for
-from mlm.data import build_datasets, load_token_streams, tokenize_texts
-from mlm.sources import read_text_file
+from mlm.data.cached import build_datasets, load_token_streams, tokenize_texts
+from mlm.data.sources import read_text_file
 
 
 def small_batches(monkeypatch, rows: int) -> None:
@@ -110,7 +111,7 @@ def test_every_split_is_read_through_the_memory_map(tokenizer, tmp_path):
 
 def test_a_long_preparation_shows_its_rate_and_what_is_left(tokenizer, tmp_path, monkeypatch, caplog):
     """Without a terminal, a long preparation logs how far it is, its MB/s and the time left."""
-    monkeypatch.setattr(data, "PROGRESS_LOG_SECONDS", 0)
+    monkeypatch.setattr(cached, "PROGRESS_LOG_SECONDS", 0)
     small_batches(monkeypatch, 50)
     path = make_text_file(str(tmp_path / "train.txt"), n_lines=300, seed=1)
     with caplog.at_level(logging.INFO, logger="mlm"):

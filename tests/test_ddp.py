@@ -48,7 +48,7 @@ def test_two_ranks_equal_one_rank_with_accumulation(tmp_path, corpus, tiny_confi
 
 def independent_masked_count(valid_file: str, tokenizer, seq: int, seed: int) -> int:
     """Tokenise, chunk and mask each validation example on its own, outside the evaluation loop."""
-    from mlm.masking import EVAL_EPOCH, IGNORE_INDEX, MaskingSpec, build_masking_tables, mask_tokens
+    from mlm.data.masking import EVAL_EPOCH, IGNORE_INDEX, MaskingSpec, build_masking_tables, mask_tokens
     stream = []
     with open(valid_file, encoding="utf-8") as fh:
         for line in fh.read().split("\n"):

@@ -8,10 +8,10 @@ import torch
 
 from families import FAMILIES, byte_level_bpe, save_family, trained_wordpiece, training_text, unigram_metaspace, \
     wordpiece
-from mlm.cli import UserError
-from mlm.heads import head_logits, split_encoder_head
-from mlm.masking import IGNORE_INDEX, MaskingSpec, _word_start_positions, build_masking_tables, mask_tokens
-from mlm.modeling import MaskedLMLoss, attention_kernel, check_attention, masked_positions
+from mlm.common.cli import UserError
+from mlm.model.heads import head_logits, split_encoder_head
+from mlm.data.masking import IGNORE_INDEX, MaskingSpec, _word_start_positions, build_masking_tables, mask_tokens
+from mlm.model.modeling import MaskedLMLoss, attention_kernel, check_attention, masked_positions
 
 
 @pytest.fixture(scope="module")
@@ -120,7 +120,7 @@ def test_a_vocabulary_without_word_marks_is_refused_in_one_line(tmp_path):
     from tokenizers import Tokenizer, models, pre_tokenizers, trainers
     from transformers import PreTrainedTokenizerFast
     from mlm.config import TrainConfig
-    from mlm.engine import build_masking
+    from mlm.train.engine import build_masking
     tok = Tokenizer(models.WordLevel(unk_token="[UNK]"))
     tok.pre_tokenizer = pre_tokenizers.Whitespace()
     tok.train_from_iterator(training_text(), trainers.WordLevelTrainer(special_tokens=["[PAD]", "[UNK]", "[CLS]",

@@ -14,11 +14,12 @@ import torch.nn.functional as F
 from torch.utils._python_dispatch import TorchDispatchMode
 
 from helpers import TINY_BERT, make_text_file, read_json, run_train, start_ranks, tiny_args, wait_all
-from mlm import engine, metrics
+from mlm.report import metrics
+from mlm.train import engine
 from mlm.config import TrainConfig, UserError
-from mlm.distributed import DistEnv
-from mlm.masking import IGNORE_INDEX, token_hashes
-from mlm.modeling import MaskedLMLoss
+from mlm.common.distributed import DistEnv
+from mlm.data.masking import IGNORE_INDEX, token_hashes
+from mlm.model.modeling import MaskedLMLoss
 
 CPU = torch.device("cpu")
 CUDA = torch.device("cuda", 0)  # only named: nothing runs on it
@@ -69,7 +70,7 @@ def test_cpu_precisions():
 
 # ---------------------------------------------------------------------- (b) processes vs GPUs
 def test_more_processes_than_gpus_is_one_line_naming_both(monkeypatch):
-    from mlm.distributed import check_gpu_count
+    from mlm.common.distributed import check_gpu_count
     fake_gpu(monkeypatch, count=2)
     monkeypatch.setenv("LOCAL_WORLD_SIZE", "4")
     monkeypatch.delenv("CUDA_VISIBLE_DEVICES", raising=False)
@@ -144,7 +145,7 @@ def boolean_index_loss(model, ids, labels):
 
 @pytest.mark.parametrize("rate", [0.15, 0.9, 0.0])  # as expected, far more masked than expected, none masked
 def test_gathered_head_equals_the_boolean_index_version(rate):
-    from mlm.modeling import masked_positions
+    from mlm.model.modeling import masked_positions
     g = torch.Generator().manual_seed(3)
     ids = torch.randint(5, 120, (4, 16), generator=g)
     labels = torch.where(torch.rand(ids.shape, generator=g) < rate, ids, IGNORE_INDEX)
@@ -204,7 +205,7 @@ def steady_setup(tokenizer, precision: str = "fp32"):
 def test_a_steady_training_step_reads_nothing_on_the_host(tokenizer, precision):
     """The CPU stand-in for torch.cuda.set_sync_debug_mode('error') (tests/gpu does the real one): no operator of
     a steady step (after the first, which creates optimizer state) reads device values on the host."""
-    from mlm.swa import WeightAverage
+    from mlm.train.swa import WeightAverage
     model, _, _, _, batch, step = steady_setup(tokenizer, precision)
     swa = WeightAverage(model, start_step=1)
     step([batch(0)])
@@ -252,7 +253,7 @@ def test_hashing_copies_no_host_scalar_to_the_device(monkeypatch):
 # ---------------------------------------------------------------------- (h7) SWA without a sync
 def test_swa_update_equals_averaged_model_and_reads_nothing_on_the_host():
     from torch.optim.swa_utils import AveragedModel
-    from mlm.swa import WeightAverage
+    from mlm.train.swa import WeightAverage
     model = tiny_model()
     ours, theirs = WeightAverage(model, start_step=1), AveragedModel(model, use_buffers=False)
     with HostReads() as reads:
@@ -314,7 +315,7 @@ def test_schedule_state_resumes_and_reads_an_old_lambda_lr_checkpoint(tokenizer)
 
 # ---------------------------------------------------------------------- (h2) fp16 resumed from bf16/fp32
 def test_fp16_resumes_from_a_checkpoint_saved_without_a_scaler(tmp_path, tokenizer):
-    from mlm import checkpoint
+    from mlm.train import checkpoint
     model, _, optimizer, schedule, _, _ = steady_setup(tokenizer, "fp32")
     state = checkpoint.TrainState(world_size=1, per_device_train_batch_size=4, step=3)
     parts = {"optimizer": optimizer, "scheduler": schedule, "scaler": engine.build_scaler("fp32", CPU),
@@ -332,7 +333,7 @@ def test_fp16_resumes_from_a_checkpoint_saved_without_a_scaler(tmp_path, tokeniz
 
 # ---------------------------------------------------------------------- (h3) master weights are fp32
 def test_a_model_saved_in_fp16_trains_with_fp32_master_weights(tmp_path, tokenizer_path):
-    from mlm.modeling import build_model, load_model_config, load_tokenizer
+    from mlm.model.modeling import build_model, load_model_config, load_tokenizer
     saved = str(tmp_path / "fp16-bert")
     tiny_model(vocab=30522).half().save_pretrained(saved)
     from transformers import AutoTokenizer
@@ -350,7 +351,7 @@ def test_a_model_saved_in_fp16_trains_with_fp32_master_weights(tmp_path, tokeniz
 # ---------------------------------------------------------------------- (h1) which failures are a peer's
 def test_only_a_lost_connection_is_a_peer_failure():
     import torch.distributed as dist
-    from mlm.distributed import PeerFailed, describe_failure, is_peer_failure
+    from mlm.common.distributed import PeerFailed, describe_failure, is_peer_failure
     shm = dist.DistBackendError("NCCL error in: ProcessGroupNCCL.cpp:1970, unhandled system error (run with "
                                 "NCCL_DEBUG=INFO for details), NCCL version 2.21.5\nncclSystemError: System call "
                                 "(e.g. socket, malloc) or external library call failed or device error.\nLast "
@@ -385,7 +386,7 @@ def test_an_nccl_failure_on_every_rank_is_reported_not_swallowed(tmp_path, tiny_
 # ---------------------------------------------------------------------- (h6) waiting for a leader
 def test_ranks_wait_for_the_leader_on_the_cpu_control_group(monkeypatch):
     import torch.distributed as dist
-    from mlm import distributed
+    from mlm.common import distributed
     control = object()
     calls = []
 

@@ -12,11 +12,10 @@ import pytest
 from helpers import ROOT
 
 MLM = os.path.join(ROOT, "mlm")
-# Used by training and inference alike, importing nothing else of the project.
-NEUTRAL = {"mlm.cli", "mlm.files", "mlm.heads", "mlm.hub", "mlm.text"}
-# `python -m mlm.app` / `python -m mlm.export_onnx`: the README's commands, aliases of the inference modules.
-ALIASES = {"mlm.app", "mlm.export_onnx"}
-MAX_PARAMETERS = 6
+# The packages of mlm/, lowest first (docs/DESIGN.md opens with them in this order): a module imports its own
+# package and those below it. train and inference stand side by side and never import each other; the scripts
+# stand on top (predict.py on inference alone).
+LAYERS = (("common",), ("config",), ("data",), ("model",), ("report",), ("train", "inference"))
 
 
 def module_files() -> dict[str, str]:
@@ -74,14 +73,15 @@ def graph() -> dict[str, set[str]]:
     return {m: project_imports(m, p, set(files)) - {"mlm"} for m, p in files.items()}
 
 
-def kind(module: str) -> str:
-    if module in NEUTRAL:
-        return "neutral"
-    if module in ALIASES or module == "mlm.inference" or module.startswith("mlm.inference."):
-        return "inference"
+def package(module: str) -> str:
+    """mlm.data.cached -> data; mlm.config -> config; the scripts are their own."""
+    return module.split(".")[1] if module.startswith("mlm.") else module
+
+
+def layer(module: str) -> int:
     if module in ("train_ddp", "predict"):
-        return module
-    return "training"
+        return len(LAYERS)
+    return next(i for i, names in enumerate(LAYERS) if package(module) in names)
 
 
 def test_no_import_cycles(graph):
@@ -100,35 +100,49 @@ def test_no_import_cycles(graph):
             visit(m, [m])
 
 
-def test_training_and_inference_import_only_their_side_and_the_neutral_modules(graph):
-    allowed = {"neutral": {"neutral"}, "training": {"training", "neutral"}, "inference": {"inference", "neutral"},
-               "predict": {"inference", "neutral"}, "train_ddp": {"training", "inference", "neutral"}}
-    wrong = [f"{m} ({kind(m)}) imports {n} ({kind(n)})" for m, deps in graph.items() for n in deps
-             if kind(n) not in allowed[kind(m)]]
+def test_every_package_has_a_layer():
+    """A new package (or a module loose in mlm/) must be placed in LAYERS and in docs/DESIGN.md's tree."""
+    placed = {name for names in LAYERS for name in names}
+    found = {n.removesuffix(".py") for n in os.listdir(MLM) if n != "__init__.py" and not n.startswith(("_", "."))
+             and (n.endswith(".py") or os.path.isfile(os.path.join(MLM, n, "__init__.py")))}
+    assert found == placed
+
+
+def test_imports_go_only_downward(graph):
+    wrong = [f"{m} imports {n}" for m, deps in graph.items() for n in deps
+             if layer(n) > layer(m) or (layer(n) == layer(m) and package(n) != package(m))]
     assert not wrong, "\n".join(wrong)
-    assert "mlm.config" not in graph["predict"] and not any("mlm.config" in graph[m] for m in ALIASES)
+    assert not any(package(n) in ("train", "config") for n in graph["predict"])  # predict.py is inference only
+
+
+def test_the_design_opens_with_the_packages_in_layer_order():
+    design = open(os.path.join(ROOT, "docs", "DESIGN.md"), encoding="utf-8").read()
+    tree = design[:design.index("## ", design.index("## ") + 1)]
+    positions = [tree.index(f"mlm/{name}") for names in LAYERS for name in names]
+    assert positions == sorted(positions), "docs/DESIGN.md's tree lists the packages lowest first"
+
+
+def test_no_alias_modules():
+    """A module that only re-exports another (`from x import main` and a __main__ guard) is a second name for
+    one thing: the README names the real module."""
+    aliases = []
+    for module, path in module_files().items():
+        body = [n for n in ast.parse(open(path, encoding="utf-8").read()).body
+                if not (isinstance(n, ast.Expr) and isinstance(n.value, ast.Constant))]  # docstrings
+        if body and all(isinstance(n, (ast.Import, ast.ImportFrom, ast.If)) for n in body):
+            aliases.append(module)
+    assert not aliases, aliases
 
 
 def test_the_checker_sees_a_cycle_and_a_wrong_direction(tmp_path):
-    """Negative control: the walk finds imports inside functions and relative ones."""
+    """Negative control: the walk finds imports inside functions and relative ones; the layers order them."""
     (tmp_path / "a.py").write_text("def f():\n    from .b import g\n")
     found = project_imports("mlm.a", str(tmp_path / "a.py"), {"mlm.a", "mlm.b"})
     assert found == {"mlm.b"}
     (tmp_path / "c.py").write_text("from typing import TYPE_CHECKING\nif TYPE_CHECKING:\n    from .b import g\n")
     assert project_imports("mlm.c", str(tmp_path / "c.py"), {"mlm.c", "mlm.b"}) == set()
-    assert kind("mlm.inference.fill_mask") == "inference" and kind("mlm.data") == "training"
-
-
-def test_no_function_takes_more_than_six_parameters():
-    too_many = []
-    for module, path in module_files().items():
-        for node in ast.walk(ast.parse(open(path, encoding="utf-8").read())):
-            if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef)):
-                a = node.args
-                names = [x.arg for x in a.posonlyargs + a.args + a.kwonlyargs if x.arg not in ("self", "cls")]
-                if len(names) > MAX_PARAMETERS:
-                    too_many.append(f"{module}.{node.name}: {len(names)} ({', '.join(names)})")
-    assert not too_many, "\n".join(too_many)
+    assert layer("mlm.data.cached") < layer("mlm.train.loop") == layer("mlm.inference.fill_mask") < layer("predict")
+    assert layer("mlm.common.cli") < layer("mlm.config") < layer("mlm.data.text")
 
 
 def test_the_design_lives_in_the_repository():

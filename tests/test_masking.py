@@ -3,7 +3,7 @@
 import pytest
 import torch
 
-from mlm.masking import EVAL_EPOCH, IGNORE_INDEX, MaskingSpec, build_masking_tables, mask_tokens, token_hashes
+from mlm.data.masking import EVAL_EPOCH, IGNORE_INDEX, MaskingSpec, build_masking_tables, mask_tokens, token_hashes
 
 SPEC = MaskingSpec(mlm_probability=0.15, mask_replace_prob=0.8, random_replace_prob=0.1, seed=1234)
 

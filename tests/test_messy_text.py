@@ -1,4 +1,4 @@
-"""Messy real-world text (mlm/cleaning.py, --text_errors): undecodable bytes in every local text format and
+"""Messy real-world text (mlm/data/cleaning.py, --text_errors): undecodable bytes in every local text format and
 non-string `text` values in every format and on the Hub path get a one-line error (the default) or are replaced or
 skipped with a count, never a traceback and never a silent drop. Null stays an empty text."""
 
@@ -10,9 +10,9 @@ import os
 import pytest
 
 from helpers import make_text_file, tiny_args, train_here
-from mlm import cleaning, sources
-from mlm.cleaning import TextReport
-from mlm.cli import UserError
+from mlm.data import cleaning, sources
+from mlm.data.cleaning import TextReport
+from mlm.common.cli import UserError
 from mlm.config import parse_args
 
 BAD = b"caf\xe9 au lait"  # Latin-1 bytes: \xe9 is not UTF-8 on its own

@@ -82,7 +82,7 @@ def test_two_nodes_equal_one_node_and_only_global_rank_0_writes(tmp_path, corpus
 PROBE = r"""
 import os, sys, time
 sys.path.insert(0, {root!r})
-from mlm.distributed import init_distributed, main_process_first, teardown
+from mlm.common.distributed import init_distributed, main_process_first, teardown
 env = init_distributed(60)
 def prepare():
     with open(sys.argv[1], "a") as fh:

@@ -26,7 +26,7 @@ def tiny_model_dir(tmp_path_factory) -> str:
 
 
 def export(model_dir: str, out: str):
-    return run_command([sys.executable, "-m", "mlm.export_onnx", model_dir, out], timeout=300)
+    return run_command([sys.executable, "-m", "mlm.inference.export_onnx", model_dir, out], timeout=300)
 
 
 def random_batch(vocab: int, seed: int = 0):
@@ -78,7 +78,7 @@ def test_predict_with_onnx_gives_the_same_top_k(tmp_path, minilm_dir):
 
 
 def test_onnx_user_errors_are_one_line(tmp_path, tiny_model_dir, capfd):
-    """predict.py --onnx and python -m mlm.export_onnx with bad files: their main functions, in this process."""
+    """predict.py --onnx and python -m mlm.inference.export_onnx with bad files: their main functions, in this process."""
     import predict
     from mlm.inference import export_onnx
 

@@ -9,10 +9,10 @@ import torch.nn.functional as F
 
 from helpers import TINY_BERT, make_text_file, read_json, run_train, tiny_args
 from mlm.config import TrainConfig
-from mlm.masking import IGNORE_INDEX
-from mlm.modeling import MaskedLMLoss, masked_positions
-from mlm.optim import build_optimizer, build_scheduler
-from mlm.swa import WeightAverage
+from mlm.data.masking import IGNORE_INDEX
+from mlm.model.modeling import MaskedLMLoss, masked_positions
+from mlm.train.optim import build_optimizer, build_scheduler
+from mlm.train.swa import WeightAverage
 
 
 def tiny_model(seed: int = 0, vocab: int = 120):

@@ -196,7 +196,7 @@ def test_a_relaunch_after_the_lock_holder_was_killed_takes_over(setup, reference
 def test_a_disk_that_fills_up_mid_run_stops_every_rank_and_the_resume_is_exact(setup, tmp_path, tokenizer_path):
     """output_dir on a tmpfs with room for the step-4 checkpoint and best/, not for step 8's checkpoint. The model
     is wider than the other tests' so that a checkpoint outweighs the 64 MiB any run needs free to start."""
-    from mlm.checkpoint import checkpoint_bytes, is_complete
+    from mlm.train.checkpoint import checkpoint_bytes, is_complete
     from test_ddp import load_weights
     if os.geteuid() != 0:
         pytest.skip("mounting a small tmpfs to fill needs root")
@@ -259,7 +259,7 @@ def test_crash_during_a_save_leaves_the_previous_checkpoint(setup, reference, tm
 
 
 def test_auto_resume_skips_a_damaged_checkpoint_with_a_warning(reference, tmp_path, caplog):
-    from mlm.checkpoint import choose_resume
+    from mlm.train.checkpoint import choose_resume
     out = str(tmp_path / "copy")
     shutil.copytree(reference, out)
     weights = os.path.join(out, "checkpoints", f"step-{STEPS}", "model.safetensors")
@@ -318,7 +318,7 @@ def test_a_loss_that_stays_nan_stops_every_rank_and_keeps_best(setup, tmp_path, 
 @pytest.mark.parametrize("fused", [True, False])
 def test_a_step_with_nonfinite_gradients_changes_nothing(fused):
     """bf16/fp32 have no GradScaler to skip a bad step: skip_nonfinite_step must (fused: on the device)."""
-    from mlm.engine import skip_nonfinite_step
+    from mlm.train.engine import skip_nonfinite_step
     torch.manual_seed(0)
     model = torch.nn.Linear(4, 3)
     opt = torch.optim.AdamW(model.parameters(), lr=0.1, fused=fused or None, foreach=None if fused else False)
@@ -340,7 +340,7 @@ def test_a_step_with_nonfinite_gradients_changes_nothing(fused):
 
 def test_too_little_disk_for_a_checkpoint_is_an_error_before_training(tmp_path, monkeypatch):
     from collections import namedtuple
-    from mlm import checkpoint
+    from mlm.train import checkpoint
     from mlm.config import UserError
     model = torch.nn.Linear(1000, 1000)  # 1M parameters: a checkpoint needs about 16 MB
     usage = namedtuple("usage", "total used free")

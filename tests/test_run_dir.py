@@ -17,8 +17,9 @@ import pytest
 import torch
 
 from helpers import make_text_file, read_json, tiny_args, train_here
-from mlm import checkpoint, files, runlock
-from mlm.cli import UserError
+from mlm.common import files
+from mlm.train import checkpoint, runlock
+from mlm.common.cli import UserError
 
 EXIT_DISK_FULL = 4
 TORCH_SAVE_FULL = "[enforce fail at inline_container.cc:672] . unexpected pos 576 vs 534"  # torch.save, full disk

@@ -1,4 +1,4 @@
-"""Issue 8 (d): python -m mlm.search, Optuna over real (tiny) training runs with SQLite storage."""
+"""Issue 8 (d): python -m mlm.train.search, Optuna over real (tiny) training runs with SQLite storage."""
 
 import os
 import sys
@@ -28,7 +28,7 @@ def write_base(path, tiny_config_dir, tokenizer_path, corpus, cache, space, step
 
 
 def search(*args, cwd=None):
-    return run_command([sys.executable, "-m", "mlm.search", *args], timeout=600, cwd=cwd or os.getcwd())
+    return run_command([sys.executable, "-m", "mlm.train.search", *args], timeout=600, cwd=cwd or os.getcwd())
 
 
 SPACE = {"learning_rate": {"low": 3e-4, "high": 5e-3, "log": True}, "weight_decay": {"low": 0.0, "high": 0.1},
@@ -88,8 +88,8 @@ def test_median_pruning_stops_a_clearly_worse_trial(tmp_path, tiny_config_dir, t
 
 
 def test_search_user_errors(tmp_path, capfd):
-    """`python -m mlm.search` with a bad base config: its main, in this process."""
-    from mlm import search as search_module
+    """`python -m mlm.train.search` with a bad base config: its main, in this process."""
+    from mlm.train import search as search_module
     bad = tmp_path / "bad.yaml"
     args = ["--study_name", "x", "--storage", f"sqlite:///{tmp_path / 'x.db'}", "--config", str(bad),
             "--n_trials", "1"]

@@ -10,11 +10,11 @@ import pytest
 import torch
 
 from helpers import TINY_BERT, make_text_file, read_json, tiny_args
-from mlm import checkpoint, engine, loop
+from mlm.train import checkpoint, engine, loop
 from mlm.config import TrainConfig, parse_args
-from mlm.data import ChunkDataset, eval_shard, tokenize_texts
-from mlm.distributed import DistEnv
-from mlm.swa import WeightAverage
+from mlm.data.cached import ChunkDataset, eval_shard, tokenize_texts
+from mlm.common.distributed import DistEnv
+from mlm.train.swa import WeightAverage
 
 CPU = torch.device("cpu")
 ENV = DistEnv(rank=0, local_rank=0, world_size=1, device=CPU)
@@ -88,7 +88,7 @@ def test_evaluation_is_the_same_for_any_batch_size(tokenizer, chunks):
     assert trainable.loss.training  # evaluate restores the mode it found
     assert results[0]["masked_tokens"] == results[1]["masked_tokens"] > 100
     assert results[0]["loss"] == pytest.approx(results[1]["loss"], rel=1e-9)
-    from mlm.masking import EVAL_EPOCH
+    from mlm.data.masking import EVAL_EPOCH
     batch = engine.prepare_batch(chunks.__getitems__(list(range(len(chunks)))), EVAL_EPOCH, masking, CPU)
     with torch.no_grad():
         nll_sum = trainable.loss.eval()(batch.input_ids, batch.positions, batch.targets)
@@ -142,7 +142,7 @@ def test_fit_logs_evaluates_exports_and_saves(tmp_path, tiny_config_dir, tokeniz
     """The whole loop at world size 1, built as train_ddp.py builds it: 4 steps, evaluation at 0, 2 and 4,
     checkpoints at 2 and 4, best/ and the history on disk."""
     import train_ddp
-    from mlm.preemption import StopRequest
+    from mlm.train.preemption import StopRequest
     train = make_text_file(str(tmp_path / "t.txt"), n_lines=150, seed=6)
     cfg = parse_args(tiny_args(tiny_config_dir, tokenizer_path, str(tmp_path / "out"), str(tmp_path / "cache"),
                                train_file=train, max_train_steps=4, eval_steps=2))

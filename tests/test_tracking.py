@@ -110,7 +110,7 @@ def test_mfu_flops_match_a_count_of_the_models_own_matmuls():
     token, the two attention matmuls per layer, the head's Linears at the masked positions only; x3 for
     forward + backward."""
     from transformers import BertConfig, BertForMaskedLM
-    from mlm.metrics import MlmShape, mlm_step_flops
+    from mlm.report.metrics import MlmShape, mlm_step_flops
     config = BertConfig(vocab_size=1000, **TINY_BERT)
     model = BertForMaskedLM(config)
     sequences, length, masked = 4, 32, 19
@@ -128,11 +128,11 @@ def test_mfu_flops_match_a_count_of_the_models_own_matmuls():
 
 
 def test_plot_writes_the_curves(corpus, tiny_config_dir, tokenizer_path, tmp_path, capfd):
-    """A run and `python -m mlm.plot` on it, both in this process (their main functions)."""
+    """A run and `python -m mlm.report.plot` on it, both in this process (their main functions)."""
     import matplotlib.image
     import numpy as np
     import train_ddp
-    from mlm import plot
+    from mlm.report import plot
     out = str(tmp_path / "run")
     assert train_ddp.main(args(corpus, tiny_config_dir, tokenizer_path, out, report_to="none", logging_steps=1)) == 0
     figures = str(tmp_path / "figures")

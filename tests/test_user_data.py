@@ -9,10 +9,10 @@ import os
 import pytest
 
 from helpers import make_text_file, read_json, tiny_args, train_here
-from mlm.cli import UserError
+from mlm.common.cli import UserError
 from mlm.config import parse_args
-from mlm.sources import TextColumns, build_source, read_text_file, whole_split
-from mlm.cleaning import TextReport
+from mlm.data.sources import TextColumns, build_source, read_text_file, whole_split
+from mlm.data.cleaning import TextReport
 
 ESSAYS = [("e1", "The first essay is about dogs.", "Why dogs?"),
           ("e2", "", ""),                                 # empty after joining: skipped and counted

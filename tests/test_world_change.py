@@ -13,9 +13,9 @@ import pytest
 import torch
 
 from helpers import make_text_file, read_json, run_train, tiny_args, train_here
-from mlm import checkpoint
-from mlm.cli import UserError
-from mlm.data import EpochBatches, GlobalOrderSampler, fill_batch
+from mlm.train import checkpoint
+from mlm.common.cli import UserError
+from mlm.data.cached import EpochBatches, GlobalOrderSampler, fill_batch
 from test_ddp import load_weights, max_abs_diff
 
 STEPS, SAVED = 12, 4

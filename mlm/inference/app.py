@@ -1,6 +1,6 @@
 """A small web demo of a fill-mask model (Gradio), optionally beside a second model.
 
-    python -m mlm.app --model outputs/my-run [--compare bert-base-uncased] [--host 127.0.0.1] [--port 7860]
+    python -m mlm.inference.app --model outputs/my-run [--compare bert-base-uncased] [--host 127.0.0.1] [--port 7860]
 
 A text box (with [MASK] where the model should predict), the top-k tokens of each mask as bars, the joint fills
 of all masks (predict.py's beam search), and, with --compare, the same for the second model side by side.
@@ -17,8 +17,8 @@ from typing import Optional
 
 os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")  # no calls home from a demo
 
-from ..cli import Parser, UserError, command_line  # noqa: E402
-from .fill_mask import SAMPLE_SENTENCES, FillMask, Prediction  # noqa: E402
+from mlm.common.cli import Parser, UserError, command_line  # noqa: E402
+from mlm.inference.fill_mask import SAMPLE_SENTENCES, FillMask, Prediction  # noqa: E402
 
 CSS = """
 .mlm-model { font-family: system-ui, sans-serif; }
@@ -77,7 +77,7 @@ def build_demo(model: FillMask, compare: Optional[FillMask] = None):
 
 @command_line
 def main(argv: Optional[list[str]] = None) -> int:
-    p = Parser(prog="python -m mlm.app", description="A web page for fill-mask predictions (Gradio).")
+    p = Parser(prog="python -m mlm.inference.app", description="A web page for fill-mask predictions (Gradio).")
     p.add_argument("--model", required=True, help="Run directory (its best/), saved model directory or Hub id.")
     p.add_argument("--compare", help="A second model shown side by side (e.g. the base model).")
     p.add_argument("--host", default="127.0.0.1", help="Address to serve on (default: loopback only).")

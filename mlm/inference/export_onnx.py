@@ -1,6 +1,6 @@
 """Export a fill-mask model to ONNX, checked against PyTorch with onnxruntime.
 
-    python -m mlm.export_onnx MODEL_DIR OUT.onnx [--opset 17] [--atol 1e-4]
+    python -m mlm.inference.export_onnx MODEL_DIR OUT.onnx [--opset 17] [--atol 1e-4]
     python predict.py --model MODEL_DIR --onnx OUT.onnx "Paris is the [MASK] of France."
 
 MODEL_DIR is a run directory (its best/ is used), a saved model directory or a Hub id. The graph takes
@@ -21,10 +21,10 @@ from typing import Any
 import torch
 from torch import nn
 
-from ..cli import Parser, UserError, command_line
-from .fill_mask import SAMPLE_SENTENCES
-from .loading import load_model, resolve_model_path
-from .onnx import LogitsOnly, OnnxMaskedLM, require_extras
+from mlm.common.cli import Parser, UserError, command_line
+from mlm.inference.fill_mask import SAMPLE_SENTENCES
+from mlm.inference.loading import load_model, resolve_model_path
+from mlm.inference.onnx import LogitsOnly, OnnxMaskedLM, require_extras
 
 
 def export(model: nn.Module, path: str, opset: int = 17) -> None:
@@ -63,7 +63,7 @@ def check(model: nn.Module, tokenizer, path: str, config: Any) -> float:
 
 @command_line
 def main(argv: list[str] | None = None) -> int:
-    p = Parser(prog="python -m mlm.export_onnx", description="Export a fill-mask model to ONNX and check it "
+    p = Parser(prog="python -m mlm.inference.export_onnx", description="Export a fill-mask model to ONNX and check it "
                "against PyTorch with onnxruntime.")
     p.add_argument("model_dir", help="Run directory (its best/), saved model directory or Hub id.")
     p.add_argument("out", help="The .onnx file to write.")

@@ -18,7 +18,7 @@ higher score. Every fill of an input fills the same number of masks, so scores c
 penalty. With one mask the fills are that mask's top tokens as sentences, with the same scores.
 
 Inference is batched (inputs sorted by length, padded per batch), runs under `torch.inference_mode()`, and
-the vocabulary head runs only at mask positions (as in training; see `mlm.modeling.split_encoder_head`).
+the vocabulary head runs only at mask positions (as in training; see `mlm.model.modeling.split_encoder_head`).
 """
 
 from __future__ import annotations
@@ -34,10 +34,10 @@ from typing import Any, Optional, Sequence, Union
 import torch
 from torch import nn
 
-from ..cli import UserError
-from ..heads import head_logits, split_encoder_head
-from ..text import plain_backend
-from .loading import load_model, load_onnx, max_input_length, resolve_device, resolve_model_path
+from mlm.common.cli import UserError
+from mlm.model.heads import head_logits, split_encoder_head
+from mlm.data.text import plain_backend
+from mlm.inference.loading import load_model, load_onnx, max_input_length, resolve_device, resolve_model_path
 
 log = logging.getLogger("mlm")
 # Either spelling of a mask, BERT's or RoBERTa's, in any case; translated to the tokenizer's own mask token.

@@ -10,10 +10,10 @@ from typing import Any
 import torch
 from torch import nn
 
-from ..cli import OUTPUTS_ROOT, UserError, looks_like_path
-from ..heads import usable_positions
-from ..hub import load_error
-from .onnx import OnnxMaskedLM
+from mlm.common.cli import OUTPUTS_ROOT, UserError, looks_like_path
+from mlm.model.heads import usable_positions
+from mlm.common.hub import load_error
+from mlm.inference.onnx import OnnxMaskedLM
 
 log = logging.getLogger("mlm")
 _SANE_MAX_LENGTH = 1_000_000  # tokenizers without a limit report model_max_length as a huge sentinel
@@ -92,7 +92,7 @@ def load_model(path: str, device: torch.device, flag: str = "--model") -> tuple[
 
 
 def load_onnx(path: str, onnx: str) -> tuple[nn.Module, Any]:
-    """An exported ONNX graph (python -m mlm.export_onnx) with the tokenizer and config of its model directory."""
+    """An exported ONNX graph (python -m mlm.inference.export_onnx) with the tokenizer and config of its model directory."""
     from transformers import AutoConfig, AutoTokenizer
     try:
         tokenizer, config = AutoTokenizer.from_pretrained(path, use_fast=True), AutoConfig.from_pretrained(path)

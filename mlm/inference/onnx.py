@@ -10,7 +10,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from ..cli import UserError
+from mlm.common.cli import UserError
 
 
 class LogitsOnly(nn.Module):
@@ -47,17 +47,17 @@ class OnnxMaskedLM(nn.Module):
         require_extras()
         import onnxruntime as ort
         if not os.path.isfile(path):
-            raise UserError(f"--onnx {path!r} does not exist; export one with python -m mlm.export_onnx MODEL_DIR "
+            raise UserError(f"--onnx {path!r} does not exist; export one with python -m mlm.inference.export_onnx MODEL_DIR "
                             f"{path}")
         try:
             self.session = ort.InferenceSession(path, providers=["CPUExecutionProvider"])
         except Exception as e:
             raise UserError(f"--onnx {path!r} could not be loaded by onnxruntime ({type(e).__name__}); export it "
-                            "again with python -m mlm.export_onnx") from None
+                            "again with python -m mlm.inference.export_onnx") from None
         names = {i.name for i in self.session.get_inputs()}
         if names != {"input_ids", "attention_mask"}:
             raise UserError(f"--onnx {path!r} takes {sorted(names)}, not input_ids and attention_mask; export it "
-                            "with python -m mlm.export_onnx")
+                            "with python -m mlm.inference.export_onnx")
         self.config = config
         self.device = torch.device("cpu")
 

@@ -21,13 +21,14 @@ import torch
 
 import train_ddp
 from helpers import ROOT, read_json, write_tiny_config
-from mlm import engine, loop, metrics
+from mlm.report import metrics
+from mlm.train import engine, loop
 from mlm.config import TrainConfig
-from mlm.data import ChunkDataset, tokenize_texts
-from mlm.sources import read_text_file
-from mlm.distributed import DistEnv
-from mlm.modeling import MaskedLMLoss, build_model, load_model_config, load_tokenizer
-from mlm.optim import build_optimizer
+from mlm.data.cached import ChunkDataset, tokenize_texts
+from mlm.data.sources import read_text_file
+from mlm.common.distributed import DistEnv
+from mlm.model.modeling import MaskedLMLoss, build_model, load_model_config, load_tokenizer
+from mlm.train.optim import build_optimizer
 
 ON_GPU = torch.cuda.is_available()
 DEVICE = torch.device("cuda", 0) if ON_GPU else torch.device("cpu")
@@ -175,7 +176,7 @@ def test_an_injected_fp16_overflow_is_skipped_and_counted(configs, gpu_tokenizer
 
 
 def test_the_fused_adamw_skip_in_bf16_changes_nothing(configs, gpu_tokenizer):
-    from mlm.engine import skip_nonfinite_step
+    from mlm.train.engine import skip_nonfinite_step
     cfg = TrainConfig(config_name=configs["no_dropout"], tokenizer_name=gpu_tokenizer)
     model = build_model(cfg, load_model_config(cfg), load_tokenizer(cfg)).to(DEVICE)
     optimizer = build_optimizer(cfg, model, DEVICE)

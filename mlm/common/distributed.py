@@ -18,7 +18,7 @@ from typing import Callable, Optional, TypeVar
 import torch
 import torch.distributed as dist
 
-from .cli import LocalUserError, UserError
+from mlm.common.cli import LocalUserError, UserError
 
 T = TypeVar("T")
 log = logging.getLogger("mlm")

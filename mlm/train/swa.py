@@ -14,7 +14,7 @@ import torch
 from torch import nn
 from torch.optim.swa_utils import AveragedModel
 
-from .modeling import MaskedLMLoss
+from mlm.model.modeling import MaskedLMLoss
 
 
 class WeightAverage:

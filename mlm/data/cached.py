@@ -1,4 +1,4 @@
-"""Texts (mlm.sources) -> one flat token stream per split (cached on disk) -> fixed-length examples -> DataLoaders.
+"""Texts (mlm.data.sources) -> one flat token stream per split (cached on disk) -> fixed-length examples -> DataLoaders.
 
 The cache holds the tokenised stream and the per-text lengths, keyed by the tokenizer (a hash of its full
 definition), the source's content fingerprint and the mode. Chunking into `max_seq_length` examples is a
@@ -24,12 +24,12 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader, DistributedSampler
 
-from .cli import UserError
-from .config import TrainConfig
-from .distributed import DistEnv, main_process_first
-from .cleaning import TextReport
-from .sources import build_source, default_cache_dir, holdout_count
-from .text import Framing, frame, plain_backend, text_encoder
+from mlm.common.cli import UserError
+from mlm.config import TrainConfig
+from mlm.common.distributed import DistEnv, main_process_first
+from mlm.data.cleaning import TextReport
+from mlm.data.sources import build_source, default_cache_dir, holdout_count
+from mlm.data.text import Framing, frame, plain_backend, text_encoder
 
 log = logging.getLogger("mlm")
 CACHE_VERSION = 3  # 3: raw token files written as the texts are read, a split a slice of one (2: + test split)

@@ -10,11 +10,11 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .cli import UserError
-from .config import TrainConfig
-from .heads import head_logits, split_encoder_head, usable_positions
-from .hub import load_error
-from .masking import IGNORE_INDEX
+from mlm.common.cli import UserError
+from mlm.config import TrainConfig
+from mlm.model.heads import head_logits, split_encoder_head, usable_positions
+from mlm.common.hub import load_error
+from mlm.data.masking import IGNORE_INDEX
 
 log = logging.getLogger("mlm")
 

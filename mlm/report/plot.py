@@ -1,4 +1,4 @@
-"""Curves without W&B: `python -m mlm.plot OUTPUT_DIR [--out DIR]` draws training_history.json into PNG files.
+"""Curves without W&B: `python -m mlm.report.plot OUTPUT_DIR [--out DIR]` draws training_history.json into PNG files.
 
     loss.png           training loss per logged step, evaluation loss at each evaluation
     perplexity.png     evaluation perplexity (log scale), the best one marked
@@ -14,8 +14,8 @@ import math
 import os
 import sys
 
-from .cli import Parser, UserError, command_line
-from .files import HISTORY, eval_entries, read_history, train_entries
+from mlm.common.cli import Parser, UserError, command_line
+from mlm.common.files import HISTORY, eval_entries, read_history, train_entries
 
 
 def load_history(output_dir: str) -> list[dict]:
@@ -92,7 +92,7 @@ def plot(output_dir: str, out_dir: str | None = None) -> list[str]:
 
 @command_line
 def main(argv: list[str] | None = None) -> int:
-    p = Parser(prog="python -m mlm.plot", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = Parser(prog="python -m mlm.report.plot", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("output_dir", help="A training run's output_dir (it holds training_history.json).")
     p.add_argument("--out", default=None, help="Where to write the PNG files (default: output_dir).")
     args = p.parse_args(argv)

@@ -4,7 +4,7 @@ A checkpoint holds every piece of state needed to continue exactly: the weights 
 named piece, the `state_dict()` of an object with `state_dict`/`load_state_dict` (optimizer, schedule, scaler,
 every rank's RNG states, SWA). It is written into a temporary directory, flushed and renamed into place
 (invariant 5, docs/DESIGN.md); its manifest (file sizes and SHA-256) is written last, so a checkpoint without a
-valid manifest is incomplete. The plain Hugging Face export (best/) is mlm/export.py.
+valid manifest is incomplete. The plain Hugging Face export (best/) is mlm/train/export.py.
 """
 
 from __future__ import annotations
@@ -23,9 +23,9 @@ from typing import Any, Mapping, Optional, Protocol
 import numpy as np
 import torch
 
-from .cli import UserError
-from .files import clear_run_dir, free_bytes, replace_dir, sha256_file, write_json_atomic
-from .optim import steps_left_at
+from mlm.common.cli import UserError
+from mlm.common.files import clear_run_dir, free_bytes, replace_dir, sha256_file, write_json_atomic
+from mlm.train.optim import steps_left_at
 
 log = logging.getLogger("mlm")
 _STEP_DIR = re.compile(r"^step-(\d+)$")

@@ -11,7 +11,7 @@ from typing import Any, Optional, Sequence
 
 import numpy as np
 
-from .cli import UserError
+from mlm.common.cli import UserError
 
 
 _PLAIN: "weakref.WeakKeyDictionary" = weakref.WeakKeyDictionary()  # tokenizer -> (its size, its plain copy)

@@ -9,19 +9,15 @@ from __future__ import annotations
 
 import os
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any, Callable, Iterator, Optional, Sequence
+from typing import Any, Callable, Iterator, Optional, Sequence
 
-from .cleaning import EMPTY_ROWS, TextReport, clean_value, clean_values, readable_copy
-from .cli import UserError
-from .files import sha256_file
-from .hub import failure as hub_failure
+from mlm.data.cleaning import EMPTY_ROWS, TextReport, clean_value, clean_values, readable_copy
+from mlm.common.cli import UserError
+from mlm.common.files import sha256_file
+from mlm.common.hub import failure as hub_failure
 
-if TYPE_CHECKING:
-    from .config import TrainConfig
+from mlm.config import WIKITEXT_FILES, WIKITEXT_TEST, TrainConfig, builder_for
 
-LOCAL_SUFFIXES = (".txt", ".raw", ".json", ".jsonl", ".parquet", ".csv")
-WIKITEXT_FILES = {"train": "wiki.train.raw", "validation": "wiki.valid.raw"}
-WIKITEXT_TEST = "wiki.test.raw"  # optional: when present, the final best/ is evaluated on it
 
 
 def default_cache_dir() -> str:
@@ -30,7 +26,7 @@ def default_cache_dir() -> str:
 
 
 def text_copies_dir(cfg: TrainConfig) -> str:
-    """Where UTF-8 copies of files with undecodable bytes go (mlm/cleaning.py), beside the tokenised cache."""
+    """Where UTF-8 copies of files with undecodable bytes go (mlm/data/cleaning.py), beside the tokenised cache."""
     return os.path.join(cfg.data_cache_dir or default_cache_dir(), "text")
 
 
@@ -50,12 +46,6 @@ def test_files(cfg: TrainConfig) -> Optional[list[str]]:
 def hub_label(name: str, config_name: str | None) -> str:
     """How a Hub dataset is named in messages: name/configuration."""
     return f"{name}/{config_name}" if config_name else name
-
-
-def builder_for(path: str) -> str:
-    """The `datasets` packaged builder that reads a local file of this kind."""
-    suffix = path.rsplit(".", 1)[-1]
-    return {"txt": "text", "raw": "text", "jsonl": "json"}.get(suffix, suffix)
 
 
 def builder_options(path: str) -> dict[str, Any]:
@@ -165,7 +155,7 @@ def iter_text_file(path: str, text_errors: str = "error", report: Optional[TextR
                    clean_dir: Optional[str] = None, columns: TextColumns = TextColumns()) -> Iterator[list[str]]:
     """Texts of a local file in batches: a line each for .txt/.raw; the text column(s) for
     .json/.jsonl/.parquet/.csv. Undecodable bytes and non-string values are handled as text_errors says
-    (mlm/cleaning.py)."""
+    (mlm/data/cleaning.py)."""
     report = report if report is not None else TextReport()
     readable = path if path.endswith(".parquet") else readable_copy(path, text_errors, report, clean_dir)
     if path.endswith((".txt", ".raw")):
@@ -345,7 +335,7 @@ def local_files(cfg: TrainConfig, split: str) -> Optional[list[str]]:
 
 def open_split(cfg: TrainConfig, split: str, report: Optional[TextReport] = None, missing_ok: bool = False):
     """One split as a datasets IterableDataset holding the --text_column column(s) (and perhaps others). A local
-    file with undecodable bytes is streamed from its marked UTF-8 copy (mlm/cleaning.py); report counts them.
+    file with undecodable bytes is streamed from its marked UTF-8 copy (mlm/data/cleaning.py); report counts them.
     missing_ok: None for a split the source does not have (the test split is optional)."""
     import datasets
     paths = local_files(cfg, split)

@@ -28,9 +28,8 @@ import tempfile
 from dataclasses import dataclass, field
 from typing import Any, Iterable, Optional
 
-from .cli import UserError
+from mlm.common.cli import UserError
 
-TEXT_ERRORS = ("error", "replace", "skip")
 EMPTY_ROWS = "rows empty after joining --text_column skipped"  # counted beside what --text_errors did
 SENTINEL = "\ufffe"  # a noncharacter: marks where undecodable bytes were in a decoded copy
 BLOCK = 16 << 20

@@ -10,7 +10,7 @@ from typing import Callable, Optional
 import torch
 from torch import nn
 
-from .config import TrainConfig
+from mlm.config import TrainConfig
 
 _LAYER = re.compile(r"\.layers?\.(\d+)\.")
 

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import os
 
-from .cli import UserError
+from mlm.common.cli import UserError
 
 _OFFLINE_VARIABLES = ("HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE", "HF_DATASETS_OFFLINE")
 

@@ -8,7 +8,7 @@ from typing import Any, Optional
 
 import torch
 
-from .files import EXPORT_FILE, replace_dir, write_json_atomic, write_text_atomic
+from mlm.common.files import EXPORT_FILE, replace_dir, write_json_atomic, write_text_atomic
 
 
 def export_pretrained(model: torch.nn.Module, tokenizer, path: str, metrics: dict[str, Any],

@@ -32,7 +32,7 @@ import uuid
 from dataclasses import dataclass
 from typing import Optional
 
-from .cli import UserError
+from mlm.common.cli import UserError
 
 log = logging.getLogger("mlm")
 LOCK_FILE = "run.lock"

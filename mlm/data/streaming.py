@@ -33,13 +33,13 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader
 
-from .cleaning import TextReport, clean_value
-from .cli import LocalUserError, UserError
-from .config import TrainConfig
-from .data import DataBundle, build_datasets, eval_loader, eval_stats, tokenize_texts
-from .distributed import DistEnv, all_ranks, main_process_first
-from .sources import TextColumns, open_split, split_columns, split_label, whole_split
-from .text import TextEncoder, frame, text_encoder
+from mlm.data.cleaning import TextReport, clean_value
+from mlm.common.cli import LocalUserError, UserError
+from mlm.config import TrainConfig
+from mlm.data.cached import DataBundle, build_datasets, eval_loader, eval_stats, tokenize_texts
+from mlm.common.distributed import DistEnv, all_ranks, main_process_first
+from mlm.data.sources import TextColumns, open_split, split_columns, split_label, whole_split
+from mlm.data.text import TextEncoder, frame, text_encoder
 
 log = logging.getLogger("mlm")
 PACK_TEXTS = 1000  # texts tokenised and packed together; the remainder under one body is dropped per group

@@ -11,12 +11,12 @@ import torch
 from torch import nn
 from torch.nn.parallel import DistributedDataParallel as DDP
 
-from .cli import UserError
-from .config import TrainConfig
-from .distributed import DistEnv, dist_sum
-from .masking import EVAL_EPOCH, MaskingSpec, MaskingTables, build_masking_tables, mask_tokens
-from .modeling import MaskedLMLoss, masked_positions
-from .optim import AppliedStepSchedule, build_optimizer, build_scheduler, skip_nonfinite_step
+from mlm.common.cli import UserError
+from mlm.config import TrainConfig
+from mlm.common.distributed import DistEnv, dist_sum
+from mlm.data.masking import EVAL_EPOCH, MaskingSpec, MaskingTables, build_masking_tables, mask_tokens
+from mlm.model.modeling import MaskedLMLoss, masked_positions
+from mlm.train.optim import AppliedStepSchedule, build_optimizer, build_scheduler, skip_nonfinite_step
 
 DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
 NATIVE_BF16 = (8, 0)  # compute capability from which bf16 runs natively on tensor cores (Ampere)

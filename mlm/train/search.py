@@ -1,6 +1,6 @@
 """Hyperparameter search with Optuna: every trial a real training run, the study kept in a database.
 
-    python -m mlm.search --study_name NAME --storage sqlite:///search.db --n_trials N [--n_jobs J] \\
+    python -m mlm.train.search --study_name NAME --storage sqlite:///search.db --n_trials N [--n_jobs J] \\
         --config base.yaml [--nproc_per_trial G] [--output_dir searches/NAME]
 
 base.yaml holds train_ddp.py options plus a `search_space` mapping, one entry per option searched:
@@ -16,7 +16,7 @@ trial whose perplexity at an evaluation is worse than the median of earlier tria
 trial's run gets SIGTERM, saves and stops). The study lives in --storage: the same command again adds
 --n_trials more trials; trials left running by a killed search are marked failed and retried once. At the end
 it prints the best trial and the parameter importances, and writes the best trial's options as
-<output_dir>/best.yaml, ready for `train_ddp.py --config`. optuna is an optional extra (requirements-extras.txt).
+<output_dir>/best.yaml, ready for `train_ddp.py --config`. optuna is an optional extra (pip install -e .[search]).
 """
 
 from __future__ import annotations
@@ -31,11 +31,11 @@ import sys
 import time
 from typing import Any, Optional
 
-from .cli import Parser, UserError, command_line
-from .config import TrainConfig, parse_args
-from .files import eval_entries, read_history
+from mlm.common.cli import Parser, UserError, command_line
+from mlm.config import TrainConfig, parse_args
+from mlm.common.files import eval_entries, read_history
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # beside mlm/: train_ddp.py
 POLL_S = 0.5
 
 
@@ -164,7 +164,7 @@ def run_trial(trial, base: dict[str, Any], space: dict[str, dict], args) -> floa
 
 # ---------------------------------------------------------------------- the study
 def build_parser() -> argparse.ArgumentParser:
-    p = Parser(prog="python -m mlm.search", description="Optuna search over train_ddp.py options (TPE sampler, "
+    p = Parser(prog="python -m mlm.train.search", description="Optuna search over train_ddp.py options (TPE sampler, "
                "median pruning on evaluation perplexity); each trial a real training run.")
     p.add_argument("--study_name", required=True, help="Name of the study in --storage (same name: resume it).")
     p.add_argument("--storage", required=True, help="Optuna storage URL, e.g. sqlite:///search.db.")

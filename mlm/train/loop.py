@@ -15,21 +15,21 @@ from typing import Any, Callable, Optional, TypeVar
 
 import torch
 
-from .card import CARD_FILE, CardFacts, model_card
-from .checkpoint import RankRngs, TrainState, checkpoint_bytes, checkpoint_dirs, latest_complete_checkpoint, \
+from mlm.report.card import CARD_FILE, CardFacts, model_card
+from mlm.train.checkpoint import RankRngs, TrainState, checkpoint_bytes, checkpoint_dirs, latest_complete_checkpoint, \
     rng_state, save_checkpoint
-from .cli import UserError
-from .config import TrainConfig
-from .data import DataBundle
-from .distributed import DistEnv, any_rank, broadcast_flag, dist_max, dist_sum, dist_world, gather_to_main
-from .engine import EVAL_METRICS, Masking, StepResult, Trainable, evaluate, prepare_batch, train_step
-from .export import export_pretrained
-from .files import DiskFull, free_bytes, is_disk_full
-from .metrics import Throughput, mlm_step_flops, peak_memory_bytes
-from .preemption import OUT_OF_TIME, OutOfTime, Preempted, StopRequest, signal_name
-from .runlock import RunLock
-from .swa import WeightAverage
-from .tracking import Tracker
+from mlm.common.cli import UserError
+from mlm.config import TrainConfig
+from mlm.data.cached import DataBundle
+from mlm.common.distributed import DistEnv, any_rank, broadcast_flag, dist_max, dist_sum, dist_world, gather_to_main
+from mlm.train.engine import EVAL_METRICS, Masking, StepResult, Trainable, evaluate, prepare_batch, train_step
+from mlm.train.export import export_pretrained
+from mlm.common.files import DiskFull, free_bytes, is_disk_full
+from mlm.report.metrics import Throughput, mlm_step_flops, peak_memory_bytes
+from mlm.train.preemption import OUT_OF_TIME, OutOfTime, Preempted, StopRequest, signal_name
+from mlm.train.runlock import RunLock
+from mlm.train.swa import WeightAverage
+from mlm.report.tracking import Tracker
 
 
 T = TypeVar("T")
@@ -64,7 +64,7 @@ class Run:
     tracker: Tracker
     stop_request: StopRequest
     swa: Optional[WeightAverage] = None
-    lock: Optional[RunLock] = None  # rank 0's hold on output_dir (mlm/runlock.py); None elsewhere
+    lock: Optional[RunLock] = None  # rank 0's hold on output_dir (mlm/train/runlock.py); None elsewhere
 
 
 def run_length(cfg: TrainConfig, micro_per_epoch: Optional[int]) -> Length:
@@ -230,7 +230,7 @@ def files_names(paths: list[str]) -> str:
 
 def card_facts(run: Run, validation: dict[str, Any], *, best_step: int, epoch: float,
                test: Optional[dict[str, Any]] = None, examples: Optional[list] = None) -> CardFacts:
-    """What best/README.md says about this run (mlm/card.py writes it)."""
+    """What best/README.md says about this run (mlm/report/card.py writes it)."""
     cfg, env = run.cfg, run.env
     hub_model = cfg.model_name_or_path if cfg.model_name_or_path and hub_name(cfg.model_name_or_path) else None
     # A card is uploaded: a local directory or file is named by its last component, never by this machine's path.

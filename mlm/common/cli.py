@@ -19,7 +19,7 @@ from typing import Any, Callable
 
 # Exit codes (README, "Exit codes"): 0 done; 1 a failure (a traceback or one line naming an NCCL/gloo failure,
 # or another rank's failure); 2 a user error, one line; 3 the loss stayed non-finite; 4 the disk filled up while
-# writing; 5 stopped by --max_runtime (mlm/preemption.py) after saving a checkpoint; 128 + signal (143 SIGTERM, 130 SIGINT) stopped after saving a checkpoint.
+# writing; 5 stopped by --max_runtime (mlm/train/preemption.py) after saving a checkpoint; 128 + signal (143 SIGTERM, 130 SIGINT) stopped after saving a checkpoint.
 EXIT_OK, EXIT_FAILURE, EXIT_USER_ERROR, EXIT_NONFINITE, EXIT_DISK_FULL = 0, 1, 2, 3, 4
 OUTPUTS_ROOT = "outputs"  # default run directories are outputs/<model>-<dataset>; predict.py looks here too
 

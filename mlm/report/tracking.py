@@ -13,10 +13,10 @@ import sys
 import time
 from typing import Any, Callable, Optional
 
-from .cli import UserError
-from .card import coverage
-from .config import TrainConfig
-from .files import HISTORY, read_history, write_json_atomic
+from mlm.common.cli import UserError
+from mlm.report.card import coverage
+from mlm.config import TrainConfig
+from mlm.common.files import HISTORY, read_history, write_json_atomic
 
 log = logging.getLogger("mlm")
 

@@ -11,12 +11,12 @@ import copy
 import os
 from typing import Any, Callable, Optional
 
-from .card import CARD_FILE, coverage, model_card
-from .distributed import broadcast_weights, main_decides
-from .engine import EVAL_METRICS, evaluate
-from .files import read_json, write_json_atomic, write_text_atomic
-from .loop import Run, card_facts, write_on_main
-from .modeling import MaskedLMLoss
+from mlm.report.card import CARD_FILE, coverage, model_card
+from mlm.common.distributed import broadcast_weights, main_decides
+from mlm.train.engine import EVAL_METRICS, evaluate
+from mlm.common.files import read_json, write_json_atomic, write_text_atomic
+from mlm.train.loop import Run, card_facts, write_on_main
+from mlm.model.modeling import MaskedLMLoss
 
 TEST_RESULTS = "test_results.json"
 
