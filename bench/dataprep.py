@@ -57,8 +57,9 @@ def make_corpus(path: str, megabytes: int, source: str) -> int:
 
 # ---------------------------------------------------------------------------------------------- one measurement
 def measure_ours(path: str, cache: str, tokenizer) -> dict:
-    from mlm.data import cached, sources
     from mlm.config import TrainConfig
+    from mlm.data import cached, sources
+
     spent = {"read": 0.0, "tokenise": 0.0, "write": 0.0}
     original_iter, original_append = sources.iter_text_file, cached._PartWriter.append
 
@@ -84,6 +85,7 @@ def measure_ours(path: str, cache: str, tokenizer) -> dict:
         out = cached.tokenize_texts(tok, texts)
         spent["tokenise"] += time.perf_counter() - t0
         return out
+
     sources.iter_text_file, cached._PartWriter.append = timed_iter, timed_append
     cfg = TrainConfig(model_name_or_path=common.minilm_path(), train_file=[path], validation_split_percentage=5)
     t0 = time.perf_counter()
@@ -102,11 +104,11 @@ def measure_hf(path: str, cache: str, tokenizer, seq: int = 128) -> dict:
     def group_texts(examples: dict) -> dict:
         joined = {k: list(chain(*examples[k])) for k in examples}
         total = (len(joined["input_ids"]) // seq) * seq
-        return {k: [t[i:i + seq] for i in range(0, total, seq)] for k, t in joined.items()}
+        return {k: [t[i : i + seq] for i in range(0, total, seq)] for k, t in joined.items()}
+
     t0 = time.perf_counter()
     raw = datasets.load_dataset("text", data_files={"train": path}, cache_dir=cache)
-    raw["validation"] = datasets.load_dataset("text", data_files={"train": path}, split="train[:5%]",
-                                              cache_dir=cache)
+    raw["validation"] = datasets.load_dataset("text", data_files={"train": path}, split="train[:5%]", cache_dir=cache)
     raw["train"] = datasets.load_dataset("text", data_files={"train": path}, split="train[5%:]", cache_dir=cache)
     tokenised = raw.map(tokenize_function, batched=True, remove_columns=["text"])
     grouped = tokenised.map(group_texts, batched=True)
@@ -117,6 +119,7 @@ def one(kind: str, path: str, cache: str) -> None:
     common.quiet_transformers()
     import datasets
     from transformers import AutoTokenizer
+
     datasets.disable_progress_bars()
     datasets.logging.set_verbosity_error()
     tokenizer = AutoTokenizer.from_pretrained(common.minilm_path())
@@ -126,10 +129,15 @@ def one(kind: str, path: str, cache: str) -> None:
 
 
 def run_one(kind: str, path: str, cache: str, threads: int) -> dict:
-    env = {**os.environ, "RAYON_NUM_THREADS": str(threads), "TOKENIZERS_PARALLELISM": "true",
-           "OMP_NUM_THREADS": str(threads)}
-    p = subprocess.run([sys.executable, HERE, "--one", kind, "--file", path, "--cache", cache], env=env,
-                       capture_output=True, text=True)
+    env = {
+        **os.environ,
+        "RAYON_NUM_THREADS": str(threads),
+        "TOKENIZERS_PARALLELISM": "true",
+        "OMP_NUM_THREADS": str(threads),
+    }
+    p = subprocess.run(
+        [sys.executable, HERE, "--one", kind, "--file", path, "--cache", cache], env=env, capture_output=True, text=True
+    )
     if p.returncode != 0:
         raise SystemExit(f"{kind} failed on {path}:\n{p.stderr[-3000:]}")
     shutil.rmtree(cache, ignore_errors=True)
@@ -167,15 +175,19 @@ def main() -> None:
     finally:
         if not a.work:
             shutil.rmtree(work, ignore_errors=True)
-    print("\n| corpus | threads | ours s | ours MB/s | ours peak RSS (baseline) | HF s | HF MB/s | HF peak RSS "
-          "(baseline) | MB/s ours / HF | ours: read / tokenise / write s |")
+    print(
+        "\n| corpus | threads | ours s | ours MB/s | ours peak RSS (baseline) | HF s | HF MB/s | HF peak RSS "
+        "(baseline) | MB/s ours / HF | ours: read / tokenise / write s |"
+    )
     print("| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |")
     for r in rows:
         o, h, mb = r["ours"], r["hf"], r["mb"]
-        print(f"| {mb:,.0f} MB | {r['threads']} | {o['seconds']:.1f} | {mb / o['seconds']:.2f} | "
-              f"{o['peak_mb'] / 1024:.2f} GB ({o['baseline_mb'] / 1024:.2f}) | {h['seconds']:.1f} | "
-              f"{mb / h['seconds']:.2f} | {h['peak_mb'] / 1024:.2f} GB ({h['baseline_mb'] / 1024:.2f}) | "
-              f"{h['seconds'] / o['seconds']:.2f}x | {o['read']:.1f} / {o['tokenise']:.1f} / {o['write']:.1f} |")
+        print(
+            f"| {mb:,.0f} MB | {r['threads']} | {o['seconds']:.1f} | {mb / o['seconds']:.2f} | "
+            f"{o['peak_mb'] / 1024:.2f} GB ({o['baseline_mb'] / 1024:.2f}) | {h['seconds']:.1f} | "
+            f"{mb / h['seconds']:.2f} | {h['peak_mb'] / 1024:.2f} GB ({h['baseline_mb'] / 1024:.2f}) | "
+            f"{h['seconds'] / o['seconds']:.2f}x | {o['read']:.1f} / {o['tokenise']:.1f} / {o['write']:.1f} |"
+        )
 
 
 if __name__ == "__main__":

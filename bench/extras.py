@@ -21,11 +21,11 @@ import time
 import common
 import torch
 
-from mlm.config import TrainConfig
 from mlm.common.distributed import DistEnv
-from mlm.train.engine import build_masking, build_trainable, prepare_batch, train_step
+from mlm.config import TrainConfig
 from mlm.inference.fill_mask import FillMask
 from mlm.model.modeling import build_model, load_model_config
+from mlm.train.engine import build_masking, build_trainable, prepare_batch, train_step
 from mlm.train.swa import WeightAverage
 
 CPU = torch.device("cpu")
@@ -33,6 +33,7 @@ CPU = torch.device("cpu")
 
 def swa_cost(steps: int = 8) -> tuple[float, float]:
     from transformers import AutoTokenizer
+
     cfg = TrainConfig(model_name_or_path=common.minilm_path(), output_dir="/tmp/unused", report_to="none")
     tokenizer = AutoTokenizer.from_pretrained(common.minilm_path())
     torch.manual_seed(0)
@@ -58,8 +59,13 @@ def swa_cost(steps: int = 8) -> tuple[float, float]:
 def sentences(n: int) -> list[str]:
     rng = random.Random(0)
     text = open(os.path.join(common.WIKITEXT, "wiki.test.raw"), encoding="utf-8").read()
-    lines = [s.strip() + " ." for para in text.split("\n") if not para.strip().startswith("=")
-             for s in para.split(" . ") if 12 <= len(s.split()) <= 40]
+    lines = [
+        s.strip() + " ."
+        for para in text.split("\n")
+        if not para.strip().startswith("=")
+        for s in para.split(" . ")
+        if 12 <= len(s.split()) <= 40
+    ]
     out = []
     for line in rng.sample(lines, n):
         words = line.split()
@@ -76,10 +82,13 @@ def main() -> None:
     common.quiet_transformers()
     print(f"machine: {common.machine()}; {common.versions()}\n")
     step, update = swa_cost()
-    print(f"1. SWA: MiniLM training step {step * 1e3:.0f} ms, AveragedModel update {update * 1e3:.1f} ms "
-          f"({update / step:.1%} of a step)\n")
+    print(
+        f"1. SWA: MiniLM training step {step * 1e3:.0f} ms, AveragedModel update {update * 1e3:.1f} ms "
+        f"({update / step:.1%} of a step)\n"
+    )
 
     from mlm.inference.export_onnx import export
+
     texts = sentences(args.sentences)
     with tempfile.TemporaryDirectory() as d:
         torch.manual_seed(0)
@@ -100,14 +109,17 @@ def main() -> None:
                 else:
                     got = preds
     agree = sum(a.masks[0].candidates[0].token == b.masks[0].candidates[0].token for a, b in zip(ref, got))
-    diff = max(abs(x.score - y.score) for a, b in zip(ref, got) for x, y in
-               zip(a.masks[0].candidates, b.masks[0].candidates))
+    diff = max(
+        abs(x.score - y.score) for a, b in zip(ref, got) for x, y in zip(a.masks[0].candidates, b.masks[0].candidates)
+    )
     pt, ox = common.median(times["pytorch"]), common.median(times["onnxruntime"])
     print(f"2. fill-mask, {len(texts)} sentences, batch 32, MiniLM, CPU:")
     print(f"   PyTorch      {common.fmt_runs(times['pytorch'], ' s')}  -> {len(texts) / pt:.1f} sentences/s")
     print(f"   onnxruntime  {common.fmt_runs(times['onnxruntime'], ' s')}  -> {len(texts) / ox:.1f} sentences/s")
-    print(f"   onnxruntime / PyTorch throughput: {pt / ox:.2f}x; top-1 agrees on {agree}/{len(texts)}; "
-          f"largest top-5 score difference {diff:.2g}")
+    print(
+        f"   onnxruntime / PyTorch throughput: {pt / ox:.2f}x; top-1 agrees on {agree}/{len(texts)}; "
+        f"largest top-5 score difference {diff:.2g}"
+    )
 
 
 if __name__ == "__main__":

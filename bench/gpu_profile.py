@@ -25,15 +25,15 @@ import time
 
 import common
 import torch
+from gpu_throughput import DRY_RUN, bert_base, bert_config, load_chunks
 from torch.profiler import ProfilerActivity, profile
 from torch.utils.data import DataLoader
 
-from gpu_throughput import DRY_RUN, bert_base, bert_config, load_chunks
+from mlm.common.distributed import DistEnv
 from mlm.config import TrainConfig
 from mlm.data.cached import GlobalOrderSampler
-from mlm.common.distributed import DistEnv
-from mlm.train.engine import build_masking, build_trainable, prepare_batch, train_step
 from mlm.report.metrics import MlmShape, device_peak, mlm_step_flops
+from mlm.train.engine import build_masking, build_trainable, prepare_batch, train_step
 
 
 def sync(device: torch.device) -> None:
@@ -52,10 +52,18 @@ def kernel_times(prof) -> tuple[float, int, list[tuple[str, float, int]]]:
     return sum(r[1] for r in rows), sum(r[2] for r in rows), rows
 
 
-def profile_row(seq: int, batch: int, precision: str, compiled: bool, chunks, tokenizer, device: torch.device,
-                warmup: int, steps: int) -> dict:
-    cfg = TrainConfig(learning_rate=5e-5, num_warmup_steps=0, per_device_train_batch_size=batch,
-                      torch_compile=compiled)
+def profile_row(
+    seq: int,
+    batch: int,
+    precision: str,
+    compiled: bool,
+    chunks,
+    tokenizer,
+    device: torch.device,
+    warmup: int,
+    steps: int,
+) -> dict:
+    cfg = TrainConfig(learning_rate=5e-5, num_warmup_steps=0, per_device_train_batch_size=batch, torch_compile=compiled)
     trainable = build_trainable(cfg, bert_base().to(device), precision, device, warmup + steps + 10)
     trainable.loss.train()
     masking = build_masking(cfg, tokenizer)
@@ -86,16 +94,23 @@ def profile_row(seq: int, batch: int, precision: str, compiled: bool, chunks, to
         sync(device)
     busy, kernels, top = kernel_times(prof) if device.type == "cuda" else (0.0, 0, [])
     shape = MlmShape.from_config(bert_config())
-    flops = mlm_step_flops(shape, seq * batch, batch * seq ** 2, 0.15 * (seq - 2) * batch)
+    flops = mlm_step_flops(shape, seq * batch, batch * seq**2, 0.15 * (seq - 2) * batch)
     peak, _ = device_peak(device, "bf16" if precision == "bf16" else "fp16")
     attn = getattr(trainable.loss.model.config, "_attn_implementation", "?")
     del trainable
     if device.type == "cuda":
         torch.cuda.empty_cache()
-    return {"row": f"{seq} x {batch}, {precision}{', compiled' if compiled else ''}", "attn": attn,
-            "wall_ms": wall * 1e3, "host_ms": host / steps * 1e3, "busy_ms": busy / profiled * 1e3,
-            "kernels": kernels / profiled, "samples_s": batch / wall, "mfu": flops / wall / peak,
-            "top": [(n, s / profiled * 1e3, c // profiled) for n, s, c in top[:12]]}
+    return {
+        "row": f"{seq} x {batch}, {precision}{', compiled' if compiled else ''}",
+        "attn": attn,
+        "wall_ms": wall * 1e3,
+        "host_ms": host / steps * 1e3,
+        "busy_ms": busy / profiled * 1e3,
+        "kernels": kernels / profiled,
+        "samples_s": batch / wall,
+        "mfu": flops / wall / peak,
+        "top": [(n, s / profiled * 1e3, c // profiled) for n, s, c in top[:12]],
+    }
 
 
 def main() -> None:
@@ -114,12 +129,16 @@ def main() -> None:
     start = time.perf_counter()
     common.quiet_transformers()
     from transformers import AutoTokenizer
+
     tokenizer = AutoTokenizer.from_pretrained(os.path.join(a.assets, "tokenizer"))
     wikitext = os.path.join(a.assets, "wikitext-2-raw-v1")
     torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True
     fp16_ok = device.type == "cuda"
-    rows = [(128, 64, "bf16", False), (128, 256, "bf16", False)] + ([(128, 64, "fp16", False)] if fp16_ok else []) \
+    rows = (
+        [(128, 64, "bf16", False), (128, 256, "bf16", False)]
+        + ([(128, 64, "fp16", False)] if fp16_ok else [])
         + [(512, 16, "bf16", False), (128, 64, "bf16", True)]
+    )
     chunks = {}
     results = []
     for seq, batch, precision, compiled in rows:
@@ -131,16 +150,23 @@ def main() -> None:
             chunks[seq] = load_chunks(tokenizer, wikitext, seq)
         r = profile_row(seq, batch, precision, compiled, chunks[seq], tokenizer, device, a.warmup, a.steps)
         results.append(r)
-        print(f"{r['row']}: wall {r['wall_ms']:.1f} ms, host {r['host_ms']:.1f} ms, busy {r['busy_ms']:.1f} ms, "
-              f"{r['kernels']:.0f} kernels, {r['samples_s']:.0f} samples/s, MFU {r['mfu']:.3f}, attn {r['attn']}",
-              flush=True)
+        print(
+            f"{r['row']}: wall {r['wall_ms']:.1f} ms, host {r['host_ms']:.1f} ms, busy {r['busy_ms']:.1f} ms, "
+            f"{r['kernels']:.0f} kernels, {r['samples_s']:.0f} samples/s, MFU {r['mfu']:.3f}, attn {r['attn']}",
+            flush=True,
+        )
     name = torch.cuda.get_device_name(0) if device.type == "cuda" else "CPU (dry run)"
-    lines = [f"Step profile, {name}; {common.versions()}; {a.warmup} warm-up + {a.steps} timed steps, 3 profiled",
-             "", "| row | wall ms/step | host ms/step | busy ms/step | busy / wall | kernels/step | samples/s | MFU |",
-             "| --- | --- | --- | --- | --- | --- | --- | --- |"]
+    lines = [
+        f"Step profile, {name}; {common.versions()}; {a.warmup} warm-up + {a.steps} timed steps, 3 profiled",
+        "",
+        "| row | wall ms/step | host ms/step | busy ms/step | busy / wall | kernels/step | samples/s | MFU |",
+        "| --- | --- | --- | --- | --- | --- | --- | --- |",
+    ]
     for r in results:
-        lines.append(f"| {r['row']} | {r['wall_ms']:.1f} | {r['host_ms']:.1f} | {r['busy_ms']:.1f} | "
-                     f"{r['busy_ms'] / r['wall_ms']:.2f} | {r['kernels']:.0f} | {r['samples_s']:.0f} | {r['mfu']:.3f} |")
+        lines.append(
+            f"| {r['row']} | {r['wall_ms']:.1f} | {r['host_ms']:.1f} | {r['busy_ms']:.1f} | "
+            f"{r['busy_ms'] / r['wall_ms']:.2f} | {r['kernels']:.0f} | {r['samples_s']:.0f} | {r['mfu']:.3f} |"
+        )
     if results and results[0]["top"]:
         lines += ["", f"Top kernels, {results[0]['row']} (ms per step, launches per step):", ""]
         lines += [f"- {s:.2f} ms x{c}: {n[:110]}" for n, s, c in results[0]["top"]]

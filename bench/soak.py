@@ -30,8 +30,21 @@ from mlm.train import loop
 
 
 class _Mallinfo2(ctypes.Structure):
-    _fields_ = [(n, ctypes.c_size_t) for n in ("arena", "ordblks", "smblks", "hblks", "hblkhd", "usmblks",
-                                                 "fsmblks", "uordblks", "fordblks", "keepcost")]
+    _fields_ = [
+        (n, ctypes.c_size_t)
+        for n in (
+            "arena",
+            "ordblks",
+            "smblks",
+            "hblks",
+            "hblkhd",
+            "usmblks",
+            "fsmblks",
+            "uordblks",
+            "fordblks",
+            "keepcost",
+        )
+    ]
 
 
 def heap() -> tuple[float, float]:
@@ -64,20 +77,59 @@ def main() -> None:
     work = tempfile.mkdtemp(prefix="mlm-soak-")
     if a.model == "tiny":
         from transformers import BertConfig
+
         config = os.path.join(work, "config")
-        BertConfig(vocab_size=30522, hidden_size=64, num_hidden_layers=2, num_attention_heads=2,
-                   intermediate_size=128, max_position_embeddings=128).save_pretrained(config)
-        model = ["--config_name", config, "--tokenizer_name", str(common.minilm_path()), "--max_seq_length", "64",
-                 "--per_device_train_batch_size", "16"]
+        BertConfig(
+            vocab_size=30522,
+            hidden_size=64,
+            num_hidden_layers=2,
+            num_attention_heads=2,
+            intermediate_size=128,
+            max_position_embeddings=128,
+        ).save_pretrained(config)
+        model = [
+            "--config_name",
+            config,
+            "--tokenizer_name",
+            str(common.minilm_path()),
+            "--max_seq_length",
+            "64",
+            "--per_device_train_batch_size",
+            "16",
+        ]
         cadence = 500
     else:
-        model = ["--model_name_or_path", str(common.minilm_path()), "--max_seq_length", "128",
-                 "--per_device_train_batch_size", "16"]
+        model = [
+            "--model_name_or_path",
+            str(common.minilm_path()),
+            "--max_seq_length",
+            "128",
+            "--per_device_train_batch_size",
+            "16",
+        ]
         cadence = 200
-    args = model + ["--dataset_dir", common.WIKITEXT, "--output_dir", os.path.join(work, "run"),
-                    "--data_cache_dir", os.path.join(work, "cache"), "--max_train_steps", str(steps),
-                    "--eval_steps", str(cadence), "--save_steps", str(cadence), "--max_eval_samples", "128",
-                    "--precision", "fp32", "--report_to", "all", "--eval_on_start", "false"]
+    args = model + [
+        "--dataset_dir",
+        common.WIKITEXT,
+        "--output_dir",
+        os.path.join(work, "run"),
+        "--data_cache_dir",
+        os.path.join(work, "cache"),
+        "--max_train_steps",
+        str(steps),
+        "--eval_steps",
+        str(cadence),
+        "--save_steps",
+        str(cadence),
+        "--max_eval_samples",
+        "128",
+        "--precision",
+        "fp32",
+        "--report_to",
+        "all",
+        "--eval_on_start",
+        "false",
+    ]
     os.environ.setdefault("WANDB_MODE", "offline")
     samples: list[dict] = []
     original = loop.train_step
@@ -88,9 +140,17 @@ def main() -> None:
         train_step.done += 1
         if train_step.done == 1 or train_step.done % a.every == 0:
             used, held = heap()
-            samples.append({"step": train_step.done, "seconds": round(time.perf_counter() - t0, 1),
-                            "rss_gib": status()["VmRSS"], "peak_rss_gib": status()["VmHWM"],
-                            "heap_in_use_mib": used, "heap_held_mib": held, "gc_objects": len(gc.get_objects())})
+            samples.append(
+                {
+                    "step": train_step.done,
+                    "seconds": round(time.perf_counter() - t0, 1),
+                    "rss_gib": status()["VmRSS"],
+                    "peak_rss_gib": status()["VmHWM"],
+                    "heap_in_use_mib": used,
+                    "heap_held_mib": held,
+                    "gc_objects": len(gc.get_objects()),
+                }
+            )
         return result
 
     train_step.done = 0
@@ -102,20 +162,26 @@ def main() -> None:
         shutil.rmtree(work, ignore_errors=True)
     if code != 0:
         raise SystemExit(f"the run failed with exit code {code}")
-    print(f"soak: {a.model}, {steps} steps, {common.machine()}, torch threads {torch.get_num_threads()}; "
-          f"{common.versions()}")
+    print(
+        f"soak: {a.model}, {steps} steps, {common.machine()}, torch threads {torch.get_num_threads()}; "
+        f"{common.versions()}"
+    )
     print("| step | s | RSS GiB | peak RSS GiB | heap in use MiB | heap held MiB | Python objects |")
     print("| --- | --- | --- | --- | --- | --- | --- |")
     for s in samples:
-        print(f"| {s['step']} | {s['seconds']} | {s['rss_gib']:.3f} | {s['peak_rss_gib']:.3f} | "
-              f"{s['heap_in_use_mib']:.1f} | {s['heap_held_mib']:.1f} | {s['gc_objects']} |")
+        print(
+            f"| {s['step']} | {s['seconds']} | {s['rss_gib']:.3f} | {s['peak_rss_gib']:.3f} | "
+            f"{s['heap_in_use_mib']:.1f} | {s['heap_held_mib']:.1f} | {s['gc_objects']} |"
+        )
     half = [s for s in samples if s["step"] >= steps // 2]
     if len(half) >= 2:
         span = (half[-1]["step"] - half[0]["step"]) / 100
-        print(f"second half (steps {half[0]['step']}-{half[-1]['step']}): RSS "
-              f"{(half[-1]['rss_gib'] - half[0]['rss_gib']) * 1024 / span:+.2f} MiB per 100 steps, heap in use "
-              f"{(half[-1]['heap_in_use_mib'] - half[0]['heap_in_use_mib']) / span:+.2f} MiB per 100 steps, "
-              f"Python objects {(half[-1]['gc_objects'] - half[0]['gc_objects']) / span:+.0f} per 100 steps")
+        print(
+            f"second half (steps {half[0]['step']}-{half[-1]['step']}): RSS "
+            f"{(half[-1]['rss_gib'] - half[0]['rss_gib']) * 1024 / span:+.2f} MiB per 100 steps, heap in use "
+            f"{(half[-1]['heap_in_use_mib'] - half[0]['heap_in_use_mib']) / span:+.2f} MiB per 100 steps, "
+            f"Python objects {(half[-1]['gc_objects'] - half[0]['gc_objects']) / span:+.0f} per 100 steps"
+        )
     if a.out:
         with open(a.out, "w") as fh:
             json.dump(samples, fh, indent=1)

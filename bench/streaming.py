@@ -29,29 +29,43 @@ import common  # noqa: E402
 import torch  # noqa: E402
 from torch.utils.data import DataLoader  # noqa: E402
 
-from mlm.config import TrainConfig
 from mlm.common.distributed import DistEnv
-from mlm.train.engine import Masking, build_trainable, prepare_batch, train_step
-from mlm.data.masking import MaskingSpec, build_masking_tables
-from mlm.model.modeling import build_model, load_model_config
+from mlm.config import TrainConfig
 from mlm.data.cleaning import TextReport
+from mlm.data.masking import MaskingSpec, build_masking_tables
 from mlm.data.streaming import PackedBatches, rank_stream
 from mlm.data.text import text_encoder
+from mlm.model.modeling import build_model, load_model_config
+from mlm.train.engine import Masking, build_trainable, prepare_batch, train_step
 
 CPU = torch.device("cpu")
 SEQ, BATCH, BUFFER = 128, 16, 10000
 
 
 def config(**kw) -> TrainConfig:
-    return TrainConfig(model_name_or_path=common.minilm_path(), dataset_dir=common.WIKITEXT, streaming=True,
-                       max_seq_length=SEQ, per_device_train_batch_size=BATCH, shuffle_buffer_size=BUFFER,
-                       max_train_steps=10, report_to="none", output_dir="/tmp/unused", **kw)
+    return TrainConfig(
+        model_name_or_path=common.minilm_path(),
+        dataset_dir=common.WIKITEXT,
+        streaming=True,
+        max_seq_length=SEQ,
+        per_device_train_batch_size=BATCH,
+        shuffle_buffer_size=BUFFER,
+        max_train_steps=10,
+        report_to="none",
+        output_dir="/tmp/unused",
+        **kw,
+    )
 
 
 def ours_loader(cfg: TrainConfig, tokenizer, workers: int, start_state=None):
     env = DistEnv(0, 0, 1, CPU)
-    batches = PackedBatches(rank_stream(cfg, env, text_encoder(tokenizer), TextReport()), BATCH, SEQ,
-                            tokenizer.cls_token_id, tokenizer.sep_token_id)
+    batches = PackedBatches(
+        rank_stream(cfg, env, text_encoder(tokenizer), TextReport()),
+        BATCH,
+        SEQ,
+        tokenizer.cls_token_id,
+        tokenizer.sep_token_id,
+    )
     if start_state is not None:
         batches.start_states = {0: start_state}
     return batches, DataLoader(batches, batch_size=None, num_workers=workers)
@@ -70,15 +84,18 @@ def hf_loader(tokenizer, workers: int):
     """transformers' run_mlm.py with --streaming, condensed."""
     import datasets
     from transformers import DataCollatorForLanguageModeling
-    raw = datasets.load_dataset("text", data_files={"train": os.path.join(common.WIKITEXT, "wiki.train.raw")},
-                                split="train", streaming=True).shuffle(seed=42, buffer_size=BUFFER)
-    tokenized = raw.map(lambda b: tokenizer(b["text"], return_special_tokens_mask=True), batched=True,
-                        remove_columns=["text"])
+
+    raw = datasets.load_dataset(
+        "text", data_files={"train": os.path.join(common.WIKITEXT, "wiki.train.raw")}, split="train", streaming=True
+    ).shuffle(seed=42, buffer_size=BUFFER)
+    tokenized = raw.map(
+        lambda b: tokenizer(b["text"], return_special_tokens_mask=True), batched=True, remove_columns=["text"]
+    )
 
     def group_texts(examples):
         concatenated = {k: list(itertools.chain(*examples[k])) for k in examples}
         total = len(concatenated["input_ids"]) // SEQ * SEQ
-        return {k: [t[i:i + SEQ] for i in range(0, total, SEQ)] for k, t in concatenated.items()}
+        return {k: [t[i : i + SEQ] for i in range(0, total, SEQ)] for k, t in concatenated.items()}
 
     grouped = tokenized.map(group_texts, batched=True)
     collator = DataCollatorForLanguageModeling(tokenizer, mlm_probability=0.15)
@@ -130,13 +147,16 @@ def main() -> None:
     args = ap.parse_args()
     common.quiet_transformers()
     from transformers import AutoTokenizer
+
     tokenizer = AutoTokenizer.from_pretrained(common.minilm_path())
     masking = Masking(MaskingSpec(), build_masking_tables(tokenizer))
     cfg = config()
     n_batches = args.examples // BATCH
     print(f"machine: {common.machine()}; {common.versions()}")
-    print(f"stream: WikiText-2 train, {SEQ}-token examples, batch {BATCH}, shuffle buffer {BUFFER} texts, "
-          f"{n_batches * BATCH} examples per run, {args.repeats} runs per side alternated\n")
+    print(
+        f"stream: WikiText-2 train, {SEQ}-token examples, batch {BATCH}, shuffle buffer {BUFFER} texts, "
+        f"{n_batches * BATCH} examples per run, {args.repeats} runs per side alternated\n"
+    )
     print("1. loader throughput (examples/s, higher is better)")
     print("| loader workers | ours | HF run_mlm streaming | ours / HF |\n| --- | --- | --- | --- |")
     for workers in (0, 1, 2):
@@ -144,15 +164,22 @@ def main() -> None:
         for _ in range(args.repeats):
             ours.append(time_ours(cfg, tokenizer, masking, workers, n_batches))
             hf.append(time_hf(tokenizer, workers, n_batches))
-        print(f"| {workers} | {common.median(ours):.0f} | {common.median(hf):.0f} | "
-              f"{common.median(ours) / common.median(hf):.2f}x |", flush=True)
+        print(
+            f"| {workers} | {common.median(ours):.0f} | {common.median(hf):.0f} | "
+            f"{common.median(ours) / common.median(hf):.2f}x |",
+            flush=True,
+        )
     rate = training_rate(cfg, tokenizer, masking)
-    print(f"\n2. MiniLM training consumes {rate:.1f} examples/s on this CPU (fp32, one process): the loader is "
-          f"not the bottleneck while its rate is above that")
+    print(
+        f"\n2. MiniLM training consumes {rate:.1f} examples/s on this CPU (fp32, one process): the loader is "
+        f"not the bottleneck while its rate is above that"
+    )
     at = max(n_batches, 1)
     load, reread = resume_costs(cfg, tokenizer, at)
-    print(f"\n3. resume at example {at * BATCH}: first batch {load:.2f} s after loading the saved stream state; "
-          f"re-reading the stream up to there takes {reread:.2f} s")
+    print(
+        f"\n3. resume at example {at * BATCH}: first batch {load:.2f} s after loading the saved stream state; "
+        f"re-reading the stream up to there takes {reread:.2f} s"
+    )
 
 
 if __name__ == "__main__":

@@ -22,19 +22,42 @@ import time
 
 import common
 import torch
-from transformers import AutoTokenizer
-
 from train_throughput import hf_dataset, load_chunks, run_hf, run_ours
+from transformers import AutoTokenizer
 
 from mlm.config import TrainConfig
 
 
 def process_seconds(steps: int, out: str, cache: str, train_dir: str) -> float:
-    cmd = [sys.executable, os.path.join(common.ROOT, "train_ddp.py"), "--model_name_or_path", common.minilm_path(),
-           "--dataset_dir", train_dir, "--max_seq_length", "128", "--per_device_train_batch_size", "16",
-           "--precision", "fp32", "--max_train_steps", str(steps), "--eval_on_start", "false",
-           "--max_eval_samples", "64", "--report_to", "none", "--output_dir", out, "--overwrite_output_dir",
-           "--data_cache_dir", cache, "--num_warmup_steps", "0"]
+    cmd = [
+        sys.executable,
+        os.path.join(common.ROOT, "train_ddp.py"),
+        "--model_name_or_path",
+        common.minilm_path(),
+        "--dataset_dir",
+        train_dir,
+        "--max_seq_length",
+        "128",
+        "--per_device_train_batch_size",
+        "16",
+        "--precision",
+        "fp32",
+        "--max_train_steps",
+        str(steps),
+        "--eval_on_start",
+        "false",
+        "--max_eval_samples",
+        "64",
+        "--report_to",
+        "none",
+        "--output_dir",
+        out,
+        "--overwrite_output_dir",
+        "--data_cache_dir",
+        cache,
+        "--num_warmup_steps",
+        "0",
+    ]
     t0 = time.perf_counter()
     p = subprocess.run(cmd, capture_output=True, text=True, cwd=common.ROOT)
     seconds = time.perf_counter() - t0
@@ -53,8 +76,13 @@ def main() -> None:
     common.quiet_transformers()
     torch.set_num_threads(os.cpu_count())
     batch, between = 16, a.long - a.short
-    cfg = TrainConfig(model_name_or_path=common.minilm_path(), per_device_train_batch_size=batch,
-                      max_seq_length=128, precision="fp32", num_warmup_steps=0)
+    cfg = TrainConfig(
+        model_name_or_path=common.minilm_path(),
+        per_device_train_batch_size=batch,
+        max_seq_length=128,
+        precision="fp32",
+        num_warmup_steps=0,
+    )
     tokenizer = AutoTokenizer.from_pretrained(cfg.model_name_or_path)
     chunks = load_chunks(os.path.join(a.dataset_dir, "wiki.train.raw"), tokenizer, 128)
     data = hf_dataset(chunks)
@@ -70,19 +98,24 @@ def main() -> None:
             bare.append(between * batch / seconds)
             seconds, _ = run_hf(cfg, tokenizer, data, warmup=3, steps=between)
             hf.append(between * batch / seconds)
-            print(f"run {r + 1}  train_ddp.py {whole[-1]:.2f} ({t_short:.1f} s for {a.short} steps, {t_long:.1f} s "
-                  f"for {a.long})  bare step {bare[-1]:.2f}  HF Trainer {hf[-1]:.2f} samples/s", flush=True)
+            print(
+                f"run {r + 1}  train_ddp.py {whole[-1]:.2f} ({t_short:.1f} s for {a.short} steps, {t_long:.1f} s "
+                f"for {a.long})  bare step {bare[-1]:.2f}  HF Trainer {hf[-1]:.2f} samples/s",
+                flush=True,
+            )
     w, b, h = common.median(whole), common.median(bare), common.median(hf)
-    print(f"\n== the loop's cost: whole train_ddp.py processes vs the bare step vs the Trainer ==\n"
-          f"machine        {common.machine()}; torch threads {torch.get_num_threads()}\n"
-          f"versions       {common.versions()}\n"
-          f"setup          MiniLM, WikiText-2 chunks of 128, batch 16, fp32, 1 process; train_ddp.py logs every "
-          f"20 steps (default), no W&B; {a.repeats} runs per side, alternated\n"
-          f"train_ddp.py   {common.fmt_runs(whole)} samples/s  ((t{a.long} - t{a.short}) / {between} steps)\n"
-          f"bare step      {common.fmt_runs(bare)} samples/s  (prepare_batch + train_step)\n"
-          f"HF Trainer     {common.fmt_runs(hf)} samples/s\n"
-          f"train_ddp.py / bare step  {w / b:.3f} (the loop's cost: {100 * (1 - w / b):.1f}%)\n"
-          f"train_ddp.py / Trainer    {w / h:.2f}x;  bare step / Trainer {b / h:.2f}x")
+    print(
+        f"\n== the loop's cost: whole train_ddp.py processes vs the bare step vs the Trainer ==\n"
+        f"machine        {common.machine()}; torch threads {torch.get_num_threads()}\n"
+        f"versions       {common.versions()}\n"
+        f"setup          MiniLM, WikiText-2 chunks of 128, batch 16, fp32, 1 process; train_ddp.py logs every "
+        f"20 steps (default), no W&B; {a.repeats} runs per side, alternated\n"
+        f"train_ddp.py   {common.fmt_runs(whole)} samples/s  ((t{a.long} - t{a.short}) / {between} steps)\n"
+        f"bare step      {common.fmt_runs(bare)} samples/s  (prepare_batch + train_step)\n"
+        f"HF Trainer     {common.fmt_runs(hf)} samples/s\n"
+        f"train_ddp.py / bare step  {w / b:.3f} (the loop's cost: {100 * (1 - w / b):.1f}%)\n"
+        f"train_ddp.py / Trainer    {w / h:.2f}x;  bare step / Trainer {b / h:.2f}x"
+    )
 
 
 if __name__ == "__main__":

@@ -20,18 +20,19 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader
 
+from mlm.common.distributed import DistEnv
 from mlm.config import TrainConfig
 from mlm.data.cached import ChunkDataset, GlobalOrderSampler, tokenize_texts
 from mlm.data.sources import read_text_file
-from mlm.common.distributed import DistEnv
-from mlm.train.engine import build_masking, build_trainable, prepare_batch, train_step
 from mlm.model.modeling import attention_argument, build_model, load_model_config
+from mlm.train.engine import build_masking, build_trainable, prepare_batch, train_step
 
 CPU = torch.device("cpu")
 
 
-def mlm_train_flops(encoder_params: int, layers: int, hidden: int, vocab: int, seq: int, sequences: int,
-                    head_tokens: float) -> float:
+def mlm_train_flops(
+    encoder_params: int, layers: int, hidden: int, vocab: int, seq: int, sequences: int, head_tokens: float
+) -> float:
     """Model FLOPs of one MLM training step (forward + backward = 3 x forward; a matmul is 2 FLOPs per MAC).
 
     encoder:   6 * encoder_params * tokens      (encoder_params: the transformer layers, embeddings excluded:
@@ -42,7 +43,7 @@ def mlm_train_flops(encoder_params: int, layers: int, hidden: int, vocab: int, s
     """
     tokens = seq * sequences
     encoder = 6 * encoder_params * tokens
-    attention = 12 * layers * seq ** 2 * hidden * sequences
+    attention = 12 * layers * seq**2 * hidden * sequences
     head = 6 * (hidden * hidden + hidden * vocab) * head_tokens
     return float(encoder + attention + head)
 
@@ -57,7 +58,7 @@ def matmul_peak(n: int = 2048, reps: int = 10) -> float:
         t0 = time.perf_counter()
         torch.matmul(a, b)
         best = min(best, time.perf_counter() - t0)
-    return 2 * n ** 3 / best
+    return 2 * n**3 / best
 
 
 def load_chunks(path: str, tokenizer, seq: int) -> ChunkDataset:
@@ -68,14 +69,22 @@ def load_chunks(path: str, tokenizer, seq: int) -> ChunkDataset:
 def hf_dataset(chunks: ChunkDataset):
     """What run_mlm hands the Trainer: the same chunks as ours, with their special-tokens mask."""
     from datasets import Dataset
+
     ids = chunks.__getitems__(list(range(len(chunks))))["input_ids"].numpy()
     special = np.zeros_like(ids, dtype=np.int8)
     special[:, 0] = special[:, -1] = 1
     return Dataset.from_dict({"input_ids": ids, "special_tokens_mask": special})
 
 
-def run_ours(cfg: TrainConfig, tokenizer, chunks: ChunkDataset, warmup: int, steps: int,
-             compile_encoder: bool = False, profiler=None) -> tuple[float, int]:
+def run_ours(
+    cfg: TrainConfig,
+    tokenizer,
+    chunks: ChunkDataset,
+    warmup: int,
+    steps: int,
+    compile_encoder: bool = False,
+    profiler=None,
+) -> tuple[float, int]:
     """Seconds for `steps` optimizer steps after `warmup`, and the masked tokens the head ran on.
 
     profiler: a torch.profiler.profile, started at the first timed step and stopped after the last."""
@@ -86,8 +95,9 @@ def run_ours(cfg: TrainConfig, tokenizer, chunks: ChunkDataset, warmup: int, ste
     trainable.loss.train()
     masking = build_masking(cfg, tokenizer)
     sampler = GlobalOrderSampler(chunks, 1, 0, cfg.seed)
-    loader = DataLoader(chunks, batch_size=cfg.per_device_train_batch_size, sampler=sampler,
-                        collate_fn=lambda b: b)  # ChunkDataset.__getitems__ already returns the batch
+    loader = DataLoader(
+        chunks, batch_size=cfg.per_device_train_batch_size, sampler=sampler, collate_fn=lambda b: b
+    )  # ChunkDataset.__getitems__ already returns the batch
     masked, t0 = torch.zeros((), dtype=torch.long), 0.0
     for step, raw in enumerate(loader):
         if step == warmup:
@@ -107,8 +117,15 @@ def run_ours(cfg: TrainConfig, tokenizer, chunks: ChunkDataset, warmup: int, ste
 
 def run_hf(cfg: TrainConfig, tokenizer, hf_data, warmup: int, steps: int) -> tuple[float, str]:
     """Seconds between the end of step `warmup` and the end of step `warmup + steps` of Trainer.train()."""
-    from transformers import (AutoModelForMaskedLM, DataCollatorForLanguageModeling, PrinterCallback, Trainer,
-                              TrainerCallback, TrainingArguments)
+    from transformers import (
+        AutoModelForMaskedLM,
+        DataCollatorForLanguageModeling,
+        PrinterCallback,
+        Trainer,
+        TrainerCallback,
+        TrainingArguments,
+    )
+
     marks: dict[int, float] = {}
 
     class StepClock(TrainerCallback):
@@ -116,17 +133,31 @@ def run_hf(cfg: TrainConfig, tokenizer, hf_data, warmup: int, steps: int) -> tup
             marks[state.global_step] = time.perf_counter()
 
     torch.manual_seed(cfg.seed)  # the same fresh MLM head as build_model gives ours
-    model = AutoModelForMaskedLM.from_pretrained(cfg.model_name_or_path,
-                                                 attn_implementation=attention_argument(cfg.attn_implementation))
+    model = AutoModelForMaskedLM.from_pretrained(
+        cfg.model_name_or_path, attn_implementation=attention_argument(cfg.attn_implementation)
+    )
     with tempfile.TemporaryDirectory() as out:
         args = TrainingArguments(
-            output_dir=out, per_device_train_batch_size=cfg.per_device_train_batch_size, max_steps=warmup + steps,
-            learning_rate=cfg.learning_rate, weight_decay=cfg.weight_decay, max_grad_norm=cfg.max_grad_norm,
-            lr_scheduler_type="linear", dataloader_num_workers=0, report_to="none", eval_strategy="no",
-            save_strategy="no", logging_strategy="no", use_cpu=True, disable_tqdm=True, seed=cfg.seed)
+            output_dir=out,
+            per_device_train_batch_size=cfg.per_device_train_batch_size,
+            max_steps=warmup + steps,
+            learning_rate=cfg.learning_rate,
+            weight_decay=cfg.weight_decay,
+            max_grad_norm=cfg.max_grad_norm,
+            lr_scheduler_type="linear",
+            dataloader_num_workers=0,
+            report_to="none",
+            eval_strategy="no",
+            save_strategy="no",
+            logging_strategy="no",
+            use_cpu=True,
+            disable_tqdm=True,
+            seed=cfg.seed,
+        )
         collator = DataCollatorForLanguageModeling(tokenizer, mlm_probability=cfg.mlm_probability)
-        trainer = Trainer(model=model, args=args, train_dataset=hf_data, data_collator=collator,
-                          callbacks=[StepClock()])
+        trainer = Trainer(
+            model=model, args=args, train_dataset=hf_data, data_collator=collator, callbacks=[StepClock()]
+        )
         trainer.remove_callback(PrinterCallback)  # its end-of-training metrics dict would interleave with ours
         trainer.train()
     return marks[warmup + steps] - marks[warmup], str(getattr(args.optim, "value", args.optim))
@@ -140,14 +171,23 @@ def main() -> None:
     p.add_argument("--batch_size", type=int, default=16)
     p.add_argument("--seq", type=int, default=128)
     p.add_argument("--train_file", default=os.path.join(common.WIKITEXT, "wiki.train.raw"))
-    p.add_argument("--torch_compile", action="store_true", help="Also time ours with --torch_compile (encoder "
-                   "compiled by inductor), alternated with the other two.")
+    p.add_argument(
+        "--torch_compile",
+        action="store_true",
+        help="Also time ours with --torch_compile (encoder compiled by inductor), alternated with the other two.",
+    )
     a = p.parse_args()
     common.quiet_transformers()
     torch.set_num_threads(os.cpu_count())  # the same for both sides
     from transformers import AutoTokenizer
-    cfg = TrainConfig(model_name_or_path=common.minilm_path(), per_device_train_batch_size=a.batch_size,
-                      max_seq_length=a.seq, precision="fp32", attn_implementation="sdpa")
+
+    cfg = TrainConfig(
+        model_name_or_path=common.minilm_path(),
+        per_device_train_batch_size=a.batch_size,
+        max_seq_length=a.seq,
+        precision="fp32",
+        attn_implementation="sdpa",
+    )
     tokenizer = AutoTokenizer.from_pretrained(cfg.model_name_or_path)
     chunks = load_chunks(a.train_file, tokenizer, a.seq)
     hf_data = hf_dataset(chunks)
@@ -169,52 +209,66 @@ def main() -> None:
             peaks.append(matmul_peak())
             t, _ = run_ours(cfg, tokenizer, chunks, a.warmup, a.steps, compile_encoder=True)
             compiled_s.append(a.steps * a.batch_size / t)
-            print(f"run {r + 1}  ours+compile {compiled_s[-1]:7.2f} samples/s  (matmul just before: "
-                  f"{peaks[-1] / 1e9:.0f} GFLOP/s)", flush=True)
+            print(
+                f"run {r + 1}  ours+compile {compiled_s[-1]:7.2f} samples/s  (matmul just before: "
+                f"{peaks[-1] / 1e9:.0f} GFLOP/s)",
+                flush=True,
+            )
         peaks.append(matmul_peak())
         t, m = run_ours(cfg, tokenizer, chunks, a.warmup, a.steps)
         ours_s.append(a.steps * a.batch_size / t)
         ours_masked.append(m / a.steps)
-        print(f"run {r + 1}  ours {ours_s[-1]:7.2f} samples/s  (matmul just before: {peaks[-1] / 1e9:.0f} GFLOP/s)",
-              flush=True)
+        print(
+            f"run {r + 1}  ours {ours_s[-1]:7.2f} samples/s  (matmul just before: {peaks[-1] / 1e9:.0f} GFLOP/s)",
+            flush=True,
+        )
         peaks.append(matmul_peak())
         t, optim = run_hf(cfg, tokenizer, hf_data, a.warmup, a.steps)
         hf_s.append(a.steps * a.batch_size / t)
-        print(f"run {r + 1}  HF   {hf_s[-1]:7.2f} samples/s  (matmul just before: {peaks[-1] / 1e9:.0f} GFLOP/s)",
-              flush=True)
+        print(
+            f"run {r + 1}  HF   {hf_s[-1]:7.2f} samples/s  (matmul just before: {peaks[-1] / 1e9:.0f} GFLOP/s)",
+            flush=True,
+        )
 
     mo, mh, peak = common.median(ours_s), common.median(hf_s), max(peaks)
     ours_executed = mlm_train_flops(**per_step, head_tokens=common.median(ours_masked))
     steps_o, steps_h = mo / a.batch_size, mh / a.batch_size
-    print(f"\n== training throughput: ours vs Hugging Face Trainer ==\n"
-          f"machine        {common.machine()}; torch threads {torch.get_num_threads()}\n"
-          f"versions       {common.versions()}\n"
-          f"model          {cfg.model_name_or_path} (AutoModelForMaskedLM, attn_implementation='sdpa' on both "
-          f"sides; {L} layers, hidden {h}, vocab {V}; {enc_params / 1e6:.2f}M encoder params w/o embeddings)\n"
-          f"data           {a.train_file}: {len(chunks)} chunks of {a.seq} tokens (the same chunks on both sides)\n"
-          f"config         batch {a.batch_size} per device, seq {a.seq}, fp32, CPU, 1 process, mlm_probability "
-          f"{cfg.mlm_probability}, lr {cfg.learning_rate}, wd {cfg.weight_decay}, clip {cfg.max_grad_norm}\n"
-          f"measurement    {a.warmup} warm-up + {a.steps} timed steps per run, {a.repeats} runs per side, "
-          f"alternated ours/HF; each run a fresh model with seed {cfg.seed}\n"
-          f"ours           MaskedLMLoss + prepare_batch + train_step; AdamW from build_optimizer (fused on CPU); head at masked positions\n"
-          f"HF             Trainer + DataCollatorForLanguageModeling; optim {optim}; head at all positions\n"
-          f"ours samples/s {common.fmt_runs(ours_s)}\n"
-          f"HF   samples/s {common.fmt_runs(hf_s)}\n"
-          + (f"ours + torch.compile(encoder) samples/s {common.fmt_runs(compiled_s)}; vs eager "
-             f"{common.median(compiled_s) / mo:.2f}x\n" if compiled_s else "") +
-          f"ratio ours/HF  {mo / mh:.2f}x of the medians; {max(ours_s) / max(hf_s):.2f}x of the best runs (the best "
-          f"run is the least disturbed one on a shared machine)\n"
-          f"fp32 matmul peak {peak / 1e9:.1f} GFLOP/s (2048x2048 @ 2048x2048, best of 10 reps, measured {len(peaks)} "
-          f"times, before each run: {min(peaks) / 1e9:.0f}-{peak / 1e9:.0f})\n"
-          f"needed model FLOPs per step (encoder + attention + head at {expected_masked:.0f} expected masked "
-          f"tokens): {needed / 1e9:.1f} GFLOP\n"
-          f"  ours  {needed * steps_o / 1e9:6.1f} GFLOP/s = {100 * needed * steps_o / peak:5.1f}% of peak "
-          f"(executed incl. head at {common.median(ours_masked):.0f} masked tokens: "
-          f"{100 * ours_executed * steps_o / peak:.1f}%)\n"
-          f"  HF    {needed * steps_h / 1e9:6.1f} GFLOP/s = {100 * needed * steps_h / peak:5.1f}% of peak "
-          f"(executed incl. head at all {a.seq * a.batch_size} tokens, {hf_executed / 1e9:.1f} GFLOP/step: "
-          f"{100 * hf_executed * steps_h / peak:.1f}%)\n"
-          f"note           a shared 2-core machine: other jobs (tests) may have run meanwhile; figures are noisy")
+    print(
+        f"\n== training throughput: ours vs Hugging Face Trainer ==\n"
+        f"machine        {common.machine()}; torch threads {torch.get_num_threads()}\n"
+        f"versions       {common.versions()}\n"
+        f"model          {cfg.model_name_or_path} (AutoModelForMaskedLM, attn_implementation='sdpa' on both "
+        f"sides; {L} layers, hidden {h}, vocab {V}; {enc_params / 1e6:.2f}M encoder params w/o embeddings)\n"
+        f"data           {a.train_file}: {len(chunks)} chunks of {a.seq} tokens (the same chunks on both sides)\n"
+        f"config         batch {a.batch_size} per device, seq {a.seq}, fp32, CPU, 1 process, mlm_probability "
+        f"{cfg.mlm_probability}, lr {cfg.learning_rate}, wd {cfg.weight_decay}, clip {cfg.max_grad_norm}\n"
+        f"measurement    {a.warmup} warm-up + {a.steps} timed steps per run, {a.repeats} runs per side, "
+        f"alternated ours/HF; each run a fresh model with seed {cfg.seed}\n"
+        "ours           MaskedLMLoss + prepare_batch + train_step; AdamW from build_optimizer (fused on CPU); "
+        "head at masked positions\n"
+        f"HF             Trainer + DataCollatorForLanguageModeling; optim {optim}; head at all positions\n"
+        f"ours samples/s {common.fmt_runs(ours_s)}\n"
+        f"HF   samples/s {common.fmt_runs(hf_s)}\n"
+        + (
+            f"ours + torch.compile(encoder) samples/s {common.fmt_runs(compiled_s)}; vs eager "
+            f"{common.median(compiled_s) / mo:.2f}x\n"
+            if compiled_s
+            else ""
+        )
+        + f"ratio ours/HF  {mo / mh:.2f}x of the medians; {max(ours_s) / max(hf_s):.2f}x of the best runs (the best "
+        f"run is the least disturbed one on a shared machine)\n"
+        f"fp32 matmul peak {peak / 1e9:.1f} GFLOP/s (2048x2048 @ 2048x2048, best of 10 reps, measured {len(peaks)} "
+        f"times, before each run: {min(peaks) / 1e9:.0f}-{peak / 1e9:.0f})\n"
+        f"needed model FLOPs per step (encoder + attention + head at {expected_masked:.0f} expected masked "
+        f"tokens): {needed / 1e9:.1f} GFLOP\n"
+        f"  ours  {needed * steps_o / 1e9:6.1f} GFLOP/s = {100 * needed * steps_o / peak:5.1f}% of peak "
+        f"(executed incl. head at {common.median(ours_masked):.0f} masked tokens: "
+        f"{100 * ours_executed * steps_o / peak:.1f}%)\n"
+        f"  HF    {needed * steps_h / 1e9:6.1f} GFLOP/s = {100 * needed * steps_h / peak:5.1f}% of peak "
+        f"(executed incl. head at all {a.seq * a.batch_size} tokens, {hf_executed / 1e9:.1f} GFLOP/step: "
+        f"{100 * hf_executed * steps_h / peak:.1f}%)\n"
+        f"note           a shared 2-core machine: other jobs (tests) may have run meanwhile; figures are noisy"
+    )
 
 
 if __name__ == "__main__":

@@ -18,8 +18,9 @@ import re
 import shutil
 import sys
 import typing
+from collections.abc import Sequence
 from dataclasses import dataclass, field
-from typing import Any, Optional, Sequence, Union
+from typing import Any, Optional, Union
 
 from mlm.common.cli import OUTPUTS_ROOT, UserError, command_line, looks_like_path, parser_error
 from mlm.common.files import input_in_run_dir
@@ -54,86 +55,141 @@ def _f(default: Any, help: str, group: str, **kw: Any) -> Any:
 class TrainConfig:
     # --- model ---
     model_name_or_path: Optional[str] = _f(
-        None, f"Hub id or local directory of a pretrained masked LM (default {DEFAULT_MODEL} when neither "
-        "--config_name nor --config_overrides is given; with either, the model is built from scratch).", "model")
+        None,
+        f"Hub id or local directory of a pretrained masked LM (default {DEFAULT_MODEL} when neither "
+        "--config_name nor --config_overrides is given; with either, the model is built from scratch).",
+        "model",
+    )
     config_name: Optional[str] = _f(None, "Config (Hub id or directory) to build a model from scratch.", "model")
     tokenizer_name: Optional[str] = _f(None, "Tokenizer (Hub id or directory); default: the model's.", "model")
     config_overrides: Optional[str] = _f(
-        None, "Overrides for a from-scratch config, e.g. 'num_hidden_layers=2,hidden_size=128'.", "model")
-    attn_implementation: str = _f("auto", "Attention kernel: auto = transformers' own choice (SDPA where the model "
-                                  "has it, eager where not, as DeBERTa); sdpa (fused scaled-dot-product); eager; "
-                                  "flash_attention_2 (needs the flash-attn package and a GPU).", "model",
-                                  choices=ATTENTION_KERNELS)
+        None, "Overrides for a from-scratch config, e.g. 'num_hidden_layers=2,hidden_size=128'.", "model"
+    )
+    attn_implementation: str = _f(
+        "auto",
+        "Attention kernel: auto = transformers' own choice (SDPA where the model "
+        "has it, eager where not, as DeBERTa); sdpa (fused scaled-dot-product); eager; "
+        "flash_attention_2 (needs the flash-attn package and a GPU).",
+        "model",
+        choices=ATTENTION_KERNELS,
+    )
     trust_remote_code: bool = _f(False, "Allow custom model code from the Hub (off: only transformers' own).", "model")
     gradient_checkpointing: bool = _f(False, "Recompute activations in backward to save memory.", "model")
-    torch_compile: bool = _f(False, "torch.compile the encoder for training, with one fixed shape (an epoch's "
-                             "last batch is filled with empty examples, --line_by_line batches are padded to "
-                             "--max_seq_length); evaluation and the head at the masked positions stay eager. Pays "
-                             "on GPUs; the first step compiles.", "model")
-    tf32: bool = _f(True, "Allow TF32 matmuls for fp32 work on Ampere and newer GPUs (no effect elsewhere).",
-                    "model")
+    torch_compile: bool = _f(
+        False,
+        "torch.compile the encoder for training, with one fixed shape (an epoch's "
+        "last batch is filled with empty examples, --line_by_line batches are padded to "
+        "--max_seq_length); evaluation and the head at the masked positions stay eager. Pays "
+        "on GPUs; the first step compiles.",
+        "model",
+    )
+    tf32: bool = _f(True, "Allow TF32 matmuls for fp32 work on Ampere and newer GPUs (no effect elsewhere).", "model")
     # --- data ---
-    dataset_name: Optional[str] = _f(DEFAULT_DATASET, "Hub dataset name (ignored with --train_file or "
-                                     "--dataset_dir).", "data")
+    dataset_name: Optional[str] = _f(
+        DEFAULT_DATASET, "Hub dataset name (ignored with --train_file or --dataset_dir).", "data"
+    )
     # None, not wikitext's configuration: another --dataset_name must not inherit wikitext-2-raw-v1.
-    dataset_config_name: Optional[str] = _f(None, f"Hub dataset configuration name ({DEFAULT_DATASET_CONFIG} "
-                                            f"when --dataset_name is {DEFAULT_DATASET}).", "data")
-    train_file: Optional[list[str]] = _f(None, "Local training text, one or more paths or globs (data/*.csv): "
-                                         ".txt/.raw (a text per line), .json/.jsonl, .parquet or .csv (the "
-                                         "--text_column column(s)). The files of one split share a format.", "data")
-    validation_file: Optional[list[str]] = _f(None, "Local validation text: paths or globs, same formats as "
-                                              "--train_file.", "data")
-    test_file: Optional[list[str]] = _f(None, "Local test text: paths or globs, same formats as --train_file: at "
-                                        "the end, best/ is evaluated on it exactly like validation "
-                                        "(test_results.json). Default: the source's own test split when it has one "
-                                        "(the Hub's 'test', wiki.test.raw in --dataset_dir).", "data")
-    text_column: Optional[str] = _f(None, "The column holding the text in csv/json/parquet files and Hub datasets "
-                                    "(default 'text'), or several, NAME,NAME, joined by --text_separator (a prompt "
-                                    "and a response). Rows whose joined text is empty are skipped and counted.",
-                                    "data")
+    dataset_config_name: Optional[str] = _f(
+        None,
+        f"Hub dataset configuration name ({DEFAULT_DATASET_CONFIG} when --dataset_name is {DEFAULT_DATASET}).",
+        "data",
+    )
+    train_file: Optional[list[str]] = _f(
+        None,
+        "Local training text, one or more paths or globs (data/*.csv): "
+        ".txt/.raw (a text per line), .json/.jsonl, .parquet or .csv (the "
+        "--text_column column(s)). The files of one split share a format.",
+        "data",
+    )
+    validation_file: Optional[list[str]] = _f(
+        None, "Local validation text: paths or globs, same formats as --train_file.", "data"
+    )
+    test_file: Optional[list[str]] = _f(
+        None,
+        "Local test text: paths or globs, same formats as --train_file: at "
+        "the end, best/ is evaluated on it exactly like validation "
+        "(test_results.json). Default: the source's own test split when it has one "
+        "(the Hub's 'test', wiki.test.raw in --dataset_dir).",
+        "data",
+    )
+    text_column: Optional[str] = _f(
+        None,
+        "The column holding the text in csv/json/parquet files and Hub datasets "
+        "(default 'text'), or several, NAME,NAME, joined by --text_separator (a prompt "
+        "and a response). Rows whose joined text is empty are skipped and counted.",
+        "data",
+    )
     text_separator: str = _f("\n", "What joins the --text_column columns of a row.", "data")
-    dataset_dir: Optional[str] = _f(None, "Directory with WikiText raw files wiki.train.raw and wiki.valid.raw "
-                                    "(and wiki.test.raw, the test split, when present).", "data")
+    dataset_dir: Optional[str] = _f(
+        None,
+        "Directory with WikiText raw files wiki.train.raw and wiki.valid.raw "
+        "(and wiki.test.raw, the test split, when present).",
+        "data",
+    )
     validation_split_percentage: int = _f(
-        5, "Percent of the training rows held out for validation when the source has no validation split.", "data")
+        5, "Percent of the training rows held out for validation when the source has no validation split.", "data"
+    )
     max_seq_length: int = _f(128, "Tokens per example, [CLS] and [SEP] included.", "data")
-    line_by_line: bool = _f(False, "One example per non-empty line (padded per batch) instead of packed chunks.",
-                            "data")
-    text_errors: str = _f("error", "Bytes that are not UTF-8 and 'text' values that are not strings (null is an "
-                          "empty text): error = stop with the file and the byte offset or row; replace = U+FFFD for "
-                          "bad bytes (read as [UNK]), the value's text for numbers and lists; skip = drop the line "
-                          "or row. What was replaced or skipped is counted in the banner.", "data",
-                          choices=TEXT_ERRORS)
-    max_train_samples: Optional[int] = _f(None, "Keep only the first N training examples (debugging, quick runs).",
-                                          "data")
-    max_eval_samples: Optional[int] = _f(None, "Keep only the first N evaluation examples (of the validation "
-                                         "and of the test split).", "data")
-    preprocessing_num_workers: Optional[int] = _f(None, "Threads the fast tokenizer uses (default: all cores).",
-                                                  "data")
-    data_cache_dir: Optional[str] = _f(None, "Where tokenised data is cached (default: $XDG_CACHE_HOME/mlm-ddp or "
-                                       "~/.cache/mlm-ddp).", "data")
-    cache_scope: str = _f("node", "Who prepares downloads and the tokenised-data cache while the other processes "
-                          "wait: node = the first process of each node (local rank 0), right whether or not nodes "
-                          "share a disk; shared = global rank 0 alone, when every node sees the same "
-                          "--data_cache_dir and Hugging Face cache (saves the other nodes the work).", "data",
-                          choices=CACHE_SCOPES)
-    streaming: bool = _f(False, "Stream the training split (Hub dataset or local files) instead of tokenising it "
-                         "up front: sharded over all ranks, tokenised and packed in the loader workers, shuffled "
-                         "with a buffer. Needs --max_train_steps; the validation split is read whole.", "data")
-    shuffle_buffer_size: int = _f(10000, "With --streaming: texts held in the shuffle buffer (more mixes better, "
-                                  "costs memory).", "data")
-    dataloader_num_workers: Optional[int] = _f(None, "Loader worker processes per rank (default: 1 with "
-                                               "--streaming, where they tokenise beside training; 0 otherwise).",
-                                               "data")
+    line_by_line: bool = _f(
+        False, "One example per non-empty line (padded per batch) instead of packed chunks.", "data"
+    )
+    text_errors: str = _f(
+        "error",
+        "Bytes that are not UTF-8 and 'text' values that are not strings (null is an "
+        "empty text): error = stop with the file and the byte offset or row; replace = U+FFFD for "
+        "bad bytes (read as [UNK]), the value's text for numbers and lists; skip = drop the line "
+        "or row. What was replaced or skipped is counted in the banner.",
+        "data",
+        choices=TEXT_ERRORS,
+    )
+    max_train_samples: Optional[int] = _f(
+        None, "Keep only the first N training examples (debugging, quick runs).", "data"
+    )
+    max_eval_samples: Optional[int] = _f(
+        None, "Keep only the first N evaluation examples (of the validation and of the test split).", "data"
+    )
+    preprocessing_num_workers: Optional[int] = _f(None, "Threads the fast tokenizer uses (default: all cores).", "data")
+    data_cache_dir: Optional[str] = _f(
+        None, "Where tokenised data is cached (default: $XDG_CACHE_HOME/mlm-ddp or ~/.cache/mlm-ddp).", "data"
+    )
+    cache_scope: str = _f(
+        "node",
+        "Who prepares downloads and the tokenised-data cache while the other processes "
+        "wait: node = the first process of each node (local rank 0), right whether or not nodes "
+        "share a disk; shared = global rank 0 alone, when every node sees the same "
+        "--data_cache_dir and Hugging Face cache (saves the other nodes the work).",
+        "data",
+        choices=CACHE_SCOPES,
+    )
+    streaming: bool = _f(
+        False,
+        "Stream the training split (Hub dataset or local files) instead of tokenising it "
+        "up front: sharded over all ranks, tokenised and packed in the loader workers, shuffled "
+        "with a buffer. Needs --max_train_steps; the validation split is read whole.",
+        "data",
+    )
+    shuffle_buffer_size: int = _f(
+        10000, "With --streaming: texts held in the shuffle buffer (more mixes better, costs memory).", "data"
+    )
+    dataloader_num_workers: Optional[int] = _f(
+        None,
+        "Loader worker processes per rank (default: 1 with "
+        "--streaming, where they tokenise beside training; 0 otherwise).",
+        "data",
+    )
     # --- masking ---
     mlm_probability: float = _f(0.15, "Fraction of maskable tokens selected for prediction.", "masking")
     mask_replace_prob: float = _f(0.8, "Of the selected tokens, the fraction replaced by [MASK].", "masking")
-    random_replace_prob: float = _f(0.1, "Of the selected tokens, the fraction replaced by a random token "
-                                    "(the rest stay unchanged).", "masking")
-    whole_word_mask: bool = _f(False, "Select whole words: every piece of a chosen word is masked together. Words "
-                               "come from the vocabulary: WordPiece '##' pieces continue a word, byte-level BPE 'Ġ' "
-                               "and SentencePiece '▁' pieces start one.",
-                               "masking")
+    random_replace_prob: float = _f(
+        0.1, "Of the selected tokens, the fraction replaced by a random token (the rest stay unchanged).", "masking"
+    )
+    whole_word_mask: bool = _f(
+        False,
+        "Select whole words: every piece of a chosen word is masked together. Words "
+        "come from the vocabulary: WordPiece '##' pieces continue a word, byte-level BPE 'Ġ' "
+        "and SentencePiece '▁' pieces start one.",
+        "masking",
+    )
     # --- optimisation ---
     per_device_train_batch_size: int = _f(32, "Training examples per process per micro-step.", "training")
     per_device_eval_batch_size: int = _f(64, "Evaluation examples per process per batch.", "training")
@@ -150,58 +206,99 @@ class TrainConfig:
     num_warmup_steps: Optional[int] = _f(None, "Warmup steps; overrides --warmup_ratio.", "training")
     warmup_ratio: float = _f(0.06, "Warmup as a fraction of the total optimizer steps.", "training")
     layerwise_lr_decay: Optional[float] = _f(
-        None, "Layer-wise learning-rate decay FACTOR in (0, 1]: the head (and pooler) train at --learning_rate, "
+        None,
+        "Layer-wise learning-rate decay FACTOR in (0, 1]: the head (and pooler) train at --learning_rate, "
         "encoder layer i of L at learning_rate * FACTOR**(L - i), the embeddings at learning_rate * FACTOR**(L + 1) "
-        "(the decoder tied to the word embeddings goes with them). Off by default.", "training")
-    label_smoothing: float = _f(0.0, "Label smoothing of the training loss on the masked tokens (0 disables); "
-                                "evaluation loss and perplexity are always unsmoothed.", "training")
+        "(the decoder tied to the word embeddings goes with them). Off by default.",
+        "training",
+    )
+    label_smoothing: float = _f(
+        0.0,
+        "Label smoothing of the training loss on the masked tokens (0 disables); "
+        "evaluation loss and perplexity are always unsmoothed.",
+        "training",
+    )
     swa_start_step: Optional[int] = _f(
-        None, "Stochastic weight averaging: from this optimizer step on, average the weights after every step "
+        None,
+        "Stochastic weight averaging: from this optimizer step on, average the weights after every step "
         "(torch's AveragedModel); each evaluation also evaluates the average, and best/ is the averaged model "
-        "when it is the better one. Off by default.", "training")
-    precision: str = _f("auto", "auto: bf16 on GPUs of compute capability 8.0 and up (A100, A10, L4, L40S, H100), "
-                        "fp16 with GradScaler on older GPUs (T4, V100, P100), fp32 on CPU. bf16 on an older GPU is "
-                        "refused: it would be emulated, slower than fp16.", "training", choices=PRECISIONS)
+        "when it is the better one. Off by default.",
+        "training",
+    )
+    precision: str = _f(
+        "auto",
+        "auto: bf16 on GPUs of compute capability 8.0 and up (A100, A10, L4, L40S, H100), "
+        "fp16 with GradScaler on older GPUs (T4, V100, P100), fp32 on CPU. bf16 on an older GPU is "
+        "refused: it would be emulated, slower than fp16.",
+        "training",
+        choices=PRECISIONS,
+    )
     seed: int = _f(42, "Seed for initialisation, shuffling and masks.", "training")
     # --- evaluation, checkpoints, stopping ---
-    eval_steps: Optional[int] = _f(None, "Evaluate every N optimizer steps (default: at the end of each epoch; "
-                                   "with --streaming, whose epochs have no known end, only at the last step).",
-                                   "evaluation")
-    do_train: bool = _f(True, "Train; with --do_train false, only evaluate the model once and write "
-                        "eval_results.json.", "evaluation")
+    eval_steps: Optional[int] = _f(
+        None,
+        "Evaluate every N optimizer steps (default: at the end of each epoch; "
+        "with --streaming, whose epochs have no known end, only at the last step).",
+        "evaluation",
+    )
+    do_train: bool = _f(
+        True, "Train; with --do_train false, only evaluate the model once and write eval_results.json.", "evaluation"
+    )
     eval_on_start: bool = _f(True, "Evaluate once before training, as the baseline to beat.", "evaluation")
-    save_steps: Optional[int] = _f(None, "Save a resumable checkpoint every N steps (default: at every "
-                                   "evaluation); one is always saved at the end.", "evaluation")
+    save_steps: Optional[int] = _f(
+        None,
+        "Save a resumable checkpoint every N steps (default: at every evaluation); one is always saved at the end.",
+        "evaluation",
+    )
     save_total_limit: int = _f(2, "Keep only the newest N resumable checkpoints.", "evaluation")
     early_stopping_patience: int = _f(3, "Stop after N evaluations without improvement (0 disables).", "evaluation")
-    early_stopping_min_delta: float = _f(0.0, "Perplexity must drop by more than this to count as improvement.",
-                                         "evaluation")
-    max_nonfinite_steps: int = _f(25, "Stop (exit code 3, keeping the last good checkpoint and best/) after N "
-                                  "consecutive steps skipped for a non-finite loss or gradient; checked every "
-                                  "logging_steps (0 disables).", "evaluation")
-    stop_grace_seconds: float = _f(25.0, "After SIGTERM/SIGINT, exit anyway if the agreed stop and its checkpoint "
-                                   "are not done within this many seconds (torchrun kills workers after 30).",
-                                   "evaluation")
-    ddp_timeout: int = _f(1800, "Process-group timeout in seconds (a collective waiting longer fails).",
-                          "evaluation")
-    max_runtime: Optional[str] = _f(None, "A time budget (11h30m, 90m, 3600 = seconds) counted from the start: the "
-                                    "run stops at a step boundary early enough that its checkpoint is on disk "
-                                    "before the budget ends (exit code 5); the same command resumes.", "evaluation")
+    early_stopping_min_delta: float = _f(
+        0.0, "Perplexity must drop by more than this to count as improvement.", "evaluation"
+    )
+    max_nonfinite_steps: int = _f(
+        25,
+        "Stop (exit code 3, keeping the last good checkpoint and best/) after N "
+        "consecutive steps skipped for a non-finite loss or gradient; checked every "
+        "logging_steps (0 disables).",
+        "evaluation",
+    )
+    stop_grace_seconds: float = _f(
+        25.0,
+        "After SIGTERM/SIGINT, exit anyway if the agreed stop and its checkpoint "
+        "are not done within this many seconds (torchrun kills workers after 30).",
+        "evaluation",
+    )
+    ddp_timeout: int = _f(1800, "Process-group timeout in seconds (a collective waiting longer fails).", "evaluation")
+    max_runtime: Optional[str] = _f(
+        None,
+        "A time budget (11h30m, 90m, 3600 = seconds) counted from the start: the "
+        "run stops at a step boundary early enough that its checkpoint is on disk "
+        "before the budget ends (exit code 5); the same command resumes.",
+        "evaluation",
+    )
     # --- output ---
     output_dir: Optional[str] = _f(None, "Run directory (default: outputs/<model>-<dataset>).", "output")
-    overwrite_output_dir: bool = _f(False, "Start afresh in a non-empty output_dir (deletes what runs wrote there, "
-                                    "by name; nothing else).",
-                                    "output")
+    overwrite_output_dir: bool = _f(
+        False,
+        "Start afresh in a non-empty output_dir (deletes what runs wrote there, by name; nothing else).",
+        "output",
+    )
     resume_from_checkpoint: Optional[str] = _f(
-        None, "auto (newest checkpoint in output_dir; the default when one exists), none, or a checkpoint path.",
-        "output")
-    report_to: str = _f("all", "Trackers: wandb, none, or all (wandb when it is installed and has a key or "
-                        "WANDB_MODE=offline).", "output", choices=REPORT_TO)
+        None,
+        "auto (newest checkpoint in output_dir; the default when one exists), none, or a checkpoint path.",
+        "output",
+    )
+    report_to: str = _f(
+        "all",
+        "Trackers: wandb, none, or all (wandb when it is installed and has a key or WANDB_MODE=offline).",
+        "output",
+        choices=REPORT_TO,
+    )
     wandb_project: Optional[str] = _f(None, "W&B project (default: $WANDB_PROJECT, else mlm-ddp).", "output")
-    wandb_entity: Optional[str] = _f(None, "W&B entity, a user or team (default: $WANDB_ENTITY, else your "
-                                     "default entity).", "output")
-    wandb_run_name: Optional[str] = _f(None, "W&B run name (default: $WANDB_NAME, else the output_dir name).",
-                                       "output")
+    wandb_entity: Optional[str] = _f(
+        None, "W&B entity, a user or team (default: $WANDB_ENTITY, else your default entity).", "output"
+    )
+    wandb_run_name: Optional[str] = _f(None, "W&B run name (default: $WANDB_NAME, else the output_dir name).", "output")
     wandb_tags: Optional[str] = _f(None, "Comma-separated W&B tags (default: $WANDB_TAGS).", "output")
     wandb_log_model: bool = _f(False, "Upload best/ to W&B as a model artifact at the end of training.", "output")
     logging_steps: int = _f(20, "Log training metrics every N optimizer steps.", "output")
@@ -209,8 +306,7 @@ class TrainConfig:
     # ------------------------------------------------------------------ derived values
     @property
     def from_scratch(self) -> bool:
-        return self.model_name_or_path is None and (self.config_name is not None or
-                                                    self.config_overrides is not None)
+        return self.model_name_or_path is None and (self.config_name is not None or self.config_overrides is not None)
 
     @property
     def loader_workers(self) -> int:
@@ -222,7 +318,7 @@ class TrainConfig:
         return dataclasses.asdict(self)
 
     # ------------------------------------------------------------------ checks
-    def resolve_and_validate(self) -> "TrainConfig":
+    def resolve_and_validate(self) -> TrainConfig:
         """Fill derived defaults and check every value; raise UserError naming the problem and the fix."""
         if self.model_name_or_path is None and not self.from_scratch:
             self.model_name_or_path = DEFAULT_MODEL
@@ -241,8 +337,11 @@ class TrainConfig:
 
 def default_run_name(cfg: TrainConfig) -> str:
     model = cfg.model_name_or_path or cfg.config_name or "scratch"
-    data = (cfg.dataset_config_name or cfg.dataset_name if cfg.dataset_name else
-            os.path.basename(os.path.normpath(cfg.dataset_dir or (cfg.train_file or ["data"])[0])))
+    data = (
+        cfg.dataset_config_name or cfg.dataset_name
+        if cfg.dataset_name
+        else os.path.basename(os.path.normpath(cfg.dataset_dir or (cfg.train_file or ["data"])[0]))
+    )
     name = f"{os.path.basename(os.path.normpath(model))}-{data}"
     return "".join(c if c.isalnum() or c in "-_." else "_" for c in name)
 
@@ -264,20 +363,35 @@ def _check_numbers(c: TrainConfig) -> None:
     _require(c.ddp_timeout >= 10, f"--ddp_timeout must be at least 10 seconds, got {c.ddp_timeout}")
     if c.max_runtime is not None:
         runtime_seconds(c.max_runtime)  # a UserError naming the accepted forms
-    _require(0.0 < c.mlm_probability < 1.0,
-             f"--mlm_probability must be in (0, 1), got {c.mlm_probability}; 0.15 is the BERT recipe")
+    _require(
+        0.0 < c.mlm_probability < 1.0,
+        f"--mlm_probability must be in (0, 1), got {c.mlm_probability}; 0.15 is the BERT recipe",
+    )
     for name in ("mask_replace_prob", "random_replace_prob"):
         v = getattr(c, name)
         _require(0.0 <= v <= 1.0, f"--{name} must be in [0, 1], got {v}")
-    _require(c.mask_replace_prob + c.random_replace_prob <= 1.0 + 1e-9,
-             f"--mask_replace_prob + --random_replace_prob must not exceed 1, got "
-             f"{c.mask_replace_prob + c.random_replace_prob:g}; the rest of the selected tokens stay unchanged")
-    for name in ("per_device_train_batch_size", "per_device_eval_batch_size", "gradient_accumulation_steps",
-                 "logging_steps", "save_total_limit"):
+    _require(
+        c.mask_replace_prob + c.random_replace_prob <= 1.0 + 1e-9,
+        f"--mask_replace_prob + --random_replace_prob must not exceed 1, got "
+        f"{c.mask_replace_prob + c.random_replace_prob:g}; the rest of the selected tokens stay unchanged",
+    )
+    for name in (
+        "per_device_train_batch_size",
+        "per_device_eval_batch_size",
+        "gradient_accumulation_steps",
+        "logging_steps",
+        "save_total_limit",
+    ):
         v = getattr(c, name)
         _require(v >= 1, f"--{name} must be at least 1, got {v}")
-    for name in ("max_train_steps", "eval_steps", "save_steps", "max_train_samples", "max_eval_samples",
-                 "preprocessing_num_workers"):
+    for name in (
+        "max_train_steps",
+        "eval_steps",
+        "save_steps",
+        "max_train_samples",
+        "max_eval_samples",
+        "preprocessing_num_workers",
+    ):
         v = getattr(c, name)
         _require(v is None or v >= 1, f"--{name} must be at least 1 (or left unset), got {v}")
     _require(c.max_seq_length >= 8, f"--max_seq_length must be at least 8, got {c.max_seq_length}")
@@ -287,38 +401,56 @@ def _check_numbers(c: TrainConfig) -> None:
         v = getattr(c, name)
         _require(0.0 <= v < 1.0, f"--{name} must be in [0, 1), got {v}")
     _require(c.adam_epsilon > 0, f"--adam_epsilon must be positive, got {c.adam_epsilon}")
-    _require(c.max_grad_norm >= 0, f"--max_grad_norm must be non-negative (0 disables clipping), got "
-             f"{c.max_grad_norm}")
+    _require(c.max_grad_norm >= 0, f"--max_grad_norm must be non-negative (0 disables clipping), got {c.max_grad_norm}")
     _require(c.num_train_epochs > 0, f"--num_train_epochs must be positive, got {c.num_train_epochs}")
     _require(0.0 <= c.warmup_ratio < 1.0, f"--warmup_ratio must be in [0, 1), got {c.warmup_ratio}")
-    _require(c.num_warmup_steps is None or c.num_warmup_steps >= 0,
-             f"--num_warmup_steps must be non-negative, got {c.num_warmup_steps}")
-    _require(0 <= c.validation_split_percentage < 100,
-             f"--validation_split_percentage must be in [0, 100), got {c.validation_split_percentage}")
-    _require(c.early_stopping_patience >= 0, f"--early_stopping_patience must be >= 0 (0 disables), got "
-             f"{c.early_stopping_patience}")
-    _require(c.early_stopping_min_delta >= 0, f"--early_stopping_min_delta must be >= 0, got "
-             f"{c.early_stopping_min_delta}")
+    _require(
+        c.num_warmup_steps is None or c.num_warmup_steps >= 0,
+        f"--num_warmup_steps must be non-negative, got {c.num_warmup_steps}",
+    )
+    _require(
+        0 <= c.validation_split_percentage < 100,
+        f"--validation_split_percentage must be in [0, 100), got {c.validation_split_percentage}",
+    )
+    _require(
+        c.early_stopping_patience >= 0,
+        f"--early_stopping_patience must be >= 0 (0 disables), got {c.early_stopping_patience}",
+    )
+    _require(
+        c.early_stopping_min_delta >= 0, f"--early_stopping_min_delta must be >= 0, got {c.early_stopping_min_delta}"
+    )
     _require(c.seed >= 0, f"--seed must be non-negative, got {c.seed}")
-    _require(c.layerwise_lr_decay is None or 0.0 < c.layerwise_lr_decay <= 1.0,
-             f"--layerwise_lr_decay must be in (0, 1] (1 = no decay), got {c.layerwise_lr_decay}; 0.8-0.95 is usual")
-    _require(0.0 <= c.label_smoothing < 1.0, f"--label_smoothing must be in [0, 1), got {c.label_smoothing}; "
-             "0.1 is usual")
-    _require(c.swa_start_step is None or c.swa_start_step >= 1,
-             f"--swa_start_step must be at least 1 (or left unset), got {c.swa_start_step}")
+    _require(
+        c.layerwise_lr_decay is None or 0.0 < c.layerwise_lr_decay <= 1.0,
+        f"--layerwise_lr_decay must be in (0, 1] (1 = no decay), got {c.layerwise_lr_decay}; 0.8-0.95 is usual",
+    )
+    _require(
+        0.0 <= c.label_smoothing < 1.0, f"--label_smoothing must be in [0, 1), got {c.label_smoothing}; 0.1 is usual"
+    )
+    _require(
+        c.swa_start_step is None or c.swa_start_step >= 1,
+        f"--swa_start_step must be at least 1 (or left unset), got {c.swa_start_step}",
+    )
     _require(c.shuffle_buffer_size >= 1, f"--shuffle_buffer_size must be at least 1, got {c.shuffle_buffer_size}")
-    _require(c.dataloader_num_workers is None or c.dataloader_num_workers >= 0,
-             f"--dataloader_num_workers must be 0 or more, got {c.dataloader_num_workers}")
+    _require(
+        c.dataloader_num_workers is None or c.dataloader_num_workers >= 0,
+        f"--dataloader_num_workers must be 0 or more, got {c.dataloader_num_workers}",
+    )
     if c.precision == "fp16":
         import torch  # imported here: validation of everything else needs no torch
-        _require(torch.cuda.is_available(), "--precision fp16 needs a CUDA GPU (GradScaler); on CPU use "
-                 "--precision bf16 or fp32")
+
+        _require(
+            torch.cuda.is_available(),
+            "--precision fp16 needs a CUDA GPU (GradScaler); on CPU use --precision bf16 or fp32",
+        )
 
 
 def _check_local_file(flag: str, path: str) -> None:
     _require(os.path.isfile(path), f"--{flag} {path!r} does not exist; give the path of an existing text file")
-    _require(path.endswith(LOCAL_SUFFIXES), f"--{flag} {path!r} has an unsupported extension; use one of "
-             f"{', '.join(LOCAL_SUFFIXES)}")
+    _require(
+        path.endswith(LOCAL_SUFFIXES),
+        f"--{flag} {path!r} has an unsupported extension; use one of {', '.join(LOCAL_SUFFIXES)}",
+    )
     _require(os.path.getsize(path) > 0, f"--{flag} {path!r} is empty; give a file that holds text")
 
 
@@ -328,24 +460,30 @@ def _expand_files(flag: str, given: Union[str, Sequence[str]]) -> list[str]:
     files: list[str] = []
     for pattern in [given] if isinstance(given, str) else list(given):
         matches = sorted(glob.glob(pattern)) if glob.has_magic(pattern) else [pattern]
-        _require(bool(matches), f"--{flag} {pattern!r} matches no file; check the pattern (quote it so the shell "
-                 "does not expand it first)")
+        _require(
+            bool(matches),
+            f"--{flag} {pattern!r} matches no file; check the pattern (quote it so the shell does not expand it first)",
+        )
         for path in matches:
             _check_local_file(flag, path)
             files.append(path)
     kinds = sorted({builder_for(p) for p in files})
-    _require(len(kinds) == 1, f"--{flag} mixes formats ({', '.join(kinds)}); give the files of one split in one "
-             "format")
+    _require(len(kinds) == 1, f"--{flag} mixes formats ({', '.join(kinds)}); give the files of one split in one format")
     return files
 
 
 def _check_sources(c: TrainConfig) -> None:
     _require(not (c.train_file and c.dataset_dir), "give either --train_file or --dataset_dir, not both")
-    _require(not (c.validation_file and not c.train_file),
-             "--validation_file needs --train_file; with --dataset_dir the validation file is wiki.valid.raw")
+    _require(
+        not (c.validation_file and not c.train_file),
+        "--validation_file needs --train_file; with --dataset_dir the validation file is wiki.valid.raw",
+    )
     if c.dataset_dir:
-        _require(os.path.isdir(c.dataset_dir), f"--dataset_dir {c.dataset_dir!r} is not a directory; give the "
-                 "folder holding wiki.train.raw and wiki.valid.raw")
+        _require(
+            os.path.isdir(c.dataset_dir),
+            f"--dataset_dir {c.dataset_dir!r} is not a directory; give the "
+            "folder holding wiki.train.raw and wiki.valid.raw",
+        )
         for name in WIKITEXT_FILES.values():
             _check_local_file("dataset_dir", os.path.join(c.dataset_dir, name))
     for flag in ("train_file", "validation_file", "test_file"):
@@ -354,19 +492,32 @@ def _check_sources(c: TrainConfig) -> None:
     # A separator typed on a shell arrives as backslash-n: read the usual escapes as what they name.
     c.text_separator = c.text_separator.replace("\\n", "\n").replace("\\t", "\t")
     if c.text_column is not None:
-        _require(all(n.strip() for n in c.text_column.split(",")), f"--text_column {c.text_column!r} names an empty "
-                 "column; give NAME or NAME,NAME")
-    _require(bool(c.dataset_name or c.train_file or c.dataset_dir),
-             "no training data: give --dataset_name, --train_file or --dataset_dir")
+        _require(
+            all(n.strip() for n in c.text_column.split(",")),
+            f"--text_column {c.text_column!r} names an empty column; give NAME or NAME,NAME",
+        )
+    _require(
+        bool(c.dataset_name or c.train_file or c.dataset_dir),
+        "no training data: give --dataset_name, --train_file or --dataset_dir",
+    )
     if c.streaming:
-        _require(c.max_train_steps is not None, "--streaming needs --max_train_steps: a stream has no known length, "
-                 "so the schedule is set by steps")
-        _require(not c.line_by_line, "--line_by_line does not apply to --streaming, which packs texts into chunks; "
-                 "drop one of them")
-        _require(c.max_train_samples is None, "--max_train_samples does not apply to --streaming; bound training "
-                 "with --max_train_steps")
-        _require(not (c.train_file and not c.validation_file), "--streaming with --train_file needs "
-                 "--validation_file: the validation set is read whole, so it cannot be carved from a stream")
+        _require(
+            c.max_train_steps is not None,
+            "--streaming needs --max_train_steps: a stream has no known length, so the schedule is set by steps",
+        )
+        _require(
+            not c.line_by_line,
+            "--line_by_line does not apply to --streaming, which packs texts into chunks; drop one of them",
+        )
+        _require(
+            c.max_train_samples is None,
+            "--max_train_samples does not apply to --streaming; bound training with --max_train_steps",
+        )
+        _require(
+            not (c.train_file and not c.validation_file),
+            "--streaming with --train_file needs "
+            "--validation_file: the validation set is read whole, so it cannot be carved from a stream",
+        )
 
 
 def _check_model_paths(c: TrainConfig) -> None:
@@ -375,24 +526,35 @@ def _check_model_paths(c: TrainConfig) -> None:
         if name is None:
             continue
         if os.path.isdir(name):
-            _require(os.path.isfile(os.path.join(name, "config.json")) or flag == "tokenizer_name",
-                     f"--{flag} {name!r} is a directory with no config.json, so it holds no model; give a Hub id "
-                     "(e.g. bert-base-uncased) or a directory written by save_pretrained")
+            _require(
+                os.path.isfile(os.path.join(name, "config.json")) or flag == "tokenizer_name",
+                f"--{flag} {name!r} is a directory with no config.json, so it holds no model; give a Hub id "
+                "(e.g. bert-base-uncased) or a directory written by save_pretrained",
+            )
             if flag == "tokenizer_name" or flag == "model_name_or_path":
-                has_tok = any(os.path.isfile(os.path.join(name, f)) for f in
-                              ("tokenizer.json", "vocab.txt", "tokenizer_config.json"))
-                _require(has_tok or flag == "model_name_or_path" and c.tokenizer_name is not None,
-                         f"--{flag} {name!r} holds no tokenizer files; add them with tokenizer.save_pretrained or "
-                         "pass --tokenizer_name")
+                has_tok = any(
+                    os.path.isfile(os.path.join(name, f))
+                    for f in ("tokenizer.json", "vocab.txt", "tokenizer_config.json")
+                )
+                _require(
+                    has_tok or flag == "model_name_or_path" and c.tokenizer_name is not None,
+                    f"--{flag} {name!r} holds no tokenizer files; add them with tokenizer.save_pretrained or "
+                    "pass --tokenizer_name",
+                )
         elif os.path.isfile(name):
-            _require(flag == "config_name" and name.endswith(".json"),
-                     f"--{flag} {name!r} is a file; give a Hub id or a directory written by save_pretrained")
+            _require(
+                flag == "config_name" and name.endswith(".json"),
+                f"--{flag} {name!r} is a file; give a Hub id or a directory written by save_pretrained",
+            )
         else:
-            _require(not looks_like_path(name), f"--{flag} {name!r} does not exist; give a Hub id or an "
-                     "existing directory")
-    _require(not (c.from_scratch and c.tokenizer_name is None and c.config_name is None),
-             "--config_overrides alone has no tokenizer; pass --tokenizer_name (and --config_name to start from a "
-             "known architecture)")
+            _require(
+                not looks_like_path(name), f"--{flag} {name!r} does not exist; give a Hub id or an existing directory"
+            )
+    _require(
+        not (c.from_scratch and c.tokenizer_name is None and c.config_name is None),
+        "--config_overrides alone has no tokenizer; pass --tokenizer_name (and --config_name to start from a "
+        "known architecture)",
+    )
 
 
 def _check_output(c: TrainConfig) -> None:
@@ -402,15 +564,21 @@ def _check_output(c: TrainConfig) -> None:
     while existing and not os.path.exists(existing):
         existing = os.path.dirname(existing)
     existing = existing or "."
-    _require(os.path.isdir(existing) and os.access(existing, os.W_OK | os.X_OK),
-             f"--output_dir {out!r} cannot be created: {existing!r} is not a writable directory; choose another "
-             "--output_dir")
-    _require(shutil.disk_usage(existing).free > 64 * 2**20,
-             f"--output_dir {out!r}: less than 64 MiB free on its disk; free space or choose another --output_dir")
+    _require(
+        os.path.isdir(existing) and os.access(existing, os.W_OK | os.X_OK),
+        f"--output_dir {out!r} cannot be created: {existing!r} is not a writable directory; choose another "
+        "--output_dir",
+    )
+    _require(
+        shutil.disk_usage(existing).free > 64 * 2**20,
+        f"--output_dir {out!r}: less than 64 MiB free on its disk; free space or choose another --output_dir",
+    )
     r = c.resume_from_checkpoint
     if r not in (None, "auto", "none"):
-        _require(os.path.isdir(r), f"--resume_from_checkpoint {r!r} is not a directory; give a checkpoints/step-N "
-                 "folder, 'auto' or 'none'")
+        _require(
+            os.path.isdir(r),
+            f"--resume_from_checkpoint {r!r} is not a directory; give a checkpoints/step-N folder, 'auto' or 'none'",
+        )
     if c.overwrite_output_dir:
         _check_overwrite_spares_inputs(c)
 
@@ -418,16 +586,20 @@ def _check_output(c: TrainConfig) -> None:
 def _check_overwrite_spares_inputs(c: TrainConfig) -> None:
     """--overwrite_output_dir deletes what a run wrote in output_dir: refuse, before anything is deleted, when a
     path this run reads is among it (fine-tuning further from OUT/best into OUT, say)."""
-    reads = {flag: [getattr(c, flag)] for flag in ("model_name_or_path", "config_name", "tokenizer_name",
-                                                   "dataset_dir", "resume_from_checkpoint")}
+    reads = {
+        flag: [getattr(c, flag)]
+        for flag in ("model_name_or_path", "config_name", "tokenizer_name", "dataset_dir", "resume_from_checkpoint")
+    }
     reads.update({flag: list(getattr(c, flag) or ()) for flag in ("train_file", "validation_file", "test_file")})
     reads = {flag: [p for p in paths if p and os.path.exists(p)] for flag, paths in reads.items()}
     overlap = input_in_run_dir(c.output_dir, reads)
     if overlap:
         flag, path = overlap
-        raise UserError(f"--{flag} {path!r} is inside --output_dir {c.output_dir!r}, where --overwrite_output_dir "
-                        "deletes what a run wrote (checkpoints/, best/, the history); copy it out of there and "
-                        f"point --{flag} at the copy, or choose another --output_dir")
+        raise UserError(
+            f"--{flag} {path!r} is inside --output_dir {c.output_dir!r}, where --overwrite_output_dir "
+            "deletes what a run wrote (checkpoints/, best/, the history); copy it out of there and "
+            f"point --{flag} at the copy, or choose another --output_dir"
+        )
 
 
 # ---------------------------------------------------------------------- command line
@@ -443,8 +615,12 @@ def build_parser(prog: str = "train_ddp.py") -> argparse.ArgumentParser:
         def error(self, message: str) -> typing.NoReturn:  # one line, not argparse's usage dump and exit
             raise parser_error(message, self.prog)
 
-    p = Parser(TrainConfig, prog=prog, description="Masked-LM fine-tuning of BERT-style models on PyTorch DDP. "
-               "Launch with torchrun --nproc_per_node=N train_ddp.py [options], or bash launch.sh [options].")
+    p = Parser(
+        TrainConfig,
+        prog=prog,
+        description="Masked-LM fine-tuning of BERT-style models on PyTorch DDP. "
+        "Launch with torchrun --nproc_per_node=N train_ddp.py [options], or bash launch.sh [options].",
+    )
     p.add_argument("--config", default=None, help="YAML or JSON file of options; the command line overrides it.")
     hints = typing.get_type_hints(TrainConfig)
     for f in dataclasses.fields(TrainConfig):
@@ -462,16 +638,20 @@ def load_config_file(path: str) -> dict[str, Any]:
             data = json.loads(text)
         else:
             import yaml
+
             data = yaml.safe_load(text)
     except Exception as e:  # any parse error is the user's file, not our bug
-        raise UserError(f"--config {path!r} could not be parsed ({type(e).__name__}: "
-                        f"{str(e).splitlines()[0]}); fix the file's syntax") from None
+        raise UserError(
+            f"--config {path!r} could not be parsed ({type(e).__name__}: "
+            f"{str(e).splitlines()[0]}); fix the file's syntax"
+        ) from None
     data = data or {}
     _require(isinstance(data, dict), f"--config {path!r} must hold a mapping of option names to values")
     known = {f.name for f in dataclasses.fields(TrainConfig)}
     unknown = sorted(set(data) - known)
-    _require(not unknown, f"--config {path!r} has unknown option(s) {', '.join(unknown)}; see "
-             "`python train_ddp.py --help`")
+    _require(
+        not unknown, f"--config {path!r} has unknown option(s) {', '.join(unknown)}; see `python train_ddp.py --help`"
+    )
     return data
 
 
@@ -485,11 +665,11 @@ def runtime_seconds(value: str) -> float:
         seconds = float(text)
     except ValueError:
         match = _DURATION.match(text)
-        seconds = sum(float(g) * unit for g, unit in zip(match.groups(), (3600, 60, 1)) if g) \
-            if match and text else -1.0
+        seconds = (
+            sum(float(g) * unit for g, unit in zip(match.groups(), (3600, 60, 1)) if g) if match and text else -1.0
+        )
     if not seconds > 0:
-        raise UserError(f"--max_runtime {value!r}: give a positive duration such as 11h30m, 90m, 45s or 3600 "
-                        "(seconds)")
+        raise UserError(f"--max_runtime {value!r}: give a positive duration such as 11h30m, 90m, 45s or 3600 (seconds)")
     return seconds
 
 

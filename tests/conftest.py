@@ -1,17 +1,29 @@
 """Shared fixtures. Every test runs offline: no Hub, no W&B servers (invariant 8, docs/DESIGN.md)."""
 
 import os
-import sys
 
-for _k, _v in {"HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1",
-               "WANDB_MODE": "offline", "WANDB_SILENT": "true", "TOKENIZERS_PARALLELISM": "false"}.items():
+for _k, _v in {
+    "HF_HUB_OFFLINE": "1",
+    "HF_DATASETS_OFFLINE": "1",
+    "TRANSFORMERS_OFFLINE": "1",
+    "WANDB_MODE": "offline",
+    "WANDB_SILENT": "true",
+    "TOKENIZERS_PARALLELISM": "false",
+}.items():
     os.environ[_k] = _v
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
 import pytest  # noqa: E402
 import torch  # noqa: E402
+from helpers import (  # noqa: E402
+    SHARED_WIKITEXT,
+    TINY_BERT,
+    make_text_file,
+    minilm_path,
+    sharpened_minilm,
+    train_forced_model,
+    write_tiny_config,
+)
 
 if os.environ.get("PYTEST_XDIST_WORKER"):
     # Two workers (-n 2) share the cores with the torchrun subprocesses they start (OMP_NUM_THREADS=1 each):
@@ -25,15 +37,14 @@ def pytest_configure(config):
     if os.environ.get("PYTEST_XDIST_WORKER") or not getattr(config.option, "numprocesses", None):
         import forkserver  # where tests run (not xdist's controller): its imports overlap collection
         from helpers import _env
+
         forkserver.prestart(_env())
 
 
 def pytest_unconfigure(config):
     import forkserver
-    forkserver.close_all()
 
-from helpers import SHARED_WIKITEXT, TINY_BERT, make_text_file, minilm_path, sharpened_minilm, train_forced_model, \
-    write_tiny_config  # noqa: E402
+    forkserver.close_all()
 
 
 @pytest.fixture(scope="session")
@@ -44,6 +55,7 @@ def tokenizer_path() -> str:
 @pytest.fixture(scope="session")
 def tokenizer(tokenizer_path):
     from transformers import AutoTokenizer
+
     return AutoTokenizer.from_pretrained(tokenizer_path)
 
 
@@ -84,6 +96,7 @@ def hf_env(tmp_path_factory, wikitext_dir) -> dict:
     """Hugging Face caches seeded with what the default command downloads (tests/hf_cache.py), and the
     environment that points transformers and datasets at them, offline."""
     from hf_cache import seed_hf_home
+
     return seed_hf_home(str(tmp_path_factory.mktemp("hf-home")), minilm_path(), wikitext_dir)
 
 
@@ -96,5 +109,7 @@ def pytest_collection_modifyitems(config, items):
         return
     lost = [i.nodeid for i in items if any(True for _ in i.iter_markers("xdist_group")) and "@" not in i.nodeid]
     if lost:
-        raise pytest.UsageError(f"--dist loadgroup did not group {lost[0]}: this pytest-xdist cannot set node ids "
-                                "on this pytest (see requirements-dev.txt)")
+        raise pytest.UsageError(
+            f"--dist loadgroup did not group {lost[0]}: this pytest-xdist cannot set node ids "
+            "on this pytest (see requirements-dev.txt)"
+        )

@@ -24,12 +24,9 @@ import signal
 import sys
 import time
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-sys.path.insert(0, ROOT)
+import torch
 
-import torch  # noqa: E402
-
-import train_ddp  # noqa: E402
+import train_ddp  # found through PYTHONPATH, which the tests set (helpers._env)
 from mlm.data import cached  # noqa: E402
 from mlm.model import modeling  # noqa: E402
 from mlm.train import checkpoint, loop  # noqa: E402
@@ -53,8 +50,16 @@ def install(fault: dict) -> None:
         def prepare_batch(raw, epoch, *args, **kwargs):
             rows = raw["input_ids"].numpy()
             with open(f"{fault['record']}.rank{rank}", "a") as fh:
-                fh.write(json.dumps({"epoch": epoch, "index": raw["index"].tolist(),
-                                     "hash": [hashlib.sha1(r.tobytes()).hexdigest()[:16] for r in rows]}) + "\n")
+                fh.write(
+                    json.dumps(
+                        {
+                            "epoch": epoch,
+                            "index": raw["index"].tolist(),
+                            "hash": [hashlib.sha1(r.tobytes()).hexdigest()[:16] for r in rows],
+                        }
+                    )
+                    + "\n"
+                )
             return original_prepare(raw, epoch, *args, **kwargs)
 
         loop.prepare_batch = prepare_batch
@@ -97,7 +102,8 @@ def install(fault: dict) -> None:
                         "NCCL error in: ProcessGroupNCCL.cpp:1970, unhandled system error (run with NCCL_DEBUG=INFO "
                         "for details), NCCL version 2.21.5\nncclSystemError: System call (e.g. socket, malloc) or "
                         "external library call failed or device error.\nLast error:\nError while creating shared "
-                        "memory segment /dev/shm/nccl-vzIpS6 (size 9637888)")
+                        "memory segment /dev/shm/nccl-vzIpS6 (size 9637888)"
+                    )
                 raise RuntimeError(f"injected failure on rank {rank} at step {at}")
         return result
 

@@ -45,9 +45,31 @@ ROOT = os.path.dirname(TESTS)
 # The variables a preloaded module may read when it is imported (Hugging Face caches and offline switches, thread
 # pools, allocators, locale, temporary and home directories): a request that differs in one goes to a server
 # started with its values.
-IMPORT_TIME_PREFIXES = ("HF_", "HUGGINGFACE", "TRANSFORMERS", "DATASETS", "TORCH", "PYTORCH", "OMP_", "MKL_",
-                        "KMP_", "CUDA", "NCCL", "GLOO", "TOKENIZERS", "RAYON", "XDG_", "PYTHON", "LANG", "LC_",
-                        "TMP", "TEMP", "HOME", "SAFETENSORS", "MALLOC")
+IMPORT_TIME_PREFIXES = (
+    "HF_",
+    "HUGGINGFACE",
+    "TRANSFORMERS",
+    "DATASETS",
+    "TORCH",
+    "PYTORCH",
+    "OMP_",
+    "MKL_",
+    "KMP_",
+    "CUDA",
+    "NCCL",
+    "GLOO",
+    "TOKENIZERS",
+    "RAYON",
+    "XDG_",
+    "PYTHON",
+    "LANG",
+    "LC_",
+    "TMP",
+    "TEMP",
+    "HOME",
+    "SAFETENSORS",
+    "MALLOC",
+)
 # Read when the run starts, not at import: torchrun's attempt, run id and NCCL switches; the shim's own.
 RUNTIME_PREFIXES = ("TORCHELASTIC_", "TORCH_NCCL_", "PYTHON_EXEC", "MLM_FORKSERVERS")
 MAX_SERVERS = 4  # per test process; an environment beyond these runs in a fresh interpreter
@@ -57,12 +79,16 @@ DIRECTORY_VARIABLE = "MLM_FORKSERVERS"
 
 
 def import_key(env: dict) -> tuple:
-    return tuple(sorted((k, v) for k, v in env.items()
-                        if k.startswith(IMPORT_TIME_PREFIXES) and not k.startswith(RUNTIME_PREFIXES)))
+    return tuple(
+        sorted(
+            (k, v) for k, v in env.items() if k.startswith(IMPORT_TIME_PREFIXES) and not k.startswith(RUNTIME_PREFIXES)
+        )
+    )
 
 
 def socket_path(directory: str, env: dict) -> str:
     import hashlib
+
     return os.path.join(directory, hashlib.sha256(repr(import_key(env)).encode()).hexdigest()[:16] + ".sock")
 
 
@@ -84,6 +110,7 @@ def preload() -> None:
     from transformers import modeling_utils, tokenization_utils_base  # noqa: F401
     from transformers.models.auto import modeling_auto, tokenization_auto  # noqa: F401
     from transformers.models.bert import modeling_bert, tokenization_bert  # noqa: F401
+
     sys.path.insert(0, ROOT)
     import predict  # noqa: F401
     import train_ddp  # noqa: F401
@@ -92,6 +119,7 @@ def preload() -> None:
     from mlm.model import modeling  # noqa
     from mlm.report import card, tracking  # noqa
     from mlm.train import checkpoint, engine, finish, loop, runlock  # noqa
+
     threads = [t for t in os.listdir("/proc/self/task")]
     if len(threads) != 1:
         raise SystemExit(f"forkserver: the preloaded modules started {len(threads) - 1} thread(s); fork is unsafe")
@@ -103,6 +131,7 @@ def run_child(request: dict, fds: list[int]) -> None:
     import random
     import runpy
     import traceback
+
     code = 1
     try:
         if request.get("new_session"):
@@ -157,6 +186,7 @@ def die_with(pid: int) -> None:
     """SIGKILL this process when process pid (the shim that stands for it) ends."""
     import select
     import signal
+
     try:
         fd = os.pidfd_open(pid)
     except ProcessLookupError:
@@ -166,6 +196,7 @@ def die_with(pid: int) -> None:
     def watch() -> None:
         select.select([fd], [], [])
         os.kill(os.getpid(), signal.SIGKILL)
+
     threading.Thread(target=watch, daemon=True, name="forkserver-watch").start()
 
 
@@ -183,6 +214,7 @@ def receive(conn: socket.socket) -> tuple[dict, list[int]]:
 
 def serve(path: str) -> None:
     import gc
+
     preload()
     # The preloaded modules' objects live as long as a child does: frozen, a child's full collections (one at
     # every run's teardown, 0.2 s over torch's and transformers' objects) skip them, and its pages stay shared.
@@ -239,6 +271,7 @@ def serve(path: str) -> None:
 
 # ---------------------------------------------------------------------------------------------------- client
 
+
 class ForkedProcess:
     """The part of subprocess.Popen the tests use, for a child of a fork server: pid, poll, wait, signals and
     communicate (its output goes to unlinked temporary files, so no pipe fills up)."""
@@ -257,7 +290,7 @@ class ForkedProcess:
             self._conn.settimeout(left)
             try:
                 chunk = self._conn.recv(4096)
-            except (socket.timeout, BlockingIOError):
+            except (TimeoutError, BlockingIOError):
                 raise subprocess.TimeoutExpired(self.args, timeout) from None
             if not chunk:
                 raise RuntimeError("the fork server went away (see its log in the test's temporary directory)")
@@ -288,10 +321,12 @@ class ForkedProcess:
 
     def terminate(self) -> None:
         import signal
+
         self.send_signal(signal.SIGTERM)
 
     def kill(self) -> None:
         import signal
+
         self.send_signal(signal.SIGKILL)
 
     def communicate(self, timeout: Optional[float] = None) -> tuple[str, str]:
@@ -312,8 +347,14 @@ class _Server:
         self.dir = tempfile.mkdtemp(prefix="mlm-forkserver-")
         self.path = socket_path(directory(), env)
         self.log = open(os.path.join(self.dir, "server.log"), "w+b")
-        self.proc = subprocess.Popen([sys.executable, os.path.abspath(__file__), self.path], env=env, cwd=ROOT,
-                                     stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=self.log)
+        self.proc = subprocess.Popen(
+            [sys.executable, os.path.abspath(__file__), self.path],
+            env=env,
+            cwd=ROOT,
+            stdin=subprocess.PIPE,
+            stdout=subprocess.PIPE,
+            stderr=self.log,
+        )
         self.ready = False
 
     def wait_ready(self) -> None:
@@ -385,6 +426,7 @@ def close_all() -> None:
         _servers.clear()
         if _directory is not None:
             import shutil
+
             shutil.rmtree(_directory, ignore_errors=True)
 
 
@@ -402,12 +444,22 @@ def spawn(argv: list[str], env: dict, cwd: str, stdin: Optional[str] = None, new
         stdin_file.write(stdin.encode())
         stdin_file.seek(0)
     if server is None:
-        p = subprocess.Popen([sys.executable, *argv], env=env, cwd=cwd, stdin=stdin_file, stdout=stdout,
-                             stderr=stderr, start_new_session=new_session)
+        p = subprocess.Popen(
+            [sys.executable, *argv],
+            env=env,
+            cwd=cwd,
+            stdin=stdin_file,
+            stdout=stdout,
+            stderr=stderr,
+            start_new_session=new_session,
+        )
         stdin_file.close()
         return _PopenToFiles(p, stdout, stderr)
-    conn = request(server.path, {"argv": argv, "env": env, "cwd": os.fspath(cwd), "new_session": new_session},
-                   [stdin_file.fileno(), stdout.fileno(), stderr.fileno()])
+    conn = request(
+        server.path,
+        {"argv": argv, "env": env, "cwd": os.fspath(cwd), "new_session": new_session},
+        [stdin_file.fileno(), stdout.fileno(), stderr.fileno()],
+    )
     stdin_file.close()
     return ForkedProcess(conn, stdout, stderr, argv)
 
@@ -441,10 +493,12 @@ def request(path: str, what: dict, fds: list[int]) -> socket.socket:
 
 # ------------------------------------------------------------------------------------------------------ shim
 
+
 def shim(args: list[str]) -> None:
     """`python ARGS` for a child of a forked run: forked from this test process's server for this environment,
     or, where there is none (or ARGS is not a script of ours), the real python in this process's place."""
     import signal
+
     flags = []
     while args[:1] == ["-u"]:  # torchrun starts its workers with -u
         flags.append(args.pop(0))
@@ -471,6 +525,7 @@ def shim(args: list[str]) -> None:
             os.kill(child, signum)
         except ProcessLookupError:
             pass
+
     for signum in set(signal.Signals) - {signal.SIGKILL, signal.SIGSTOP, signal.SIGCHLD}:
         try:
             signal.signal(signum, forward)

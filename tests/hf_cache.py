@@ -24,8 +24,14 @@ MODEL_ID = "bert-base-uncased"
 DATASET, DATASET_CONFIG = "wikitext", "wikitext-2-raw-v1"
 SPLIT_FILES = {"train": "wiki.train.raw", "validation": "wiki.valid.raw", "test": "wiki.test.raw"}
 # The files of bert-base-uncased that transformers reads (the MiniLM has the same tokenizer files).
-MODEL_FILES = ("config.json", "model.safetensors", "tokenizer.json", "tokenizer_config.json", "vocab.txt",
-               "special_tokens_map.json")
+MODEL_FILES = (
+    "config.json",
+    "model.safetensors",
+    "tokenizer.json",
+    "tokenizer_config.json",
+    "vocab.txt",
+    "special_tokens_map.json",
+)
 
 
 def _revision(seed: str) -> str:
@@ -80,10 +86,12 @@ def seed_dataset(datasets_cache: str, wikitext_dir: str, work_dir: str) -> str:
         pq.write_table(pa.table({"text": hub_rows(os.path.join(wikitext_dir, name))}), target)
         patterns[split] = [target]
     config = ParquetConfig(name=DATASET_CONFIG, data_files=DataFilesDict.from_patterns(patterns))
-    builder_cls = configure_builder_class(Parquet, builder_configs=[config], default_config_name=None,
-                                          dataset_name=DATASET)
-    builder = builder_cls(cache_dir=datasets_cache, dataset_name=DATASET, config_name=DATASET_CONFIG,
-                          hash=_revision(DATASET))  # no repo_id: it only checks the files are hf:// paths
+    builder_cls = configure_builder_class(
+        Parquet, builder_configs=[config], default_config_name=None, dataset_name=DATASET
+    )
+    builder = builder_cls(
+        cache_dir=datasets_cache, dataset_name=DATASET, config_name=DATASET_CONFIG, hash=_revision(DATASET)
+    )  # no repo_id: it only checks the files are hf:// paths
     builder.download_and_prepare()
     return builder.cache_dir
 

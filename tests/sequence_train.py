@@ -12,10 +12,7 @@ import json
 import os
 import sys
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-sys.path.insert(0, ROOT)
-
-import train_ddp  # noqa: E402
+import train_ddp  # found through PYTHONPATH, which the tests set (helpers._env)
 
 
 def main(path: str) -> int:

@@ -9,15 +9,22 @@ import time
 import urllib.request
 
 import pytest
-
 from helpers import ROOT, _env, free_port
 
 CHROMIUM = os.environ.get("MLM_CHROMIUM", "/usr/bin/chromium")
 ARTIFACTS = os.environ.get("MLM_TEST_ARTIFACTS", os.path.join(ROOT, "test-artifacts"))
 TEXT = "The capital of France is [MASK]."
 # Without these, Chromium keeps reaching for Google's services, which this network refuses.
-CHROMIUM_ARGS = ["--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run", "--disable-sync",
-                 "--disable-background-networking", "--disable-component-update", "--disable-dev-shm-usage"]
+CHROMIUM_ARGS = [
+    "--no-sandbox",
+    "--disable-gpu",
+    "--disable-quic",
+    "--no-first-run",
+    "--disable-sync",
+    "--disable-background-networking",
+    "--disable-component-update",
+    "--disable-dev-shm-usage",
+]
 
 
 def wait_for_http(url: str, proc: subprocess.Popen, timeout: float = 120) -> None:
@@ -40,9 +47,24 @@ def app(minilm_dir, forced_model_dir):
     # app binds it, which the app reports as a port in use. Then another port, up to three tries.
     for attempt in range(3):
         port = free_port()
-        proc = subprocess.Popen([sys.executable, "-m", "mlm.inference.app", "--model", minilm_dir, "--compare",
-                                 forced_model_dir, "--port", str(port)], cwd=ROOT, env=_env(),
-                                stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+        proc = subprocess.Popen(
+            [
+                sys.executable,
+                "-m",
+                "mlm.inference.app",
+                "--model",
+                minilm_dir,
+                "--compare",
+                forced_model_dir,
+                "--port",
+                str(port),
+            ],
+            cwd=ROOT,
+            env=_env(),
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT,
+            text=True,
+        )
         try:
             wait_for_http(f"http://127.0.0.1:{port}/", proc)
         except AssertionError as e:
@@ -65,9 +87,13 @@ def app(minilm_dir, forced_model_dir):
 
 def test_browser_types_a_masked_sentence_and_sees_both_models_predictions(app, minilm_dir, forced_model_dir):
     from playwright.sync_api import sync_playwright
+
     from mlm.inference.fill_mask import FillMask
-    expected = [[c.token for c in FillMask(path, device="cpu").predict([TEXT], top_k=5)[0].masks[0].candidates]
-                for path in (minilm_dir, forced_model_dir)]
+
+    expected = [
+        [c.token for c in FillMask(path, device="cpu").predict([TEXT], top_k=5)[0].masks[0].candidates]
+        for path in (minilm_dir, forced_model_dir)
+    ]
     assert expected[0] != expected[1]  # the two panes must show different models
     os.makedirs(ARTIFACTS, exist_ok=True)
     with sync_playwright() as pw:
@@ -92,6 +118,7 @@ def test_browser_types_a_masked_sentence_and_sees_both_models_predictions(app, m
 
 def test_a_text_without_a_mask_is_reported_on_the_page(app):
     from gradio_client import Client
+
     client = Client(app, verbose=False)
     out = client.predict("no mask here", 5, api_name="/lambda")
     first = out[0] if isinstance(out, (list, tuple)) else out

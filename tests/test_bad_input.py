@@ -15,8 +15,7 @@ import os
 from dataclasses import dataclass, field
 
 import pytest
-
-from helpers import make_text_file, run_train, start_ranks, tiny_args, wait_all
+from helpers import _env, make_text_file, run_train, start_ranks, tiny_args, wait_all
 
 TIME_LIMIT_S = 60.0
 NOT_CACHED = "some_dataset_that_is_not_cached"
@@ -26,7 +25,7 @@ NOT_CACHED = "some_dataset_that_is_not_cached"
 class Case:
     args: list[str]
     problem: list[str]  # substrings that name the problem (the option, the file, the value)
-    fix: str            # a substring of the suggested fix
+    fix: str  # a substring of the suggested fix
     env: dict = field(default_factory=dict)
 
 
@@ -39,37 +38,56 @@ def build_case(name: str, tmp_path, config_dir: str, tokenizer: str) -> Case:
         return tiny_args(config_dir, tokenizer, output_dir, cache, **{"train_file": text, **kw})
 
     if name == "missing_train_file":
-        return Case(args(train_file=str(tmp_path / "missing.txt")), ["--train_file", "missing.txt", "does not exist"],
-                    "give the path of an existing text file")
+        return Case(
+            args(train_file=str(tmp_path / "missing.txt")),
+            ["--train_file", "missing.txt", "does not exist"],
+            "give the path of an existing text file",
+        )
     if name == "empty_train_file":
         (tmp_path / "empty.txt").write_bytes(b"")
-        return Case(args(train_file=str(tmp_path / "empty.txt")), ["--train_file", "empty.txt", "is empty"],
-                    "give a file that holds text")
+        return Case(
+            args(train_file=str(tmp_path / "empty.txt")),
+            ["--train_file", "empty.txt", "is empty"],
+            "give a file that holds text",
+        )
     if name == "blank_train_file":  # non-empty on disk, so it is caught only after tokenisation on rank 0
         (tmp_path / "blank.txt").write_text(" \n\n   \n\t\n" * 50)
-        return Case(args(train_file=str(tmp_path / "blank.txt")), ["blank.txt", "blank lines"],
-                    "give a file that holds text")
+        return Case(
+            args(train_file=str(tmp_path / "blank.txt")), ["blank.txt", "blank lines"], "give a file that holds text"
+        )
     if name == "invalid_utf8_train_file":  # scraped text with a Windows-1252 quote in it
         with open(text, "ab") as fh:
             fh.write(b"he said \x93hello\x94\n")
         return Case(args(), ["train.txt", "invalid UTF-8 at byte", "line 201"], "--text_errors replace")
     if name == "non_string_jsonl_text":
         (tmp_path / "rows.jsonl").write_text('{"text": "fine"}\n{"text": 12}\n')
-        return Case(args(train_file=str(tmp_path / "rows.jsonl")), ["rows.jsonl row 2", "'text' is int 12"],
-                    "--text_errors skip")
+        return Case(
+            args(train_file=str(tmp_path / "rows.jsonl")),
+            ["rows.jsonl row 2", "'text' is int 12"],
+            "--text_errors skip",
+        )
     if name == "hub_dataset_offline":
         hf_cache = tmp_path / "hf-datasets"  # empty, so nothing is cached
         hf_cache.mkdir()
-        return Case(args(train_file=None, dataset_name=NOT_CACHED),
-                    [f"'{NOT_CACHED}'", "offline"], "--train_file",
-                    env={"HF_DATASETS_CACHE": str(hf_cache), "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1"})
+        return Case(
+            args(train_file=None, dataset_name=NOT_CACHED),
+            [f"'{NOT_CACHED}'", "offline"],
+            "--train_file",
+            env={"HF_DATASETS_CACHE": str(hf_cache), "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1"},
+        )
     if name == "model_path_without_model":
         (tmp_path / "no-model").mkdir()
-        return Case(args(config_name=None, model_name_or_path=str(tmp_path / "no-model")),
-                    ["--model_name_or_path", "no-model", "no config.json"], "save_pretrained")
+        return Case(
+            args(config_name=None, model_name_or_path=str(tmp_path / "no-model")),
+            ["--model_name_or_path", "no-model", "no config.json"],
+            "save_pretrained",
+        )
     if name == "max_seq_length_beyond_positions":  # the tiny config has 128 position embeddings
-        return Case(args(max_seq_length=256), ["--max_seq_length 256", "128 position embeddings"],
-                    "--max_seq_length 128 or less")
+        return Case(
+            args(max_seq_length=256),
+            ["--max_seq_length 256", "128 position embeddings"],
+            "--max_seq_length 128 or less",
+        )
     if name.startswith("mlm_probability_"):
         value = name.rsplit("_", 1)[1]
         return Case(args(mlm_probability=value), ["--mlm_probability", "(0, 1)", f"got {float(value)}"], "0.15")
@@ -77,17 +95,29 @@ def build_case(name: str, tmp_path, config_dir: str, tokenizer: str) -> Case:
         return Case(args(per_device_train_batch_size=0), ["--per_device_train_batch_size", "got 0"], "at least 1")
     if name == "output_dir_is_a_file":
         (tmp_path / "a-file").write_text("not a directory\n")
-        return Case(args(output_dir=str(tmp_path / "a-file")), ["--output_dir", "a-file", "is a file"],
-                    "give a directory path")
+        return Case(
+            args(output_dir=str(tmp_path / "a-file")), ["--output_dir", "a-file", "is a file"], "give a directory path"
+        )
     if name == "unknown_option":
         return Case(args() + ["--no_such_option", "3"], ["unrecognized arguments", "--no_such_option"], "--help")
     raise ValueError(name)
 
 
-CASES = ["missing_train_file", "empty_train_file", "blank_train_file", "invalid_utf8_train_file",
-         "non_string_jsonl_text", "hub_dataset_offline",
-         "model_path_without_model", "max_seq_length_beyond_positions", "mlm_probability_0", "mlm_probability_1",
-         "batch_size_zero", "output_dir_is_a_file", "unknown_option"]
+CASES = [
+    "missing_train_file",
+    "empty_train_file",
+    "blank_train_file",
+    "invalid_utf8_train_file",
+    "non_string_jsonl_text",
+    "hub_dataset_offline",
+    "model_path_without_model",
+    "max_seq_length_beyond_positions",
+    "mlm_probability_0",
+    "mlm_probability_1",
+    "batch_size_zero",
+    "output_dir_is_a_file",
+    "unknown_option",
+]
 
 
 def lines(text: str) -> list[str]:
@@ -117,16 +147,22 @@ def worker_logs(log_dir: str, local_rank: int) -> tuple[str, str]:
 # Under torchrun, one case for each place an error can arise: the options (every rank, before any process
 # group; the other option cases take the same path, and each one's message is checked in one process below),
 # rank 0's data preparation (a blank file, a Hub dataset), and the model's config on every rank.
-TORCHRUN_CASES = ["mlm_probability_0", "missing_train_file", "blank_train_file", "hub_dataset_offline",
-                  "max_seq_length_beyond_positions"]
+TORCHRUN_CASES = [
+    "mlm_probability_0",
+    "missing_train_file",
+    "blank_train_file",
+    "hub_dataset_offline",
+    "max_seq_length_beyond_positions",
+]
 
 
 @pytest.mark.parametrize("name", TORCHRUN_CASES)
 def test_bad_input_under_torchrun(name, tmp_path, tiny_config_dir, tokenizer_path):
     case = build_case(name, tmp_path, tiny_config_dir, tokenizer_path)
     log_dir = str(tmp_path / "torchrun-logs")
-    res = run_train(case.args, nproc=2, timeout=120, extra_env=case.env,
-                    torchrun_args=["--log-dir", log_dir, "--redirects", "3"])
+    res = run_train(
+        case.args, nproc=2, timeout=120, extra_env=case.env, torchrun_args=["--log-dir", log_dir, "--redirects", "3"]
+    )
     assert res.returncode != 0, res.output
     (out0, err0), (out1, err1) = worker_logs(log_dir, 0), worker_logs(log_dir, 1)
     for rank, text in enumerate((out0 + err0, out1 + err1)):
@@ -141,6 +177,7 @@ def test_bad_input_under_torchrun(name, tmp_path, tiny_config_dir, tokenizer_pat
 def test_bad_input_in_one_process(name, tmp_path, tiny_config_dir, tokenizer_path, capfd, monkeypatch):
     """What `python train_ddp.py` does with the case (the same main, a world of one), in this process."""
     import train_ddp
+
     case = build_case(name, tmp_path, tiny_config_dir, tokenizer_path)
     for key, value in case.env.items():
         monkeypatch.setenv(key, value)
@@ -156,8 +193,16 @@ def test_bad_input_in_one_process(name, tmp_path, tiny_config_dir, tokenizer_pat
 # cannot see it. Here the two ranks are started by hand, with the variables torchrun sets, and each one must
 # exit by itself, non-zero and quietly, within the limit. The first case fails before the process group
 # exists; the others after it, on rank 0 alone (blank file, dataset) or on every rank (positions).
-@pytest.mark.parametrize("name", ["missing_train_file", "blank_train_file", "invalid_utf8_train_file",
-                                  "hub_dataset_offline", "max_seq_length_beyond_positions"])
+@pytest.mark.parametrize(
+    "name",
+    [
+        "missing_train_file",
+        "blank_train_file",
+        "invalid_utf8_train_file",
+        "hub_dataset_offline",
+        "max_seq_length_beyond_positions",
+    ],
+)
 def test_every_rank_exits_by_itself(name, tmp_path, tiny_config_dir, tokenizer_path):
     case = build_case(name, tmp_path, tiny_config_dir, tokenizer_path)
     results = wait_all(start_ranks(case.args, nproc=2, extra_env=case.env), timeout=TIME_LIMIT_S)
@@ -171,7 +216,6 @@ def test_every_rank_exits_by_itself(name, tmp_path, tiny_config_dir, tokenizer_p
 GRACE_SCRIPT = """
 import sys
 import time
-sys.path.insert(0, sys.argv[1])
 import train_ddp
 from mlm.common.cli import UserError
 train_ddp.USER_ERROR_GRACE_S = 600.0
@@ -194,12 +238,13 @@ def test_a_quiet_rank_leaves_its_grace_when_torchrun_stops_it(tmp_path):
     import signal
     import subprocess
     import sys
-    from helpers import ROOT
+
     script = tmp_path / "grace.py"
     script.write_text(GRACE_SCRIPT)
-    env = {**os.environ, "RANK": "1", "WORLD_SIZE": "2"}
-    p = subprocess.Popen([sys.executable, str(script), ROOT], env=env, stdout=subprocess.PIPE,
-                         stderr=subprocess.STDOUT, text=True)
+    env = _env({"RANK": "1", "WORLD_SIZE": "2"})
+    p = subprocess.Popen(
+        [sys.executable, str(script)], env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True
+    )
     try:
         assert p.stdout.readline().strip() == "waiting"
         p.send_signal(signal.SIGTERM)

@@ -72,8 +72,14 @@ def test_another_hub_dataset_does_not_inherit_the_wikitext_configuration(tmp_pat
 # ---------------------------------------------------------------------- --config FILE
 @pytest.mark.parametrize("kind", ["yaml", "json"])
 def test_config_file_supplies_values_and_the_command_line_wins(tmp_path, kind):
-    values = {"learning_rate": "1e-4", "per_device_train_batch_size": 8, "line_by_line": True,
-              "lr_scheduler_type": "cosine", "max_train_steps": 100, "mlm_probability": 0.2}
+    values = {
+        "learning_rate": "1e-4",
+        "per_device_train_batch_size": 8,
+        "line_by_line": True,
+        "lr_scheduler_type": "cosine",
+        "max_train_steps": 100,
+        "mlm_probability": 0.2,
+    }
     if kind == "json":
         path = tmp_path / "run.json"
         path.write_text(json.dumps(values))
@@ -102,15 +108,18 @@ def test_unknown_key_in_config_file_is_a_user_error(tmp_path):
         parse(tmp_path, "--config", path)
 
 
-@pytest.mark.parametrize("text, match", [
-    ("per_device_train_batch_size: eight\n", "per_device_train_batch_size"),
-    ("per_device_train_batch_size: 8.5\n", "per_device_train_batch_size"),
-    ("line_by_line: maybe\n", "line_by_line"),
-    ("lr_scheduler_type: bogus\n", "--lr_scheduler_type"),    # choices are checked for file values too
-    ("mlm_probability: 1.5\n", "--mlm_probability"),           # and so is every range
-    ("- a\n- list\n", "mapping"),
-    ("learning_rate: [unclosed\n", "could not be parsed"),
-])
+@pytest.mark.parametrize(
+    "text, match",
+    [
+        ("per_device_train_batch_size: eight\n", "per_device_train_batch_size"),
+        ("per_device_train_batch_size: 8.5\n", "per_device_train_batch_size"),
+        ("line_by_line: maybe\n", "line_by_line"),
+        ("lr_scheduler_type: bogus\n", "--lr_scheduler_type"),  # choices are checked for file values too
+        ("mlm_probability: 1.5\n", "--mlm_probability"),  # and so is every range
+        ("- a\n- list\n", "mapping"),
+        ("learning_rate: [unclosed\n", "could not be parsed"),
+    ],
+)
 def test_bad_config_file_values_are_user_errors(tmp_path, text, match):
     with pytest.raises(UserError, match=match):
         parse(tmp_path, "--config", write_yaml(tmp_path / "run.yaml", text))
@@ -127,15 +136,18 @@ def test_integral_float_in_config_file_is_an_int(tmp_path):
 
 
 # ---------------------------------------------------------------------- bool flags
-@pytest.mark.parametrize("argv, expected", [
-    ([], False),
-    (["--line_by_line"], True),
-    (["--line_by_line", "true"], True),
-    (["--line_by_line", "false"], False),
-    (["--line_by_line", "0"], False),
-    (["--line_by_line", "--no_line_by_line"], False),
-    (["--no_line_by_line", "--line_by_line"], True),  # the last one given wins
-])
+@pytest.mark.parametrize(
+    "argv, expected",
+    [
+        ([], False),
+        (["--line_by_line"], True),
+        (["--line_by_line", "true"], True),
+        (["--line_by_line", "false"], False),
+        (["--line_by_line", "0"], False),
+        (["--line_by_line", "--no_line_by_line"], False),
+        (["--no_line_by_line", "--line_by_line"], True),  # the last one given wins
+    ],
+)
 def test_bool_flags(tmp_path, argv, expected):
     assert parse(tmp_path, *argv).line_by_line is expected
 
@@ -151,11 +163,14 @@ def test_bool_flag_with_a_bad_value_is_a_user_error(tmp_path):
         parse(tmp_path, "--line_by_line", "maybe")
 
 
-@pytest.mark.parametrize("argv, match", [
-    (["--no_such_option", "1"], "--no_such_option"),
-    (["--per_device_train_batch_size", "eight"], "per_device_train_batch_size"),
-    (["--precision", "fp8"], "precision"),
-])
+@pytest.mark.parametrize(
+    "argv, match",
+    [
+        (["--no_such_option", "1"], "--no_such_option"),
+        (["--per_device_train_batch_size", "eight"], "per_device_train_batch_size"),
+        (["--precision", "fp8"], "precision"),
+    ],
+)
 def test_command_line_mistakes_are_user_errors_pointing_at_help(tmp_path, argv, match):
     with pytest.raises(UserError, match=match) as e:
         parse(tmp_path, *argv)
@@ -165,6 +180,7 @@ def test_command_line_mistakes_are_user_errors_pointing_at_help(tmp_path, argv, 
 # ---------------------------------------------------------------------- --help
 def test_help_lists_every_option(capfd):
     import train_ddp
+
     # What `python train_ddp.py --help` runs, in this process: torchelastic's @record turns argparse's
     # SystemExit(0) into None, which sys.exit(main()) makes exit code 0.
     assert train_ddp.main(["--help"]) is None
@@ -182,20 +198,46 @@ def test_every_field_has_a_help_string():
 
 # ---------------------------------------------------------------------- value checks
 BAD_VALUES = [
-    ("mlm_probability", 0.0), ("mlm_probability", 1.0), ("mlm_probability", -0.1), ("mlm_probability", 1.5),
-    ("mask_replace_prob", -0.1), ("mask_replace_prob", 1.1), ("random_replace_prob", -0.1),
+    ("mlm_probability", 0.0),
+    ("mlm_probability", 1.0),
+    ("mlm_probability", -0.1),
+    ("mlm_probability", 1.5),
+    ("mask_replace_prob", -0.1),
+    ("mask_replace_prob", 1.1),
+    ("random_replace_prob", -0.1),
     ("random_replace_prob", 1.1),
-    ("per_device_train_batch_size", 0), ("per_device_train_batch_size", -1), ("per_device_eval_batch_size", 0),
-    ("gradient_accumulation_steps", 0), ("logging_steps", 0), ("save_total_limit", 0),
-    ("max_train_steps", 0), ("eval_steps", 0), ("save_steps", 0), ("max_train_samples", 0),
-    ("max_eval_samples", 0), ("preprocessing_num_workers", 0),
-    ("max_seq_length", 4), ("max_seq_length", 0),
-    ("learning_rate", 0.0), ("learning_rate", -1e-4), ("weight_decay", -0.01),
-    ("adam_beta1", 1.0), ("adam_beta1", -0.1), ("adam_beta2", 1.0), ("adam_epsilon", 0.0),
-    ("max_grad_norm", -1.0), ("num_train_epochs", 0.0), ("num_train_epochs", -1.0),
-    ("warmup_ratio", 1.0), ("warmup_ratio", -0.1), ("num_warmup_steps", -1),
-    ("validation_split_percentage", 100), ("validation_split_percentage", -1),
-    ("early_stopping_patience", -1), ("early_stopping_min_delta", -0.5), ("seed", -1),
+    ("per_device_train_batch_size", 0),
+    ("per_device_train_batch_size", -1),
+    ("per_device_eval_batch_size", 0),
+    ("gradient_accumulation_steps", 0),
+    ("logging_steps", 0),
+    ("save_total_limit", 0),
+    ("max_train_steps", 0),
+    ("eval_steps", 0),
+    ("save_steps", 0),
+    ("max_train_samples", 0),
+    ("max_eval_samples", 0),
+    ("preprocessing_num_workers", 0),
+    ("max_seq_length", 4),
+    ("max_seq_length", 0),
+    ("learning_rate", 0.0),
+    ("learning_rate", -1e-4),
+    ("weight_decay", -0.01),
+    ("adam_beta1", 1.0),
+    ("adam_beta1", -0.1),
+    ("adam_beta2", 1.0),
+    ("adam_epsilon", 0.0),
+    ("max_grad_norm", -1.0),
+    ("num_train_epochs", 0.0),
+    ("num_train_epochs", -1.0),
+    ("warmup_ratio", 1.0),
+    ("warmup_ratio", -0.1),
+    ("num_warmup_steps", -1),
+    ("validation_split_percentage", 100),
+    ("validation_split_percentage", -1),
+    ("early_stopping_patience", -1),
+    ("early_stopping_min_delta", -0.5),
+    ("seed", -1),
 ]
 
 
@@ -215,17 +257,27 @@ def test_mask_and_random_replacement_must_not_exceed_one(tmp_path):
     parse(tmp_path, "--mask_replace_prob", "0.9", "--random_replace_prob", "0.1")
 
 
-@pytest.mark.parametrize("argv", [
-    ["--max_grad_norm", "0"], ["--early_stopping_patience", "0"], ["--num_warmup_steps", "0"],
-    ["--warmup_ratio", "0"], ["--validation_split_percentage", "0"], ["--weight_decay", "0"],
-    ["--mlm_probability", "0.5"], ["--max_seq_length", "8"], ["--num_train_epochs", "0.5"],
-])
+@pytest.mark.parametrize(
+    "argv",
+    [
+        ["--max_grad_norm", "0"],
+        ["--early_stopping_patience", "0"],
+        ["--num_warmup_steps", "0"],
+        ["--warmup_ratio", "0"],
+        ["--validation_split_percentage", "0"],
+        ["--weight_decay", "0"],
+        ["--mlm_probability", "0.5"],
+        ["--max_seq_length", "8"],
+        ["--num_train_epochs", "0.5"],
+    ],
+)
 def test_boundary_values_that_are_allowed(tmp_path, argv):
     parse(tmp_path, *argv)
 
 
 def test_fp16_on_cpu_is_a_user_error(tmp_path):
     import torch
+
     if torch.cuda.is_available():
         pytest.skip("fp16 is valid with a CUDA GPU")
     with pytest.raises(UserError, match="--precision fp16"):
@@ -250,10 +302,13 @@ def test_path_checks(tmp_path, text_file, tokenizer_path):
         parse(tmp_path, "--resume_from_checkpoint", str(tmp_path / "no-such-step"))
 
 
-@pytest.mark.parametrize("text, seconds", [("11h30m", 41400), ("90m", 5400), ("3600", 3600), ("45s", 45),
-                                           ("1.5h", 5400), ("1h2m3s", 3723), (" 2H ", 7200)])
+@pytest.mark.parametrize(
+    "text, seconds",
+    [("11h30m", 41400), ("90m", 5400), ("3600", 3600), ("45s", 45), ("1.5h", 5400), ("1h2m3s", 3723), (" 2H ", 7200)],
+)
 def test_max_runtime_reads_a_duration(text, seconds):
     from mlm.config import runtime_seconds
+
     assert runtime_seconds(text) == seconds
 
 
@@ -265,7 +320,9 @@ def test_a_bad_max_runtime_is_a_one_line_error(text):
 
 def test_the_budget_stops_while_a_step_and_a_checkpoint_still_fit():
     import time
+
     from mlm.train.preemption import OUT_OF_TIME, StopRequest
+
     request = StopRequest(25.0, budget=10.0, started=time.monotonic() - 8.0)
     request.expect(step_seconds=0.5, save_seconds=0.5)
     assert not request.out_of_time() and request.agreed() == 0  # 8 + 1.1 s < 10

@@ -6,8 +6,8 @@ import random
 
 import numpy as np
 import pytest
-
 from helpers import SHARED_WIKITEXT, make_text_file
+
 from mlm.config import TrainConfig, UserError
 from mlm.data.cached import ChunkDataset, LineDataset, TokenStream, eval_shard, load_token_streams, tokenize_texts
 from mlm.data.sources import read_text_file
@@ -48,38 +48,47 @@ def _with_normalizer(tokenizer, normalizer):
     return tokenizer
 
 
-@pytest.mark.parametrize("kind, fast_path", [
-    ("bert uncased (MiniLM)", True),
-    ("bert cased", True),
-    ("NFD + Lowercase + StripAccents", True),
-    ("NFKC, added tokens", True),
-    ("byte-level BPE, no normaliser", False),
-    ("Replace + NFKC (SentencePiece-like)", False),
-])
+@pytest.mark.parametrize(
+    "kind, fast_path",
+    [
+        ("bert uncased (MiniLM)", True),
+        ("bert cased", True),
+        ("NFD + Lowercase + StripAccents", True),
+        ("NFKC, added tokens", True),
+        ("byte-level BPE, no normaliser", False),
+        ("Replace + NFKC (SentencePiece-like)", False),
+    ],
+)
 def test_the_ascii_path_gives_the_fast_tokenizers_ids(kind, fast_path, tokenizer_path, tmp_path):
     """ASCII texts are normalised by a byte table and tokenised without the Rust normaliser where the normaliser
     acts a character at a time; the ids are the fast tokenizer's own, text by text, for every tokenizer kind."""
+    from families import byte_level_bpe, trained_wordpiece, unigram_metaspace
     from tokenizers import AddedToken, normalizers
     from transformers import AutoTokenizer
-    from families import byte_level_bpe, trained_wordpiece, unigram_metaspace
+
     from mlm.data.text import TextEncoder, plain_backend
+
     d = str(tmp_path / "tok")
     if kind == "bert uncased (MiniLM)":
         tok = AutoTokenizer.from_pretrained(tokenizer_path)
     elif kind == "bert cased":
         tok = _with_normalizer(trained_wordpiece(d), normalizers.BertNormalizer(lowercase=False, strip_accents=False))
     elif kind == "NFD + Lowercase + StripAccents":
-        tok = _with_normalizer(trained_wordpiece(d), normalizers.Sequence(
-            [normalizers.NFD(), normalizers.Lowercase(), normalizers.StripAccents()]))
+        tok = _with_normalizer(
+            trained_wordpiece(d),
+            normalizers.Sequence([normalizers.NFD(), normalizers.Lowercase(), normalizers.StripAccents()]),
+        )
     elif kind == "NFKC, added tokens":
-        tok = _with_normalizer(unigram_metaspace(d), normalizers.Sequence(
-            [normalizers.NFKC(), normalizers.Lowercase()]))
+        tok = _with_normalizer(
+            unigram_metaspace(d), normalizers.Sequence([normalizers.NFKC(), normalizers.Lowercase()])
+        )
         tok.add_tokens([AddedToken("FooBar", normalized=True), AddedToken("BaZ", normalized=False)])
     elif kind == "byte-level BPE, no normaliser":
         tok = byte_level_bpe(d)
     else:
-        tok = _with_normalizer(unigram_metaspace(d), normalizers.Sequence(
-            [normalizers.Replace("``", '"'), normalizers.NFKC()]))
+        tok = _with_normalizer(
+            unigram_metaspace(d), normalizers.Sequence([normalizers.Replace("``", '"'), normalizers.NFKC()])
+        )
     encoder = TextEncoder(plain_backend(tok))
     assert (encoder.ascii is not None) == fast_path
     texts = _texts_for_the_ascii_path()
@@ -89,7 +98,9 @@ def test_the_ascii_path_gives_the_fast_tokenizers_ids(kind, fast_path, tokenizer
 def test_many_added_tokens_keep_the_normaliser(tokenizer_path):
     """Searching every ASCII text for more than 64 added tokens would cost more than the normaliser saves."""
     from transformers import AutoTokenizer
+
     from mlm.data.text import text_encoder
+
     tok = AutoTokenizer.from_pretrained(tokenizer_path)
     tok.add_tokens([f"addedword{i}" for i in range(30)])  # 40 forms with the specials and their lowercase: fast
     assert text_encoder(tok).ascii is not None
@@ -155,8 +166,9 @@ def test_second_build_is_served_from_the_cache(tokenizer, text_file, tmp_path):
         assert np.array_equal(first[split].tokens, second[split].tokens)
     # Another source (other content) misses the cache.
     other = make_text_file(str(tmp_path / "other.txt"), n_lines=50, seed=9)
-    _, hit3, _ = load_token_streams(cfg_for(tmp_path, train_file=other), tokenizer, str(tmp_path / "cache"),
-                                 builder=builder)
+    _, hit3, _ = load_token_streams(
+        cfg_for(tmp_path, train_file=other), tokenizer, str(tmp_path / "cache"), builder=builder
+    )
     assert not hit3
 
 
@@ -168,8 +180,9 @@ def test_validation_is_carved_from_the_first_rows(tokenizer, text_file, tmp_path
     assert streams["validation"].tokens.tolist() == reference_stream(tokenizer, texts[:n_val])
     assert streams["train"].tokens.tolist() == reference_stream(tokenizer, texts[n_val:])
     with pytest.raises(UserError, match="no validation split"):
-        load_token_streams(cfg_for(tmp_path, train_file=text_file, validation_split_percentage=0), tokenizer,
-                           str(tmp_path / "cache2"))
+        load_token_streams(
+            cfg_for(tmp_path, train_file=text_file, validation_split_percentage=0), tokenizer, str(tmp_path / "cache2")
+        )
 
 
 def test_local_formats_read_the_text_column(tmp_path):
@@ -180,6 +193,7 @@ def test_local_formats_read_the_text_column(tmp_path):
         fh.write("id,text\n" + "".join(f"{i},{r}\n" for i, r in enumerate(rows)))
     import pyarrow as pa
     import pyarrow.parquet as pq
+
     pq.write_table(pa.table({"text": rows}), tmp_path / "a.parquet")
     for name in ("a.jsonl", "a.csv", "a.parquet"):
         assert read_text_file(str(tmp_path / name)) == rows

@@ -1,19 +1,18 @@
 """Issue 24: the cached path prepares a corpus of any size in bounded memory, every rank reads it through the
 memory map, and ranks wait for a long preparation without a timeout firing."""
 
-import json
 import logging
 import os
 import tracemalloc
 
 import numpy as np
 import pytest
-
 from helpers import make_text_file, run_train, tiny_args
-from mlm.common import files
-from mlm.data import cached, cleaning, sources
-from mlm.config import UserError, parse_args
 from test_data import cfg_for
+
+from mlm.common import files
+from mlm.config import UserError, parse_args
+from mlm.data import cached, cleaning, sources
 from mlm.data.cached import build_datasets, load_token_streams, tokenize_texts
 from mlm.data.sources import read_text_file
 
@@ -40,8 +39,13 @@ def test_batches_of_any_size_give_the_same_streams(tokenizer, tmp_path, monkeypa
     def builder(tok, batch):
         calls.append(len(batch))
         return tokenize_texts(tok, batch)
-    streams, hit, _ = load_token_streams(cfg_for(tmp_path, train_file=path, validation_split_percentage=10),
-                                         tokenizer, str(tmp_path / "cache"), builder=builder)
+
+    streams, hit, _ = load_token_streams(
+        cfg_for(tmp_path, train_file=path, validation_split_percentage=10),
+        tokenizer,
+        str(tmp_path / "cache"),
+        builder=builder,
+    )
     assert not hit and max(calls) == 7 and sum(calls) == len(texts)
     for split in ("train", "validation"):
         assert np.array_equal(streams[split].tokens, whole[split].tokens)
@@ -51,14 +55,18 @@ def test_batches_of_any_size_give_the_same_streams(tokenizer, tmp_path, monkeypa
 def test_a_bad_row_is_named_by_its_row_across_batches(monkeypatch):
     """Arrow data read 7 rows at a time: the row with a non-string text is named by its row in the split."""
     import datasets
+
     mixed = datasets.Features({"essay": datasets.Json()})
     rows = [{"essay": 19 if i == 19 else f"essay {i}"} for i in range(30)]
-    dd = datasets.DatasetDict({"train": datasets.Dataset.from_list(rows, features=mixed),
-                               "validation": datasets.Dataset.from_list(rows[:3], features=mixed)})
+    dd = datasets.DatasetDict(
+        {
+            "train": datasets.Dataset.from_list(rows, features=mixed),
+            "validation": datasets.Dataset.from_list(rows[:3], features=mixed),
+        }
+    )
     monkeypatch.setattr(datasets, "load_dataset", lambda *a, **k: dd)
     small_batches(monkeypatch, 7)
-    cfg = lambda mode: parse_args(["--dataset_name", "someone/essays", "--text_column", "essay",
-                                   "--text_errors", mode])
+    cfg = lambda mode: parse_args(["--dataset_name", "someone/essays", "--text_column", "essay", "--text_errors", mode])
     with pytest.raises(UserError, match=r"split train row 20: 'essay' is int 19"):
         sources.build_source(cfg("error")).load()
     assert sources.build_source(cfg("skip")).load()["train"] == [f"essay {i}" for i in range(30) if i != 19]
@@ -96,8 +104,7 @@ def test_every_split_is_read_through_the_memory_map(tokenizer, tmp_path):
     path = make_text_file(str(tmp_path / "train.txt"), n_lines=300, seed=1)
     valid = make_text_file(str(tmp_path / "valid.txt"), n_lines=60, seed=2)
     for line_by_line in (False, True):
-        cfg = cfg_for(tmp_path, train_file=path, validation_file=valid, max_seq_length=32,
-                      line_by_line=line_by_line)
+        cfg = cfg_for(tmp_path, train_file=path, validation_file=valid, max_seq_length=32, line_by_line=line_by_line)
         for attempt in range(2):  # built, then a cache hit
             streams, hit, _ = load_token_streams(cfg, tokenizer, str(tmp_path / "cache"))
             assert hit == (attempt == 1 or line_by_line)
@@ -125,8 +132,17 @@ def test_ranks_wait_for_a_preparation_longer_than_the_ddp_timeout(tmp_path, tiny
     """Rank 0 tokenises for 15 s more than it needs, with --ddp_timeout 10: rank 1 waits on rank 0's heartbeat,
     not on a collective's timeout, and the run trains to its end."""
     text = make_text_file(str(tmp_path / "train.txt"), n_lines=300, seed=1)
-    args = tiny_args(tiny_config_dir, tokenizer_path, str(tmp_path / "out"), str(tmp_path / "cache"),
-                     train_file=text, max_train_steps=2, eval_steps=1000, eval_on_start="false", ddp_timeout=10)
+    args = tiny_args(
+        tiny_config_dir,
+        tokenizer_path,
+        str(tmp_path / "out"),
+        str(tmp_path / "cache"),
+        train_file=text,
+        max_train_steps=2,
+        eval_steps=1000,
+        eval_on_start="false",
+        ddp_timeout=10,
+    )
     r = run_train(args, nproc=2, fault={"prep_sleep": 15})
     assert r.returncode == 0, r.output[-3000:]
     assert "finished at step 2 on all 2 ranks" in r.output and "tokenised and cached" in r.output

@@ -4,17 +4,26 @@ import os
 import re
 
 import pytest
-
 from helpers import SHARED_WIKITEXT, minilm_path, read_json, run_train, tiny_args
 
-pytestmark = pytest.mark.skipif(not os.path.isdir(SHARED_WIKITEXT),
-                                reason="needs ../shared/data/wikitext-2-raw-v1 beside the checkout")
+pytestmark = pytest.mark.skipif(
+    not os.path.isdir(SHARED_WIKITEXT), reason="needs ../shared/data/wikitext-2-raw-v1 beside the checkout"
+)
 
 
 def minilm_args(out: str, cache: str, **kw) -> list[str]:
-    opts = dict(model_name_or_path=minilm_path(), dataset_dir=SHARED_WIKITEXT, max_train_samples=240,
-                max_eval_samples=48, max_seq_length=64, per_device_train_batch_size=4,
-                per_device_eval_batch_size=16, learning_rate=3e-4, logging_steps=2, **kw)
+    opts = dict(
+        model_name_or_path=minilm_path(),
+        dataset_dir=SHARED_WIKITEXT,
+        max_train_samples=240,
+        max_eval_samples=48,
+        max_seq_length=64,
+        per_device_train_batch_size=4,
+        per_device_eval_batch_size=16,
+        learning_rate=3e-4,
+        logging_steps=2,
+        **kw,
+    )
     return tiny_args(None, None, out, cache, **opts)
 
 
@@ -27,8 +36,7 @@ def cache(tmp_path_factory) -> str:
 def test_fine_tune_minilm_on_wikitext(tmp_path, cache):
     out = str(tmp_path / "run")
     # 16 steps: the loss falls from about 10.8 to about 7.3 by step 10 (lr 3e-4, batch 2 x 4 x 64).
-    r = run_train(minilm_args(out, cache, max_train_steps=16, eval_steps=8), nproc=2,
-                  timeout=600)
+    r = run_train(minilm_args(out, cache, max_train_steps=16, eval_steps=8), nproc=2, timeout=600)
     assert r.returncode == 0, r.output[-4000:]
     assert "finished at step 16 on all 2 ranks" in r.output
     history = read_json(os.path.join(out, "training_history.json"))
@@ -41,6 +49,7 @@ def test_fine_tune_minilm_on_wikitext(tmp_path, cache):
     config = read_json(os.path.join(out, "run_config.json"))
     assert config["world_size"] == 2 and config["max_seq_length"] == 64
     from transformers import AutoModelForMaskedLM, pipeline
+
     best = os.path.join(out, "best")
     model = AutoModelForMaskedLM.from_pretrained(best)
     assert model.config.num_hidden_layers == 6
@@ -54,8 +63,9 @@ def test_fine_tune_minilm_on_wikitext(tmp_path, cache):
 def test_patience_runs_out_and_both_ranks_stop_at_the_same_step(tmp_path, cache):
     out = str(tmp_path / "run")
     # min_delta so large that no evaluation counts as an improvement over the step-0 baseline.
-    args = minilm_args(out, cache, max_train_steps=30, eval_steps=3, early_stopping_patience=2,
-                       early_stopping_min_delta=1e9)
+    args = minilm_args(
+        out, cache, max_train_steps=30, eval_steps=3, early_stopping_patience=2, early_stopping_min_delta=1e9
+    )
     r = run_train(args, nproc=2, timeout=600)
     assert r.returncode == 0, r.output[-4000:]
     assert re.search(r"stopped early at step 6 on all 2 ranks", r.output), r.output[-3000:]

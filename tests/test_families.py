@@ -5,12 +5,19 @@ from __future__ import annotations
 
 import pytest
 import torch
+from families import (
+    FAMILIES,
+    byte_level_bpe,
+    save_family,
+    trained_wordpiece,
+    training_text,
+    unigram_metaspace,
+    wordpiece,
+)
 
-from families import FAMILIES, byte_level_bpe, save_family, trained_wordpiece, training_text, unigram_metaspace, \
-    wordpiece
 from mlm.common.cli import UserError
-from mlm.model.heads import head_logits, split_encoder_head
 from mlm.data.masking import IGNORE_INDEX, MaskingSpec, _word_start_positions, build_masking_tables, mask_tokens
+from mlm.model.heads import head_logits, split_encoder_head
 from mlm.model.modeling import MaskedLMLoss, attention_kernel, check_attention, masked_positions
 
 
@@ -21,8 +28,10 @@ def family_dirs(tmp_path_factory) -> dict[str, str]:
 
 def _load(directory: str, attn_implementation=None):
     from transformers import AutoModelForMaskedLM, AutoTokenizer
-    model = AutoModelForMaskedLM.from_pretrained(directory, dtype=torch.float32,
-                                                 attn_implementation=attn_implementation).eval()
+
+    model = AutoModelForMaskedLM.from_pretrained(
+        directory, dtype=torch.float32, attn_implementation=attn_implementation
+    ).eval()
     return model, AutoTokenizer.from_pretrained(directory)
 
 
@@ -30,8 +39,9 @@ def _masked_batch(tok, seed: int = 0) -> tuple[torch.Tensor, torch.Tensor, torch
     """(input ids, attention mask, labels): two padded texts with ~15% of their tokens masked."""
     batch = tok(training_text(2, seed=seed), padding=True, return_tensors="pt")
     tables = build_masking_tables(tok)
-    ids, labels = mask_tokens(batch["input_ids"], torch.arange(2), 0, MaskingSpec(mlm_probability=0.3, seed=seed),
-                              tables)
+    ids, labels = mask_tokens(
+        batch["input_ids"], torch.arange(2), 0, MaskingSpec(mlm_probability=0.3, seed=seed), tables
+    )
     labels[batch["attention_mask"] == 0] = IGNORE_INDEX
     return ids, batch["attention_mask"], labels
 
@@ -59,6 +69,7 @@ def test_an_unknown_family_takes_the_full_logits_path(family_dirs):
         def __init__(self, inner):
             super().__init__()
             self.inner = inner
+
     model, _ = _load(family_dirs["bert"])
     wrapped = Unknown(model)
     assert split_encoder_head(wrapped) == (wrapped, None)
@@ -66,12 +77,16 @@ def test_an_unknown_family_takes_the_full_logits_path(family_dirs):
 
 def test_attention_auto_is_transformers_choice_and_an_impossible_kernel_is_one_line(family_dirs):
     from transformers import AutoConfig
+
     deberta = AutoConfig.from_pretrained(family_dirs["deberta-v3"])
     check_attention("auto", deberta)
     assert attention_kernel(_load(family_dirs["deberta-v3"])[0]) == "eager"  # DeBERTa has no SDPA kernel
     assert attention_kernel(_load(family_dirs["modernbert"])[0]) == "sdpa"
-    with pytest.raises(UserError, match=r"DebertaV2ForMaskedLM has no sdpa attention kernel; use "
-                                        r"--attn_implementation auto"):
+    with pytest.raises(
+        UserError,
+        match=r"DebertaV2ForMaskedLM has no sdpa attention kernel; use "
+        r"--attn_implementation auto",
+    ):
         check_attention("sdpa", deberta)
     check_attention("sdpa", AutoConfig.from_pretrained(family_dirs["roberta"]))
     try:
@@ -83,8 +98,12 @@ def test_attention_auto_is_transformers_choice_and_an_impossible_kernel_is_one_l
 
 # ---------------------------------------------------------------------- whole-word masking, every tokenizer kind
 # Tokenizers trained here with the `tokenizers` library, and MiniLM's (bert-base-uncased's) WordPiece vocabulary.
-TOKENIZER_KINDS = {"WordPiece": trained_wordpiece, "WordPiece (bert-base-uncased)": wordpiece,
-                   "byte-level BPE": byte_level_bpe, "SentencePiece": unigram_metaspace}
+TOKENIZER_KINDS = {
+    "WordPiece": trained_wordpiece,
+    "WordPiece (bert-base-uncased)": wordpiece,
+    "byte-level BPE": byte_level_bpe,
+    "SentencePiece": unigram_metaspace,
+}
 
 
 @pytest.mark.parametrize("kind", list(TOKENIZER_KINDS))
@@ -119,14 +138,23 @@ def test_whole_words_agree_with_the_tokenizer_and_are_masked_all_or_none(kind, t
 def test_a_vocabulary_without_word_marks_is_refused_in_one_line(tmp_path):
     from tokenizers import Tokenizer, models, pre_tokenizers, trainers
     from transformers import PreTrainedTokenizerFast
+
     from mlm.config import TrainConfig
     from mlm.train.engine import build_masking
+
     tok = Tokenizer(models.WordLevel(unk_token="[UNK]"))
     tok.pre_tokenizer = pre_tokenizers.Whitespace()
-    tok.train_from_iterator(training_text(), trainers.WordLevelTrainer(special_tokens=["[PAD]", "[UNK]", "[CLS]",
-                                                                                      "[SEP]", "[MASK]"]))
-    fast = PreTrainedTokenizerFast(tokenizer_object=tok, cls_token="[CLS]", sep_token="[SEP]", pad_token="[PAD]",
-                                   mask_token="[MASK]", unk_token="[UNK]")
+    tok.train_from_iterator(
+        training_text(), trainers.WordLevelTrainer(special_tokens=["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"])
+    )
+    fast = PreTrainedTokenizerFast(
+        tokenizer_object=tok,
+        cls_token="[CLS]",
+        sep_token="[SEP]",
+        pad_token="[PAD]",
+        mask_token="[MASK]",
+        unk_token="[UNK]",
+    )
     assert build_masking_tables(fast).word_convention is None
     with pytest.raises(UserError, match="--whole_word_mask needs a vocabulary that marks words .* train without"):
         build_masking(TrainConfig(whole_word_mask=True), fast)

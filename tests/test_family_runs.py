@@ -14,7 +14,6 @@ import sys
 
 import pytest
 import torch
-
 from families import save_family, training_text
 from helpers import ROOT, read_json, run_command, run_train, train_here
 from test_ddp import load_weights, max_abs_diff
@@ -40,11 +39,27 @@ def write_corpus(d: str) -> tuple[str, str]:
 
 
 def family_args(model_dir: str, out: str, cache: str, corpus, **kw) -> list[str]:
-    opts = {"model_name_or_path": model_dir, "output_dir": out, "data_cache_dir": cache, "train_file": corpus[0],
-            "validation_file": corpus[1], "max_seq_length": 32, "per_device_train_batch_size": 4,
-            "per_device_eval_batch_size": 8, "max_train_steps": STEPS, "save_steps": 2, "eval_steps": 2,
-            "save_total_limit": 10, "eval_on_start": "false", "learning_rate": 3e-3, "warmup_ratio": 0.0,
-            "logging_steps": 1, "report_to": "none", "seed": 5, **kw}
+    opts = {
+        "model_name_or_path": model_dir,
+        "output_dir": out,
+        "data_cache_dir": cache,
+        "train_file": corpus[0],
+        "validation_file": corpus[1],
+        "max_seq_length": 32,
+        "per_device_train_batch_size": 4,
+        "per_device_eval_batch_size": 8,
+        "max_train_steps": STEPS,
+        "save_steps": 2,
+        "eval_steps": 2,
+        "save_total_limit": 10,
+        "eval_on_start": "false",
+        "learning_rate": 3e-3,
+        "warmup_ratio": 0.0,
+        "logging_steps": 1,
+        "report_to": "none",
+        "seed": 5,
+        **kw,
+    }
     return [a for k, v in opts.items() if v is not None for a in (f"--{k}", str(v))]
 
 
@@ -53,13 +68,24 @@ def runs(tmp_path_factory) -> dict:
     """Every family saved, and trained for STEPS steps under 2 gloo ranks: {name: (model dir, run dir)}."""
     d = str(tmp_path_factory.mktemp("family-runs"))
     corpus = write_corpus(d)
-    made = {name: (save_family(name, os.path.join(d, name, "model")), os.path.join(d, name, "two"))
-            for name in FAMILIES}
+    made = {
+        name: (save_family(name, os.path.join(d, name, "model")), os.path.join(d, name, "two")) for name in FAMILIES
+    }
     plan = os.path.join(d, "runs.json")
     with open(plan, "w") as fh:
         json.dump([family_args(model, two, os.path.join(d, "cache"), corpus) for model, two in made.values()], fh)
-    r = run_command([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "--standalone",
-                     os.path.join(ROOT, "tests", "sequence_train.py"), plan], timeout=600)
+    r = run_command(
+        [
+            sys.executable,
+            "-m",
+            "torch.distributed.run",
+            "--nproc_per_node=2",
+            "--standalone",
+            os.path.join(ROOT, "tests", "sequence_train.py"),
+            plan,
+        ],
+        timeout=600,
+    )
     assert r.returncode == 0, r.output[-4000:]
     return {"corpus": corpus, "cache": os.path.join(d, "cache"), **made}
 
@@ -91,8 +117,10 @@ def test_the_family_trains_resumes_exports_and_predicts(name, runs, tmp_path, ca
     real_compile = torch.compile
     monkeypatch.setattr(torch, "compile", lambda module, **kw: real_compile(module, **{**kw, "backend": "aot_eager"}))
     compiled = str(tmp_path / "compiled")
-    assert train_here(family_args(model_dir, compiled, cache, corpus, gradient_accumulation_steps=2,
-                                  torch_compile="true")) == 0
+    assert (
+        train_here(family_args(model_dir, compiled, cache, corpus, gradient_accumulation_steps=2, torch_compile="true"))
+        == 0
+    )
     monkeypatch.setattr(torch, "compile", real_compile)
     assert max_abs_diff(load_weights(compiled, STEPS), load_weights(one, STEPS)) <= 1e-5
     capsys.readouterr()
@@ -103,6 +131,7 @@ def test_the_family_trains_resumes_exports_and_predicts(name, runs, tmp_path, ca
 def check_best(best: str, tmp_path, capsys) -> None:
     """best/ is plain Hugging Face for the next steps of domain adaptation, and our tools agree with the pipeline."""
     from transformers import AutoModelForSequenceClassification, AutoTokenizer, pipeline
+
     tok = AutoTokenizer.from_pretrained(best)
     texts = [f"the cat sat on {tok.mask_token} mat .", f"{tok.mask_token} dog slept near warm fire ."]
     fill = pipeline("fill-mask", model=best, tokenizer=best, device="cpu")
@@ -122,6 +151,7 @@ def check_best(best: str, tmp_path, capsys) -> None:
 
     # ONNX: exported and checked against PyTorch by the exporter itself.
     from mlm.inference import export_onnx
+
     onnx_file = str(tmp_path / "best.onnx")
     assert export_onnx.main([best, onnx_file]) == 0, capsys.readouterr().err
     out = capsys.readouterr().out
@@ -130,19 +160,26 @@ def check_best(best: str, tmp_path, capsys) -> None:
 
 def test_an_architecture_the_onnx_exporter_refuses_is_one_line(tmp_path, capfd, monkeypatch):
     from mlm.inference import export_onnx
+
     model_dir = save_family("deberta-v3", str(tmp_path / "model"))
 
     def refuse(*args, **kwargs):
         with open(args[2], "w") as fh:  # a half-written file, which must not stay behind
             fh.write("partial")
-        raise RuntimeError("Exporting the operator 'aten::fancy_op' to ONNX opset version 17 is not supported.\n"
-                           "Please feel free to request support.")
+        raise RuntimeError(
+            "Exporting the operator 'aten::fancy_op' to ONNX opset version 17 is not supported.\n"
+            "Please feel free to request support."
+        )
+
     monkeypatch.setattr(torch.onnx, "export", refuse)
     code = export_onnx.main([model_dir, str(tmp_path / "m.onnx")])
     err = capfd.readouterr().err.strip()
     assert code != 0 and err.count("\n") == 0 and "Traceback" not in err
-    assert "the ONNX exporter cannot export DebertaV2ForMaskedLM at opset 17 (Exporting the operator " \
-           "'aten::fancy_op'" in err and "predict.py without --onnx" in err
+    assert (
+        "the ONNX exporter cannot export DebertaV2ForMaskedLM at opset 17 (Exporting the operator 'aten::fancy_op'"
+        in err
+        and "predict.py without --onnx" in err
+    )
     assert os.listdir(tmp_path) == ["model"]  # no .onnx and no .tmp left
 
 
@@ -150,10 +187,14 @@ def test_deberta_keeps_training_through_steps_that_overflow(tmp_path):
     """DeBERTa-v3 is known to overflow in fp16. Steps 2 and 3 give a non-finite loss here (fp16 needs a GPU, so
     the overflow is injected): both are skipped, nothing non-finite reaches the weights, and the run trains on."""
     from safetensors.torch import load_file
+
     model_dir = save_family("deberta-v3", str(tmp_path / "model"))
     corpus, out = write_corpus(str(tmp_path)), str(tmp_path / "run")
-    r = run_train(family_args(model_dir, out, str(tmp_path / "cache"), corpus, max_train_steps=6, save_steps=1,
-                              eval_steps=6), nproc=0, fault={"kind": "nan", "step": 2, "until": 3})
+    r = run_train(
+        family_args(model_dir, out, str(tmp_path / "cache"), corpus, max_train_steps=6, save_steps=1, eval_steps=6),
+        nproc=0,
+        fault={"kind": "nan", "step": 2, "until": 3},
+    )
     assert r.returncode == 0, r.output[-3000:]
     history = [h for h in read_json(os.path.join(out, "training_history.json")) if "loss" in h]
     assert [h["skipped_steps"] for h in history] == [0, 1, 1, 0, 0, 0]

@@ -7,8 +7,8 @@ import math
 
 import pytest
 import torch
-
 from helpers import FORCED_SENTENCES
+
 from mlm.config import UserError
 from mlm.inference.fill_mask import FillMask, Prediction
 
@@ -54,6 +54,7 @@ def forced(forced_model_dir) -> FillMask:
 @pytest.fixture(scope="module")
 def pipe(minilm_dir):
     from transformers import pipeline
+
     return pipeline("fill-mask", model=minilm_dir, device="cpu")
 
 
@@ -166,8 +167,11 @@ def assert_same_prediction(a: Prediction, b: Prediction, tol: float = 1e-5) -> N
 
 @pytest.mark.parametrize("batch_size", [3, 32])
 def test_batched_equals_one_by_one(minilm, batch_size):
-    texts = PARITY_SENTENCES[:9] + ["You are my [MASK] that shines my [MASK].", "He [MASK] [MASK] [MASK] a good man.",
-                                    "The [MASK] of the [MASK] was played in [MASK] in 1998, before a crowd."]
+    texts = PARITY_SENTENCES[:9] + [
+        "You are my [MASK] that shines my [MASK].",
+        "He [MASK] [MASK] [MASK] a good man.",
+        "The [MASK] of the [MASK] was played in [MASK] in 1998, before a crowd.",
+    ]
     batched = minilm.predict(texts, batch_size=batch_size)
     alone = [minilm.predict([t], batch_size=1)[0] for t in texts]
     assert len(batched) == len(texts)
@@ -190,12 +194,20 @@ def test_mask_spellings_are_translated(minilm):
         assert [c.token_id for c in b.masks[0].candidates] == [c.token_id for c in a.masks[0].candidates]
 
 
-@pytest.mark.parametrize("text, problem", [
-    ("The capital of France is Paris.", "input 2 ('The capital of France is Paris.') has no mask token; put [MASK]"),
-    ("   ", "input 2 is empty"),
-    ("word " * 600 + "[MASK]", "input 2 ('word word word word word word word wo...') is 603 tokens long but the model "
-                               "reads at most 512"),
-])
+@pytest.mark.parametrize(
+    "text, problem",
+    [
+        (
+            "The capital of France is Paris.",
+            "input 2 ('The capital of France is Paris.') has no mask token; put [MASK]",
+        ),
+        ("   ", "input 2 is empty"),
+        (
+            "word " * 600 + "[MASK]",
+            "input 2 ('word word word word word word word wo...') is 603 tokens long but the model reads at most 512",
+        ),
+    ],
+)
 def test_bad_inputs_raise_one_clear_error(minilm, text, problem):
     with pytest.raises(UserError) as e:
         minilm.predict(["A fine [MASK].", text])

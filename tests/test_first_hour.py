@@ -9,9 +9,8 @@ import os
 import sys
 
 import pytest
-
-from hf_cache import DATASET, DATASET_CONFIG, MODEL_ID
 from helpers import ROOT, free_port, read_json, run_command
+from hf_cache import DATASET, DATASET_CONFIG, MODEL_ID
 from wandb_offline import offline_runs, read_run
 
 RUN = f"{MODEL_ID}-{DATASET_CONFIG}"  # the default run directory's name
@@ -35,25 +34,33 @@ def first_hour(tmp_path_factory, hf_env):
     """Seeded caches, then `torchrun --nproc_per_node=2 train_ddp.py` and `python predict.py`, in a fresh working
     directory (where the default outputs/ goes)."""
     home = tmp_path_factory.mktemp("first-hour")
-    env = {**hf_env,
-           "XDG_CACHE_HOME": str(home / "cache"),  # the tokenised-data cache, throw-away too
-           "PET_MASTER_PORT": str(free_port())}     # torchrun's own variable: the command line stays as written
+    env = {
+        **hf_env,
+        "XDG_CACHE_HOME": str(home / "cache"),  # the tokenised-data cache, throw-away too
+        "PET_MASTER_PORT": str(free_port()),
+    }  # torchrun's own variable: the command line stays as written
     work = str(home / "work")
     os.makedirs(work)
-    train = run_command([*torchrun(), "--nproc_per_node=2", os.path.join(ROOT, "train_ddp.py"), *SHORT],
-                        timeout=600, extra_env=env, cwd=work)
+    train = run_command(
+        [*torchrun(), "--nproc_per_node=2", os.path.join(ROOT, "train_ddp.py"), *SHORT],
+        timeout=600,
+        extra_env=env,
+        cwd=work,
+    )
     assert train.returncode == 0, train.output[-4000:]
     predict = run_command([sys.executable, os.path.join(ROOT, "predict.py")], timeout=180, extra_env=env, cwd=work)
-    return {"env": env, "work": work, "out": os.path.join(work, "outputs", RUN), "train": train,
-            "predict": predict}
+    return {"env": env, "work": work, "out": os.path.join(work, "outputs", RUN), "train": train, "predict": predict}
 
 
 def test_the_default_command_resolves_model_and_data_through_the_libraries_caches(first_hour):
     out, train = first_hour["out"], first_hour["train"]
     assert f"{MODEL_ID} (22.7M parameters)" in train.stdout and "2 x cpu (gloo)" in train.stdout
     config = read_json(os.path.join(out, "run_config.json"))
-    assert (config["model_name_or_path"], config["dataset_name"], config["dataset_config_name"]) == \
-        (MODEL_ID, DATASET, DATASET_CONFIG)
+    assert (config["model_name_or_path"], config["dataset_name"], config["dataset_config_name"]) == (
+        MODEL_ID,
+        DATASET,
+        DATASET_CONFIG,
+    )
     assert config["train_file"] is None and config["dataset_dir"] is None and config["world_size"] == 2
     assert max(h["step"] for h in read_json(os.path.join(out, "training_history.json"))) == STEPS
     assert os.path.isfile(os.path.join(out, "best", "model.safetensors"))
@@ -88,23 +95,40 @@ def test_the_test_figure_is_the_same_on_one_rank(first_hour):
     """best/ of the 2-rank run, evaluated again by one process (--do_train false): the same exact figures."""
     out, work = first_hour["out"], first_hour["work"]
     again = os.path.join(work, "eval-one-rank")
-    r = run_command([sys.executable, os.path.join(ROOT, "train_ddp.py"), "--do_train", "false",
-                     "--model_name_or_path", os.path.join(out, "best"), "--max_eval_samples", "24",
-                     "--output_dir", again, "--report_to", "none"], timeout=300, extra_env=first_hour["env"],
-                    cwd=work)
+    r = run_command(
+        [
+            sys.executable,
+            os.path.join(ROOT, "train_ddp.py"),
+            "--do_train",
+            "false",
+            "--model_name_or_path",
+            os.path.join(out, "best"),
+            "--max_eval_samples",
+            "24",
+            "--output_dir",
+            again,
+            "--report_to",
+            "none",
+        ],
+        timeout=300,
+        extra_env=first_hour["env"],
+        cwd=work,
+    )
     assert r.returncode == 0, r.output[-3000:]
     two, one = read_json(os.path.join(out, "test_results.json")), read_json(os.path.join(again, "test_results.json"))
     assert one["masked_tokens"] == two["masked_tokens"]
     assert one["perplexity"] == pytest.approx(two["perplexity"], rel=1e-6)
     assert one["accuracy"] == two["accuracy"]
     valid = read_json(os.path.join(again, "eval_results.json"))
-    assert valid["perplexity"] == pytest.approx(read_json(os.path.join(out, "best", "eval_results.json"))["perplexity"],
-                                                rel=1e-6)
+    assert valid["perplexity"] == pytest.approx(
+        read_json(os.path.join(out, "best", "eval_results.json"))["perplexity"], rel=1e-6
+    )
     assert "test: " + json.dumps(one) in r.stdout
 
 
 def test_best_has_a_model_card_the_hub_library_parses(first_hour):
     from huggingface_hub import ModelCard
+
     best = os.path.join(first_hour["out"], "best")
     card = ModelCard.load(os.path.join(best, "README.md"))
     assert card.data.base_model == MODEL_ID and card.data.datasets == [DATASET]
@@ -116,7 +140,16 @@ def test_best_has_a_model_card_the_hub_library_parses(first_hour):
     assert results[("test", "accuracy")] == pytest.approx(saved["test_accuracy"], abs=1e-6)
     assert {r.dataset_config for r in card.data.eval_results} == {DATASET_CONFIG}
     text = card.text
-    for needle in ("| validation |", "| test |", "64 = 32 per device x 2 processes x 1 accumulation",
-                   "2 x CPU processes", "| precision | fp32 |", f"best at step {STEPS} of {STEPS}", "of training |",
-                   'pipeline("fill-mask"', "The capital of France is [MASK].", "hf upload"):
+    for needle in (
+        "| validation |",
+        "| test |",
+        "64 = 32 per device x 2 processes x 1 accumulation",
+        "2 x CPU processes",
+        "| precision | fp32 |",
+        f"best at step {STEPS} of {STEPS}",
+        "of training |",
+        'pipeline("fill-mask"',
+        "The capital of France is [MASK].",
+        "hf upload",
+    ):
         assert needle in text, needle

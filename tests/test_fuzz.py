@@ -15,9 +15,11 @@ from mlm.config import TrainConfig, UserError, parse_args
 OPTIONS = [f.name for f in dataclasses.fields(TrainConfig)] + ["config"]
 SETTINGS = settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
 
-numbers = st.one_of(st.integers(-10**12, 10**12).map(str),
-                    st.floats(allow_nan=True, allow_infinity=True).map(repr),
-                    st.sampled_from(["0", "-1", "1e309", "nan", "-inf", "0x10", "1_000", "", " ", "true", "none"]))
+numbers = st.one_of(
+    st.integers(-(10**12), 10**12).map(str),
+    st.floats(allow_nan=True, allow_infinity=True).map(repr),
+    st.sampled_from(["0", "-1", "1e309", "nan", "-inf", "0x10", "1_000", "", " ", "true", "none"]),
+)
 junk = st.text(max_size=40).filter(lambda s: not s.startswith(("-h", "--h")))
 values = st.one_of(numbers, junk)
 
@@ -43,11 +45,23 @@ def test_config_parser_gives_a_config_or_one_clean_error(pairs, tmp_path_factory
 
 
 @SETTINGS
-@given(content=st.one_of(st.text(max_size=200),
-                         st.dictionaries(st.sampled_from(OPTIONS + ["no_such_key"]),
-                                         st.one_of(st.none(), st.booleans(), st.integers(), st.floats(),
-                                                   st.text(max_size=20), st.lists(st.integers(), max_size=3)),
-                                         max_size=4).map(repr)))
+@given(
+    content=st.one_of(
+        st.text(max_size=200),
+        st.dictionaries(
+            st.sampled_from(OPTIONS + ["no_such_key"]),
+            st.one_of(
+                st.none(),
+                st.booleans(),
+                st.integers(),
+                st.floats(),
+                st.text(max_size=20),
+                st.lists(st.integers(), max_size=3),
+            ),
+            max_size=4,
+        ).map(repr),
+    )
+)
 def test_config_file_gives_a_config_or_one_clean_error(content, tmp_path_factory):
     path = os.path.join(str(tmp_path_factory.getbasetemp()), "fuzz.yaml")
     with open(path, "w", encoding="utf-8") as fh:
@@ -61,17 +75,39 @@ def test_config_file_gives_a_config_or_one_clean_error(content, tmp_path_factory
 @pytest.fixture(scope="module")
 def fill(forced_model_dir):
     from mlm.inference.fill_mask import FillMask
+
     return FillMask(forced_model_dir, device="cpu")
 
 
-pieces = st.one_of(st.text(max_size=15), st.sampled_from(["[MASK]", "[mask]", "<mask>", "[MASK", "MASK]", " ",
-                                                          "he", "good", "\n", "\t", "[CLS]", "[SEP]", "[PAD]",
-                                                          "good " * 70]))  # with a mask: too long
+pieces = st.one_of(
+    st.text(max_size=15),
+    st.sampled_from(
+        [
+            "[MASK]",
+            "[mask]",
+            "<mask>",
+            "[MASK",
+            "MASK]",
+            " ",
+            "he",
+            "good",
+            "\n",
+            "\t",
+            "[CLS]",
+            "[SEP]",
+            "[PAD]",
+            "good " * 70,
+        ]
+    ),
+)  # with a mask: too long
 
 
 @SETTINGS
-@given(texts=st.lists(st.lists(pieces, max_size=12).map("".join), min_size=0, max_size=3),
-       top_k=st.integers(-2, 12), targets=st.one_of(st.none(), st.lists(st.text(max_size=8), max_size=3)))
+@given(
+    texts=st.lists(st.lists(pieces, max_size=12).map("".join), min_size=0, max_size=3),
+    top_k=st.integers(-2, 12),
+    targets=st.one_of(st.none(), st.lists(st.text(max_size=8), max_size=3)),
+)
 def test_fill_mask_gives_predictions_or_one_clean_error(fill, texts, top_k, targets):
     try:
         preds = fill.predict(texts, top_k=top_k, targets=targets)

@@ -11,15 +11,15 @@ import re
 import pytest
 import torch
 import torch.nn.functional as F
+from helpers import TINY_BERT, make_text_file, read_json, run_train, start_ranks, tiny_args, wait_all
 from torch.utils._python_dispatch import TorchDispatchMode
 
-from helpers import TINY_BERT, make_text_file, read_json, run_train, start_ranks, tiny_args, wait_all
-from mlm.report import metrics
-from mlm.train import engine
-from mlm.config import TrainConfig, UserError
 from mlm.common.distributed import DistEnv
+from mlm.config import TrainConfig, UserError
 from mlm.data.masking import IGNORE_INDEX, token_hashes
 from mlm.model.modeling import MaskedLMLoss
+from mlm.report import metrics
+from mlm.train import engine
 
 CPU = torch.device("cpu")
 CUDA = torch.device("cuda", 0)  # only named: nothing runs on it
@@ -36,8 +36,14 @@ def fake_gpu(monkeypatch, capability=(7, 5), name="Tesla T4", count=1, bf16_supp
 
 
 # ---------------------------------------------------------------------- (a) precision by capability
-CARDS = [((6, 0), "Tesla P100-PCIE-16GB"), ((7, 0), "Tesla V100-SXM2-16GB"), ((7, 5), "Tesla T4"),
-         ((8, 0), "NVIDIA A100-SXM4-80GB"), ((8, 6), "NVIDIA A10"), ((9, 0), "NVIDIA H100 80GB HBM3")]
+CARDS = [
+    ((6, 0), "Tesla P100-PCIE-16GB"),
+    ((7, 0), "Tesla V100-SXM2-16GB"),
+    ((7, 5), "Tesla T4"),
+    ((8, 0), "NVIDIA A100-SXM4-80GB"),
+    ((8, 6), "NVIDIA A10"),
+    ((9, 0), "NVIDIA H100 80GB HBM3"),
+]
 
 
 @pytest.mark.parametrize("capability,name", CARDS)
@@ -71,6 +77,7 @@ def test_cpu_precisions():
 # ---------------------------------------------------------------------- (b) processes vs GPUs
 def test_more_processes_than_gpus_is_one_line_naming_both(monkeypatch):
     from mlm.common.distributed import check_gpu_count
+
     fake_gpu(monkeypatch, count=2)
     monkeypatch.setenv("LOCAL_WORLD_SIZE", "4")
     monkeypatch.delenv("CUDA_VISIBLE_DEVICES", raising=False)
@@ -88,8 +95,14 @@ def test_more_processes_than_gpus_is_one_line_naming_both(monkeypatch):
 def test_more_ranks_than_gpus_stops_every_rank_by_itself(tmp_path, tiny_config_dir, tokenizer_path):
     """2 gloo ranks (started as torchrun starts them) on a node that reports 1 GPU: each rank exits 2 by itself
     before any work, rank 0 with one line naming both numbers, and nothing hangs."""
-    args = tiny_args(tiny_config_dir, tokenizer_path, str(tmp_path / "out"), str(tmp_path / "cache"),
-                     train_file=make_text_file(str(tmp_path / "t.txt"), 50), max_train_steps=2)
+    args = tiny_args(
+        tiny_config_dir,
+        tokenizer_path,
+        str(tmp_path / "out"),
+        str(tmp_path / "cache"),
+        train_file=make_text_file(str(tmp_path / "t.txt"), 50),
+        max_train_steps=2,
+    )
     results = wait_all(start_ranks(args, nproc=2, fault={"fake_cuda": {"count": 1}}), timeout=60)
     for rank, r in enumerate(results):
         assert r.returncode == 2 and "Traceback" not in r.output, f"rank {rank} exit {r.returncode}:\n{r.output}"
@@ -100,12 +113,27 @@ def test_more_ranks_than_gpus_stops_every_rank_by_itself(tmp_path, tiny_config_d
 
 
 # ---------------------------------------------------------------------- (c, h9) peaks
-@pytest.mark.parametrize("name,peak", [
-    ("Tesla T4", 65e12), ("Tesla P100-PCIE-16GB", 18.7e12), ("Tesla P100-SXM2-16GB", 21.2e12),
-    ("Tesla V100-SXM2-32GB", 125e12), ("Tesla V100-PCIE-16GB", 112e12), ("Tesla V100S-PCIE-32GB", 130e12),
-    ("NVIDIA L4", 121e12), ("NVIDIA L40", 181e12), ("NVIDIA L40S", 362e12), ("NVIDIA A10", 125e12),
-    ("NVIDIA A100-SXM4-80GB", 312e12), ("NVIDIA A100 80GB PCIe", 312e12), ("NVIDIA H100 80GB HBM3", 989e12),
-    ("NVIDIA H100 PCIe", 756e12), ("NVIDIA H100 NVL", 835e12), ("NVIDIA H200", 989e12)])
+@pytest.mark.parametrize(
+    "name,peak",
+    [
+        ("Tesla T4", 65e12),
+        ("Tesla P100-PCIE-16GB", 18.7e12),
+        ("Tesla P100-SXM2-16GB", 21.2e12),
+        ("Tesla V100-SXM2-32GB", 125e12),
+        ("Tesla V100-PCIE-16GB", 112e12),
+        ("Tesla V100S-PCIE-32GB", 130e12),
+        ("NVIDIA L4", 121e12),
+        ("NVIDIA L40", 181e12),
+        ("NVIDIA L40S", 362e12),
+        ("NVIDIA A10", 125e12),
+        ("NVIDIA A100-SXM4-80GB", 312e12),
+        ("NVIDIA A100 80GB PCIe", 312e12),
+        ("NVIDIA H100 80GB HBM3", 989e12),
+        ("NVIDIA H100 PCIe", 756e12),
+        ("NVIDIA H100 NVL", 835e12),
+        ("NVIDIA H200", 989e12),
+    ],
+)
 def test_data_sheet_peaks_most_specific_name_wins(monkeypatch, name, peak):
     fake_gpu(monkeypatch, name=name)
     monkeypatch.setattr(metrics, "matmul_peak", lambda *a, **k: pytest.fail("a known card is not measured"))
@@ -132,6 +160,7 @@ def test_reserved_memory_is_reported_beside_allocated(monkeypatch):
 # ---------------------------------------------------------------------- (d) the head without a host sync
 def tiny_model(seed: int = 0, vocab: int = 120):
     from transformers import BertConfig, BertForMaskedLM
+
     torch.manual_seed(seed)
     return BertForMaskedLM(BertConfig(vocab_size=vocab, **TINY_BERT))
 
@@ -146,6 +175,7 @@ def boolean_index_loss(model, ids, labels):
 @pytest.mark.parametrize("rate", [0.15, 0.9, 0.0])  # as expected, far more masked than expected, none masked
 def test_gathered_head_equals_the_boolean_index_version(rate):
     from mlm.model.modeling import masked_positions
+
     g = torch.Generator().manual_seed(3)
     ids = torch.randint(5, 120, (4, 16), generator=g)
     labels = torch.where(torch.rand(ids.shape, generator=g) < rate, ids, IGNORE_INDEX)
@@ -166,8 +196,18 @@ def test_gathered_head_equals_the_boolean_index_version(rate):
 class HostReads(TorchDispatchMode):
     """Records the operators that read a tensor's values on the host or whose output size depends on them:
     on CUDA each one waits for the GPU."""
-    SYNCING = ("aten._local_scalar_dense", "aten.nonzero", "aten.masked_select", "aten.unique", "aten.item",
-               "aten.is_nonzero", "aten.equal", "aten.repeat_interleave", "aten._unique")
+
+    SYNCING = (
+        "aten._local_scalar_dense",
+        "aten.nonzero",
+        "aten.masked_select",
+        "aten.unique",
+        "aten.item",
+        "aten.is_nonzero",
+        "aten.equal",
+        "aten.repeat_interleave",
+        "aten._unique",
+    )
 
     def __init__(self):
         super().__init__()
@@ -177,8 +217,9 @@ class HostReads(TorchDispatchMode):
         name = str(func.overloadpacket) if hasattr(func, "overloadpacket") else str(func)
         if name in self.SYNCING:
             self.seen.append(name)
-        elif name == "aten.index" and any(isinstance(i, torch.Tensor) and i.dtype == torch.bool
-                                          for i in (args[1] if len(args) > 1 else ())):
+        elif name == "aten.index" and any(
+            isinstance(i, torch.Tensor) and i.dtype == torch.bool for i in (args[1] if len(args) > 1 else ())
+        ):
             self.seen.append("aten.index with a boolean mask")
         return func(*args, **(kwargs or {}))
 
@@ -196,6 +237,7 @@ def steady_setup(tokenizer, precision: str = "fp32"):
         ids = ordinary[torch.randint(len(ordinary), (4, 32), generator=g)]
         ids[:, 0], ids[:, -1] = tokenizer.cls_token_id, tokenizer.sep_token_id
         return engine.prepare_batch({"input_ids": ids, "index": torch.arange(4) + 4 * i}, 0, masking, CPU)
+
     env = DistEnv(rank=0, local_rank=0, world_size=1, device=CPU)
     step = lambda batches: engine.train_step(trainable, batches, env)
     return model, trainable.loss, trainable.optimizer, trainable.schedule, batch, step
@@ -206,6 +248,7 @@ def test_a_steady_training_step_reads_nothing_on_the_host(tokenizer, precision):
     """The CPU stand-in for torch.cuda.set_sync_debug_mode('error') (tests/gpu does the real one): no operator of
     a steady step (after the first, which creates optimizer state) reads device values on the host."""
     from mlm.train.swa import WeightAverage
+
     model, _, _, _, batch, step = steady_setup(tokenizer, precision)
     swa = WeightAverage(model, start_step=1)
     step([batch(0)])
@@ -231,17 +274,20 @@ def test_the_boolean_index_head_would_be_caught(tokenizer):
 def test_hashing_copies_no_host_scalar_to_the_device(monkeypatch):
     """token_hashes mixes seed, epoch and stream on the host: no torch.tensor(python int, device=...), which on
     CUDA is a copy that waits for the stream. The values are those of a pure-Python reference."""
+
     def fmix(h):
         h ^= h >> 16
         h = h * 0x85EBCA6B & 0xFFFFFFFF
         h ^= h >> 13
         h = h * 0xC2B2AE35 & 0xFFFFFFFF
         return h ^ (h >> 16)
+
     combine = lambda h, x: fmix(h ^ ((x & 0xFFFFFFFF) * 0x9E3779B1 & 0xFFFFFFFF))
 
     def reference(seed, epoch, index, pos, stream):
         h = combine(combine(fmix(seed & 0xFFFFFFFF), epoch), index)
         return combine(combine(h ^ (pos * 0x27D4EB2F & 0xFFFFFFFF), pos), stream)
+
     real_tensor = torch.tensor
     monkeypatch.setattr(torch, "tensor", lambda *a, **k: pytest.fail("torch.tensor in token_hashes"))
     got = token_hashes(2**33 + 7, 0xFFFFFFFF, real_tensor([0, 5, 123456789]), 6, 2)
@@ -253,7 +299,9 @@ def test_hashing_copies_no_host_scalar_to_the_device(monkeypatch):
 # ---------------------------------------------------------------------- (h7) SWA without a sync
 def test_swa_update_equals_averaged_model_and_reads_nothing_on_the_host():
     from torch.optim.swa_utils import AveragedModel
+
     from mlm.train.swa import WeightAverage
+
     model = tiny_model()
     ours, theirs = WeightAverage(model, start_step=1), AveragedModel(model, use_buffers=False)
     with HostReads() as reads:
@@ -288,6 +336,7 @@ def test_skipped_steps_do_not_advance_the_schedule(tokenizer, monkeypatch, preci
             bad["left"] -= 1
             return nll * float("inf")
         return nll
+
     monkeypatch.setattr(MaskedLMLoss, "forward", overflowing)
     before = [p.detach().clone() for p in model.parameters()]
     results = [step([batch(i)]) for i in range(4)]
@@ -316,10 +365,15 @@ def test_schedule_state_resumes_and_reads_an_old_lambda_lr_checkpoint(tokenizer)
 # ---------------------------------------------------------------------- (h2) fp16 resumed from bf16/fp32
 def test_fp16_resumes_from_a_checkpoint_saved_without_a_scaler(tmp_path, tokenizer):
     from mlm.train import checkpoint
+
     model, _, optimizer, schedule, _, _ = steady_setup(tokenizer, "fp32")
     state = checkpoint.TrainState(world_size=1, per_device_train_batch_size=4, step=3)
-    parts = {"optimizer": optimizer, "scheduler": schedule, "scaler": engine.build_scaler("fp32", CPU),
-             "rng_states": checkpoint.RankRngs(0, [checkpoint.rng_state()])}
+    parts = {
+        "optimizer": optimizer,
+        "scheduler": schedule,
+        "scaler": engine.build_scaler("fp32", CPU),
+        "rng_states": checkpoint.RankRngs(0, [checkpoint.rng_state()]),
+    }
     path = checkpoint.save_checkpoint(str(tmp_path), state, model, parts, 2)
     model2, _, optimizer2, schedule2, _, _ = steady_setup(tokenizer, "fp16")
     scaler = engine.build_scaler("fp16", CPU)
@@ -334,9 +388,11 @@ def test_fp16_resumes_from_a_checkpoint_saved_without_a_scaler(tmp_path, tokeniz
 # ---------------------------------------------------------------------- (h3) master weights are fp32
 def test_a_model_saved_in_fp16_trains_with_fp32_master_weights(tmp_path, tokenizer_path):
     from mlm.model.modeling import build_model, load_model_config, load_tokenizer
+
     saved = str(tmp_path / "fp16-bert")
     tiny_model(vocab=30522).half().save_pretrained(saved)
     from transformers import AutoTokenizer
+
     AutoTokenizer.from_pretrained(tokenizer_path).save_pretrained(saved)
     cfg = TrainConfig(model_name_or_path=saved)
     model = build_model(cfg, load_model_config(cfg), load_tokenizer(cfg))
@@ -345,37 +401,48 @@ def test_a_model_saved_in_fp16_trains_with_fp32_master_weights(tmp_path, tokeniz
     model = build_model(scratch, load_model_config(scratch), load_tokenizer(scratch))
     assert {p.dtype for p in model.parameters()} == {torch.float32}
     from mlm.inference.fill_mask import FillMask
+
     assert next(FillMask(saved, device="cpu").model.parameters()).dtype == torch.float32
 
 
 # ---------------------------------------------------------------------- (h1) which failures are a peer's
 def test_only_a_lost_connection_is_a_peer_failure():
     import torch.distributed as dist
+
     from mlm.common.distributed import PeerFailed, describe_failure, is_peer_failure
-    shm = dist.DistBackendError("NCCL error in: ProcessGroupNCCL.cpp:1970, unhandled system error (run with "
-                                "NCCL_DEBUG=INFO for details), NCCL version 2.21.5\nncclSystemError: System call "
-                                "(e.g. socket, malloc) or external library call failed or device error.\nLast "
-                                "error:\nError while creating shared memory segment /dev/shm/nccl-x (size 9637888)")
+
+    shm = dist.DistBackendError(
+        "NCCL error in: ProcessGroupNCCL.cpp:1970, unhandled system error (run with "
+        "NCCL_DEBUG=INFO for details), NCCL version 2.21.5\nncclSystemError: System call "
+        "(e.g. socket, malloc) or external library call failed or device error.\nLast "
+        "error:\nError while creating shared memory segment /dev/shm/nccl-x (size 9637888)"
+    )
     assert not is_peer_failure(shm)
     line = describe_failure(shm, 1)
     assert line.startswith("rank 1:") and "--shm-size" in line and "\n" not in line
     assert not is_peer_failure(RuntimeError("NCCL error: invalid usage"))
     assert not is_peer_failure(dist.DistError("something else"))
     assert not is_peer_failure(ValueError("Connection closed by peer"))  # not from a collective
-    for lost in (PeerFailed("x"), RuntimeError("[../gloo/transport/tcp/pair.cc:534] Connection closed by peer "
-                                               "[127.0.0.1]:1234"),
-                 dist.DistNetworkError("Connection reset by peer"),
-                 dist.DistBackendError("NCCL error: remote process exited or there was a network error, "
-                                       "ncclRemoteError")):
+    for lost in (
+        PeerFailed("x"),
+        RuntimeError("[../gloo/transport/tcp/pair.cc:534] Connection closed by peer [127.0.0.1]:1234"),
+        dist.DistNetworkError("Connection reset by peer"),
+        dist.DistBackendError("NCCL error: remote process exited or there was a network error, ncclRemoteError"),
+    ):
         assert is_peer_failure(lost), lost
     assert describe_failure(ValueError("a bug"), 0) is None  # keeps its traceback
 
 
 def test_an_nccl_failure_on_every_rank_is_reported_not_swallowed(tmp_path, tiny_config_dir, tokenizer_path):
-    args = tiny_args(tiny_config_dir, tokenizer_path, str(tmp_path / "out"), str(tmp_path / "cache"),
-                     train_file=make_text_file(str(tmp_path / "t.txt"), 100), max_train_steps=4)
-    results = wait_all(start_ranks(args, nproc=2, fault={"kind": "raise", "step": 2, "error": "nccl_shm"}),
-                       timeout=120)
+    args = tiny_args(
+        tiny_config_dir,
+        tokenizer_path,
+        str(tmp_path / "out"),
+        str(tmp_path / "cache"),
+        train_file=make_text_file(str(tmp_path / "t.txt"), 100),
+        max_train_steps=4,
+    )
+    results = wait_all(start_ranks(args, nproc=2, fault={"kind": "raise", "step": 2, "error": "nccl_shm"}), timeout=120)
     for rank, r in enumerate(results):  # each rank says what it saw, in one line, and exits 1: none is silent
         assert r.returncode == 1, f"rank {rank} exit {r.returncode}:\n{r.output[-3000:]}"
         lines = [line for line in r.stderr.splitlines() if "the communication backend failed" in line]
@@ -386,12 +453,15 @@ def test_an_nccl_failure_on_every_rank_is_reported_not_swallowed(tmp_path, tiny_
 # ---------------------------------------------------------------------- (h6) waiting for a leader
 def test_ranks_wait_for_the_leader_on_the_cpu_control_group(monkeypatch):
     import torch.distributed as dist
+
     from mlm.common import distributed
+
     control = object()
     calls = []
 
     def all_reduce(t, op=None, group=None):
         calls.append((t.device.type, group))
+
     monkeypatch.setattr(dist, "all_reduce", all_reduce)
     for rank in (0, 1):  # the leader, then a rank waiting for it
         env = DistEnv(rank=rank, local_rank=rank, world_size=2, device=CUDA, control=control)
@@ -401,11 +471,13 @@ def test_ranks_wait_for_the_leader_on_the_cpu_control_group(monkeypatch):
 
 
 # ---------------------------------------------------------------------- (h8) one shape for torch.compile
-def test_compiled_training_sees_one_shape_through_epoch_ends_and_evaluation(tmp_path, monkeypatch, tiny_config_dir,
-                                                                           tokenizer_path, capfd):
+def test_compiled_training_sees_one_shape_through_epoch_ends_and_evaluation(
+    tmp_path, monkeypatch, tiny_config_dir, tokenizer_path, capfd
+):
     """--torch_compile: a partial last batch each epoch and evaluation (no grad, another batch size) at the
     start and at each epoch end; the compiled encoder must see one shape only, so it compiles once."""
     import train_ddp
+
     shapes: list = []
     real_compile = torch.compile
 
@@ -417,10 +489,19 @@ def test_compiled_training_sees_one_shape_through_epoch_ends_and_evaluation(tmp_
         def forward(self, *args, **kw):
             shapes.append((tuple(kw["input_ids"].shape), torch.is_grad_enabled()))
             return self.compiled(*args, **kw)
+
     monkeypatch.setattr(torch, "compile", lambda module, **kwargs: Recording(module))
     train = make_text_file(str(tmp_path / "t.txt"), 70, seed=3)
-    args = tiny_args(tiny_config_dir, tokenizer_path, str(tmp_path / "out"), str(tmp_path / "cache"),
-                     train_file=train, num_train_epochs=2, torch_compile="true", logging_steps=50)
+    args = tiny_args(
+        tiny_config_dir,
+        tokenizer_path,
+        str(tmp_path / "out"),
+        str(tmp_path / "cache"),
+        train_file=train,
+        num_train_epochs=2,
+        torch_compile="true",
+        logging_steps=50,
+    )
     for line_by_line in ("false", "true"):
         shapes.clear()
         assert train_ddp.main(args + ["--line_by_line", line_by_line, "--overwrite_output_dir", "true"]) == 0
@@ -437,15 +518,26 @@ def test_compile_with_gradient_checkpointing_under_ddp_trains_like_eager(tmp_pat
     """2 gloo ranks, --torch_compile --gradient_checkpointing (graph capture through AOTAutograd; inductor's
     code generation is left to tests/gpu) end with the weights of the eager run. The eager reference is one
     rank with accumulation 2, in this process: the same global batch (invariant 2, test_ddp.py)."""
-    from safetensors.torch import load_file
     from helpers import train_here
+    from safetensors.torch import load_file
+
     train = make_text_file(str(tmp_path / "t.txt"), 200, seed=4)
     outs = {}
-    for mode, extra in (("eager", {"gradient_accumulation_steps": 2}),
-                        ("compiled", {"torch_compile": "true", "gradient_checkpointing": "true"})):
+    for mode, extra in (
+        ("eager", {"gradient_accumulation_steps": 2}),
+        ("compiled", {"torch_compile": "true", "gradient_checkpointing": "true"}),
+    ):
         out = str(tmp_path / mode)
-        args = tiny_args(tiny_config_dir, tokenizer_path, out, str(tmp_path / "cache"), train_file=train,
-                         max_train_steps=4, eval_on_start="false", **extra)
+        args = tiny_args(
+            tiny_config_dir,
+            tokenizer_path,
+            out,
+            str(tmp_path / "cache"),
+            train_file=train,
+            max_train_steps=4,
+            eval_on_start="false",
+            **extra,
+        )
         if mode == "eager":
             assert train_here(args) == 0
         else:

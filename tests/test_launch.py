@@ -8,7 +8,6 @@ import subprocess
 import sys
 
 import pytest
-
 from helpers import ROOT, _env, make_text_file, tiny_args
 
 LAUNCH = os.path.join(ROOT, "launch.sh")
@@ -16,18 +15,23 @@ LAUNCH = os.path.join(ROOT, "launch.sh")
 
 def launch(args: list[str], env: dict, timeout: float = 120) -> subprocess.CompletedProcess:
     # OMP_NUM_THREADS and NPROC are left to each test: they are what launch.sh decides.
-    base = {k: v for k, v in _env({"PYTHON": sys.executable}).items()
-            if k not in ("OMP_NUM_THREADS", "NPROC", "NNODES", "NODE_RANK", "MASTER_ADDR", "MASTER_PORT")}
-    return subprocess.run(["bash", LAUNCH, *args], cwd=ROOT, env={**base, **env}, capture_output=True, text=True,
-                          timeout=timeout)
+    base = {
+        k: v
+        for k, v in _env({"PYTHON": sys.executable}).items()
+        if k not in ("OMP_NUM_THREADS", "NPROC", "NNODES", "NODE_RANK", "MASTER_ADDR", "MASTER_PORT")
+    }
+    return subprocess.run(
+        ["bash", LAUNCH, *args], cwd=ROOT, env={**base, **env}, capture_output=True, text=True, timeout=timeout
+    )
 
 
 def fake_nvidia_smi(tmp_path, gpus: int) -> str:
     """A PATH entry whose nvidia-smi -L lists `gpus` GPUs (and a MIG line, which is not a GPU)."""
     bin_dir = tmp_path / "bin"
     bin_dir.mkdir()
-    listing = "".join(f"GPU {i}: NVIDIA H100 (UUID: GPU-{i})\\n  MIG 1g.10gb Device 0: (UUID: MIG-{i})\\n"
-                      for i in range(gpus))
+    listing = "".join(
+        f"GPU {i}: NVIDIA H100 (UUID: GPU-{i})\\n  MIG 1g.10gb Device 0: (UUID: MIG-{i})\\n" for i in range(gpus)
+    )
     tool = bin_dir / "nvidia-smi"
     tool.write_text(f'#!/bin/sh\n[ "$1" = -L ] && printf "{listing}"\nexit 0\n')
     tool.chmod(tool.stat().st_mode | stat.S_IEXEC)
@@ -37,8 +41,15 @@ def fake_nvidia_smi(tmp_path, gpus: int) -> str:
 def test_help_explains_the_environment():
     p = launch(["--help"], {})
     assert p.returncode == 0, p.stderr
-    for word in ("NNODES", "NODE_RANK", "MASTER_ADDR", "MASTER_PORT", "NPROC", "MAX_RESTARTS",
-                 "python train_ddp.py --help"):
+    for word in (
+        "NNODES",
+        "NODE_RANK",
+        "MASTER_ADDR",
+        "MASTER_PORT",
+        "NPROC",
+        "MAX_RESTARTS",
+        "python train_ddp.py --help",
+    ):
         assert word in p.stdout, word
 
 
@@ -83,32 +94,54 @@ def test_cpu_fallback_uses_gloo_and_splits_the_cores(tmp_path):
 
 
 def test_several_nodes_use_a_c10d_rendezvous(tmp_path):
-    env = {"PATH": fake_nvidia_smi(tmp_path, 8), "LAUNCH_DRY_RUN": "1", "NNODES": "2", "NODE_RANK": "1",
-           "MASTER_ADDR": "node-a", "MASTER_PORT": "29600", "MAX_RESTARTS": "2"}
+    env = {
+        "PATH": fake_nvidia_smi(tmp_path, 8),
+        "LAUNCH_DRY_RUN": "1",
+        "NNODES": "2",
+        "NODE_RANK": "1",
+        "MASTER_ADDR": "node-a",
+        "MASTER_PORT": "29600",
+        "MAX_RESTARTS": "2",
+    }
     p = launch(["--max_train_steps", "10"], env)
     assert p.returncode == 0, p.stderr
-    for part in ("--nproc_per_node=8", "--nnodes=2", "--node_rank=1", "--rdzv_backend=c10d",
-                 "--rdzv_endpoint=node-a:29600", "--rdzv_id=mlm-ddp", "--max-restarts=2"):
+    for part in (
+        "--nproc_per_node=8",
+        "--nnodes=2",
+        "--node_rank=1",
+        "--rdzv_backend=c10d",
+        "--rdzv_endpoint=node-a:29600",
+        "--rdzv_id=mlm-ddp",
+        "--max-restarts=2",
+    ):
         assert part in p.stdout, part
     assert "--standalone" not in p.stdout
 
 
 def test_an_elastic_job_gives_torchrun_min_and_max_nodes(tmp_path):
-    env = {"PATH": fake_nvidia_smi(tmp_path, 2), "LAUNCH_DRY_RUN": "1", "NNODES": "1:2", "NODE_RANK": "5",
-           "MASTER_ADDR": "node-a"}
+    env = {
+        "PATH": fake_nvidia_smi(tmp_path, 2),
+        "LAUNCH_DRY_RUN": "1",
+        "NNODES": "1:2",
+        "NODE_RANK": "5",
+        "MASTER_ADDR": "node-a",
+    }
     p = launch([], env)
     assert p.returncode == 0, p.stderr
     assert "--nnodes=1:2" in p.stdout and "--rdzv_backend=c10d" in p.stdout and "--node_rank" not in p.stdout
 
 
-@pytest.mark.parametrize("env, word", [
-    ({"NNODES": "2"}, "MASTER_ADDR"),
-    ({"NNODES": "3:2", "MASTER_ADDR": "node-a"}, "MIN must not exceed MAX"),
-    ({"NNODES": "2", "MASTER_ADDR": "node-a", "NODE_RANK": "2"}, "NODE_RANK"),
-    ({"NNODES": "two"}, "NNODES"),
-    ({"NPROC": "0"}, "NPROC"),
-    ({"MAX_RESTARTS": "-1"}, "MAX_RESTARTS"),
-])
+@pytest.mark.parametrize(
+    "env, word",
+    [
+        ({"NNODES": "2"}, "MASTER_ADDR"),
+        ({"NNODES": "3:2", "MASTER_ADDR": "node-a"}, "MIN must not exceed MAX"),
+        ({"NNODES": "2", "MASTER_ADDR": "node-a", "NODE_RANK": "2"}, "NODE_RANK"),
+        ({"NNODES": "two"}, "NNODES"),
+        ({"NPROC": "0"}, "NPROC"),
+        ({"MAX_RESTARTS": "-1"}, "MAX_RESTARTS"),
+    ],
+)
 def test_bad_launch_settings_are_one_line_errors(env, word):
     p = launch([], {"CUDA_VISIBLE_DEVICES": "", **env})
     assert p.returncode == 2
@@ -118,8 +151,15 @@ def test_bad_launch_settings_are_one_line_errors(env, word):
 
 def test_cpu_run_to_completion(tmp_path, tiny_config_dir, tokenizer_path):
     text = make_text_file(str(tmp_path / "train.txt"), n_lines=300)
-    args = tiny_args(tiny_config_dir, tokenizer_path, str(tmp_path / "out"), str(tmp_path / "cache"),
-                     train_file=text, max_train_steps=2, eval_steps=2)
+    args = tiny_args(
+        tiny_config_dir,
+        tokenizer_path,
+        str(tmp_path / "out"),
+        str(tmp_path / "cache"),
+        train_file=text,
+        max_train_steps=2,
+        eval_steps=2,
+    )
     p = launch(args, {"NPROC": "2", "CUDA_VISIBLE_DEVICES": ""}, timeout=300)
     assert p.returncode == 0, p.stdout[-3000:] + p.stderr[-3000:]
     assert "finished at step 2 on all 2 ranks" in p.stdout, p.stdout[-3000:]
@@ -128,23 +168,28 @@ def test_cpu_run_to_completion(tmp_path, tiny_config_dir, tokenizer_path):
 
 def test_a_bad_option_is_reported_once_before_torchrun_starts(tmp_path):
     # With MAX_RESTARTS torchrun would retry a failing group: the options are checked once, before it starts.
-    p = launch(["--mlm_probability", "2", "--output_dir", str(tmp_path / "out")],
-               {"NPROC": "2", "CUDA_VISIBLE_DEVICES": "", "MAX_RESTARTS": "3"})
+    p = launch(
+        ["--mlm_probability", "2", "--output_dir", str(tmp_path / "out")],
+        {"NPROC": "2", "CUDA_VISIBLE_DEVICES": "", "MAX_RESTARTS": "3"},
+    )
     assert p.returncode == 2, p.stdout + p.stderr
     errors = [line for line in p.stderr.splitlines() if "error" in line]
     assert len(errors) == 1 and errors[0].startswith("error: --mlm_probability"), p.stderr
     assert "Traceback" not in p.stderr and "mlm-ddp" not in p.stdout  # no worker ever ran
 
 
-@pytest.mark.parametrize("visible, gpus", [
-    ("0,1,", 2),    # a trailing comma is no third GPU
-    ("0,,1", 1),    # CUDA stops reading at the first empty entry
-    ("1,0", 2),
-    ("0,1,7", 2),   # an index this machine does not have ends the list
-    ("1,1", 1),     # a repeated index too
-    ("GPU-0f3c,1", 2),
-    ("-1", 0),
-])
+@pytest.mark.parametrize(
+    "visible, gpus",
+    [
+        ("0,1,", 2),  # a trailing comma is no third GPU
+        ("0,,1", 1),  # CUDA stops reading at the first empty entry
+        ("1,0", 2),
+        ("0,1,7", 2),  # an index this machine does not have ends the list
+        ("1,1", 1),  # a repeated index too
+        ("GPU-0f3c,1", 2),
+        ("-1", 0),
+    ],
+)
 def test_cuda_visible_devices_is_counted_as_cuda_reads_it(tmp_path, visible, gpus):
     env = {"PATH": fake_nvidia_smi(tmp_path, 4), "LAUNCH_DRY_RUN": "1", "CUDA_VISIBLE_DEVICES": visible}
     p = launch([], env)
@@ -156,8 +201,13 @@ def test_cuda_visible_devices_is_counted_as_cuda_reads_it(tmp_path, visible, gpu
 
 
 def test_the_network_interface_reaches_gloo_and_nccl(tmp_path):
-    env = {"PATH": fake_nvidia_smi(tmp_path, 2), "LAUNCH_DRY_RUN": "1", "NNODES": "2", "MASTER_ADDR": "node-a",
-           "SOCKET_IFNAME": "eth1"}
+    env = {
+        "PATH": fake_nvidia_smi(tmp_path, 2),
+        "LAUNCH_DRY_RUN": "1",
+        "NNODES": "2",
+        "MASTER_ADDR": "node-a",
+        "SOCKET_IFNAME": "eth1",
+    }
     p = launch([], env)
     assert p.returncode == 0, p.stderr
     assert p.stdout.startswith("GLOO_SOCKET_IFNAME=eth1 NCCL_SOCKET_IFNAME=eth1 "), p.stdout
@@ -172,8 +222,12 @@ def test_a_loopback_hostname_on_several_nodes_is_warned_about(tmp_path):
     for tool, text in (("hostname", "echo node-a"), ("getent", "echo '127.0.1.1       node-a'")):
         (bin_dir / tool).write_text(f"#!/bin/sh\n{text}\n")
         (bin_dir / tool).chmod(0o755)
-    env = {"PATH": f"{bin_dir}{os.pathsep}{fake_nvidia_smi(tmp_path, 2)}", "LAUNCH_DRY_RUN": "1", "NNODES": "2",
-           "MASTER_ADDR": "node-a"}
+    env = {
+        "PATH": f"{bin_dir}{os.pathsep}{fake_nvidia_smi(tmp_path, 2)}",
+        "LAUNCH_DRY_RUN": "1",
+        "NNODES": "2",
+        "MASTER_ADDR": "node-a",
+    }
     p = launch([], env)
     assert p.returncode == 0 and "warning: node-a resolves to 127.0.1.1" in p.stderr and "SOCKET_IFNAME" in p.stderr
     p = launch([], {**env, "GLOO_SOCKET_IFNAME": "eth0"})

@@ -8,7 +8,6 @@ import os
 import re
 
 import pytest
-
 from helpers import ROOT
 
 MLM = os.path.join(ROOT, "mlm")
@@ -55,7 +54,7 @@ def project_imports(module: str, path: str, known: set[str]) -> set[str]:
             base = node.module or ""
             if node.level:
                 parts = package.split(".")
-                base = ".".join(parts[:len(parts) - node.level + 1] + ([base] if base else []))
+                base = ".".join(parts[: len(parts) - node.level + 1] + ([base] if base else []))
             targets = [f"{base}.{a.name}" for a in node.names] + [base]
         else:
             continue
@@ -91,10 +90,11 @@ def test_no_import_cycles(graph):
         state[m] = 1
         for n in sorted(graph.get(m, ())):
             if state.get(n) == 1:
-                raise AssertionError("import cycle: " + " -> ".join(path[path.index(n):] + [n]))
+                raise AssertionError("import cycle: " + " -> ".join(path[path.index(n) :] + [n]))
             if n not in state:
                 visit(n, path + [n])
         state[m] = 2
+
     for m in sorted(graph):
         if m not in state:
             visit(m, [m])
@@ -103,21 +103,30 @@ def test_no_import_cycles(graph):
 def test_every_package_has_a_layer():
     """A new package (or a module loose in mlm/) must be placed in LAYERS and in docs/DESIGN.md's tree."""
     placed = {name for names in LAYERS for name in names}
-    found = {n.removesuffix(".py") for n in os.listdir(MLM) if n != "__init__.py" and not n.startswith(("_", "."))
-             and (n.endswith(".py") or os.path.isfile(os.path.join(MLM, n, "__init__.py")))}
+    found = {
+        n.removesuffix(".py")
+        for n in os.listdir(MLM)
+        if n != "__init__.py"
+        and not n.startswith(("_", "."))
+        and (n.endswith(".py") or os.path.isfile(os.path.join(MLM, n, "__init__.py")))
+    }
     assert found == placed
 
 
 def test_imports_go_only_downward(graph):
-    wrong = [f"{m} imports {n}" for m, deps in graph.items() for n in deps
-             if layer(n) > layer(m) or (layer(n) == layer(m) and package(n) != package(m))]
+    wrong = [
+        f"{m} imports {n}"
+        for m, deps in graph.items()
+        for n in deps
+        if layer(n) > layer(m) or (layer(n) == layer(m) and package(n) != package(m))
+    ]
     assert not wrong, "\n".join(wrong)
     assert not any(package(n) in ("train", "config") for n in graph["predict"])  # predict.py is inference only
 
 
 def test_the_design_opens_with_the_packages_in_layer_order():
     design = open(os.path.join(ROOT, "docs", "DESIGN.md"), encoding="utf-8").read()
-    tree = design[:design.index("## ", design.index("## ") + 1)]
+    tree = design[: design.index("## ", design.index("## ") + 1)]
     positions = [tree.index(f"mlm/{name}") for names in LAYERS for name in names]
     assert positions == sorted(positions), "docs/DESIGN.md's tree lists the packages lowest first"
 
@@ -127,8 +136,11 @@ def test_no_alias_modules():
     one thing: the README names the real module."""
     aliases = []
     for module, path in module_files().items():
-        body = [n for n in ast.parse(open(path, encoding="utf-8").read()).body
-                if not (isinstance(n, ast.Expr) and isinstance(n.value, ast.Constant))]  # docstrings
+        body = [
+            n
+            for n in ast.parse(open(path, encoding="utf-8").read()).body
+            if not (isinstance(n, ast.Expr) and isinstance(n.value, ast.Constant))
+        ]  # docstrings
         if body and all(isinstance(n, (ast.Import, ast.ImportFrom, ast.If)) for n in body):
             aliases.append(module)
     assert not aliases, aliases
@@ -164,5 +176,6 @@ def test_the_design_lives_in_the_repository():
                     shared.append(rel)
     assert not architecture, f"cite docs/DESIGN.md instead: {architecture}"
     # Only where the tests' and benchmarks' WikiText-2 data is described.
-    assert set(shared) <= {"README.md", os.path.join("docs", "DESIGN.md"), os.path.join("docs", "BENCHMARKS.md")}, \
+    assert set(shared) <= {"README.md", os.path.join("docs", "DESIGN.md"), os.path.join("docs", "BENCHMARKS.md")}, (
         shared
+    )

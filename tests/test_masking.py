@@ -40,8 +40,11 @@ def test_statistics_over_a_million_tokens(tokenizer, tables):
     as_mask = (masked[selected] == tokenizer.mask_token_id).sum().item() / n
     unchanged = (masked[selected] == ids[selected]).sum().item() / n
     random = 1 - as_mask - unchanged
-    assert abs(as_mask - 0.8) <= 0.01 and abs(random - 0.1) <= 0.01 and abs(unchanged - 0.1) <= 0.01, \
-        (as_mask, random, unchanged)
+    assert abs(as_mask - 0.8) <= 0.01 and abs(random - 0.1) <= 0.01 and abs(unchanged - 0.1) <= 0.01, (
+        as_mask,
+        random,
+        unchanged,
+    )
     # Unselected tokens are untouched; random replacements are ordinary tokens, never special ones.
     assert torch.equal(masked[~selected], ids[~selected])
     replaced = selected & (masked != ids) & (masked != tokenizer.mask_token_id)
@@ -102,5 +105,7 @@ def test_whole_word_mask_never_splits_a_word(tokenizer, tables):
     rate = selected[:, 1:-1].float().mean().item()
     assert 0.1 < rate < 0.2, rate
     _, per_token = mask_tokens(ids, torch.arange(len(ids)), 0, MaskingSpec(seed=3), tables)
-    split = (per_token != IGNORE_INDEX)[:, 1:][:, continuation[1:]] != (per_token != IGNORE_INDEX)[:, :-1][:, continuation[1:]]
+    split = (per_token != IGNORE_INDEX)[:, 1:][:, continuation[1:]] != (per_token != IGNORE_INDEX)[:, :-1][
+        :, continuation[1:]
+    ]
     assert split.any(), "without whole-word masking words do get split (so the check above can fail)"

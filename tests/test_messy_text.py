@@ -8,12 +8,12 @@ import json
 import os
 
 import pytest
-
 from helpers import make_text_file, tiny_args, train_here
-from mlm.data import cleaning, sources
-from mlm.data.cleaning import TextReport
+
 from mlm.common.cli import UserError
 from mlm.config import parse_args
+from mlm.data import cleaning, sources
+from mlm.data.cleaning import TextReport
 
 BAD = b"caf\xe9 au lait"  # Latin-1 bytes: \xe9 is not UTF-8 on its own
 VALUES = ["plain text", None, 3, ["a", "b"], {"k": 1}, True, 2.5]
@@ -37,7 +37,7 @@ def bad_file(tmp_path, suffix: str) -> tuple[str, int, int]:
     else:  # .csv
         lines = [b"id,text"] + [b"%d,%s" % (i, r) for i, r in enumerate(rows)]
     data = b"\n".join(lines) + b"\n"
-    return write(tmp_path / f"t{suffix}", data), data.index(b"\xe9"), data[:data.index(b"\xe9")].count(b"\n") + 1
+    return write(tmp_path / f"t{suffix}", data), data.index(b"\xe9"), data[: data.index(b"\xe9")].count(b"\n") + 1
 
 
 @pytest.mark.parametrize("suffix", [".txt", ".raw", ".jsonl", ".json", ".csv"])
@@ -77,8 +77,15 @@ def test_non_string_text_values_in_jsonl(tmp_path):
     with pytest.raises(UserError, match=rf"^{path} row 3: 'text' is int 3, not a string; .*--text_errors replace"):
         sources.read_text_file(path)
     report = TextReport()
-    assert sources.read_text_file(path, "replace", report) == \
-        ["plain text", "", "3", "a b", '{"k": 1}', "true", "2.5"]  # null stays an empty text, in every mode
+    assert sources.read_text_file(path, "replace", report) == [
+        "plain text",
+        "",
+        "3",
+        "a b",
+        '{"k": 1}',
+        "true",
+        "2.5",
+    ]  # null stays an empty text, in every mode
     assert report.counts == {path: {"non-string 'text' values converted": 5}}
     report = TextReport()
     assert sources.read_text_file(path, "skip", report) == ["plain text", ""]
@@ -87,6 +94,7 @@ def test_non_string_text_values_in_jsonl(tmp_path):
 
 def test_non_string_text_values_in_parquet(tmp_path):
     import datasets
+
     path = str(tmp_path / "v.parquet")
     datasets.Dataset.from_dict({"text": [1, None, 3]}).to_parquet(path)
     with pytest.raises(UserError, match=r"row 1: 'text' is int 1"):
@@ -97,10 +105,14 @@ def test_non_string_text_values_in_parquet(tmp_path):
 
 def test_non_string_text_values_on_the_hub_path(tmp_path, monkeypatch):
     import datasets
+
     mixed = datasets.Features({"text": datasets.Json()})
-    dd = datasets.DatasetDict({
-        "train": datasets.Dataset.from_list([{"text": v} for v in VALUES], features=mixed),
-        "validation": datasets.Dataset.from_list([{"text": "ok"}, {"text": None}], features=mixed)})
+    dd = datasets.DatasetDict(
+        {
+            "train": datasets.Dataset.from_list([{"text": v} for v in VALUES], features=mixed),
+            "validation": datasets.Dataset.from_list([{"text": "ok"}, {"text": None}], features=mixed),
+        }
+    )
     monkeypatch.setattr(datasets, "load_dataset", lambda *a, **k: dd)
     cfg = lambda mode: parse_args(["--dataset_name", "someone/scraped", "--text_errors", mode])
     with pytest.raises(UserError, match=r"^dataset someone/scraped split train row 3: 'text' is int 3"):
@@ -124,11 +136,20 @@ def messy_files(tmp_path):
     return train, valid
 
 
-def test_a_run_on_messy_files_stops_with_one_line_or_counts_what_it_replaced(messy_files, tmp_path, tiny_config_dir,
-                                                                            tokenizer_path, capsys):
+def test_a_run_on_messy_files_stops_with_one_line_or_counts_what_it_replaced(
+    messy_files, tmp_path, tiny_config_dir, tokenizer_path, capsys
+):
     train, valid = messy_files
-    args = lambda out, **kw: tiny_args(tiny_config_dir, tokenizer_path, str(tmp_path / out), str(tmp_path / "cache"),
-                                       train_file=train, validation_file=valid, max_train_steps=2, **kw)
+    args = lambda out, **kw: tiny_args(
+        tiny_config_dir,
+        tokenizer_path,
+        str(tmp_path / out),
+        str(tmp_path / "cache"),
+        train_file=train,
+        validation_file=valid,
+        max_train_steps=2,
+        **kw,
+    )
     capsys.readouterr()
     assert train_here(args("strict")) == 2
     err = capsys.readouterr().err
@@ -143,14 +164,25 @@ def test_a_run_on_messy_files_stops_with_one_line_or_counts_what_it_replaced(mes
 @pytest.mark.parametrize("mode", ["error", "skip"])
 def test_a_stream_with_non_string_rows(mode, tmp_path, tiny_config_dir, tokenizer_path, capfd):
     """In a stream the rows are met in a loader worker: an error is still one line, a skip is told."""
-    rows = [{"text": line.rstrip("\n")} for line in open(make_text_file(str(tmp_path / "t.txt"), n_lines=300, seed=8),
-                                                         encoding="utf-8")]
+    rows = [
+        {"text": line.rstrip("\n")}
+        for line in open(make_text_file(str(tmp_path / "t.txt"), n_lines=300, seed=8), encoding="utf-8")
+    ]
     rows.insert(5, {"text": [1, 2]})
     train = write(tmp_path / "train.jsonl", "\n".join(json.dumps(r) for r in rows).encode())
     valid = make_text_file(str(tmp_path / "valid.txt"), n_lines=40, seed=9)
-    args = tiny_args(tiny_config_dir, tokenizer_path, str(tmp_path / "out"), str(tmp_path / "cache"),
-                     train_file=train, validation_file=valid, max_train_steps=2, streaming="true",
-                     text_errors=mode, shuffle_buffer_size=10)
+    args = tiny_args(
+        tiny_config_dir,
+        tokenizer_path,
+        str(tmp_path / "out"),
+        str(tmp_path / "cache"),
+        train_file=train,
+        validation_file=valid,
+        max_train_steps=2,
+        streaming="true",
+        text_errors=mode,
+        shuffle_buffer_size=10,
+    )
     capfd.readouterr()
     code = train_here(args)
     captured = capfd.readouterr()  # file descriptors: the loader worker is another process

@@ -10,33 +10,59 @@ import stat
 import subprocess
 import sys
 
-import pytest
-
 import forkserver
+import pytest
 from helpers import ROOT, _env, free_port, make_text_file, run_train, tiny_args, wait_all
 from test_ddp import load_weights, max_abs_diff
 
 STEPS = 4
 
 
-def start_node(node_rank: int, nnodes: int, nproc: int, port: int, script: str, args: list[str], cwd: str,
-               extra_env: dict | None = None) -> forkserver.ForkedProcess:
-    cmd = [sys.executable, "-m", "torch.distributed.run", f"--nnodes={nnodes}", f"--node_rank={node_rank}",
-           f"--nproc_per_node={nproc}", "--rdzv_backend=c10d", f"--rdzv_endpoint=127.0.0.1:{port}",
-           "--rdzv_id=mlm-test", "--local_addr=127.0.0.1", "--max-restarts=0", script, *args]
+def start_node(
+    node_rank: int,
+    nnodes: int,
+    nproc: int,
+    port: int,
+    script: str,
+    args: list[str],
+    cwd: str,
+    extra_env: dict | None = None,
+) -> forkserver.ForkedProcess:
+    cmd = [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        f"--nnodes={nnodes}",
+        f"--node_rank={node_rank}",
+        f"--nproc_per_node={nproc}",
+        "--rdzv_backend=c10d",
+        f"--rdzv_endpoint=127.0.0.1:{port}",
+        "--rdzv_id=mlm-test",
+        "--local_addr=127.0.0.1",
+        "--max-restarts=0",
+        script,
+        *args,
+    ]
     return forkserver.spawn(cmd[1:], _env(extra_env), cwd)  # torchrun's agent and workers, forked
 
 
 @pytest.fixture(scope="module")
 def corpus(tmp_path_factory):
     d = tmp_path_factory.mktemp("corpus")
-    return make_text_file(str(d / "train.txt"), n_lines=300, seed=1), \
-        make_text_file(str(d / "valid.txt"), n_lines=60, seed=2)
+    return make_text_file(str(d / "train.txt"), n_lines=300, seed=1), make_text_file(
+        str(d / "valid.txt"), n_lines=60, seed=2
+    )
 
 
 def common_args(tiny_config_dir, tokenizer_path, corpus) -> dict:
-    return dict(train_file=corpus[0], validation_file=corpus[1], max_train_steps=STEPS, eval_steps=2,
-                per_device_train_batch_size=4, seed=11)
+    return dict(
+        train_file=corpus[0],
+        validation_file=corpus[1],
+        max_train_steps=STEPS,
+        eval_steps=2,
+        per_device_train_batch_size=4,
+        seed=11,
+    )
 
 
 def test_two_nodes_equal_one_node_and_only_global_rank_0_writes(tmp_path, corpus, tiny_config_dir, tokenizer_path):
@@ -68,9 +94,18 @@ def test_two_nodes_equal_one_node_and_only_global_rank_0_writes(tmp_path, corpus
     # Resuming reads the checkpoint on every rank: with run directories that are not shared, a clear error on
     # every node instead of ranks that load different states; nothing saved is touched.
     kw["max_train_steps"] = STEPS + 2
-    procs = [start_node(n, 2, 1, port, os.path.join(ROOT, "train_ddp.py"),
-                        tiny_args(tiny_config_dir, tokenizer_path, "run", "cache", **kw), str(cwd))
-             for n, cwd in enumerate(nodes)]
+    procs = [
+        start_node(
+            n,
+            2,
+            1,
+            port,
+            os.path.join(ROOT, "train_ddp.py"),
+            tiny_args(tiny_config_dir, tokenizer_path, "run", "cache", **kw),
+            str(cwd),
+        )
+        for n, cwd in enumerate(nodes)
+    ]
     results = wait_all(procs, timeout=240)
     assert all(r.returncode != 0 for r in results)
     output = "".join(r.output for r in results)
@@ -81,7 +116,6 @@ def test_two_nodes_equal_one_node_and_only_global_rank_0_writes(tmp_path, corpus
 
 PROBE = r"""
 import os, sys, time
-sys.path.insert(0, {root!r})
 from mlm.common.distributed import init_distributed, main_process_first, teardown
 env = init_distributed(60)
 def prepare():
@@ -113,8 +147,9 @@ def test_cache_scope_decides_who_prepares_first(tmp_path, scope):
     first_leader_start = min(float(e[3]) for e in events if e[0] == "start" and int(e[1]) in leaders)
     assert last_leader_end <= first_other_start
     if scope == "node":  # the two nodes prepare at the same time, not one after the other
-        assert max(float(e[3]) for e in events if e[0] == "start" and int(e[1]) in leaders) < \
-            min(float(e[3]) for e in events if e[0] == "end" and int(e[1]) in leaders)
+        assert max(float(e[3]) for e in events if e[0] == "start" and int(e[1]) in leaders) < min(
+            float(e[3]) for e in events if e[0] == "end" and int(e[1]) in leaders
+        )
     assert first_leader_start < first_other_start
 
 
@@ -128,24 +163,52 @@ def test_slurm_example_runs_two_nodes(tmp_path, corpus, tiny_config_dir, tokeniz
     bin_dir = tmp_path / "bin"
     bin_dir.mkdir()
     _fake(bin_dir / "scontrol", "#!/usr/bin/env bash\necho 127.0.0.1\n")
-    _fake(bin_dir / "srun", "#!/usr/bin/env bash\n"
-          f"echo called >> {tmp_path / 'srun-calls'}\n"
-          "while [[ $1 == --* ]]; do shift; done\npids=()\nfor ((i = 0; i < SLURM_JOB_NUM_NODES; i++)); do\n"
-          "  SLURM_NODEID=$i SLURM_PROCID=$i \"$@\" & pids+=($!)\ndone\n"
-          "rc=0\nfor p in \"${pids[@]}\"; do wait \"$p\" || rc=$?; done\nexit $rc\n")
+    _fake(
+        bin_dir / "srun",
+        "#!/usr/bin/env bash\n"
+        f"echo called >> {tmp_path / 'srun-calls'}\n"
+        "while [[ $1 == --* ]]; do shift; done\npids=()\nfor ((i = 0; i < SLURM_JOB_NUM_NODES; i++)); do\n"
+        '  SLURM_NODEID=$i SLURM_PROCID=$i "$@" & pids+=($!)\ndone\n'
+        'rc=0\nfor p in "${pids[@]}"; do wait "$p" || rc=$?; done\nexit $rc\n',
+    )
     out = str(tmp_path / "run")
-    args = tiny_args(tiny_config_dir, tokenizer_path, out, str(tmp_path / "cache"),
-                     **common_args(tiny_config_dir, tokenizer_path, corpus))
-    env = {"PATH": f"{bin_dir}:{os.path.dirname(sys.executable)}:{os.environ['PATH']}", "SLURM_JOB_NUM_NODES": "2",
-           "SLURM_JOB_NODELIST": "node-[1-2]", "SLURM_JOB_ID": "77", "SLURM_SUBMIT_DIR": ROOT,
-           "NPROC_PER_NODE": "1", "MASTER_PORT": str(free_port()), "PYTHON": sys.executable, "MAX_RESTARTS": "0"}
-    p = subprocess.run(["bash", os.path.join(ROOT, "examples", "slurm", "train.sbatch"), *args], cwd=str(tmp_path),
-                       env=_env(env), capture_output=True, text=True, timeout=240)
+    args = tiny_args(
+        tiny_config_dir,
+        tokenizer_path,
+        out,
+        str(tmp_path / "cache"),
+        **common_args(tiny_config_dir, tokenizer_path, corpus),
+    )
+    env = {
+        "PATH": f"{bin_dir}:{os.path.dirname(sys.executable)}:{os.environ['PATH']}",
+        "SLURM_JOB_NUM_NODES": "2",
+        "SLURM_JOB_NODELIST": "node-[1-2]",
+        "SLURM_JOB_ID": "77",
+        "SLURM_SUBMIT_DIR": ROOT,
+        "NPROC_PER_NODE": "1",
+        "MASTER_PORT": str(free_port()),
+        "PYTHON": sys.executable,
+        "MAX_RESTARTS": "0",
+    }
+    p = subprocess.run(
+        ["bash", os.path.join(ROOT, "examples", "slurm", "train.sbatch"), *args],
+        cwd=str(tmp_path),
+        env=_env(env),
+        capture_output=True,
+        text=True,
+        timeout=240,
+    )
     assert p.returncode == 0, (p.stdout + p.stderr)[-3000:]
     assert "finished at step 4 on all 2 ranks" in p.stdout
     assert sorted(os.listdir(os.path.join(out, "checkpoints"))) == ["step-2", "step-4"]
     # A bad option fails once, before srun starts anything.
-    p = subprocess.run(["bash", os.path.join(ROOT, "examples", "slurm", "train.sbatch"), "--learning_rate", "-1"],
-                       cwd=str(tmp_path), env=_env(env), capture_output=True, text=True, timeout=60)
+    p = subprocess.run(
+        ["bash", os.path.join(ROOT, "examples", "slurm", "train.sbatch"), "--learning_rate", "-1"],
+        cwd=str(tmp_path),
+        env=_env(env),
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
     assert p.returncode == 2 and p.stderr.count("error:") == 1 and "--learning_rate" in p.stderr, p.stderr
     assert (tmp_path / "srun-calls").read_text().splitlines() == ["called"]  # only the first job's srun

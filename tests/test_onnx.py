@@ -7,14 +7,15 @@ import sys
 
 import pytest
 import torch
-
 from helpers import TINY_BERT, minilm_path, run_command, run_predict
+
 from mlm.inference.export_onnx import OnnxMaskedLM
 
 
 @pytest.fixture(scope="module")
 def tiny_model_dir(tmp_path_factory) -> str:
     from transformers import AutoTokenizer, BertConfig, BertForMaskedLM
+
     d = str(tmp_path_factory.mktemp("tiny-mlm"))
     torch.manual_seed(3)
     model = BertForMaskedLM(BertConfig(vocab_size=30522, **TINY_BERT))
@@ -41,6 +42,7 @@ def random_batch(vocab: int, seed: int = 0):
 @pytest.mark.parametrize("which", ["tiny", "minilm"])
 def test_export_matches_pytorch_within_1e_4(which, tmp_path, tiny_model_dir, minilm_dir):
     from transformers import AutoModelForMaskedLM
+
     model_dir = tiny_model_dir if which == "tiny" else minilm_dir
     out = str(tmp_path / "model.onnx")
     r = export(model_dir, out)
@@ -62,8 +64,11 @@ def test_export_matches_pytorch_within_1e_4(which, tmp_path, tiny_model_dir, min
 def test_predict_with_onnx_gives_the_same_top_k(tmp_path, minilm_dir):
     out = str(tmp_path / "minilm.onnx")
     assert export(minilm_dir, out).returncode == 0
-    texts = ["the capital of france is [MASK] .", "she [MASK] to the [MASK] every morning .",
-             "a long sentence about the history of the city , which was [MASK] in the twelfth century ."]
+    texts = [
+        "the capital of france is [MASK] .",
+        "she [MASK] to the [MASK] every morning .",
+        "a long sentence about the history of the city , which was [MASK] in the twelfth century .",
+    ]
     runs = {}
     for label, extra in (("torch", []), ("onnx", ["--onnx", out])):
         r = run_predict(["--model", minilm_dir, "--json", "--top_k", "5", *extra, *texts])
@@ -78,7 +83,8 @@ def test_predict_with_onnx_gives_the_same_top_k(tmp_path, minilm_dir):
 
 
 def test_onnx_user_errors_are_one_line(tmp_path, tiny_model_dir, capfd):
-    """predict.py --onnx and python -m mlm.inference.export_onnx with bad files: their main functions, in this process."""
+    """predict.py --onnx and python -m mlm.inference.export_onnx with bad files: their main functions, in this
+    process."""
     import predict
     from mlm.inference import export_onnx
 
@@ -86,8 +92,11 @@ def test_onnx_user_errors_are_one_line(tmp_path, tiny_model_dir, capfd):
         out, err = capfd.readouterr()
         assert code == 2 and err.startswith("error:") and len(err.splitlines()) == 1, out + err
         assert all(w in err for w in words) and "Traceback" not in out + err, err
-    one_error(predict.main(["--model", tiny_model_dir, "--onnx", str(tmp_path / "missing.onnx"), "a [MASK] ."]),
-              "does not exist")
+
+    one_error(
+        predict.main(["--model", tiny_model_dir, "--onnx", str(tmp_path / "missing.onnx"), "a [MASK] ."]),
+        "does not exist",
+    )
     bad = tmp_path / "bad.onnx"
     bad.write_bytes(b"not a graph")
     one_error(predict.main(["--model", tiny_model_dir, "--onnx", str(bad), "a [MASK] ."]), "could not be loaded")
@@ -100,7 +109,9 @@ def test_exporting_leaves_the_pytorch_model_unchanged(tmp_path, minilm_dir):
     """The exporter changes the module it traces (seen: logits off by ~2.5 afterwards on longer inputs), so
     export() traces a copy; the caller's model, and the check against it, stay right."""
     from transformers import AutoModelForMaskedLM
+
     from mlm.inference.export_onnx import export as export_model
+
     model = AutoModelForMaskedLM.from_pretrained(minilm_dir).eval()
     ids, attention = random_batch(model.config.vocab_size, seed=4)
     with torch.no_grad():

@@ -6,8 +6,8 @@ import os
 import pytest
 import torch
 import torch.nn.functional as F
-
 from helpers import TINY_BERT, make_text_file, read_json, run_train, tiny_args
+
 from mlm.config import TrainConfig
 from mlm.data.masking import IGNORE_INDEX
 from mlm.model.modeling import MaskedLMLoss, masked_positions
@@ -17,6 +17,7 @@ from mlm.train.swa import WeightAverage
 
 def tiny_model(seed: int = 0, vocab: int = 120):
     from transformers import BertConfig, BertForMaskedLM
+
     torch.manual_seed(seed)
     return BertForMaskedLM(BertConfig(vocab_size=vocab, **TINY_BERT))
 
@@ -28,12 +29,15 @@ def test_layerwise_lr_decay_groups_have_the_hand_computed_rates():
     opt = build_optimizer(cfg, model, torch.device("cpu"))
     lr_of = {name: g["lr"] for g in opt.param_groups for name in g["names"]}
     # head 1e-3; layer 1: 1e-3 * 0.5; layer 0: 1e-3 * 0.25; embeddings 1e-3 * 0.125
-    expected = {"cls.predictions.bias": 1e-3, "cls.predictions.transform.dense.weight": 1e-3,
-                "bert.encoder.layer.1.attention.self.query.weight": 5e-4,
-                "bert.encoder.layer.1.output.LayerNorm.weight": 5e-4,
-                "bert.encoder.layer.0.intermediate.dense.bias": 2.5e-4,
-                "bert.embeddings.word_embeddings.weight": 1.25e-4,
-                "bert.embeddings.LayerNorm.bias": 1.25e-4}
+    expected = {
+        "cls.predictions.bias": 1e-3,
+        "cls.predictions.transform.dense.weight": 1e-3,
+        "bert.encoder.layer.1.attention.self.query.weight": 5e-4,
+        "bert.encoder.layer.1.output.LayerNorm.weight": 5e-4,
+        "bert.encoder.layer.0.intermediate.dense.bias": 2.5e-4,
+        "bert.embeddings.word_embeddings.weight": 1.25e-4,
+        "bert.embeddings.LayerNorm.bias": 1.25e-4,
+    }
     for name, lr in expected.items():
         assert lr_of[name] == pytest.approx(lr, rel=1e-12), name
     # Every parameter in exactly one group; weight decay still only on weight matrices and embeddings.
@@ -89,8 +93,9 @@ def test_label_smoothing_changes_the_training_loss_only():
 @pytest.fixture(scope="module")
 def corpus(tmp_path_factory):
     d = tmp_path_factory.mktemp("corpus")
-    return make_text_file(str(d / "train.txt"), n_lines=300, seed=1), \
-        make_text_file(str(d / "valid.txt"), n_lines=60, seed=2)
+    return make_text_file(str(d / "train.txt"), n_lines=300, seed=1), make_text_file(
+        str(d / "valid.txt"), n_lines=60, seed=2
+    )
 
 
 def history(out: str) -> tuple[list[dict], list[dict]]:
@@ -98,15 +103,30 @@ def history(out: str) -> tuple[list[dict], list[dict]]:
     return [e for e in h if "loss" in e], [dict(e["eval"], step=e["step"]) for e in h if "eval" in e]
 
 
-def test_label_smoothing_in_a_run_moves_train_loss_not_the_eval_definition(tmp_path, corpus, tiny_config_dir,
-                                                                            tokenizer_path):
+def test_label_smoothing_in_a_run_moves_train_loss_not_the_eval_definition(
+    tmp_path, corpus, tiny_config_dir, tokenizer_path
+):
     runs = {}
     for smoothing in (0.0, 0.3):
         out = str(tmp_path / f"ls{smoothing}")
         import train_ddp  # a world of one, in this process
-        assert train_ddp.main(tiny_args(tiny_config_dir, tokenizer_path, out, str(tmp_path / "cache"),
-                                        train_file=corpus[0], validation_file=corpus[1], max_train_steps=2,
-                                        eval_steps=2, label_smoothing=smoothing)) == 0
+
+        assert (
+            train_ddp.main(
+                tiny_args(
+                    tiny_config_dir,
+                    tokenizer_path,
+                    out,
+                    str(tmp_path / "cache"),
+                    train_file=corpus[0],
+                    validation_file=corpus[1],
+                    max_train_steps=2,
+                    eval_steps=2,
+                    label_smoothing=smoothing,
+                )
+            )
+            == 0
+        )
         runs[smoothing] = history(out)
     (train0, eval0), (train1, eval1) = runs[0.0], runs[0.3]
     # Step 1 runs the same initial weights on the same batch: only the loss definition differs.
@@ -142,15 +162,26 @@ def test_swa_average_is_the_mean_of_the_snapshots():
     assert (averaged[w] - snapshots[-1][w]).abs().max() > 1e-4
 
 
-def test_swa_in_a_ddp_run_averages_the_saved_weights_and_resumes(tmp_path, corpus, tiny_config_dir,
-                                                                  tokenizer_path):
+def test_swa_in_a_ddp_run_averages_the_saved_weights_and_resumes(tmp_path, corpus, tiny_config_dir, tokenizer_path):
     """2 ranks, checkpoints at every step: the SWA state saved at step 6 is the mean of the step-3..6 weights,
     each evaluation reports the average's perplexity, and best/ says which model it is."""
     from safetensors.torch import load_file
+
     out = str(tmp_path / "swa")
-    args = tiny_args(tiny_config_dir, tokenizer_path, out, str(tmp_path / "cache"), train_file=corpus[0],
-                     validation_file=corpus[1], max_train_steps=6, eval_steps=3, save_steps=1, save_total_limit=10,
-                     swa_start_step=3, learning_rate=3e-3)
+    args = tiny_args(
+        tiny_config_dir,
+        tokenizer_path,
+        out,
+        str(tmp_path / "cache"),
+        train_file=corpus[0],
+        validation_file=corpus[1],
+        max_train_steps=6,
+        eval_steps=3,
+        save_steps=1,
+        save_total_limit=10,
+        swa_start_step=3,
+        learning_rate=3e-3,
+    )
     r = run_train(args, nproc=2)
     assert r.returncode == 0, r.output[-3000:]
     weights = [load_file(os.path.join(out, "checkpoints", f"step-{s}", "model.safetensors")) for s in (3, 4, 5, 6)]
@@ -170,6 +201,7 @@ def test_swa_in_a_ddp_run_averages_the_saved_weights_and_resumes(tmp_path, corpu
     # Resume from step 4 with the same command: the average goes on from the saved state, exactly.
     resumed = str(tmp_path / "resumed")
     import shutil
+
     shutil.copytree(out, resumed)
     for s in (5, 6):
         shutil.rmtree(os.path.join(resumed, "checkpoints", f"step-{s}"))

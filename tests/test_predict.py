@@ -12,9 +12,9 @@ import time
 
 import pytest
 import torch
+from helpers import make_text_file, run_predict, run_train, tiny_args
 
 import predict
-from helpers import make_text_file, run_predict, run_train, tiny_args
 from mlm.inference.fill_mask import SAMPLE_SENTENCES, FillMask, Prediction
 
 MULTI = "[MASK] [MASK] a [MASK] [MASK] ."
@@ -66,8 +66,9 @@ def test_targets_restrict_the_candidates(forced_model_dir, capsys):
             assert set(f["tokens"]) <= {"good", "bad"}
     # Scores stay probabilities over the whole vocabulary: "good" scores what it scores without --targets.
     plain = FillMask(forced_model_dir).predict("he is a [MASK] man .", top_k=20)[0].masks[0].candidates
-    code, out, _ = run_main(["--model", forced_model_dir, "--json", "--targets", "good", "he is a [MASK] man ."],
-                            capsys)
+    code, out, _ = run_main(
+        ["--model", forced_model_dir, "--json", "--targets", "good", "he is a [MASK] man ."], capsys
+    )
     got = json_lines(out)[0]["masks"][0]["candidates"]
     assert [c["token"] for c in got] == ["good"]
     assert abs(got[0]["score"] - next(c.score for c in plain if c.token == "good")) < 1e-6
@@ -120,15 +121,18 @@ def test_batch_size_does_not_change_the_output(forced_model_dir, capsys):
         assert code == 0
         outs.append(json_lines(out))
     for a, b in zip(*outs):
-        assert [[c["token"] for c in m["candidates"]] for m in a["masks"]] == \
-            [[c["token"] for c in m["candidates"]] for m in b["masks"]]
+        assert [[c["token"] for c in m["candidates"]] for m in a["masks"]] == [
+            [c["token"] for c in m["candidates"]] for m in b["masks"]
+        ]
         assert [f["sequence"] for f in a["fills"]] == [f["sequence"] for f in b["fills"]]
         assert all(abs(f["score"] - g["score"]) < 1e-5 for f, g in zip(a["fills"], b["fills"]))
 
 
 def test_interactive_keeps_going_after_a_bad_line(forced_model_dir):
-    r = run_predict(["--model", forced_model_dir, "--interactive", "--json"],
-                    stdin="he [MASK] a good man .\nno mask here\n\n" + MULTI + "\nquit\nshe [MASK] .\n")
+    r = run_predict(
+        ["--model", forced_model_dir, "--interactive", "--json"],
+        stdin="he [MASK] a good man .\nno mask here\n\n" + MULTI + "\nquit\nshe [MASK] .\n",
+    )
     assert r.returncode == 0, r.output
     assert [o["text"] for o in json_lines(r.stdout)] == ["he [MASK] a good man .", MULTI]  # stops at quit
     errors = [line for line in r.stderr.splitlines() if line.startswith("error:")]
@@ -185,8 +189,9 @@ def test_default_run_end_to_end(tmp_path, tiny_config_dir, tokenizer_path):
     work = tmp_path / "work"
     work.mkdir()
     text = make_text_file(str(work / "train.txt"), n_lines=300)
-    args = tiny_args(tiny_config_dir, tokenizer_path, None, str(tmp_path / "cache"), train_file=text,
-                     max_train_steps=8, eval_steps=4)
+    args = tiny_args(
+        tiny_config_dir, tokenizer_path, None, str(tmp_path / "cache"), train_file=text, max_train_steps=8, eval_steps=4
+    )
     r = run_train(args, nproc=2, cwd=str(work), timeout=300)
     assert r.returncode == 0, r.output[-3000:]
     runs = os.listdir(work / "outputs")

@@ -15,9 +15,7 @@ import time
 
 import pytest
 import torch
-
-from helpers import TINY_BERT, make_text_file, read_json, run_train, start_ranks, tiny_args, wait_all, \
-    write_tiny_config
+from helpers import TINY_BERT, make_text_file, read_json, run_train, start_ranks, tiny_args, wait_all, write_tiny_config
 from test_ddp import load_weights, max_abs_diff
 
 STEPS = 12
@@ -28,15 +26,31 @@ EXIT_NONFINITE, EXIT_DISK_FULL, EXIT_OUT_OF_TIME, EXIT_SIGTERM = 3, 4, 5, 128 + 
 def setup(tmp_path_factory):
     d = tmp_path_factory.mktemp("resilience")
     # Dropout on: the per-rank RNG states must be restored too for a resumed run to match.
-    config = write_tiny_config(str(d / "cfg"), **{**TINY_BERT, "hidden_dropout_prob": 0.1,
-                                                   "attention_probs_dropout_prob": 0.1})
-    return {"config": config, "train": make_text_file(str(d / "train.txt"), n_lines=300, seed=1),
-            "valid": make_text_file(str(d / "valid.txt"), n_lines=60, seed=2), "cache": str(d / "cache")}
+    config = write_tiny_config(
+        str(d / "cfg"), **{**TINY_BERT, "hidden_dropout_prob": 0.1, "attention_probs_dropout_prob": 0.1}
+    )
+    return {
+        "config": config,
+        "train": make_text_file(str(d / "train.txt"), n_lines=300, seed=1),
+        "valid": make_text_file(str(d / "valid.txt"), n_lines=60, seed=2),
+        "cache": str(d / "cache"),
+    }
 
 
 def args_for(setup, out: str, tokenizer_path, **kw) -> list[str]:
-    opts = {**dict(train_file=setup["train"], validation_file=setup["valid"], max_train_steps=STEPS, save_steps=4,
-                   save_total_limit=10, eval_steps=6, gradient_accumulation_steps=2, seed=3), **kw}
+    opts = {
+        **dict(
+            train_file=setup["train"],
+            validation_file=setup["valid"],
+            max_train_steps=STEPS,
+            save_steps=4,
+            save_total_limit=10,
+            eval_steps=6,
+            gradient_accumulation_steps=2,
+            seed=3,
+        ),
+        **kw,
+    }
     return tiny_args(setup["config"], str(tokenizer_path), out, setup["cache"], **opts)
 
 
@@ -62,8 +76,11 @@ def assert_same_run(run_dir: str, reference: str, resumed_at: int) -> None:
         for key in ("loss", "loss_max", "grad_norm", "lr", "epoch"):
             assert g[key] == pytest.approx(w[key], abs=1e-6), (g["step"], key, g[key], w[key])
     assert got[-1]["lr"] == want[-1]["lr"]
-    evals = lambda d: [(h["step"], round(h["eval"]["loss"], 6)) for h in read_json(
-        os.path.join(d, "training_history.json")) if "eval" in h]
+    evals = lambda d: [
+        (h["step"], round(h["eval"]["loss"], 6))
+        for h in read_json(os.path.join(d, "training_history.json"))
+        if "eval" in h
+    ]
     assert evals(run_dir) == evals(reference)
 
 
@@ -81,8 +98,9 @@ def wait_for_step(run_dir: str, step: int, procs, timeout: float = 120) -> None:
                 out, err = ended[0].communicate(timeout=10)
             except subprocess.TimeoutExpired:
                 out, err = "", "(its output is held open by a process it started)"
-            raise AssertionError(f"a rank ended before the signal, with {ended[0].returncode}:\n"
-                                 f"{((out or '') + (err or ''))[-3000:]}")
+            raise AssertionError(
+                f"a rank ended before the signal, with {ended[0].returncode}:\n{((out or '') + (err or ''))[-3000:]}"
+            )
         time.sleep(0.05)
     raise AssertionError(f"step {step} not reached in {timeout} s")
 
@@ -104,8 +122,9 @@ def test_uninterrupted_reference_is_a_real_comparison(reference):
     assert max_abs_diff(load_weights(reference, 4), load_weights(reference, STEPS)) > 1e-4
 
 
-def test_sigterm_to_one_rank_stops_all_with_a_checkpoint_and_resumes_exactly(setup, reference, tmp_path,
-                                                                             tokenizer_path):
+def test_sigterm_to_one_rank_stops_all_with_a_checkpoint_and_resumes_exactly(
+    setup, reference, tmp_path, tokenizer_path
+):
     out = str(tmp_path / "run")
     procs = start_ranks(args_for(setup, out, tokenizer_path), fault={"sleep": 0.3})
     wait_for_step(out, 3, procs)
@@ -124,12 +143,23 @@ def test_sigterm_to_one_rank_stops_all_with_a_checkpoint_and_resumes_exactly(set
 def test_sigterm_to_torchrun_saves_and_resumes_exactly(setup, reference, tmp_path, tokenizer_path):
     """The usual preemption: the platform signals the launcher, which forwards SIGTERM to every worker."""
     import json
+
     import forkserver
     from helpers import ROOT, _env
+
     out = str(tmp_path / "run")
-    p = forkserver.spawn(["-m", "torch.distributed.run", "--nproc_per_node=2", "--standalone",
-                          os.path.join(ROOT, "tests", "faulty_train.py"), *args_for(setup, out, tokenizer_path)],
-                         _env({"MLM_FAULT": json.dumps({"sleep": 0.3})}), ROOT)
+    p = forkserver.spawn(
+        [
+            "-m",
+            "torch.distributed.run",
+            "--nproc_per_node=2",
+            "--standalone",
+            os.path.join(ROOT, "tests", "faulty_train.py"),
+            *args_for(setup, out, tokenizer_path),
+        ],
+        _env({"MLM_FAULT": json.dumps({"sleep": 0.3})}),
+        ROOT,
+    )
     try:
         wait_for_step(out, 3, [p])
         p.send_signal(signal.SIGTERM)
@@ -149,8 +179,13 @@ def test_sigkill_under_torchrun_restarts_and_completes_exactly(setup, reference,
     marker = str(tmp_path / "fired")
     # One restart is all it may take. (Before init_distributed prefixed the store per attempt, the restarted
     # group could read the dead attempt's peer addresses and fail or hang connecting, under load.)
-    r = run_train(args_for(setup, out, tokenizer_path), nproc=2, torchrun_args=["--max-restarts=1"],
-                  fault={"kind": "sigkill", "rank": 0, "step": 6, "marker": marker}, timeout=300)
+    r = run_train(
+        args_for(setup, out, tokenizer_path),
+        nproc=2,
+        torchrun_args=["--max-restarts=1"],
+        fault={"kind": "sigkill", "rank": 0, "step": 6, "marker": marker},
+        timeout=300,
+    )
     assert r.returncode == 0, r.output[-4000:]
     assert open(marker).read().count("sigkill 0") == 1  # the worker really was killed, once
     assert "taking over" in r.output and "run.lock" in r.output
@@ -159,8 +194,9 @@ def test_sigkill_under_torchrun_restarts_and_completes_exactly(setup, reference,
     assert not os.path.exists(os.path.join(out, "run.lock"))  # released at the end
 
 
-def test_a_second_launch_into_a_live_run_refuses_and_the_first_is_unaffected(setup, reference, tmp_path,
-                                                                          tokenizer_path):
+def test_a_second_launch_into_a_live_run_refuses_and_the_first_is_unaffected(
+    setup, reference, tmp_path, tokenizer_path
+):
     out = str(tmp_path / "run")
     first = start_ranks(args_for(setup, out, tokenizer_path), fault={"sleep": 1.5})  # still training meanwhile
     try:
@@ -170,7 +206,7 @@ def test_a_second_launch_into_a_live_run_refuses_and_the_first_is_unaffected(set
             assert r.returncode == 2 and "Traceback" not in r.output, f"rank {rank} exit {r.returncode}:\n{r.output}"
         errors = [line for line in second[0].stderr.splitlines() if line.startswith("error:")]
         assert len(errors) == 1 and "is in use by a live run (host" in errors[0], second[0].stderr
-        assert "pid %d" % first[0].pid in errors[0] and "another --output_dir" in errors[0]
+        assert f"pid {first[0].pid}" in errors[0] and "another --output_dir" in errors[0]
         assert not second[1].stderr.strip(), second[1].stderr
         assert all(p.poll() is None for p in first)  # still training
     finally:
@@ -196,13 +232,25 @@ def test_a_relaunch_after_the_lock_holder_was_killed_takes_over(setup, reference
 def test_a_disk_that_fills_up_mid_run_stops_every_rank_and_the_resume_is_exact(setup, tmp_path, tokenizer_path):
     """output_dir on a tmpfs with room for the step-4 checkpoint and best/, not for step 8's checkpoint. The model
     is wider than the other tests' so that a checkpoint outweighs the 64 MiB any run needs free to start."""
-    from mlm.train.checkpoint import checkpoint_bytes, is_complete
     from test_ddp import load_weights
+
+    from mlm.train.checkpoint import checkpoint_bytes, is_complete
+
     if os.geteuid() != 0:
         pytest.skip("mounting a small tmpfs to fill needs root")
-    wide = {**setup, "config": write_tiny_config(str(tmp_path / "wide"), **{
-        **TINY_BERT, "hidden_size": 128, "intermediate_size": 256, "hidden_dropout_prob": 0.1,
-        "attention_probs_dropout_prob": 0.1})}
+    wide = {
+        **setup,
+        "config": write_tiny_config(
+            str(tmp_path / "wide"),
+            **{
+                **TINY_BERT,
+                "hidden_size": 128,
+                "intermediate_size": 256,
+                "hidden_dropout_prob": 0.1,
+                "attention_probs_dropout_prob": 0.1,
+            },
+        ),
+    }
     reference = str(tmp_path / "reference")
     r = run_train(args_for(wide, reference, tokenizer_path), nproc=2)
     assert r.returncode == 0, r.output[-3000:]
@@ -215,16 +263,18 @@ def test_a_disk_that_fills_up_mid_run_stops_every_rank_and_the_resume_is_exact(s
     assert room < 2 * step4 + best, "the tmpfs would hold the step-8 checkpoint too: the test would not fill it"
     disk = tmp_path / "small-disk"
     disk.mkdir()
-    mounted = subprocess.run(["mount", "-t", "tmpfs", "-o", f"size={room}", "tmpfs", str(disk)],
-                             capture_output=True, text=True)
+    mounted = subprocess.run(
+        ["mount", "-t", "tmpfs", "-o", f"size={room}", "tmpfs", str(disk)], capture_output=True, text=True
+    )
     if mounted.returncode != 0:
         pytest.skip(f"could not mount a tmpfs: {mounted.stderr.strip()}")
     try:
         out = str(disk / "run")
         results = wait_all(start_ranks(args_for(wide, out, tokenizer_path)), timeout=120)
         for rank, r in enumerate(results):
-            assert r.returncode == EXIT_DISK_FULL and "Traceback" not in r.output, \
+            assert r.returncode == EXIT_DISK_FULL and "Traceback" not in r.output, (
                 f"rank {rank} exit {r.returncode}:\n{r.output[-3000:]}"
+            )
         errors = [line for line in results[0].stderr.splitlines() if line.startswith("error:")]
         assert len(errors) == 1, results[0].stderr
         assert f"no space left on the disk of {out}" in errors[0] and "GiB free" in errors[0]
@@ -246,8 +296,9 @@ def test_a_disk_that_fills_up_mid_run_stops_every_rank_and_the_resume_is_exact(s
 
 def test_crash_during_a_save_leaves_the_previous_checkpoint(setup, reference, tmp_path, tokenizer_path):
     out = str(tmp_path / "run")
-    r = run_train(args_for(setup, out, tokenizer_path), nproc=2,
-                  fault={"kind": "save_crash", "rank": 0, "step": 8}, timeout=300)
+    r = run_train(
+        args_for(setup, out, tokenizer_path), nproc=2, fault={"kind": "save_crash", "rank": 0, "step": 8}, timeout=300
+    )
     assert r.returncode != 0
     root = os.path.join(out, "checkpoints")
     assert sorted(os.listdir(root)) == [".tmp-step-8", "step-4"]  # the torn save never became step-8
@@ -260,6 +311,7 @@ def test_crash_during_a_save_leaves_the_previous_checkpoint(setup, reference, tm
 
 def test_auto_resume_skips_a_damaged_checkpoint_with_a_warning(reference, tmp_path, caplog):
     from mlm.train.checkpoint import choose_resume
+
     out = str(tmp_path / "copy")
     shutil.copytree(reference, out)
     weights = os.path.join(out, "checkpoints", f"step-{STEPS}", "model.safetensors")
@@ -277,8 +329,9 @@ def test_auto_resume_skips_a_damaged_checkpoint_with_a_warning(reference, tmp_pa
 def test_an_exception_on_one_rank_ends_every_rank(setup, tmp_path, tokenizer_path):
     out = str(tmp_path / "run")
     marker = str(tmp_path / "fired")
-    procs = start_ranks(args_for(setup, out, tokenizer_path),
-                        fault={"kind": "raise", "rank": 1, "step": 3, "marker": marker})
+    procs = start_ranks(
+        args_for(setup, out, tokenizer_path), fault={"kind": "raise", "rank": 1, "step": 3, "marker": marker}
+    )
     results = wait_all(procs, timeout=90)
     ended = time.time()
     fired = float(open(marker).read().split()[2])
@@ -294,8 +347,10 @@ def test_an_exception_on_one_rank_ends_every_rank(setup, tmp_path, tokenizer_pat
 
 def test_a_loss_that_stays_nan_stops_every_rank_and_keeps_best(setup, tmp_path, tokenizer_path):
     out = str(tmp_path / "run")
-    procs = start_ranks(args_for(setup, out, tokenizer_path, eval_steps=3, save_steps=3, max_nonfinite_steps=3),
-                        fault={"kind": "nan", "rank": 1, "step": 4})  # rank 1 only: DDP spreads it
+    procs = start_ranks(
+        args_for(setup, out, tokenizer_path, eval_steps=3, save_steps=3, max_nonfinite_steps=3),
+        fault={"kind": "nan", "rank": 1, "step": 4},
+    )  # rank 1 only: DDP spreads it
     results = wait_all(procs, timeout=120)
     for rank, r in enumerate(results):
         assert r.returncode == EXIT_NONFINITE, f"rank {rank} exit {r.returncode}:\n{r.output[-3000:]}"
@@ -309,6 +364,7 @@ def test_a_loss_that_stays_nan_stops_every_rank_and_keeps_best(setup, tmp_path, 
     assert sorted(os.listdir(os.path.join(out, "checkpoints"))) == ["step-3"]
     assert read_json(os.path.join(out, "best", "eval_results.json"))["step"] == 3
     from safetensors.torch import load_file
+
     best = load_file(os.path.join(out, "best", "model.safetensors"))
     assert all(torch.isfinite(t).all() for t in best.values())
     ckpt = load_weights(out, 3)
@@ -319,6 +375,7 @@ def test_a_loss_that_stays_nan_stops_every_rank_and_keeps_best(setup, tmp_path, 
 def test_a_step_with_nonfinite_gradients_changes_nothing(fused):
     """bf16/fp32 have no GradScaler to skip a bad step: skip_nonfinite_step must (fused: on the device)."""
     from mlm.train.engine import skip_nonfinite_step
+
     torch.manual_seed(0)
     model = torch.nn.Linear(4, 3)
     opt = torch.optim.AdamW(model.parameters(), lr=0.1, fused=fused or None, foreach=None if fused else False)
@@ -340,8 +397,10 @@ def test_a_step_with_nonfinite_gradients_changes_nothing(fused):
 
 def test_too_little_disk_for_a_checkpoint_is_an_error_before_training(tmp_path, monkeypatch):
     from collections import namedtuple
-    from mlm.train import checkpoint
+
     from mlm.config import UserError
+    from mlm.train import checkpoint
+
     model = torch.nn.Linear(1000, 1000)  # 1M parameters: a checkpoint needs about 16 MB
     usage = namedtuple("usage", "total used free")
     monkeypatch.setattr(checkpoint.shutil, "disk_usage", lambda p: usage(10**12, 0, 10 * 2**20))
@@ -354,8 +413,11 @@ def test_too_little_disk_for_a_checkpoint_is_an_error_before_training(tmp_path, 
 def test_no_secret_reaches_disk_or_logs(setup, tmp_path, tokenizer_path):
     secret = "sentinel-secret-7f3a9c"
     out = str(tmp_path / "run")
-    r = run_train(args_for(setup, out, tokenizer_path, max_train_steps=2, report_to="all"), nproc=2,
-                  extra_env={"WANDB_API_KEY": secret, "HF_TOKEN": secret, "WANDB_MODE": "offline"})
+    r = run_train(
+        args_for(setup, out, tokenizer_path, max_train_steps=2, report_to="all"),
+        nproc=2,
+        extra_env={"WANDB_API_KEY": secret, "HF_TOKEN": secret, "WANDB_MODE": "offline"},
+    )
     assert r.returncode == 0, r.output[-3000:]
     assert secret not in r.output
     files = [os.path.join(d, f) for d, _, fs in os.walk(out) for f in fs]
@@ -365,16 +427,19 @@ def test_no_secret_reaches_disk_or_logs(setup, tmp_path, tokenizer_path):
             assert secret.encode() not in fh.read(), path
 
 
-def test_a_time_budget_stops_every_rank_with_a_checkpoint_and_the_resume_is_exact(setup, reference, tmp_path,
-                                                                                  tokenizer_path):
+def test_a_time_budget_stops_every_rank_with_a_checkpoint_and_the_resume_is_exact(
+    setup, reference, tmp_path, tokenizer_path
+):
     """--max_runtime 14 s with 1 s steps: the run stops at a step boundary (exit code 5 on every rank) with its
     checkpoint on disk before the budget ends, and the same command without a budget finishes it exactly."""
     out = str(tmp_path / "run")
-    results = wait_all(start_ranks(args_for(setup, out, tokenizer_path, max_runtime="14"), fault={"sleep": 1.0}),
-                       timeout=120)
+    results = wait_all(
+        start_ranks(args_for(setup, out, tokenizer_path, max_runtime="14"), fault={"sleep": 1.0}), timeout=120
+    )
     for rank, r in enumerate(results):
-        assert r.returncode == EXIT_OUT_OF_TIME and "Traceback" not in r.output, \
+        assert r.returncode == EXIT_OUT_OF_TIME and "Traceback" not in r.output, (
             f"rank {rank} exit {r.returncode}:\n{r.output[-3000:]}"
+        )
     errors = [line for line in results[0].stderr.splitlines() if line.strip()]
     assert len(errors) == 1 and "the --max_runtime 14 budget leaves no time for another step" in errors[0]
     assert "Run the same command again to resume (exit code 5)" in errors[0]
@@ -383,8 +448,11 @@ def test_a_time_budget_stops_every_rank_with_a_checkpoint_and_the_resume_is_exac
     assert 1 <= step < STEPS and f"saving a checkpoint at step {step}" in results[0].stdout
     # What the program decided on, not how long this machine took: at the step it stopped, the estimate of one
     # more step and a checkpoint (1 s sleeps, so at least 1.1 s) would have ended past the budget.
-    decision = re.search(r"would end at ([\d.]+) s of 14 s \(step ([\d.]+) s, checkpoint ([\d.]+) s\); saving a "
-                         rf"checkpoint at step {step} on all ranks", results[0].stdout)
+    decision = re.search(
+        r"would end at ([\d.]+) s of 14 s \(step ([\d.]+) s, checkpoint ([\d.]+) s\); saving a "
+        rf"checkpoint at step {step} on all ranks",
+        results[0].stdout,
+    )
     assert decision, results[0].stdout[-3000:]
     end, step_s, save_s = map(float, decision.groups())
     assert end >= 14 and step_s >= 1.0 and save_s > 0, decision.group(0)

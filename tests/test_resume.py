@@ -10,14 +10,26 @@ from test_ddp import load_weights, max_abs_diff
 
 def test_relaunch_resumes_mid_epoch_exactly(tmp_path, tokenizer_path):
     # Dropout on: the per-rank RNG states must be restored too.
-    config = write_tiny_config(str(tmp_path / "cfg"), **{**TINY_BERT, "hidden_dropout_prob": 0.1,
-                                                          "attention_probs_dropout_prob": 0.1})
+    config = write_tiny_config(
+        str(tmp_path / "cfg"), **{**TINY_BERT, "hidden_dropout_prob": 0.1, "attention_probs_dropout_prob": 0.1}
+    )
     train = make_text_file(str(tmp_path / "train.txt"), n_lines=300, seed=1)
     valid = make_text_file(str(tmp_path / "valid.txt"), n_lines=60, seed=2)
     full = str(tmp_path / "full")
-    args = lambda out: tiny_args(config, tokenizer_path, out, str(tmp_path / "cache"), train_file=train,
-                                 validation_file=valid, max_train_steps=6, save_steps=2, save_total_limit=10,
-                                 eval_steps=3, gradient_accumulation_steps=2, seed=3)
+    args = lambda out: tiny_args(
+        config,
+        tokenizer_path,
+        out,
+        str(tmp_path / "cache"),
+        train_file=train,
+        validation_file=valid,
+        max_train_steps=6,
+        save_steps=2,
+        save_total_limit=10,
+        eval_steps=3,
+        gradient_accumulation_steps=2,
+        seed=3,
+    )
     r = run_train(args(full), nproc=2)
     assert r.returncode == 0, r.output[-3000:]
     state = read_json(os.path.join(full, "checkpoints", "step-2", "trainer_state.json"))

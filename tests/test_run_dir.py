@@ -15,11 +15,11 @@ import time
 
 import pytest
 import torch
-
 from helpers import make_text_file, read_json, tiny_args, train_here
+
 from mlm.common import files
-from mlm.train import checkpoint, runlock
 from mlm.common.cli import UserError
+from mlm.train import checkpoint, runlock
 
 EXIT_DISK_FULL = 4
 TORCH_SAVE_FULL = "[enforce fail at inline_container.cc:672] . unexpected pos 576 vs 534"  # torch.save, full disk
@@ -27,17 +27,25 @@ SAFETENSORS_FULL = "Error while serializing: I/O error: No space left on device 
 
 
 # ---------------------------------------------------------------------- disk full
-@pytest.mark.parametrize("exc, full", [
-    (OSError(errno.ENOSPC, "No space left on device"), True),
-    (OSError(errno.EDQUOT, "Disk quota exceeded"), True),
-    (RuntimeError(TORCH_SAVE_FULL), True),
-    (RuntimeError("[enforce fail at inline_container.cc:603] . PytorchStreamWriter failed writing file data/0: "
-                  "file write failed"), True),
-    (Exception(SAFETENSORS_FULL), True),  # safetensors' own exception class, by its text
-    (OSError(errno.EACCES, "Permission denied"), False),
-    (RuntimeError("CUDA out of memory"), False),
-    (ValueError("unexpected value"), False),
-])
+@pytest.mark.parametrize(
+    "exc, full",
+    [
+        (OSError(errno.ENOSPC, "No space left on device"), True),
+        (OSError(errno.EDQUOT, "Disk quota exceeded"), True),
+        (RuntimeError(TORCH_SAVE_FULL), True),
+        (
+            RuntimeError(
+                "[enforce fail at inline_container.cc:603] . PytorchStreamWriter failed writing file data/0: "
+                "file write failed"
+            ),
+            True,
+        ),
+        (Exception(SAFETENSORS_FULL), True),  # safetensors' own exception class, by its text
+        (OSError(errno.EACCES, "Permission denied"), False),
+        (RuntimeError("CUDA out of memory"), False),
+        (ValueError("unexpected value"), False),
+    ],
+)
 def test_a_full_disk_is_recognised_in_every_form_a_writer_raises_it(exc, full):
     assert files.is_disk_full(exc) is full
     try:  # and when it is the cause of another exception
@@ -62,6 +70,7 @@ def _fail_on(monkeypatch, module, name: str, exc: BaseException, after: int = 0)
                     fh.write(b"half a file")
             raise exc
         return original(*args, **kwargs)
+
     monkeypatch.setattr(module, name, failing)
 
 
@@ -69,24 +78,43 @@ def _fail_on(monkeypatch, module, name: str, exc: BaseException, after: int = 0)
 def disk_run(tmp_path, tiny_config_dir, tokenizer_path):
     train = make_text_file(str(tmp_path / "t.txt"), n_lines=150, seed=6)
     out = str(tmp_path / "out")
-    args = tiny_args(tiny_config_dir, tokenizer_path, out, str(tmp_path / "cache"), train_file=train,
-                     max_train_steps=6, eval_steps=2, save_steps=2, save_total_limit=5, eval_on_start="false")
+    args = tiny_args(
+        tiny_config_dir,
+        tokenizer_path,
+        out,
+        str(tmp_path / "cache"),
+        train_file=train,
+        max_train_steps=6,
+        eval_steps=2,
+        save_steps=2,
+        save_total_limit=5,
+        eval_on_start="false",
+    )
     return out, args
 
 
-@pytest.mark.parametrize("where", ["checkpoint (torch.save)", "checkpoint (safetensors)", "best/ export",
-                                   "training history", "run_config.json"])
+@pytest.mark.parametrize(
+    "where",
+    ["checkpoint (torch.save)", "checkpoint (safetensors)", "best/ export", "training history", "run_config.json"],
+)
 def test_a_disk_that_fills_up_ends_the_run_with_one_line_and_damages_nothing(where, disk_run, monkeypatch, capsys):
     out, args = disk_run
     import safetensors.torch
+
     if where == "checkpoint (torch.save)":  # the second checkpoint (step 4)
         _fail_on(monkeypatch, checkpoint.torch, "save", RuntimeError(TORCH_SAVE_FULL), after=5)
     elif where == "checkpoint (safetensors)":
         _fail_on(monkeypatch, safetensors.torch, "save_model", Exception(SAFETENSORS_FULL), after=1)
     elif where == "best/ export":  # save_pretrained's safetensors file of the second best/ (step 4)
         import transformers.modeling_utils
-        _fail_on(monkeypatch, transformers.modeling_utils, "safe_save_file",
-                 OSError(errno.ENOSPC, "No space left on device"), after=1)
+
+        _fail_on(
+            monkeypatch,
+            transformers.modeling_utils,
+            "safe_save_file",
+            OSError(errno.ENOSPC, "No space left on device"),
+            after=1,
+        )
     elif where == "training history":  # the history after the step-4 log
         original = files.json.dump
 
@@ -94,6 +122,7 @@ def test_a_disk_that_fills_up_ends_the_run_with_one_line_and_damages_nothing(whe
             if isinstance(obj, list) and obj and obj[-1].get("step") == 4 and "loss" in obj[-1]:
                 raise OSError(errno.ENOSPC, "No space left on device")
             return original(obj, fh, *a, **k)
+
         monkeypatch.setattr(files.json, "dump", dump)
     else:
         original = files.json.dump
@@ -102,6 +131,7 @@ def test_a_disk_that_fills_up_ends_the_run_with_one_line_and_damages_nothing(whe
             if isinstance(obj, dict) and "precision_resolved" in obj:
                 raise OSError(errno.EDQUOT, "Disk quota exceeded")
             return original(obj, fh, *a, **k)
+
         monkeypatch.setattr(files.json, "dump", dump)
     capsys.readouterr()
     assert train_here(args) == EXIT_DISK_FULL
@@ -149,8 +179,17 @@ def test_a_checkpoint_interrupted_by_a_full_disk_leaves_no_temporary_directory(t
 # ---------------------------------------------------------------------- one writer
 def _lock(directory, **fields) -> str:
     """A run.lock as another run would have left it."""
-    holder = {"host": socket.gethostname(), "pid": 1, "pid_start": None, "started": time.time() - 60,
-              "command": "train_ddp.py --other", "job": None, "attempt": 0, "token": "theirs", **fields}
+    holder = {
+        "host": socket.gethostname(),
+        "pid": 1,
+        "pid_start": None,
+        "started": time.time() - 60,
+        "command": "train_ddp.py --other",
+        "job": None,
+        "attempt": 0,
+        "token": "theirs",
+        **fields,
+    }
     os.makedirs(directory, exist_ok=True)
     path = os.path.join(directory, runlock.LOCK_FILE)
     with open(path, "w") as fh:
@@ -169,8 +208,11 @@ def test_the_lock_names_its_holder_and_a_second_acquire_refuses(tmp_path):
     try:
         held = read_json(str(tmp_path / "run" / runlock.LOCK_FILE))
         assert held["host"] == socket.gethostname() and held["pid"] == os.getpid() and held["started"] > 0
-        with pytest.raises(UserError, match=r"is in use by a live run \(host .*, pid %d, started .*\); wait for "
-                                            r"it to finish, or give this run another --output_dir" % os.getpid()):
+        with pytest.raises(
+            UserError,
+            match=rf"is in use by a live run \(host .*, pid {os.getpid()}, started .*\); wait for "
+            r"it to finish, or give this run another --output_dir",
+        ):
             runlock.acquire(str(tmp_path / "run"))
         lock.check()  # still ours
     finally:
@@ -179,8 +221,9 @@ def test_the_lock_names_its_holder_and_a_second_acquire_refuses(tmp_path):
     runlock.acquire(str(tmp_path / "run")).release()  # free again
 
 
-@pytest.mark.parametrize("case", ["dead pid", "reused pid", "zombie", "earlier torchrun attempt",
-                                  "other host, silent for long", "torn file"])
+@pytest.mark.parametrize(
+    "case", ["dead pid", "reused pid", "zombie", "earlier torchrun attempt", "other host, silent for long", "torn file"]
+)
 def test_a_lock_left_by_a_dead_run_is_taken_over_at_once(case, tmp_path, monkeypatch, caplog):
     run = str(tmp_path / "run")
     zombie = None
@@ -226,6 +269,7 @@ def test_a_lock_of_another_node_is_judged_by_its_heartbeat(tmp_path, monkeypatch
     def beat():
         while not stop.wait(0.5):
             os.utime(path)
+
     # What the lock decided, counted in the looks it took at the file (one a second), not in this machine's time.
     looks: list[float] = []
     real_sleep = time.sleep
@@ -270,8 +314,11 @@ def test_the_heartbeat_touches_the_lock(tmp_path, monkeypatch):
 # ---------------------------------------------------------------------- --overwrite_output_dir deletes no input
 def _tree(root: str) -> dict[str, str]:
     """Every file under root -> its SHA-256: what a refused run must leave exactly as it was."""
-    return {os.path.relpath(os.path.join(d, n), root): files.sha256_file(os.path.join(d, n))
-            for d, _, names in os.walk(root) for n in names}
+    return {
+        os.path.relpath(os.path.join(d, n), root): files.sha256_file(os.path.join(d, n))
+        for d, _, names in os.walk(root)
+        for n in names
+    }
 
 
 @pytest.fixture(scope="module")
@@ -280,8 +327,17 @@ def finished_run(tmp_path_factory, tiny_config_dir, tokenizer_path):
     root = tmp_path_factory.mktemp("finished")
     train = make_text_file(str(root / "t.txt"), n_lines=150, seed=6)
     out = str(root / "out")
-    args = tiny_args(tiny_config_dir, tokenizer_path, out, str(root / "cache"), train_file=train,
-                     max_train_steps=4, eval_steps=2, save_steps=2, eval_on_start="false")
+    args = tiny_args(
+        tiny_config_dir,
+        tokenizer_path,
+        out,
+        str(root / "cache"),
+        train_file=train,
+        max_train_steps=4,
+        eval_steps=2,
+        save_steps=2,
+        eval_on_start="false",
+    )
     assert train_here(args) == 0
     return out, args
 
@@ -289,6 +345,7 @@ def finished_run(tmp_path_factory, tiny_config_dir, tokenizer_path):
 @pytest.fixture
 def run_dir(finished_run, tmp_path):
     import shutil
+
     out, args = finished_run
     copy = str(tmp_path / "out")
     shutil.copytree(out, copy)
@@ -307,15 +364,18 @@ def _set(args: list[str], **kw) -> list[str]:
     return args
 
 
-@pytest.mark.parametrize("flag, inside", [
-    ("model_name_or_path", "best"),  # fine-tune further from the run's own best model, into the same directory
-    ("config_name", "best"),
-    ("tokenizer_name", "best"),
-    ("train_file", "best/notes.txt"),
-    ("validation_file", "checkpoints/notes.txt"),
-    ("test_file", "training_history.json"),
-    ("resume_from_checkpoint", "checkpoints/step-2"),
-])
+@pytest.mark.parametrize(
+    "flag, inside",
+    [
+        ("model_name_or_path", "best"),  # fine-tune further from the run's own best model, into the same directory
+        ("config_name", "best"),
+        ("tokenizer_name", "best"),
+        ("train_file", "best/notes.txt"),
+        ("validation_file", "checkpoints/notes.txt"),
+        ("test_file", "training_history.json"),
+        ("resume_from_checkpoint", "checkpoints/step-2"),
+    ],
+)
 def test_overwrite_refuses_before_deleting_a_path_the_run_reads(flag, inside, run_dir, capsys):
     out, args = run_dir
     path = os.path.join(out, inside)
@@ -338,8 +398,10 @@ def test_overwrite_refuses_before_deleting_a_path_the_run_reads(flag, inside, ru
 
 def test_overwrite_removes_what_runs_wrote_and_keeps_a_users_own_files(run_dir):
     out, args = run_dir
-    notes = {name: os.path.join(out, name) for name in ("notes.md", "best/notes.md", "checkpoints/notes.md",
-                                                        "checkpoints/step-notes")}
+    notes = {
+        name: os.path.join(out, name)
+        for name in ("notes.md", "best/notes.md", "checkpoints/notes.md", "checkpoints/step-notes")
+    }
     for path in notes.values():
         os.makedirs(os.path.dirname(path), exist_ok=True)
         if path.endswith("step-notes"):
@@ -350,8 +412,16 @@ def test_overwrite_removes_what_runs_wrote_and_keeps_a_users_own_files(run_dir):
     old_history = read_json(os.path.join(out, "training_history.json"))
     written = files.run_written_paths(out)
     names = {os.path.relpath(p, out) for p in written}
-    assert {"training_history.json", "run_config.json", "checkpoints/step-2", "checkpoints/step-4",
-            "best/model.safetensors", "best/config.json", "best/eval_results.json", "best/README.md"} <= names
+    assert {
+        "training_history.json",
+        "run_config.json",
+        "checkpoints/step-2",
+        "checkpoints/step-4",
+        "best/model.safetensors",
+        "best/config.json",
+        "best/eval_results.json",
+        "best/README.md",
+    } <= names
     assert not any("notes" in n for n in names), names
     files.clear_run_dir(out)
     assert not any(os.path.exists(p) for p in written)
@@ -364,13 +434,22 @@ def test_overwrite_removes_what_runs_wrote_and_keeps_a_users_own_files(run_dir):
     assert [s for s, _ in checkpoint.checkpoint_dirs(out)] == [2]
 
 
-@pytest.mark.parametrize("names", [
-    ["vocab.txt", "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json"],  # WordPiece
-    ["vocab.json", "merges.txt", "added_tokens.json"],  # byte-level BPE
-    ["spm.model", "spiece.model", "sentencepiece.bpe.model", "tokenizer.model"],  # SentencePiece kinds
-    ["model-00001-of-00002.safetensors", "model.safetensors.index.json", "pytorch_model.bin", "chat_template.jinja",
-     "generation_config.json", "test_results.json"],
-])
+@pytest.mark.parametrize(
+    "names",
+    [
+        ["vocab.txt", "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json"],  # WordPiece
+        ["vocab.json", "merges.txt", "added_tokens.json"],  # byte-level BPE
+        ["spm.model", "spiece.model", "sentencepiece.bpe.model", "tokenizer.model"],  # SentencePiece kinds
+        [
+            "model-00001-of-00002.safetensors",
+            "model.safetensors.index.json",
+            "pytorch_model.bin",
+            "chat_template.jinja",
+            "generation_config.json",
+            "test_results.json",
+        ],
+    ],
+)
 def test_every_kind_of_export_file_counts_as_written_by_a_run(names, tmp_path):
     best = tmp_path / "best"
     best.mkdir()

@@ -8,12 +8,12 @@ import os
 
 import pytest
 import torch
-
 from helpers import TINY_BERT, make_text_file, read_json, tiny_args
-from mlm.train import checkpoint, engine, loop
+
+from mlm.common.distributed import DistEnv
 from mlm.config import TrainConfig, parse_args
 from mlm.data.cached import ChunkDataset, eval_shard, tokenize_texts
-from mlm.common.distributed import DistEnv
+from mlm.train import checkpoint, engine, loop
 from mlm.train.swa import WeightAverage
 
 CPU = torch.device("cpu")
@@ -22,6 +22,7 @@ ENV = DistEnv(rank=0, local_rank=0, world_size=1, device=CPU)
 
 def tiny_bert(vocab: int, seed: int = 0):
     from transformers import BertConfig, BertForMaskedLM
+
     torch.manual_seed(seed)
     return BertForMaskedLM(BertConfig(vocab_size=vocab, **TINY_BERT))
 
@@ -82,13 +83,15 @@ def test_evaluation_is_the_same_for_any_batch_size(tokenizer, chunks):
     trainable, masking = parts(tokenizer)
     results = []
     for batch_size in (3, 16):
-        loader = torch.utils.data.DataLoader(chunks, batch_size=batch_size, sampler=eval_shard(len(chunks), 0, 1),
-                                             collate_fn=lambda b: b)
+        loader = torch.utils.data.DataLoader(
+            chunks, batch_size=batch_size, sampler=eval_shard(len(chunks), 0, 1), collate_fn=lambda b: b
+        )
         results.append(engine.evaluate(trainable.loss, loader, ENV, masking, "fp32"))
     assert trainable.loss.training  # evaluate restores the mode it found
     assert results[0]["masked_tokens"] == results[1]["masked_tokens"] > 100
     assert results[0]["loss"] == pytest.approx(results[1]["loss"], rel=1e-9)
     from mlm.data.masking import EVAL_EPOCH
+
     batch = engine.prepare_batch(chunks.__getitems__(list(range(len(chunks)))), EVAL_EPOCH, masking, CPU)
     with torch.no_grad():
         nll_sum = trainable.loss.eval()(batch.input_ids, batch.positions, batch.targets)
@@ -109,31 +112,36 @@ def test_save_and_load_round_trip_every_piece(tmp_path, tokenizer, chunks):
     torch.manual_seed(123)
     rngs = checkpoint.RankRngs(0, [checkpoint.rng_state()])
     expected_draw = torch.rand(3)
-    path = checkpoint.save_checkpoint(str(tmp_path), state, trainable.loss.model,
-                                      loop.checkpoint_parts(trainable, swa, rngs), save_total_limit=2)
+    path = checkpoint.save_checkpoint(
+        str(tmp_path), state, trainable.loss.model, loop.checkpoint_parts(trainable, swa, rngs), save_total_limit=2
+    )
     assert checkpoint.is_complete(path, verify_hashes=True)
 
     fresh, _ = parts(tokenizer)
     fresh_swa = WeightAverage(fresh.loss.model, start_step=1)
     loaded = checkpoint.TrainState(world_size=1, per_device_train_batch_size=4)
-    checkpoint.load_checkpoint(path, loaded, fresh.loss.model,
-                               loop.checkpoint_parts(fresh, fresh_swa, checkpoint.RankRngs(0)), CPU)
+    checkpoint.load_checkpoint(
+        path, loaded, fresh.loss.model, loop.checkpoint_parts(fresh, fresh_swa, checkpoint.RankRngs(0)), CPU
+    )
     assert (loaded.step, loaded.micro_in_epoch) == (2, 2)
     assert torch.equal(torch.rand(3), expected_draw)  # the RNG continues where it was saved
     for p, q in zip(trainable.loss.parameters(), fresh.loss.parameters()):
         assert torch.equal(p, q)
     a, b = trainable.optimizer.state_dict()["state"], fresh.optimizer.state_dict()["state"]
     assert all(torch.equal(a[k]["exp_avg"], b[k]["exp_avg"]) for k in a)
-    assert fresh.schedule.state_dict()["applied"] == 2 and fresh.schedule.get_last_lr() == \
-        trainable.schedule.get_last_lr()
+    assert (
+        fresh.schedule.state_dict()["applied"] == 2 and fresh.schedule.get_last_lr() == trainable.schedule.get_last_lr()
+    )
     assert fresh_swa.count == 2
     state.step = 3  # a checkpoint written before SWA started has no swa.pt
-    early = checkpoint.save_checkpoint(str(tmp_path), state, trainable.loss.model,
-                                       loop.checkpoint_parts(trainable, None, rngs), save_total_limit=2)
+    early = checkpoint.save_checkpoint(
+        str(tmp_path), state, trainable.loss.model, loop.checkpoint_parts(trainable, None, rngs), save_total_limit=2
+    )
     assert not os.path.exists(os.path.join(early, "swa.pt"))
     untouched = WeightAverage(fresh.loss.model, start_step=5)
-    checkpoint.load_checkpoint(early, loaded, fresh.loss.model,
-                               loop.checkpoint_parts(fresh, untouched, checkpoint.RankRngs(0)), CPU)
+    checkpoint.load_checkpoint(
+        early, loaded, fresh.loss.model, loop.checkpoint_parts(fresh, untouched, checkpoint.RankRngs(0)), CPU
+    )
     assert untouched.count == 0 and loaded.step == 3
 
 
@@ -143,9 +151,19 @@ def test_fit_logs_evaluates_exports_and_saves(tmp_path, tiny_config_dir, tokeniz
     checkpoints at 2 and 4, best/ and the history on disk."""
     import train_ddp
     from mlm.train.preemption import StopRequest
+
     train = make_text_file(str(tmp_path / "t.txt"), n_lines=150, seed=6)
-    cfg = parse_args(tiny_args(tiny_config_dir, tokenizer_path, str(tmp_path / "out"), str(tmp_path / "cache"),
-                               train_file=train, max_train_steps=4, eval_steps=2))
+    cfg = parse_args(
+        tiny_args(
+            tiny_config_dir,
+            tokenizer_path,
+            str(tmp_path / "out"),
+            str(tmp_path / "cache"),
+            train_file=train,
+            max_train_steps=4,
+            eval_steps=2,
+        )
+    )
     run = train_ddp.build_run(cfg, ENV, StopRequest(30.0))
     try:
         state = loop.fit(run)

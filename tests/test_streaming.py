@@ -10,7 +10,6 @@ import math
 import os
 from collections import Counter
 
-
 from helpers import make_text_file, read_json, run_train, tiny_args
 
 BATCH, SEQ = 8, 64
@@ -25,13 +24,22 @@ def records(prefix: str, rank: int) -> list[dict]:
 
 
 def stream_args(tmp_path, tiny_config_dir, tokenizer_path, wikitext_dir, out, **kw) -> list[str]:
-    opts = dict(dataset_dir=wikitext_dir, streaming="true", max_seq_length=SEQ, per_device_train_batch_size=BATCH,
-                max_eval_samples=48, eval_steps=4, shuffle_buffer_size=300, seed=5)
+    opts = dict(
+        dataset_dir=wikitext_dir,
+        streaming="true",
+        max_seq_length=SEQ,
+        per_device_train_batch_size=BATCH,
+        max_eval_samples=48,
+        eval_steps=4,
+        shuffle_buffer_size=300,
+        seed=5,
+    )
     return tiny_args(tiny_config_dir, tokenizer_path, out, str(tmp_path / "cache"), **{**opts, **kw})
 
 
-def test_streaming_disjoint_exact_eval_and_resume_without_repeats(tmp_path, tiny_config_dir, tokenizer_path,
-                                                                  wikitext_dir):
+def test_streaming_disjoint_exact_eval_and_resume_without_repeats(
+    tmp_path, tiny_config_dir, tokenizer_path, wikitext_dir
+):
     out, rec = str(tmp_path / "run"), str(tmp_path / "seen")
     args = stream_args(tmp_path, tiny_config_dir, tokenizer_path, wikitext_dir, out, max_train_steps=10)
     # First attempt: SIGTERM to rank 1 after step 6; the ranks agree, save step-6 (with the stream position)
@@ -70,9 +78,21 @@ def test_streaming_disjoint_exact_eval_and_resume_without_repeats(tmp_path, tiny
     # Exact evaluation: the streamed run's step-0 evaluation equals a plain one-process evaluation of the same
     # validation file with the same initial model.
     plain = str(tmp_path / "plain")
-    r = run_train(tiny_args(tiny_config_dir, tokenizer_path, plain, str(tmp_path / "cache"), dataset_dir=wikitext_dir,
-                            max_seq_length=SEQ, max_eval_samples=48, seed=5, do_train="false",
-                            per_device_eval_batch_size=5), nproc=0)
+    r = run_train(
+        tiny_args(
+            tiny_config_dir,
+            tokenizer_path,
+            plain,
+            str(tmp_path / "cache"),
+            dataset_dir=wikitext_dir,
+            max_seq_length=SEQ,
+            max_eval_samples=48,
+            seed=5,
+            do_train="false",
+            per_device_eval_batch_size=5,
+        ),
+        nproc=0,
+    )
     assert r.returncode == 0, r.output[-3000:]
     ref = read_json(os.path.join(plain, "eval_results.json"))
     assert ref["masked_tokens"] == evals[0]["masked_tokens"] > 0
@@ -87,8 +107,20 @@ def test_streaming_epochs_end_together_and_reshuffle(tmp_path, tiny_config_dir, 
     make_text_file(str(data / "wiki.train.raw"), n_lines=500, seed=6)
     make_text_file(str(data / "wiki.valid.raw"), n_lines=80, seed=7)
     out, rec = str(tmp_path / "run"), str(tmp_path / "seen")
-    r = run_train(stream_args(tmp_path, tiny_config_dir, tokenizer_path, str(data), out, max_train_steps=30,
-                              eval_steps=30, shuffle_buffer_size=50), nproc=2, fault={"record": rec})
+    r = run_train(
+        stream_args(
+            tmp_path,
+            tiny_config_dir,
+            tokenizer_path,
+            str(data),
+            out,
+            max_train_steps=30,
+            eval_steps=30,
+            shuffle_buffer_size=50,
+        ),
+        nproc=2,
+        fault={"record": rec},
+    )
     assert r.returncode == 0, r.output[-3000:]
     seen = [records(rec, k) for k in (0, 1)]
     epochs = [sorted({b["epoch"] for b in s}) for s in seen]
@@ -105,8 +137,9 @@ def test_streaming_epochs_end_together_and_reshuffle(tmp_path, tiny_config_dir, 
     # old one when it restarts, which is not an empty stream).
     per_epoch = len([b for b in seen[0] if b["epoch"] == 0])
     out2, rec2 = str(tmp_path / "run2"), str(tmp_path / "seen2")
-    args = stream_args(tmp_path, tiny_config_dir, tokenizer_path, str(data), out2, eval_steps=100,
-                       shuffle_buffer_size=50)
+    args = stream_args(
+        tmp_path, tiny_config_dir, tokenizer_path, str(data), out2, eval_steps=100, shuffle_buffer_size=50
+    )
     r = run_train(args + ["--max_train_steps", str(per_epoch)], nproc=2, fault={"record": rec2})
     assert r.returncode == 0, r.output[-3000:]
     r = run_train(args + ["--max_train_steps", str(per_epoch + 2)], nproc=2, fault={"record": rec2})
@@ -114,13 +147,26 @@ def test_streaming_epochs_end_together_and_reshuffle(tmp_path, tiny_config_dir, 
     assert [b["epoch"] for b in records(rec2, 0)] == [0] * per_epoch + [1, 1]
 
 
-def test_streaming_workers_do_not_hang_when_tokenizer_parallelism_is_asked_for(tmp_path, tiny_config_dir,
-                                                                                tokenizer_path, wikitext_dir):
+def test_streaming_workers_do_not_hang_when_tokenizer_parallelism_is_asked_for(
+    tmp_path, tiny_config_dir, tokenizer_path, wikitext_dir
+):
     """TOKENIZERS_PARALLELISM=true: a tokenizer thread pool used before the loader workers fork deadlocks
     them (this hung every time before the fix). The run must finish."""
     out = str(tmp_path / "run")
-    r = run_train(stream_args(tmp_path, tiny_config_dir, tokenizer_path, wikitext_dir, out, max_train_steps=3,
-                              max_eval_samples=16, max_seq_length=32), nproc=0, timeout=120,
-                  extra_env={"TOKENIZERS_PARALLELISM": "true"})
+    r = run_train(
+        stream_args(
+            tmp_path,
+            tiny_config_dir,
+            tokenizer_path,
+            wikitext_dir,
+            out,
+            max_train_steps=3,
+            max_eval_samples=16,
+            max_seq_length=32,
+        ),
+        nproc=0,
+        timeout=120,
+        extra_env={"TOKENIZERS_PARALLELISM": "true"},
+    )
     assert r.returncode == 0, r.output[-3000:]
     assert "finished at step 3" in r.output

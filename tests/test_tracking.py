@@ -7,22 +7,35 @@ import os
 
 import pytest
 import torch
-
 from helpers import TINY_BERT, make_text_file, read_json, run_train, tiny_args
-from mlm.inference.fill_mask import SAMPLE_SENTENCES
 from wandb_offline import offline_runs, read_run
+
+from mlm.inference.fill_mask import SAMPLE_SENTENCES
 
 
 @pytest.fixture(scope="module")
 def corpus(tmp_path_factory):
     d = tmp_path_factory.mktemp("tracking-corpus")
-    return {"train": make_text_file(str(d / "train.txt"), n_lines=300, seed=1),
-            "valid": make_text_file(str(d / "valid.txt"), n_lines=60, seed=2), "cache": str(d / "cache")}
+    return {
+        "train": make_text_file(str(d / "train.txt"), n_lines=300, seed=1),
+        "valid": make_text_file(str(d / "valid.txt"), n_lines=60, seed=2),
+        "cache": str(d / "cache"),
+    }
 
 
 def args(corpus, config, tokenizer, out, **kw) -> list[str]:
-    opts = {**dict(train_file=corpus["train"], validation_file=corpus["valid"], max_train_steps=6, eval_steps=3,
-                   logging_steps=2, report_to="wandb", seed=5), **kw}
+    opts = {
+        **dict(
+            train_file=corpus["train"],
+            validation_file=corpus["valid"],
+            max_train_steps=6,
+            eval_steps=3,
+            logging_steps=2,
+            report_to="wandb",
+            seed=5,
+        ),
+        **kw,
+    }
     return tiny_args(config, str(tokenizer), out, corpus["cache"], **opts)
 
 
@@ -32,8 +45,20 @@ def train_steps(run) -> list[int]:
 
 def test_two_ranks_write_one_wandb_run_with_the_series_and_config(corpus, tiny_config_dir, tokenizer_path, tmp_path):
     out = str(tmp_path / "run")
-    r = run_train(args(corpus, tiny_config_dir, tokenizer_path, out, wandb_log_model="true", wandb_tags="exp,tiny",
-                       wandb_project="mlm-test"), nproc=2, extra_env={"WANDB_MODE": "offline"}, cwd=str(tmp_path))
+    r = run_train(
+        args(
+            corpus,
+            tiny_config_dir,
+            tokenizer_path,
+            out,
+            wandb_log_model="true",
+            wandb_tags="exp,tiny",
+            wandb_project="mlm-test",
+        ),
+        nproc=2,
+        extra_env={"WANDB_MODE": "offline"},
+        cwd=str(tmp_path),
+    )
     assert r.returncode == 0, r.output[-3000:]
     runs = offline_runs(out)
     assert len(runs) == 1, runs  # rank 1 started no run of its own
@@ -44,8 +69,17 @@ def test_two_ranks_write_one_wandb_run_with_the_series_and_config(corpus, tiny_c
     assert [h["_step"] for h in run.history if "eval/perplexity" in h] == [0, 3, 6]
     for h in run.history:
         if "train/loss" in h:
-            for key in ("loss_max", "lr", "grad_norm", "tokens_per_s", "samples_per_s", "mfu", "peak_memory_gib",
-                        "peak_memory_reserved_gib", "skipped_steps"):
+            for key in (
+                "loss_max",
+                "lr",
+                "grad_norm",
+                "tokens_per_s",
+                "samples_per_s",
+                "mfu",
+                "peak_memory_gib",
+                "peak_memory_reserved_gib",
+                "skipped_steps",
+            ):
                 assert f"train/{key}" in h, key
             assert 0 < h["train/mfu"] < 1 and h["train/peak_memory_gib"] > 0.05
             assert h["train/peak_memory_reserved_gib"] >= h["train/peak_memory_gib"]
@@ -82,8 +116,9 @@ def test_logged_loss_is_the_mean_over_all_ranks(corpus, tiny_config_dir, tokeniz
         assert a["samples_per_s"] > 0 and a["skipped_steps"] == 0
 
 
-def test_resumed_run_continues_the_same_wandb_run_without_duplicate_steps(corpus, tiny_config_dir, tokenizer_path,
-                                                                          tmp_path):
+def test_resumed_run_continues_the_same_wandb_run_without_duplicate_steps(
+    corpus, tiny_config_dir, tokenizer_path, tmp_path
+):
     out = str(tmp_path / "run")
     run_args = args(corpus, tiny_config_dir, tokenizer_path, out, logging_steps=1, save_steps=2)
     # Rank 0 fails right after computing step 4, before logging or saving it: the newest checkpoint is step 2,
@@ -110,29 +145,34 @@ def test_mfu_flops_match_a_count_of_the_models_own_matmuls():
     token, the two attention matmuls per layer, the head's Linears at the masked positions only; x3 for
     forward + backward."""
     from transformers import BertConfig, BertForMaskedLM
+
     from mlm.report.metrics import MlmShape, mlm_step_flops
+
     config = BertConfig(vocab_size=1000, **TINY_BERT)
     model = BertForMaskedLM(config)
     sequences, length, masked = 4, 32, 19
     tokens = sequences * length
-    linear_macs = lambda module: sum(m.in_features * m.out_features for m in module.modules()
-                                     if isinstance(m, torch.nn.Linear))
+    linear_macs = lambda module: sum(
+        m.in_features * m.out_features for m in module.modules() if isinstance(m, torch.nn.Linear)
+    )
     encoder = 2 * linear_macs(model.bert.encoder) * tokens
     attention = 2 * config.num_hidden_layers * 2 * length * length * config.hidden_size * sequences
     head = 2 * linear_macs(model.cls) * masked  # transform dense + decoder onto the vocabulary
     expected = 3 * (encoder + attention + head)
-    got = mlm_step_flops(MlmShape.from_config(config), tokens, sequences * length ** 2, masked)
+    got = mlm_step_flops(MlmShape.from_config(config), tokens, sequences * length**2, masked)
     assert got == pytest.approx(expected, rel=1e-12)
     # The head at all positions (what the Trainer runs) would cost more: masked-only is what is counted.
-    assert mlm_step_flops(MlmShape.from_config(config), tokens, sequences * length ** 2, tokens) > got
+    assert mlm_step_flops(MlmShape.from_config(config), tokens, sequences * length**2, tokens) > got
 
 
 def test_plot_writes_the_curves(corpus, tiny_config_dir, tokenizer_path, tmp_path, capfd):
     """A run and `python -m mlm.report.plot` on it, both in this process (their main functions)."""
     import matplotlib.image
     import numpy as np
+
     import train_ddp
     from mlm.report import plot
+
     out = str(tmp_path / "run")
     assert train_ddp.main(args(corpus, tiny_config_dir, tokenizer_path, out, report_to="none", logging_steps=1)) == 0
     figures = str(tmp_path / "figures")
@@ -156,8 +196,11 @@ def test_plot_writes_the_curves(corpus, tiny_config_dir, tokenizer_path, tmp_pat
 def test_missing_wandb_key_online_is_a_clear_error_not_a_prompt(corpus, tiny_config_dir, tokenizer_path, tmp_path):
     home = tmp_path / "home"
     home.mkdir()  # no ~/.netrc
-    r = run_train(args(corpus, tiny_config_dir, tokenizer_path, str(tmp_path / "run")), nproc=0, timeout=60,
-                  extra_env={"WANDB_MODE": "online", "WANDB_API_KEY": "", "HOME": str(home),
-                             "NETRC": str(home / ".netrc")})
+    r = run_train(
+        args(corpus, tiny_config_dir, tokenizer_path, str(tmp_path / "run")),
+        nproc=0,
+        timeout=60,
+        extra_env={"WANDB_MODE": "online", "WANDB_API_KEY": "", "HOME": str(home), "NETRC": str(home / ".netrc")},
+    )
     assert r.returncode == 2, r.output[-2000:]
     assert r.stderr.strip().startswith("error:") and "wandb login" in r.stderr and "WANDB_API_KEY" in r.stderr

@@ -11,12 +11,12 @@ import time
 
 import pytest
 import torch
-
 from helpers import make_text_file, read_json, run_train, tiny_args, train_here
-from mlm.train import checkpoint
+from test_ddp import load_weights, max_abs_diff
+
 from mlm.common.cli import UserError
 from mlm.data.cached import EpochBatches, GlobalOrderSampler, fill_batch
-from test_ddp import load_weights, max_abs_diff
+from mlm.train import checkpoint
 
 STEPS, SAVED = 12, 4
 
@@ -31,8 +31,12 @@ class Rows(torch.utils.data.Dataset):
 
     def __getitems__(self, indices):
         idx = torch.tensor(indices, dtype=torch.long)
-        return {"input_ids": torch.stack([torch.full((4,), 100 + int(i)) for i in idx]) if len(idx) else
-                torch.zeros((0, 4), dtype=torch.long), "index": idx}
+        return {
+            "input_ids": torch.stack([torch.full((4,), 100 + int(i)) for i in idx])
+            if len(idx)
+            else torch.zeros((0, 4), dtype=torch.long),
+            "index": idx,
+        }
 
 
 def step_examples(n: int, world: int, batch: int, accumulation: int, epoch: int, start_micro: int = 0):
@@ -42,8 +46,12 @@ def step_examples(n: int, world: int, batch: int, accumulation: int, epoch: int,
         sampler = GlobalOrderSampler(Rows(n), world, rank, seed=5)
         loader = torch.utils.data.DataLoader(Rows(n), batch_size=batch, sampler=sampler, collate_fn=lambda b: b)
         batches = EpochBatches(loader, sampler, batch, special_ids=(1, 2))
-        per_rank.append([[int(i) for b in group for i in b["index"] if i >= 0]
-                         for group in batches.groups(epoch, start_micro, accumulation)])
+        per_rank.append(
+            [
+                [int(i) for b in group for i in b["index"] if i >= 0]
+                for group in batches.groups(epoch, start_micro, accumulation)
+            ]
+        )
     assert len({len(steps) for steps in per_rank}) == 1  # every rank takes the same number of steps
     return [sorted(sum((steps[s] for steps in per_rank), [])) for s in range(len(per_rank[0]))]
 
@@ -65,31 +73,37 @@ def test_a_global_steps_examples_do_not_depend_on_how_the_global_batch_is_made(n
 
 
 def test_empty_rows_add_nothing():
-    raw = fill_batch({"input_ids": torch.zeros((0, 6), dtype=torch.long), "index": torch.zeros(0, dtype=torch.long)},
-                     3, 1, 2)
+    raw = fill_batch(
+        {"input_ids": torch.zeros((0, 6), dtype=torch.long), "index": torch.zeros(0, dtype=torch.long)}, 3, 1, 2
+    )
     assert raw["input_ids"].tolist() == [[1, 2, 2, 2, 2, 2]] * 3 and raw["index"].tolist() == [-1] * 3
 
 
 def test_the_accumulation_that_keeps_the_global_batch():
-    saved = {"world_size": 2, "per_device_train_batch_size": 4, "gradient_accumulation_steps": 1,
-             "precision": "fp32"}
+    saved = {"world_size": 2, "per_device_train_batch_size": 4, "gradient_accumulation_steps": 1, "precision": "fp32"}
     assert checkpoint.adapt_to_checkpoint(saved, 1, 4, None, "fp32")[0] == 2  # None: not given, so derived
     assert checkpoint.adapt_to_checkpoint(saved, 4, 2, None, "fp32")[0] == 1
     assert checkpoint.adapt_to_checkpoint(saved, 1, 4, 2, "fp32")[0] == 2  # given, and keeping it
     same, notes = checkpoint.adapt_to_checkpoint(saved, 2, 4, None, "fp32")
     assert same == 1 and notes == []
     changed, notes = checkpoint.adapt_to_checkpoint(saved, 2, 4, 3, "fp32")  # given: another global batch
-    assert changed == 3 and notes[0].startswith("global batch 8 (2 x 4 x 1) -> 24 (2 x 4 x 3, "
-                                                "--gradient_accumulation_steps given): the epoch continues")
-    with pytest.raises(UserError, match=r"global batch 8 \(2 processes x 4 per device x 1 accumulation\) cannot be "
-                                        r"made with --per_device_train_batch_size 4 on 4 processes: pass "
-                                        r"--per_device_train_batch_size 2 --gradient_accumulation_steps 1"):
+    assert changed == 3 and notes[0].startswith(
+        "global batch 8 (2 x 4 x 1) -> 24 (2 x 4 x 3, --gradient_accumulation_steps given): the epoch continues"
+    )
+    with pytest.raises(
+        UserError,
+        match=r"global batch 8 \(2 processes x 4 per device x 1 accumulation\) cannot be "
+        r"made with --per_device_train_batch_size 4 on 4 processes: pass "
+        r"--per_device_train_batch_size 2 --gradient_accumulation_steps 1",
+    ):
         checkpoint.adapt_to_checkpoint(saved, 4, 4, None, "fp32")
     with pytest.raises(UserError, match="cannot be split over 3 processes"):
         checkpoint.adapt_to_checkpoint(saved, 3, 4, None, "fp32")
     _, notes = checkpoint.adapt_to_checkpoint({**saved, "precision": "fp16"}, 2, 4, None, "bf16")
-    assert notes == ["precision fp16 -> bf16: fp32 master weights and optimizer state carry over; the fp16 "
-                     "GradScaler's state is dropped"]
+    assert notes == [
+        "precision fp16 -> bf16: fp32 master weights and optimizer state carry over; the fp16 "
+        "GradScaler's state is dropped"
+    ]
     _, notes = checkpoint.adapt_to_checkpoint({**saved, "precision": "bf16"}, 2, 4, None, "fp16")
     assert "the fp16 loss scale starts fresh" in notes[0]
 
@@ -99,13 +113,29 @@ def test_the_accumulation_that_keeps_the_global_batch():
 def corpus(tmp_path_factory, tiny_config_dir, tokenizer_path):
     d = tmp_path_factory.mktemp("world")
     # A small corpus: the 12 steps cross epoch ends, whose last step is partial and shared unevenly by the ranks.
-    files = {"train_file": make_text_file(str(d / "train.txt"), n_lines=60, seed=21),
-             "validation_file": make_text_file(str(d / "valid.txt"), n_lines=30, seed=22)}
+    files = {
+        "train_file": make_text_file(str(d / "train.txt"), n_lines=60, seed=21),
+        "validation_file": make_text_file(str(d / "valid.txt"), n_lines=30, seed=22),
+    }
 
     def args(out: str, **kw) -> list[str]:
-        return tiny_args(tiny_config_dir, tokenizer_path, out, str(d / "cache"), **{
-            **files, "max_train_steps": STEPS, "save_steps": SAVED, "save_total_limit": 10, "eval_steps": 6,
-            "per_device_train_batch_size": 4, "seed": 13, **kw})
+        return tiny_args(
+            tiny_config_dir,
+            tokenizer_path,
+            out,
+            str(d / "cache"),
+            **{
+                **files,
+                "max_train_steps": STEPS,
+                "save_steps": SAVED,
+                "save_total_limit": 10,
+                "eval_steps": 6,
+                "per_device_train_batch_size": 4,
+                "seed": 13,
+                **kw,
+            },
+        )
+
     reference = str(d / "reference")  # 2 processes x 4 per device x 1: global batch 8
     r = run_train(args(reference), nproc=2)
     assert r.returncode == 0, r.output[-3000:]
@@ -181,8 +211,10 @@ def test_an_fp16_checkpoint_resumes_in_fp32_with_its_scaler_state_dropped(corpus
     capsys.readouterr()
     assert train_here(corpus["args"](out)) == 0
     printed = capsys.readouterr().out
-    assert "precision fp16 -> fp32: fp32 master weights and optimizer state carry over; the fp16 GradScaler's " \
-           "state is dropped" in printed
+    assert (
+        "precision fp16 -> fp32: fp32 master weights and optimizer state carry over; the fp16 GradScaler's "
+        "state is dropped" in printed
+    )
     assert max_abs_diff(load_weights(out, STEPS), load_weights(corpus["reference"], STEPS)) <= 1e-5
 
 
@@ -209,19 +241,34 @@ def test_an_elastic_job_that_loses_a_node_reforms_and_finishes(corpus, tmp_path)
     import json
     import signal
     import sys
+
     import forkserver
     from helpers import ROOT, _env, free_port, wait_all
     from test_resilience import wait_for_step
+
     out = str(tmp_path / "run")
     port = free_port()
 
     def node() -> forkserver.ForkedProcess:
-        cmd = [sys.executable, "-m", "torch.distributed.run", "--nnodes=1:2", "--nproc_per_node=1",
-               "--rdzv_backend=c10d", f"--rdzv_endpoint=127.0.0.1:{port}", "--rdzv_id=mlm-elastic-test",
-               "--local_addr=127.0.0.1", "--max-restarts=1", "--rdzv-conf=last_call_timeout=10",
-               os.path.join(ROOT, "tests", "faulty_train.py"), *corpus["args"](out)]
-        return forkserver.spawn(cmd[1:], _env({"MLM_FAULT": json.dumps({"sleep": 0.5})}), str(tmp_path),
-                                new_session=True)  # torchrun's agent and its worker, forked
+        cmd = [
+            sys.executable,
+            "-m",
+            "torch.distributed.run",
+            "--nnodes=1:2",
+            "--nproc_per_node=1",
+            "--rdzv_backend=c10d",
+            f"--rdzv_endpoint=127.0.0.1:{port}",
+            "--rdzv_id=mlm-elastic-test",
+            "--local_addr=127.0.0.1",
+            "--max-restarts=1",
+            "--rdzv-conf=last_call_timeout=10",
+            os.path.join(ROOT, "tests", "faulty_train.py"),
+            *corpus["args"](out),
+        ]
+        return forkserver.spawn(
+            cmd[1:], _env({"MLM_FAULT": json.dumps({"sleep": 0.5})}), str(tmp_path), new_session=True
+        )  # torchrun's agent and its worker, forked
+
     first = node()  # hosts the rendezvous store, so it must be the node that stays
     time.sleep(1.0)
     second = node()
@@ -267,24 +314,30 @@ def test_another_global_batch_continues_the_epoch_and_the_schedule_by_examples(c
     rest of epoch 0 and then epoch 1 are trained with no example twice or left out, and the schedule (linear,
     12 steps of 8) continues from 32 examples seen: 64 examples left are 4 steps of 16, ending at lr 0."""
     import json
+
     out, record = str(tmp_path / "run"), str(tmp_path / "examples")
-    r = run_train(corpus["args"](out), nproc=2, fault={"kind": "raise", "rank": 0, "step": SAVED + 1,
-                                                       "record": record + "-first"})
+    r = run_train(
+        corpus["args"](out), nproc=2, fault={"kind": "raise", "rank": 0, "step": SAVED + 1, "record": record + "-first"}
+    )
     assert r.returncode != 0 and [s for s, _ in checkpoint.checkpoint_dirs(out)] == [SAVED]
 
     def steps(path: str, world: int) -> list[tuple[int, list[int]]]:
         """(epoch, example indices) per micro-step, all ranks together."""
         per_rank = [[json.loads(line) for line in open(f"{path}.rank{rank}")] for rank in range(world)]
-        return [(rows[0]["epoch"], sorted(i for row in rows for i in row["index"] if i >= 0))
-                for rows in zip(*per_rank)]
+        return [
+            (rows[0]["epoch"], sorted(i for row in rows for i in row["index"] if i >= 0)) for rows in zip(*per_rank)
+        ]
+
     first = steps(record + "-first", 2)[:SAVED]  # the steps the checkpoint holds (accumulation 1, 2 ranks)
     r = run_train(corpus["args"](out, gradient_accumulation_steps=2), nproc=2, fault={"record": record})
     assert r.returncode == 0, r.output[-3000:]
     assert "global batch 8 (2 x 4 x 1) -> 16 (2 x 4 x 2, --gradient_accumulation_steps given)" in r.output
     assert "4 more steps of 16" in r.output and "finished at step 8" in r.output
     second = steps(record, 2)
-    trained = {0: [i for e, ix in first + second if e == 0 for i in ix],
-               1: [i for e, ix in second if e == 1 for i in ix]}
+    trained = {
+        0: [i for e, ix in first + second if e == 0 for i in ix],
+        1: [i for e, ix in second if e == 1 for i in ix],
+    }
     n = len(trained[1])
     assert n > 0 and sorted(trained[0]) == list(range(n)) and sorted(trained[1]) == list(range(n))
     history = {h["step"]: h for h in read_json(os.path.join(out, "training_history.json")) if "loss" in h}

@@ -19,6 +19,7 @@ FULL, FIRST, MIDDLE, LAST = 1, 2, 3, 4
 
 def records(path: str):
     from wandb.proto import wandb_internal_pb2
+
     with open(path, "rb") as fh:
         data = fh.read()
     assert data[:4] == b":W&B", f"{path} is not a W&B transaction log"
@@ -28,8 +29,8 @@ def records(path: str):
         if left_in_block < HEADER:  # the rest of a block too small for a header is padding
             pos += left_in_block
             continue
-        _, length, kind = struct.unpack("<IHB", data[pos:pos + HEADER])
-        chunk = data[pos + HEADER:pos + HEADER + length]
+        _, length, kind = struct.unpack("<IHB", data[pos : pos + HEADER])
+        chunk = data[pos + HEADER : pos + HEADER + length]
         pos += HEADER + length
         if kind == 0 and length == 0:
             continue
@@ -46,7 +47,7 @@ def records(path: str):
 @dataclass
 class OfflineRun:
     run_id: str
-    history: list[dict] = field(default_factory=list)   # one dict per wandb.log call, with "_step"
+    history: list[dict] = field(default_factory=list)  # one dict per wandb.log call, with "_step"
     config: dict = field(default_factory=dict)
     summary: dict = field(default_factory=dict)
     artifacts: list[str] = field(default_factory=list)
@@ -56,7 +57,7 @@ class OfflineRun:
 
 def read_run(run_dir: str) -> OfflineRun:
     (path,) = glob.glob(os.path.join(run_dir, "run-*.wandb"))
-    run = OfflineRun(run_id=os.path.basename(path)[len("run-"):-len(".wandb")])
+    run = OfflineRun(run_id=os.path.basename(path)[len("run-") : -len(".wandb")])
     for r in records(path):
         kind = r.WhichOneof("record_type")
         if kind == "history":

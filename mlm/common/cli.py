@@ -15,11 +15,13 @@ import os
 import sys
 import typing
 import warnings
-from typing import Any, Callable
+from collections.abc import Callable
+from typing import Any
 
 # Exit codes (README, "Exit codes"): 0 done; 1 a failure (a traceback or one line naming an NCCL/gloo failure,
 # or another rank's failure); 2 a user error, one line; 3 the loss stayed non-finite; 4 the disk filled up while
-# writing; 5 stopped by --max_runtime (mlm/train/preemption.py) after saving a checkpoint; 128 + signal (143 SIGTERM, 130 SIGINT) stopped after saving a checkpoint.
+# writing; 5 stopped by --max_runtime (mlm/train/preemption.py) after saving a checkpoint; 128 + signal
+# (143 SIGTERM, 130 SIGINT) stopped after saving a checkpoint.
 EXIT_OK, EXIT_FAILURE, EXIT_USER_ERROR, EXIT_NONFINITE, EXIT_DISK_FULL = 0, 1, 2, 3, 4
 OUTPUTS_ROOT = "outputs"  # default run directories are outputs/<model>-<dataset>; predict.py looks here too
 
@@ -60,12 +62,14 @@ def report(error: UserError) -> int:
 
 def command_line(main: Callable[..., int]) -> Callable[..., int]:
     """Decorates a tool's main(): a UserError becomes one `error: ...` line and exit code 2."""
+
     @functools.wraps(main)
     def wrapper(*args: Any, **kwargs: Any) -> int:
         try:
             return main(*args, **kwargs)
         except UserError as e:
             return report(e)
+
     return wrapper
 
 
@@ -74,6 +78,7 @@ def quiet_logging(level: int = logging.WARNING) -> None:
     head's report is noise here: where it matters, our own warning says so)."""
     logging.basicConfig(level=level, format="%(message)s", stream=sys.stderr, force=True)
     import transformers
+
     transformers.logging.set_verbosity_error()
     transformers.utils.logging.disable_progress_bar()
     warnings.filterwarnings("ignore", message=".*TypedStorage is deprecated.*")

@@ -12,8 +12,9 @@ import logging
 import os
 import threading
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Callable, Optional, TypeVar
+from typing import Optional, TypeVar
 
 import torch
 import torch.distributed as dist
@@ -36,6 +37,7 @@ class PeerFailed(Exception):
 class DistEnv:
     """This process's place in the job, and the distributed state it owns (no module globals): the rendezvous
     store and the control group live as long as the run holds this object; close() releases them."""
+
     rank: int
     local_rank: int
     world_size: int
@@ -70,9 +72,11 @@ def check_gpu_count(local_rank: int) -> None:
     if processes > gpus:
         visible = os.environ.get("CUDA_VISIBLE_DEVICES")
         hidden = f" (CUDA_VISIBLE_DEVICES={visible!r} hides the others)" if visible is not None else ""
-        raise UserError(f"{processes} processes on this node but {gpus} visible GPU(s){hidden}; start one process "
-                        f"per GPU: torchrun --nproc_per_node={gpus} (bash launch.sh counts them for you), or make "
-                        "more GPUs visible with CUDA_VISIBLE_DEVICES")
+        raise UserError(
+            f"{processes} processes on this node but {gpus} visible GPU(s){hidden}; start one process "
+            f"per GPU: torchrun --nproc_per_node={gpus} (bash launch.sh counts them for you), or make "
+            "more GPUs visible with CUDA_VISIBLE_DEVICES"
+        )
 
 
 def init_distributed(timeout_seconds: float = 1800.0) -> DistEnv:
@@ -94,17 +98,36 @@ def init_distributed(timeout_seconds: float = 1800.0) -> DistEnv:
         # torchrun restarts a failed group against the same store: without a prefix per attempt, a worker can
         # read the previous attempt's (dead) peer addresses and fail or hang while connecting.
         attempt = os.environ.get("TORCHELASTIC_RESTART_COUNT", "0")
-        dist.init_process_group(backend, store=dist.PrefixStore(f"mlm-ddp/attempt-{attempt}", store), rank=rank,
-                                world_size=world, timeout=timeout, device_id=device if backend == "nccl" else None)
+        dist.init_process_group(
+            backend,
+            store=dist.PrefixStore(f"mlm-ddp/attempt-{attempt}", store),
+            rank=rank,
+            world_size=world,
+            timeout=timeout,
+            device_id=device if backend == "nccl" else None,
+        )
         control = dist.group.WORLD if backend == "gloo" else dist.new_group(backend="gloo", timeout=timeout)
-    return DistEnv(rank=rank, local_rank=local_rank, world_size=world, device=device, control=control, store=store,
-                   timeout_seconds=timeout_seconds)
+    return DistEnv(
+        rank=rank,
+        local_rank=local_rank,
+        world_size=world,
+        device=device,
+        control=control,
+        store=store,
+        timeout_seconds=timeout_seconds,
+    )
+
 
 # What a rank sees when a peer process died or its host vanished: the connection to it is gone. Only these
 # make a rank end quietly (the failed rank, or torchrun, reports why); any other error, an NCCL setup failure
 # that hits every rank included, is reported by the rank that saw it.
-_LOST_PEER = ("Connection closed by peer", "Connection reset by peer", "Broken pipe", "ncclRemoteError",
-              "remote process exited")
+_LOST_PEER = (
+    "Connection closed by peer",
+    "Connection reset by peer",
+    "Broken pipe",
+    "ncclRemoteError",
+    "remote process exited",
+)
 
 
 def is_peer_failure(exc: BaseException) -> bool:
@@ -123,8 +146,9 @@ def describe_failure(exc: BaseException, rank: int) -> Optional[str]:
     first = next((line.strip() for line in text.splitlines() if line.strip()), type(exc).__name__)
     hint = "rerun with NCCL_DEBUG=INFO for the cause"
     if "/dev/shm" in text or "shared memory" in text.lower():
-        hint = ("/dev/shm is too small for NCCL: in Docker run with --ipc=host or --shm-size=1g, or set "
-                "NCCL_SHM_DISABLE=1")
+        hint = (
+            "/dev/shm is too small for NCCL: in Docker run with --ipc=host or --shm-size=1g, or set NCCL_SHM_DISABLE=1"
+        )
     elif "Timed out" in text or "timeout" in text.lower():
         hint = "a rank waited longer than --ddp_timeout; raise it if a step or a save legitimately takes longer"
     elif "ncclSystemError" in text or "ncclUnhandledCudaError" in text or "P2P" in text:
@@ -201,6 +225,7 @@ def _patient_wait(env: DistEnv, leader: bool, fn: Callable[[], T], silence_limit
         def beat() -> None:
             while not stop.wait(HEARTBEAT_SECONDS):
                 env.store.add(f"{key}/beat", 1)
+
         beater = threading.Thread(target=beat, name="mlm-leader-heartbeat", daemon=True)
         beater.start()
         try:
@@ -223,8 +248,10 @@ def _patient_wait(env: DistEnv, leader: bool, fn: Callable[[], T], silence_limit
             if beats != last:
                 last, heard = beats, time.monotonic()
             elif time.monotonic() - heard > silence_limit:
-                raise WaitedTooLong(f"rank {env.rank} heard nothing for {silence_limit:.0f} s from the process "
-                                    "preparing shared files (downloads, the tokenised cache); it is stuck or gone")
+                raise WaitedTooLong(
+                    f"rank {env.rank} heard nothing for {silence_limit:.0f} s from the process "
+                    "preparing shared files (downloads, the tokenised cache); it is stuck or gone"
+                )
             time.sleep(pause)
             pause = min(2 * pause, 0.1)
     return result
@@ -249,9 +276,10 @@ def _leader_first(env: DistEnv, leader: bool, fn: Callable[[], T]) -> T | None:
     except RuntimeError as e:
         if is_peer_failure(e) or not ("Timed out" in str(e) or "timeout" in str(e).lower()):
             raise
-        raise WaitedTooLong(f"rank {env.rank} waited longer than --ddp_timeout for the process preparing shared "
-                            "files (downloads, the tokenised cache, the checkpoint's hash); raise --ddp_timeout") \
-            from None
+        raise WaitedTooLong(
+            f"rank {env.rank} waited longer than --ddp_timeout for the process preparing shared "
+            "files (downloads, the tokenised cache, the checkpoint's hash); raise --ddp_timeout"
+        ) from None
     if failed:
         raise PeerFailed("a process preparing shared files failed")
     return result
@@ -330,8 +358,15 @@ def wrap_ddp(module: torch.nn.Module, env: DistEnv) -> torch.nn.Module:
     bench/scaling.py) and no buffer broadcast before every forward: BERT's buffers (position and token-type
     ids) are constants. torch 2.13 renamed that option; older releases know only the old name."""
     import inspect
+
     from torch.nn.parallel import DistributedDataParallel as DDP
-    no_sync = "forward_sync_buffers" if "forward_sync_buffers" in inspect.signature(DDP).parameters \
-        else "broadcast_buffers"
-    return DDP(module, device_ids=[env.device.index] if env.device.type == "cuda" else None,
-               gradient_as_bucket_view=True, **{no_sync: False})
+
+    no_sync = (
+        "forward_sync_buffers" if "forward_sync_buffers" in inspect.signature(DDP).parameters else "broadcast_buffers"
+    )
+    return DDP(
+        module,
+        device_ids=[env.device.index] if env.device.type == "cuda" else None,
+        gradient_as_bucket_view=True,
+        **{no_sync: False},
+    )

@@ -9,7 +9,8 @@ import json
 import os
 import re
 import shutil
-from typing import Any, Callable, Optional, TextIO
+from collections.abc import Callable
+from typing import Any, Optional, TextIO
 
 HISTORY = "training_history.json"
 RUN_CONFIG = "run_config.json"
@@ -19,16 +20,24 @@ RUN_FILES = (HISTORY, RUN_CONFIG)
 RUN_DIRS = ("wandb",)  # W&B's own folder (offline runs, run files)
 CHECKPOINT_DIR = re.compile(r"^(\.tmp-)?step-\d+(\.old)?$")  # under checkpoints/: saves, torn saves
 # best/ holds save_pretrained's files (weights, config, any tokenizer kind's vocabulary), the metrics and the card.
-EXPORT_FILE = re.compile(r"^(config|generation_config|tokenizer|tokenizer_config|special_tokens_map|added_tokens"
-                         r"|vocab|merges|chat_template|eval_results|test_results)\.(json|txt|jinja)$"
-                         r"|^(spm|spiece|sentencepiece\.bpe|tokenizer)\.model$|^README\.md$"
-                         r"|^(model|pytorch_model)(-\d+-of-\d+)?\.(safetensors|bin)(\.index\.json)?$")
+EXPORT_FILE = re.compile(
+    r"^(config|generation_config|tokenizer|tokenizer_config|special_tokens_map|added_tokens"
+    r"|vocab|merges|chat_template|eval_results|test_results)\.(json|txt|jinja)$"
+    r"|^(spm|spiece|sentencepiece\.bpe|tokenizer)\.model$|^README\.md$"
+    r"|^(model|pytorch_model)(-\d+-of-\d+)?\.(safetensors|bin)(\.index\.json)?$"
+)
 # How a full disk (or a reached quota) shows: the OSError of a plain write, the text safetensors' Rust writer
 # gives it, and what torch.save's zip writer raises instead (a size check that fails after a short write: it
 # does not say why, but a write that came up short on a local disk is a full one).
 DISK_FULL_ERRNOS = (errno.ENOSPC, errno.EDQUOT)
-DISK_FULL_TEXT = ("No space left on device", "os error 28", "Disk quota exceeded", "os error 122",
-                  "unexpected pos", "file write failed")
+DISK_FULL_TEXT = (
+    "No space left on device",
+    "os error 28",
+    "Disk quota exceeded",
+    "os error 122",
+    "unexpected pos",
+    "file write failed",
+)
 
 
 class DiskFull(Exception):

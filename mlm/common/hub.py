@@ -24,5 +24,7 @@ def failure(e: Exception) -> str:
 def load_error(what: str, name: str, e: Exception) -> UserError:
     """A model, config or tokenizer that could not be loaded, from a local directory or the Hub."""
     why = failure(e) if not os.path.isdir(name) else f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"
-    return UserError(f"could not load the {what} {name!r} ({why}); give a Hub id you can reach or a directory "
-                     "written by save_pretrained")
+    return UserError(
+        f"could not load the {what} {name!r} ({why}); give a Hub id you can reach or a directory "
+        "written by save_pretrained"
+    )

@@ -11,22 +11,23 @@ from __future__ import annotations
 import hashlib
 import itertools
 import json
-import math
 import logging
+import math
 import os
 import shutil
 import tempfile
 import time
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
-from typing import Any, Callable, Iterator, Optional, Protocol, Sequence
+from typing import Any, Optional, Protocol
 
 import numpy as np
 import torch
 from torch.utils.data import DataLoader, DistributedSampler
 
 from mlm.common.cli import UserError
-from mlm.config import TrainConfig
 from mlm.common.distributed import DistEnv, main_process_first
+from mlm.config import TrainConfig
 from mlm.data.cleaning import TextReport
 from mlm.data.sources import build_source, default_cache_dir, holdout_count
 from mlm.data.text import Framing, frame, plain_backend, text_encoder
@@ -42,7 +43,8 @@ PROGRESS_LOG_SECONDS = 60  # without a terminal, a progress line this often on a
 class TokenStream:
     """One split: every text's tokens back to back, and each text's token count (read from the cache, both are
     memory maps: a rank holds no split in RAM)."""
-    tokens: np.ndarray   # [N] uint16 or int32
+
+    tokens: np.ndarray  # [N] uint16 or int32
     lengths: np.ndarray  # [texts] int64
 
 
@@ -61,7 +63,7 @@ def tokenize_texts(tokenizer, texts: Sequence[str]) -> TokenStream:
     dtype = token_dtype(tokenizer)
     pieces, lengths = [], []
     for start in range(0, len(texts), TOKENIZE_BATCH):
-        ids = encoder.ids(texts[start:start + TOKENIZE_BATCH])
+        ids = encoder.ids(texts[start : start + TOKENIZE_BATCH])
         n = np.fromiter(map(len, ids), dtype=np.int64, count=len(ids))
         pieces.append(np.fromiter(itertools.chain.from_iterable(ids), dtype=dtype, count=int(n.sum())))
         lengths.append(n)
@@ -110,7 +112,7 @@ def _prefix_tokens(path: str, texts: int) -> int:
     """Tokens in the first `texts` texts of a lengths file, summed a block at a time."""
     lengths, total, block = _memmap(path, np.dtype(np.int64), 0, texts), 0, 1 << 22
     for start in range(0, texts, block):
-        total += int(lengths[start:start + block].sum())
+        total += int(lengths[start : start + block].sum())
     return total
 
 
@@ -122,10 +124,13 @@ class PrepProgress:
         self.total, self.done, self.t0 = max(total, 1), 0, time.perf_counter()
         self.last_log, self.bar, self.description = self.t0, None, description
         import sys
+
         if sys.stderr.isatty():
             from tqdm.auto import tqdm
-            self.bar = tqdm(total=self.total, unit="B", unit_scale=True, desc="tokenising", delay=2,
-                            dynamic_ncols=True, leave=False)
+
+            self.bar = tqdm(
+                total=self.total, unit="B", unit_scale=True, desc="tokenising", delay=2, dynamic_ncols=True, leave=False
+            )
 
     def advance(self, chars: int) -> None:
         self.done += chars
@@ -137,8 +142,10 @@ class PrepProgress:
             self.last_log = now
             rate = self.done / max(now - self.t0, 1e-9)
             left = max(self.total - self.done, 0) / max(rate, 1e-9)
-            log.info(f"tokenising {self.description}: {self.done / 1e6:,.0f} of about {self.total / 1e6:,.0f} MB, "
-                     f"{rate / 1e6:.1f} MB/s, about {left / 60:.0f} min left")
+            log.info(
+                f"tokenising {self.description}: {self.done / 1e6:,.0f} of about {self.total / 1e6:,.0f} MB, "
+                f"{rate / 1e6:.1f} MB/s, about {left / 60:.0f} min left"
+            )
 
     def close(self) -> None:
         if self.bar is not None:
@@ -150,6 +157,7 @@ def _prefetched(batches: Iterator[list[str]], depth: int = 2) -> Iterator[list[s
     without the GIL). An exception in the reader is raised here, in order."""
     import queue
     import threading
+
     q: queue.Queue = queue.Queue(maxsize=depth)
     done = object()
     stop = threading.Event()
@@ -168,6 +176,7 @@ def _prefetched(batches: Iterator[list[str]], depth: int = 2) -> Iterator[list[s
             q.put(done)
         except BaseException as e:  # noqa: BLE001 - handed to the consumer, which raises it
             q.put(e)
+
     reader = threading.Thread(target=read, name="mlm-read-texts", daemon=True)
     reader.start()
     try:
@@ -216,13 +225,16 @@ def _read_cache(path: str) -> Optional[tuple[dict[str, TokenStream], dict]]:
     dtype, streams = np.dtype(meta["dtype"]), {}
     for split, where in meta["layout"].items():
         base = os.path.join(path, where["file"])
-        streams[split] = TokenStream(_memmap(f"{base}.tokens.bin", dtype, *where["tokens"]),
-                                     _memmap(f"{base}.lengths.bin", np.dtype(np.int64), *where["texts"]))
+        streams[split] = TokenStream(
+            _memmap(f"{base}.tokens.bin", dtype, *where["tokens"]),
+            _memmap(f"{base}.lengths.bin", np.dtype(np.int64), *where["texts"]),
+        )
     return streams, meta
 
 
-def load_token_streams(cfg: TrainConfig, tokenizer, cache_dir: str,
-                       builder: Callable = tokenize_texts) -> tuple[dict[str, TokenStream], bool, TextReport]:
+def load_token_streams(
+    cfg: TrainConfig, tokenizer, cache_dir: str, builder: Callable = tokenize_texts
+) -> tuple[dict[str, TokenStream], bool, TextReport]:
     """Token streams for train and validation (and test, when the source has one), from the cache or built into
     it. The texts are read, tokenised and written a batch at a time (builder(tokenizer, texts) -> TokenStream),
     so preparing needs the same memory for any corpus size; the entry is a temporary sibling until complete, then
@@ -243,11 +255,21 @@ def load_token_streams(cfg: TrainConfig, tokenizer, cache_dir: str,
         meta = _build_cache(tmp, source, tokenizer, builder)
         tokens = {split: where["tokens"][1] - where["tokens"][0] for split, where in meta["layout"].items()}
         if tokens["train"] == 0:  # checked before caching, so an empty stream is never cached
-            raise UserError(f"the training text ({source.description}) holds no tokens, only blank lines or "
-                            "whitespace; give a file that holds text")
-        meta.update({"version": CACHE_VERSION, "source": source.description, "fingerprint": source.fingerprint,
-                     "splits": sorted(meta["layout"]), "build_seconds": round(time.perf_counter() - t0, 3),
-                     "tokens": tokens, "text_errors": source.report.counts})
+            raise UserError(
+                f"the training text ({source.description}) holds no tokens, only blank lines or "
+                "whitespace; give a file that holds text"
+            )
+        meta.update(
+            {
+                "version": CACHE_VERSION,
+                "source": source.description,
+                "fingerprint": source.fingerprint,
+                "splits": sorted(meta["layout"]),
+                "build_seconds": round(time.perf_counter() - t0, 3),
+                "tokens": tokens,
+                "text_errors": source.report.counts,
+            }
+        )
         with open(os.path.join(tmp, "meta.json"), "w") as fh:
             json.dump(meta, fh, indent=1)
         os.rename(tmp, path)
@@ -267,8 +289,7 @@ class ChunkDataset(torch.utils.data.Dataset):
     """Packed examples: the stream cut into bodies of max_seq_length - 2 tokens, framed by [CLS] ... [SEP].
     The final remainder shorter than one body is dropped (and reported)."""
 
-    def __init__(self, stream: TokenStream, max_seq_length: int, cls_id: int, sep_id: int,
-                 limit: Optional[int] = None):
+    def __init__(self, stream: TokenStream, max_seq_length: int, cls_id: int, sep_id: int, limit: Optional[int] = None):
         body = max_seq_length - 2
         n = stream.tokens.size // body
         self.available = int(n)  # examples before --max_*_samples capped them
@@ -294,8 +315,14 @@ class LineDataset(torch.utils.data.Dataset):
     example, rounded up to a multiple of 8 (tensor-core friendly), or with fixed_width always to
     max_seq_length (--torch_compile: one shape on every rank, so no rank recompiles while the others wait)."""
 
-    def __init__(self, stream: TokenStream, max_seq_length: int, framing: Framing, limit: Optional[int] = None,
-                 fixed_width: bool = False):
+    def __init__(
+        self,
+        stream: TokenStream,
+        max_seq_length: int,
+        framing: Framing,
+        limit: Optional[int] = None,
+        fixed_width: bool = False,
+    ):
         offsets = np.concatenate([[0], np.cumsum(stream.lengths)])
         keep = np.nonzero(stream.lengths > 0)[0]
         self.available = int(keep.size)  # examples before --max_*_samples capped them
@@ -316,11 +343,14 @@ class LineDataset(torch.utils.data.Dataset):
         ids = np.full((idx.size, width), self.pad_id, dtype=np.int64)
         ids[:, 0] = self.cls_id
         for row, (start, n) in enumerate(zip(self.starts[idx], lens)):
-            ids[row, 1:n + 1] = self.tokens[start:start + n]
+            ids[row, 1 : n + 1] = self.tokens[start : start + n]
             ids[row, n + 1] = self.sep_id
         attention = (np.arange(width)[None, :] < (lens[:, None] + 2)).astype(np.int64)
-        return {"input_ids": torch.from_numpy(ids), "attention_mask": torch.from_numpy(attention),
-                "index": torch.from_numpy(idx)}
+        return {
+            "input_ids": torch.from_numpy(ids),
+            "attention_mask": torch.from_numpy(attention),
+            "index": torch.from_numpy(idx),
+        }
 
     def __getitem__(self, i: int) -> dict[str, torch.Tensor]:
         return {k: v[0] for k, v in self.__getitems__([i]).items()}
@@ -352,7 +382,7 @@ class GlobalOrderSampler(DistributedSampler):
         return torch.randperm(self.n, generator=g)
 
     def __iter__(self) -> Iterator[int]:
-        return iter(self.order()[self.start + self.rank::self.world_size].tolist())
+        return iter(self.order()[self.start + self.rank :: self.world_size].tolist())
 
     def __len__(self) -> int:
         return len(range(self.start + self.rank, self.n, self.world_size))
@@ -376,8 +406,10 @@ def fill_batch(raw: dict[str, torch.Tensor], rows: int, cls_id: int, sep_id: int
     width = raw["input_ids"].shape[1]
     empty = torch.full((missing, width), sep_id, dtype=raw["input_ids"].dtype)
     empty[:, 0] = cls_id
-    out = {"input_ids": torch.cat([raw["input_ids"], empty]),
-           "index": torch.cat([raw["index"], torch.full((missing,), -1, dtype=raw["index"].dtype)])}
+    out = {
+        "input_ids": torch.cat([raw["input_ids"], empty]),
+        "index": torch.cat([raw["index"], torch.full((missing,), -1, dtype=raw["index"].dtype)]),
+    }
     if "attention_mask" in raw:  # [CLS] [SEP] attended: a row with nothing to attend to would give NaNs
         attention = torch.zeros((missing, width), dtype=raw["attention_mask"].dtype)
         attention[:, :2] = 1
@@ -393,8 +425,14 @@ class EpochBatches:
     so that every rank takes the same steps. fixed_rows: fill every partial batch up to the batch size, so that
     every micro-batch has the same shape (--torch_compile)."""
 
-    def __init__(self, loader: DataLoader, sampler: GlobalOrderSampler, batch_size: int,
-                 fixed_rows: bool = False, special_ids: tuple[int, int] = (0, 0)):
+    def __init__(
+        self,
+        loader: DataLoader,
+        sampler: GlobalOrderSampler,
+        batch_size: int,
+        fixed_rows: bool = False,
+        special_ids: tuple[int, int] = (0, 0),
+    ):
         self.loader, self.sampler, self.batch_size = loader, sampler, batch_size
         self.micro_per_epoch = math.ceil(sampler.n / (batch_size * sampler.world_size))
         self.fixed_rows, self.special_ids = fixed_rows, special_ids
@@ -402,8 +440,9 @@ class EpochBatches:
     def _empty(self) -> dict[str, torch.Tensor]:
         """A micro-batch of empty rows, shaped like the dataset's (for a rank whose share has ended)."""
         proto = self.loader.dataset.__getitems__([0])
-        return fill_batch({k: v[:0] for k, v in proto.items()}, self.batch_size if self.fixed_rows else 1,
-                          *self.special_ids)
+        return fill_batch(
+            {k: v[:0] for k, v in proto.items()}, self.batch_size if self.fixed_rows else 1, *self.special_ids
+        )
 
     def micro_from(self, offset: int) -> int:
         """Micro-batches per rank that train an epoch's examples from position `offset` on."""
@@ -413,8 +452,9 @@ class EpochBatches:
         """How much of the epoch is trained after micro_done micro-batches from position offset."""
         return min(1.0, (offset + micro_done * self.batch_size * self.sampler.world_size) / max(self.sampler.n, 1))
 
-    def groups(self, epoch: int, micro_done: int, accumulation: int,
-               offset: int = 0) -> Iterator[list[dict[str, torch.Tensor]]]:
+    def groups(
+        self, epoch: int, micro_done: int, accumulation: int, offset: int = 0
+    ) -> Iterator[list[dict[str, torch.Tensor]]]:
         """The rest of an epoch: offset examples of it trained before this run's layout began (a resume with
         another global batch), then micro_done micro-batches of this layout."""
         self.sampler.set_epoch(epoch)
@@ -431,16 +471,20 @@ class EpochBatches:
 
     def load_state_dict(self, d: dict) -> None:
         if d:
-            raise UserError("the checkpoint was saved by a --streaming run; resume it with --streaming, or start "
-                            "afresh with --overwrite_output_dir")
+            raise UserError(
+                "the checkpoint was saved by a --streaming run; resume it with --streaming, or start "
+                "afresh with --overwrite_output_dir"
+            )
 
 
 class TrainBatches(Protocol):
     """The training side of fit(): EpochBatches here, StreamingTrain for a stream."""
+
     micro_per_epoch: Optional[int]  # None for a stream (its length is unknown)
 
-    def groups(self, epoch: int, micro_done: int, accumulation: int,
-               offset: int = 0) -> Iterator[list[dict[str, Any]]]: ...
+    def groups(
+        self, epoch: int, micro_done: int, accumulation: int, offset: int = 0
+    ) -> Iterator[list[dict[str, Any]]]: ...
     def state_dict(self) -> dict: ...
     def load_state_dict(self, d: dict) -> None: ...
 
@@ -459,29 +503,39 @@ def build_datasets(cfg: TrainConfig, streams: dict[str, TokenStream], tokenizer)
         raise UserError("the tokenizer has no [CLS]/[SEP] tokens; use a BERT-style tokenizer")
     if cfg.line_by_line:
         framing = Framing(pad_id=tokenizer.pad_token_id, **ids)
-        make = lambda s, limit, train: LineDataset(s, cfg.max_seq_length, framing, limit=limit,
-                                                   fixed_width=train and cfg.torch_compile)
+        make = lambda s, limit, train: LineDataset(
+            s, cfg.max_seq_length, framing, limit=limit, fixed_width=train and cfg.torch_compile
+        )
     else:
         make = lambda s, limit, train: ChunkDataset(s, cfg.max_seq_length, limit=limit, **ids)
-    datasets = {split: make(stream, cfg.max_train_samples if split == "train" else cfg.max_eval_samples,
-                            split == "train") for split, stream in streams.items()}
+    datasets = {
+        split: make(stream, cfg.max_train_samples if split == "train" else cfg.max_eval_samples, split == "train")
+        for split, stream in streams.items()
+    }
     for split, ds in datasets.items():
         if len(ds) == 0 and split != "test":  # an empty test split is only not evaluated (the banner says so)
             n = int(streams[split].tokens.size)
-            raise UserError(f"the {'training' if split == 'train' else split} data gives no example of "
-                            f"{cfg.max_seq_length} tokens (it has {n} tokens); give a file that holds more text, "
-                            "or a smaller --max_seq_length")
+            raise UserError(
+                f"the {'training' if split == 'train' else split} data gives no example of "
+                f"{cfg.max_seq_length} tokens (it has {n} tokens); give a file that holds more text, "
+                "or a smaller --max_seq_length"
+            )
     return datasets
 
 
 def eval_stats(valid, test, streams: dict[str, TokenStream], max_seq_length: int) -> dict[str, str]:
     """The banner's lines for the evaluated splits."""
-    stats = {"eval": f"{len(valid)} examples from {streams['validation'].tokens.size} tokens; "
-                     f"{valid.dropped_tokens} dropped by chunking"}
+    stats = {
+        "eval": f"{len(valid)} examples from {streams['validation'].tokens.size} tokens; "
+        f"{valid.dropped_tokens} dropped by chunking"
+    }
     if "test" in streams:
-        stats["test"] = (f"{len(test)} examples from {streams['test'].tokens.size} tokens, evaluated on best/ at "
-                         "the end" if len(test) else f"none: the test split gives no example of {max_seq_length} "
-                         f"tokens ({streams['test'].tokens.size} tokens), so it is not evaluated")
+        stats["test"] = (
+            f"{len(test)} examples from {streams['test'].tokens.size} tokens, evaluated on best/ at the end"
+            if len(test)
+            else f"none: the test split gives no example of {max_seq_length} "
+            f"tokens ({streams['test'].tokens.size} tokens), so it is not evaluated"
+        )
     return stats
 
 
@@ -489,30 +543,51 @@ def eval_loader(cfg: TrainConfig, env: DistEnv, valid) -> DataLoader:
     # Own generators: creating a DataLoader iterator draws a seed from the global RNG, which would shift the
     # dropout stream (and break exact resume) every time an epoch or an evaluation starts.
     # No pin_memory: batches are masked on the host, and prepare_batch copies the result from pinned memory.
-    return DataLoader(valid, batch_size=cfg.per_device_eval_batch_size,
-                      sampler=eval_shard(len(valid), env.rank, env.world_size), collate_fn=_identity,
-                      generator=torch.Generator().manual_seed(cfg.seed))
+    return DataLoader(
+        valid,
+        batch_size=cfg.per_device_eval_batch_size,
+        sampler=eval_shard(len(valid), env.rank, env.world_size),
+        collate_fn=_identity,
+        generator=torch.Generator().manual_seed(cfg.seed),
+    )
 
 
 def build_data(cfg: TrainConfig, env: DistEnv, tokenizer) -> DataBundle:
     """The cached path: every split tokenised once (on a leader per node), then chunked and loaded."""
     cache_dir = cfg.data_cache_dir or default_cache_dir()
     t0 = time.perf_counter()
-    streams, hit, report = main_process_first(env, lambda: load_token_streams(cfg, tokenizer, cache_dir),
-                                              per_node=cfg.cache_scope == "node")
+    streams, hit, report = main_process_first(
+        env, lambda: load_token_streams(cfg, tokenizer, cache_dir), per_node=cfg.cache_scope == "node"
+    )
     built = build_datasets(cfg, streams, tokenizer)
     train, valid, test = built["train"], built["validation"], built.get("test")
     sampler = GlobalOrderSampler(train, env.world_size, env.rank, cfg.seed)
-    train_loader = DataLoader(train, batch_size=cfg.per_device_train_batch_size, sampler=sampler,
-                              collate_fn=_identity, num_workers=cfg.loader_workers,
-                              generator=torch.Generator().manual_seed(cfg.seed))
-    stats = {"train": f"{len(train)} examples of {cfg.max_seq_length} from {streams['train'].tokens.size} tokens; "
-                      f"{train.dropped_tokens} dropped by chunking",
-             **eval_stats(valid, test, streams, cfg.max_seq_length),
-             "data": f"{'cache hit' if hit else 'tokenised and cached'} in {time.perf_counter() - t0:.2f} s"}
+    train_loader = DataLoader(
+        train,
+        batch_size=cfg.per_device_train_batch_size,
+        sampler=sampler,
+        collate_fn=_identity,
+        num_workers=cfg.loader_workers,
+        generator=torch.Generator().manual_seed(cfg.seed),
+    )
+    stats = {
+        "train": f"{len(train)} examples of {cfg.max_seq_length} from {streams['train'].tokens.size} tokens; "
+        f"{train.dropped_tokens} dropped by chunking",
+        **eval_stats(valid, test, streams, cfg.max_seq_length),
+        "data": f"{'cache hit' if hit else 'tokenised and cached'} in {time.perf_counter() - t0:.2f} s",
+    }
     if report.describe(cfg.text_errors):
         stats["messy text"] = report.describe(cfg.text_errors)
-    batches = EpochBatches(train_loader, sampler, cfg.per_device_train_batch_size, fixed_rows=cfg.torch_compile,
-                           special_ids=(tokenizer.cls_token_id, tokenizer.sep_token_id))
-    return DataBundle(batches, eval_loader(cfg, env, valid), stats,
-                      eval_loader(cfg, env, test) if test is not None and len(test) else None)
+    batches = EpochBatches(
+        train_loader,
+        sampler,
+        cfg.per_device_train_batch_size,
+        fixed_rows=cfg.torch_compile,
+        special_ids=(tokenizer.cls_token_id, tokenizer.sep_token_id),
+    )
+    return DataBundle(
+        batches,
+        eval_loader(cfg, env, valid),
+        stats,
+        eval_loader(cfg, env, test) if test is not None and len(test) else None,
+    )

@@ -25,16 +25,19 @@ import hashlib
 import json
 import os
 import tempfile
+from collections.abc import Iterable
 from dataclasses import dataclass, field
-from typing import Any, Iterable, Optional
+from typing import Any, Optional
 
 from mlm.common.cli import UserError
 
 EMPTY_ROWS = "rows empty after joining --text_column skipped"  # counted beside what --text_errors did
 SENTINEL = "\ufffe"  # a noncharacter: marks where undecodable bytes were in a decoded copy
 BLOCK = 16 << 20
-FIX = ("convert the file to UTF-8 (e.g. iconv -f latin1 -t utf-8), or pass --text_errors replace (U+FFFD, "
-       "read as [UNK]) or --text_errors skip (drops the line or row)")
+FIX = (
+    "convert the file to UTF-8 (e.g. iconv -f latin1 -t utf-8), or pass --text_errors replace (U+FFFD, "
+    "read as [UNK]) or --text_errors skip (drops the line or row)"
+)
 
 
 def _mark(error: UnicodeDecodeError) -> tuple[str, int]:
@@ -47,6 +50,7 @@ codecs.register_error("mlm-mark", _mark)
 @dataclass
 class TextReport:
     """What was replaced or skipped, per origin (a file, or a dataset's split), for the banner."""
+
     counts: dict[str, dict[str, int]] = field(default_factory=dict)
 
     def add(self, origin: str, what: str, n: int = 1) -> None:
@@ -61,8 +65,10 @@ class TextReport:
     def describe(self, mode: str) -> Optional[str]:
         if not self.counts:
             return None
-        parts = [f"{os.path.basename(o) or o}: " + ", ".join(f"{n} {w}" for w, n in sorted(by.items()))
-                 for o, by in sorted(self.counts.items())]
+        parts = [
+            f"{os.path.basename(o) or o}: " + ", ".join(f"{n} {w}" for w, n in sorted(by.items()))
+            for o, by in sorted(self.counts.items())
+        ]
         messy = any(w != EMPTY_ROWS for by in self.counts.values() for w in by)
         return (f"--text_errors {mode}: " if messy else "") + "; ".join(parts)
 
@@ -93,7 +99,7 @@ def first_bad_byte(path: str) -> Optional[tuple[int, int, bytes]]:
         try:
             data.decode("utf-8")
         except UnicodeDecodeError as e:
-            return offset + e.start, lines + data.count(b"\n", 0, e.start) + 1, data[e.start:e.end]
+            return offset + e.start, lines + data.count(b"\n", 0, e.start) + 1, data[e.start : e.end]
         lines += data.count(b"\n")
     return None
 
@@ -141,8 +147,9 @@ def _as_text(value: Any) -> str:
     return json.dumps(value, ensure_ascii=False, default=str)
 
 
-def clean_value(value: Any, mode: str, where: str, report: TextReport, origin: str,
-                column: str = "text") -> Optional[str]:
+def clean_value(
+    value: Any, mode: str, where: str, report: TextReport, origin: str, column: str = "text"
+) -> Optional[str]:
     """One row's `text` (or other text column): the string to train on, or None when the row is skipped. where
     names the row."""
     if value is None:
@@ -156,9 +163,11 @@ def clean_value(value: Any, mode: str, where: str, report: TextReport, origin: s
         return value.replace(SENTINEL, "\ufffd")
     if mode == "error":
         shown = repr(value)
-        raise UserError(f"{where}: {column!r} is {type(value).__name__} {shown[:40]}{'...' if len(shown) > 40 else ''}, "
-                        "not a string; fix the data, or pass --text_errors replace (uses the value's text) or "
-                        "--text_errors skip (drops the row)")
+        raise UserError(
+            f"{where}: {column!r} is {type(value).__name__} {shown[:40]}{'...' if len(shown) > 40 else ''}, "
+            "not a string; fix the data, or pass --text_errors replace (uses the value's text) or "
+            "--text_errors skip (drops the row)"
+        )
     if mode == "skip":
         report.add(origin, f"rows with a non-string {column!r} skipped")
         return None

@@ -31,7 +31,8 @@ WORD_CONVENTIONS = (("WordPiece", "##", False), ("byte-level BPE", "\u0120", Tru
 @dataclass(frozen=True)
 class MaskingTables:
     """Per-vocabulary lookups, built once from the tokenizer and kept on the device."""
-    special: torch.Tensor       # bool [V]: never selected
+
+    special: torch.Tensor  # bool [V]: never selected
     continuation: torch.Tensor  # bool [V]: a piece that continues the word before it (whole-word masking)
     ordinary_ids: torch.Tensor  # long [K]: candidates for random replacement
     mask_id: int
@@ -41,8 +42,7 @@ class MaskingTables:
 def word_convention(pieces: list[str]) -> Optional[tuple[str, str, bool]]:
     """The WORD_CONVENTIONS row whose marker begins the most pieces of the vocabulary, when it begins at least
     1% of them; None when the vocabulary shows no word boundaries (whole-word masking is then refused)."""
-    count, row = max(((sum(p.startswith(row[1]) for p in pieces), row) for row in WORD_CONVENTIONS),
-                     key=lambda c: c[0])
+    count, row = max(((sum(p.startswith(row[1]) for p in pieces), row) for row in WORD_CONVENTIONS), key=lambda c: c[0])
     return row if count and count >= 0.01 * len(pieces) else None
 
 
@@ -73,8 +73,13 @@ def build_masking_tables(tokenizer, device: torch.device | str = "cpu") -> Maski
     ordinary = torch.nonzero(~special & ~unused).flatten()
     if tokenizer.mask_token_id is None:
         raise ValueError("the tokenizer has no mask token, so it cannot be used for masked-LM training")
-    return MaskingTables(special=special.to(device), continuation=continuation.to(device),
-                         ordinary_ids=ordinary.to(device), mask_id=int(tokenizer.mask_token_id), word_convention=name)
+    return MaskingTables(
+        special=special.to(device),
+        continuation=continuation.to(device),
+        ordinary_ids=ordinary.to(device),
+        mask_id=int(tokenizer.mask_token_id),
+        word_convention=name,
+    )
 
 
 def _mul32(h: torch.Tensor, c: int) -> torch.Tensor:
@@ -115,8 +120,7 @@ def token_hashes(seed: int, epoch: int, example_index: torch.Tensor, length: int
     """A 32-bit hash per (example, position): int64 tensor [B, length] with values in [0, 2**32)."""
     device = example_index.device
     h = _combine_int(_fmix_int(seed & _M32), epoch)  # the scalar part, on the host
-    h = _combine(torch.full(example_index.shape, h, dtype=torch.int64, device=device),
-                 example_index.to(torch.int64))
+    h = _combine(torch.full(example_index.shape, h, dtype=torch.int64, device=device), example_index.to(torch.int64))
     pos = torch.arange(length, dtype=torch.int64, device=device)
     return _combine(_combine(h[:, None] ^ _mul32(pos, 0x27D4EB2F)[None, :], pos), stream)
 
@@ -137,8 +141,9 @@ def _word_start_positions(input_ids: torch.Tensor, tables: MaskingTables) -> tor
     return torch.where(is_start, pos, torch.zeros_like(pos)).cummax(dim=1).values
 
 
-def mask_tokens(input_ids: torch.Tensor, example_index: torch.Tensor, epoch: int, spec: MaskingSpec,
-                tables: MaskingTables) -> tuple[torch.Tensor, torch.Tensor]:
+def mask_tokens(
+    input_ids: torch.Tensor, example_index: torch.Tensor, epoch: int, spec: MaskingSpec, tables: MaskingTables
+) -> tuple[torch.Tensor, torch.Tensor]:
     """Return (masked input ids, labels): labels hold the original id at selected positions, else -100."""
     batch, length = input_ids.shape
     maskable = ~tables.special[input_ids]

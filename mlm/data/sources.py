@@ -8,16 +8,15 @@ Both paths name files, splits and datasets the same way, so they live here, belo
 from __future__ import annotations
 
 import os
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
-from typing import Any, Callable, Iterator, Optional, Sequence
+from typing import Any, Optional
 
-from mlm.data.cleaning import EMPTY_ROWS, TextReport, clean_value, clean_values, readable_copy
 from mlm.common.cli import UserError
 from mlm.common.files import sha256_file
 from mlm.common.hub import failure as hub_failure
-
 from mlm.config import WIKITEXT_FILES, WIKITEXT_TEST, TrainConfig, builder_for
-
+from mlm.data.cleaning import EMPTY_ROWS, TextReport, clean_value, clean_values, readable_copy
 
 
 def default_cache_dir() -> str:
@@ -57,6 +56,7 @@ def builder_options(path: str) -> dict[str, Any]:
     import csv
 
     import datasets
+
     # utf-8-sig: a byte-order mark (spreadsheet exports) is no part of the first column's name, as for pandas.
     with open(path, newline="", encoding="utf-8-sig", errors="replace") as fh:
         header = next(csv.reader(fh), [])
@@ -68,12 +68,13 @@ class TextColumns:
     """Which columns of a csv/json/parquet row or Hub dataset row hold its text (--text_column), and what joins
     them. `given` is False for the default 'text', whose rows are kept as they are (a blank line is a text);
     with --text_column, a row whose joined text is empty is skipped and counted."""
+
     names: tuple[str, ...] = ("text",)
     separator: str = "\n"
     given: bool = False
 
     @staticmethod
-    def of(cfg: TrainConfig) -> "TextColumns":
+    def of(cfg: TrainConfig) -> TextColumns:
         if not cfg.text_column:
             return TextColumns()
         return TextColumns(tuple(n.strip() for n in cfg.text_column.split(",")), cfg.text_separator, True)
@@ -85,10 +86,14 @@ class TextColumns:
             return
         have = ", ".join(columns)
         if self.given:
-            raise UserError(f"{label!r} has no column {missing[0]!r} (columns: {have}); give --text_column one or "
-                            "more of these, NAME or NAME,NAME")
-        raise UserError(f"{label!r} has no 'text' column (columns: {have}); name the column holding the text with "
-                        "--text_column NAME, or several with NAME,NAME")
+            raise UserError(
+                f"{label!r} has no column {missing[0]!r} (columns: {have}); give --text_column one or "
+                "more of these, NAME or NAME,NAME"
+            )
+        raise UserError(
+            f"{label!r} has no 'text' column (columns: {have}); name the column holding the text with "
+            "--text_column NAME, or several with NAME,NAME"
+        )
 
     def row_text(self, values: Sequence[Any], mode: str, where: str, report: TextReport, origin: str) -> Optional[str]:
         """One row's text from its column values (in self.names' order); None when the row is skipped."""
@@ -103,8 +108,9 @@ class TextColumns:
             return None
         return text
 
-    def texts(self, table: dict[str, Sequence[Any]], mode: str, origin: str, report: TextReport,
-              first_row: int = 0) -> list[str]:
+    def texts(
+        self, table: dict[str, Sequence[Any]], mode: str, origin: str, report: TextReport, first_row: int = 0
+    ) -> list[str]:
         """The texts of a batch of rows given as columns (rows numbered from first_row + 1 in messages)."""
         if not self.given:
             return clean_values(table["text"], mode, origin, report, first_row)
@@ -117,8 +123,8 @@ class TextColumns:
 
 
 # ---------------------------------------------------------------------- splits read in batches (the cached path)
-TEXT_BATCH_ROWS = 8192        # texts per batch ...
-TEXT_BATCH_CHARS = 16 << 20   # ... or fewer, so that a batch of long documents stays about this size
+TEXT_BATCH_ROWS = 8192  # texts per batch ...
+TEXT_BATCH_CHARS = 16 << 20  # ... or fewer, so that a batch of long documents stays about this size
 
 
 def _batched(texts: Iterator[str]) -> Iterator[list[str]]:
@@ -142,7 +148,7 @@ def _text_lines(path: str) -> Iterator[str]:
             yield line[:-1] if line.endswith("\n") else line
 
 
-def _arrow_batches(ds, columns: "TextColumns", mode: str, origin: str, report: TextReport) -> Iterator[list[str]]:
+def _arrow_batches(ds, columns: TextColumns, mode: str, origin: str, report: TextReport) -> Iterator[list[str]]:
     """The texts of a datasets.Dataset (Arrow on disk, memory-mapped) a batch of rows at a time: only the text
     column(s) of one batch are ever Python objects (decoded as its features say, as ds[column] would)."""
     row = 0
@@ -151,8 +157,13 @@ def _arrow_batches(ds, columns: "TextColumns", mode: str, origin: str, report: T
         row += len(values[columns.names[0]])
 
 
-def iter_text_file(path: str, text_errors: str = "error", report: Optional[TextReport] = None,
-                   clean_dir: Optional[str] = None, columns: TextColumns = TextColumns()) -> Iterator[list[str]]:
+def iter_text_file(
+    path: str,
+    text_errors: str = "error",
+    report: Optional[TextReport] = None,
+    clean_dir: Optional[str] = None,
+    columns: TextColumns = TextColumns(),
+) -> Iterator[list[str]]:
     """Texts of a local file in batches: a line each for .txt/.raw; the text column(s) for
     .json/.jsonl/.parquet/.csv. Undecodable bytes and non-string values are handled as text_errors says
     (mlm/data/cleaning.py)."""
@@ -165,6 +176,7 @@ def iter_text_file(path: str, text_errors: str = "error", report: Optional[TextR
             row += len(batch)
         return
     import datasets
+
     kind = builder_for(path)
     bars = datasets.is_progress_bar_enabled()
     datasets.disable_progress_bars()  # "Generating train split" for a local file is noise, on every run
@@ -179,8 +191,13 @@ def iter_text_file(path: str, text_errors: str = "error", report: Optional[TextR
     yield from _arrow_batches(ds, columns, text_errors, path, report)
 
 
-def read_text_file(path: str, text_errors: str = "error", report: Optional[TextReport] = None,
-                   clean_dir: Optional[str] = None, columns: TextColumns = TextColumns()) -> list[str]:
+def read_text_file(
+    path: str,
+    text_errors: str = "error",
+    report: Optional[TextReport] = None,
+    clean_dir: Optional[str] = None,
+    columns: TextColumns = TextColumns(),
+) -> list[str]:
     """Every text of a local file, as iter_text_file reads them (for small files and tests)."""
     return [t for batch in iter_text_file(path, text_errors, report, clean_dir, columns) for t in batch]
 
@@ -200,8 +217,9 @@ def holdout_count(texts: int, percentage: int) -> int:
 
 
 def _no_validation(origin: str) -> UserError:
-    return UserError(f"{origin} has no validation split; give --validation_file or a "
-                     "--validation_split_percentage above 0")
+    return UserError(
+        f"{origin} has no validation split; give --validation_file or a --validation_split_percentage above 0"
+    )
 
 
 Batches = Callable[[], Iterator[list[str]]]
@@ -214,6 +232,7 @@ class Source:
     part: validation is the first holdout% of the train part's texts). report: what the reading replaced or
     skipped (--text_errors), filled as it reads. size: about how many characters the parts hold (the files'
     bytes, or the Arrow data's), for a progress bar."""
+
     description: str
     fingerprint: str
     parts: dict[str, Batches]
@@ -242,6 +261,7 @@ def _files_part(cfg: TrainConfig, paths: list[str], report: TextReport) -> Batch
     def batches() -> Iterator[list[str]]:
         for path in paths:
             yield from iter_text_file(path, cfg.text_errors, report, text_copies_dir(cfg), TextColumns.of(cfg))
+
     return batches
 
 
@@ -253,32 +273,48 @@ def _local_source(cfg: TrainConfig) -> Source:
     report, mode = TextReport(), _mode(cfg)
     if cfg.dataset_dir:
         files = {split: wikitext_file(cfg.dataset_dir, split) for split in WIKITEXT_FILES}
-        return Source(f"WikiText directory {cfg.dataset_dir}",
-                      "wikitext-dir:" + ",".join(sha256_file(p) for p in files.values()) + mode,
-                      {split: _files_part(cfg, [p], report) for split, p in files.items()}, report,
-                      size=_files_size(list(files.values())))
+        return Source(
+            f"WikiText directory {cfg.dataset_dir}",
+            "wikitext-dir:" + ",".join(sha256_file(p) for p in files.values()) + mode,
+            {split: _files_part(cfg, [p], report) for split, p in files.items()},
+            report,
+            size=_files_size(list(files.values())),
+        )
     train, valid = cfg.train_file, cfg.validation_file
     fp = f"files:{files_fingerprint(train)}"
     if valid:
         fp += f":{files_fingerprint(valid)}"
-        return Source(f"{files_label(train)} + {files_label(valid)}", fp + mode,
-                      {"train": _files_part(cfg, train, report), "validation": _files_part(cfg, valid, report)},
-                      report, size=_files_size(train + valid))
+        return Source(
+            f"{files_label(train)} + {files_label(valid)}",
+            fp + mode,
+            {"train": _files_part(cfg, train, report), "validation": _files_part(cfg, valid, report)},
+            report,
+            size=_files_size(train + valid),
+        )
     pct = cfg.validation_split_percentage
     if pct == 0:
         raise _no_validation(files_label(train))
-    return Source(f"{files_label(train)} ({pct}% held out)", f"{fp}:holdout{pct}{mode}",
-                  {"train": _files_part(cfg, train, report)}, report, holdout=pct, size=_files_size(train))
+    return Source(
+        f"{files_label(train)} ({pct}% held out)",
+        f"{fp}:holdout{pct}{mode}",
+        {"train": _files_part(cfg, train, report)},
+        report,
+        holdout=pct,
+        size=_files_size(train),
+    )
 
 
 def _hub_source(cfg: TrainConfig) -> Source:
     import datasets
+
     label = hub_label(cfg.dataset_name, cfg.dataset_config_name)
     try:
         dd = datasets.load_dataset(cfg.dataset_name, cfg.dataset_config_name)
     except Exception as e:
-        raise UserError(f"could not load dataset {label!r} ({hub_failure(e)}); check the name and your "
-                        "connection, or use local data with --train_file or --dataset_dir") from None
+        raise UserError(
+            f"could not load dataset {label!r} ({hub_failure(e)}); check the name and your "
+            "connection, or use local data with --train_file or --dataset_dir"
+        ) from None
     if "train" not in dd:
         raise UserError(f"dataset {label!r} has no 'train' split (splits: {', '.join(dd)})")
     columns = TextColumns.of(cfg)
@@ -292,21 +328,35 @@ def _hub_source(cfg: TrainConfig) -> Source:
         origin = f"dataset {label} split {split}"
         columns.check(dd[split].column_names, origin)
         return lambda: _arrow_batches(dd[split], columns, cfg.text_errors, origin, report)
-    splits = ["train"] + (["validation"] if "validation" in dd else []) + \
-        (["test"] if "test" in dd and not cfg.test_file else [])  # --test_file replaces the dataset's test split
+
+    splits = (
+        ["train"]
+        + (["validation"] if "validation" in dd else [])
+        + (["test"] if "test" in dd and not cfg.test_file else [])
+    )  # --test_file replaces the dataset's test split
     if "validation" not in dd and pct == 0:
         raise _no_validation(label)
     size = sum(dd[s].data.nbytes for s in splits)
-    return Source(f"Hub dataset {label}", fp if "validation" in dd else f"{fp}:holdout{pct}",
-                  {s: part(s) for s in splits}, report, holdout=0 if "validation" in dd else pct, size=size)
+    return Source(
+        f"Hub dataset {label}",
+        fp if "validation" in dd else f"{fp}:holdout{pct}",
+        {s: part(s) for s in splits},
+        report,
+        holdout=0 if "validation" in dd else pct,
+        size=size,
+    )
 
 
 def _with_test_files(source: Source, cfg: TrainConfig, paths: list[str]) -> Source:
     """source with its test split read from local files (--test_file, or wiki.test.raw in --dataset_dir)."""
-    return Source(f"{source.description}, test {files_label(paths)}",
-                  f"{source.fingerprint}|test:{files_fingerprint(paths)}{_mode(cfg)}",
-                  {**source.parts, "test": _files_part(cfg, paths, source.report)}, source.report,
-                  source.holdout, source.size + _files_size(paths))
+    return Source(
+        f"{source.description}, test {files_label(paths)}",
+        f"{source.fingerprint}|test:{files_fingerprint(paths)}{_mode(cfg)}",
+        {**source.parts, "test": _files_part(cfg, paths, source.report)},
+        source.report,
+        source.holdout,
+        source.size + _files_size(paths),
+    )
 
 
 def build_source(cfg: TrainConfig) -> Source:
@@ -317,8 +367,10 @@ def build_source(cfg: TrainConfig) -> Source:
 
 # ---------------------------------------------------------------------- one split as a stream
 def _stream_error(label: str, e: Exception) -> UserError:
-    return UserError(f"could not stream dataset {label!r} ({hub_failure(e)}); check the name and your "
-                     "connection, or stream local files with --train_file/--validation_file or --dataset_dir")
+    return UserError(
+        f"could not stream dataset {label!r} ({hub_failure(e)}); check the name and your "
+        "connection, or stream local files with --train_file/--validation_file or --dataset_dir"
+    )
 
 
 def local_files(cfg: TrainConfig, split: str) -> Optional[list[str]]:
@@ -338,13 +390,21 @@ def open_split(cfg: TrainConfig, split: str, report: Optional[TextReport] = None
     file with undecodable bytes is streamed from its marked UTF-8 copy (mlm/data/cleaning.py); report counts them.
     missing_ok: None for a split the source does not have (the test split is optional)."""
     import datasets
+
     paths = local_files(cfg, split)
     if paths is not None:
         report = report if report is not None else TextReport()
-        readable = [p if p.endswith(".parquet") else readable_copy(p, cfg.text_errors, report, text_copies_dir(cfg))
-                    for p in paths]
-        ds = datasets.load_dataset(builder_for(paths[0]), data_files={split: readable}, split=split, streaming=True,
-                                   **builder_options(readable[0]))
+        readable = [
+            p if p.endswith(".parquet") else readable_copy(p, cfg.text_errors, report, text_copies_dir(cfg))
+            for p in paths
+        ]
+        ds = datasets.load_dataset(
+            builder_for(paths[0]),
+            data_files={split: readable},
+            split=split,
+            streaming=True,
+            **builder_options(readable[0]),
+        )
         label = files_label(paths)
     elif cfg.dataset_dir or cfg.train_file:
         return None  # a local source without a test split
@@ -356,8 +416,10 @@ def open_split(cfg: TrainConfig, split: str, report: Optional[TextReport] = None
             if "split" in str(e).lower() and missing_ok:
                 return None
             if "split" in str(e).lower():
-                raise UserError(f"dataset {label!r} has no {split!r} split; --streaming reads the validation "
-                                "split whole, so use a dataset that has one, or local files") from None
+                raise UserError(
+                    f"dataset {label!r} has no {split!r} split; --streaming reads the validation "
+                    "split whole, so use a dataset that has one, or local files"
+                ) from None
             raise _stream_error(label, e) from None
         except Exception as e:
             raise _stream_error(label, e) from None
@@ -388,6 +450,8 @@ def whole_split(cfg: TrainConfig, split: str, report: TextReport) -> Optional[li
     if ds is None:
         return None
     columns, label = split_columns(cfg, split), split_label(cfg, split)
-    texts = (columns.row_text([row[n] for n in columns.names], cfg.text_errors, f"{label} row {i + 1}", report, label)
-             for i, row in enumerate(ds))
+    texts = (
+        columns.row_text([row[n] for n in columns.names], cfg.text_errors, f"{label} row {i + 1}", report, label)
+        for i, row in enumerate(ds)
+    )
     return [t for t in texts if t is not None]

@@ -27,17 +27,18 @@ import itertools
 import logging
 import os
 import time
-from typing import Any, Iterator, Optional
+from collections.abc import Iterator
+from typing import Any, Optional
 
 import numpy as np
 import torch
 from torch.utils.data import DataLoader
 
-from mlm.data.cleaning import TextReport, clean_value
 from mlm.common.cli import LocalUserError, UserError
+from mlm.common.distributed import DistEnv, all_ranks, main_process_first
 from mlm.config import TrainConfig
 from mlm.data.cached import DataBundle, build_datasets, eval_loader, eval_stats, tokenize_texts
-from mlm.common.distributed import DistEnv, all_ranks, main_process_first
+from mlm.data.cleaning import TextReport
 from mlm.data.sources import TextColumns, open_split, split_columns, split_label, whole_split
 from mlm.data.text import TextEncoder, frame, text_encoder
 
@@ -45,8 +46,13 @@ log = logging.getLogger("mlm")
 PACK_TEXTS = 1000  # texts tokenised and packed together; the remainder under one body is dropped per group
 
 
-def pack_function(encoder: TextEncoder, body: int, text_errors: str = "error",
-                  label: str = "the training stream", columns: TextColumns = TextColumns()):
+def pack_function(
+    encoder: TextEncoder,
+    body: int,
+    text_errors: str = "error",
+    label: str = "the training stream",
+    columns: TextColumns = TextColumns(),
+):
     """Batched map: tokenise a group of texts, concatenate, cut into bodies of `body` tokens. Rows are read from
     the text column(s) and cleaned as --text_errors says; a stream's rows are met lazily, in a loader worker, so
     what is replaced or skipped is told once per worker in a warning (the banner is long printed), and an error
@@ -70,18 +76,21 @@ def pack_function(encoder: TextEncoder, body: int, text_errors: str = "error",
         flat = np.fromiter(itertools.chain.from_iterable(ids), dtype=np.int64)
         n = flat.size // body
         return {"input_ids": flat[: n * body].reshape(n, body).tolist()}
+
     return pack
 
 
 def rank_stream(cfg: TrainConfig, env: DistEnv, encoder: TextEncoder, report: TextReport):
     """This rank's shuffled share of the training split, as packed bodies of max_seq_length - 2 tokens."""
     from datasets.distributed import split_dataset_by_node
+
     ds = open_split(cfg, "train", report)
     columns = list(ds.column_names)
     ds = ds.shuffle(seed=cfg.seed, buffer_size=cfg.shuffle_buffer_size)
     ds = split_dataset_by_node(ds, rank=env.rank, world_size=env.world_size)
-    pack = pack_function(encoder, cfg.max_seq_length - 2, cfg.text_errors, split_label(cfg, "train"),
-                         split_columns(cfg, "train"))
+    pack = pack_function(
+        encoder, cfg.max_seq_length - 2, cfg.text_errors, split_label(cfg, "train"), split_columns(cfg, "train")
+    )
     return ds.map(pack, batched=True, batch_size=PACK_TEXTS, remove_columns=columns)
 
 
@@ -124,14 +133,19 @@ class StreamingTrain:
         self.consumed: dict[int, dict] = {}  # worker -> stream state after the last batch trained on
         self.consumed_epoch = 0
 
-    def groups(self, epoch: int, micro_done: int, accumulation: int,
-               offset: int = 0) -> Iterator[list[dict[str, torch.Tensor]]]:  # offset: map-style data only
+    def groups(
+        self, epoch: int, micro_done: int, accumulation: int, offset: int = 0
+    ) -> Iterator[list[dict[str, torch.Tensor]]]:  # offset: map-style data only
         if self.consumed_epoch != epoch:
             self.consumed, self.consumed_epoch = {}, epoch
         self.dataset.stream.set_epoch(epoch)  # a new shuffle order each epoch
         self.dataset.start_states = dict(self.consumed)
-        loader = DataLoader(self.dataset, batch_size=None, num_workers=self.num_workers,
-                            generator=torch.Generator().manual_seed(self.seed))  # no draw from the global RNG
+        loader = DataLoader(
+            self.dataset,
+            batch_size=None,
+            num_workers=self.num_workers,
+            generator=torch.Generator().manual_seed(self.seed),
+        )  # no draw from the global RNG
         batches, b = iter(loader), self.dataset.batch_size
         while True:
             group = list(itertools.islice(batches, accumulation))
@@ -146,22 +160,32 @@ class StreamingTrain:
             yield out
 
     def state_dict(self) -> dict[str, Any]:
-        return {"epoch": self.consumed_epoch, "num_workers": self.num_workers,
-                "workers": {str(k): v for k, v in self.consumed.items()}}
+        return {
+            "epoch": self.consumed_epoch,
+            "num_workers": self.num_workers,
+            "workers": {str(k): v for k, v in self.consumed.items()},
+        }
 
     def load_state_dict(self, d: dict[str, Any]) -> None:
         if "workers" not in d:
-            raise UserError("the checkpoint holds no stream position: it was saved by a run without --streaming; "
-                            "resume it without --streaming, or start afresh with --overwrite_output_dir")
+            raise UserError(
+                "the checkpoint holds no stream position: it was saved by a run without --streaming; "
+                "resume it without --streaming, or start afresh with --overwrite_output_dir"
+            )
         if d.get("num_workers") != self.num_workers:
-            raise UserError(f"the checkpoint's stream position was saved with --dataloader_num_workers "
-                            f"{d.get('num_workers')}, this run has {self.num_workers}: each worker reads its own "
-                            "part of the stream, so resume with the same number")
+            raise UserError(
+                f"the checkpoint's stream position was saved with --dataloader_num_workers "
+                f"{d.get('num_workers')}, this run has {self.num_workers}: each worker reads its own "
+                "part of the stream, so resume with the same number"
+            )
         self.consumed = {int(k): v for k, v in d["workers"].items()}
         self.consumed_epoch = d["epoch"]
         if self.env.is_main:
-            log.info("the stream continues from its saved position in epoch %d (texts that were in the shuffle "
-                     "buffer at the save are skipped for this epoch, never repeated)", d["epoch"])
+            log.info(
+                "the stream continues from its saved position in epoch %d (texts that were in the shuffle "
+                "buffer at the save are skipped for this epoch, never repeated)",
+                d["epoch"],
+            )
 
 
 def build_streaming_data(cfg: TrainConfig, env: DistEnv, tokenizer) -> DataBundle:
@@ -174,22 +198,32 @@ def build_streaming_data(cfg: TrainConfig, env: DistEnv, tokenizer) -> DataBundl
         os.environ["TOKENIZERS_PARALLELISM"] = "false"
     # Downloads of the validation split (and the Hub script/metadata) happen once per node, or once in all.
     report = TextReport()
-    texts = main_process_first(env, lambda: {split: whole_split(cfg, split, report)
-                                             for split in ("validation", "test")}, per_node=cfg.cache_scope == "node")
+    texts = main_process_first(
+        env,
+        lambda: {split: whole_split(cfg, split, report) for split in ("validation", "test")},
+        per_node=cfg.cache_scope == "node",
+    )
     streams = {split: tokenize_texts(tokenizer, t) for split, t in texts.items() if t is not None}
     built = build_datasets(cfg, streams, tokenizer)
     valid, test = built["validation"], built.get("test")
     stream = rank_stream(cfg, env, text_encoder(tokenizer), report)
-    batches = PackedBatches(stream, cfg.per_device_train_batch_size, cfg.max_seq_length,
-                            tokenizer.cls_token_id, tokenizer.sep_token_id)
+    batches = PackedBatches(
+        stream, cfg.per_device_train_batch_size, cfg.max_seq_length, tokenizer.cls_token_id, tokenizer.sep_token_id
+    )
     workers = cfg.loader_workers
-    stats = {"train": f"streamed: {split_label(cfg, 'train')}, shuffle buffer "
-                      f"{cfg.shuffle_buffer_size} texts, packed into {cfg.max_seq_length}-token examples by "
-                      f"{workers or 'no'} loader worker(s) per rank",
-             **eval_stats(valid, test, streams, cfg.max_seq_length),
-             "data": f"validation{' and test' if 'test' in streams else ''} read whole and tokenised in "
-                     f"{time.perf_counter() - t0:.2f} s"}
+    stats = {
+        "train": f"streamed: {split_label(cfg, 'train')}, shuffle buffer "
+        f"{cfg.shuffle_buffer_size} texts, packed into {cfg.max_seq_length}-token examples by "
+        f"{workers or 'no'} loader worker(s) per rank",
+        **eval_stats(valid, test, streams, cfg.max_seq_length),
+        "data": f"validation{' and test' if 'test' in streams else ''} read whole and tokenised in "
+        f"{time.perf_counter() - t0:.2f} s",
+    }
     if report.describe(cfg.text_errors):
         stats["messy text"] = report.describe(cfg.text_errors) + " (the training stream's rows: told as met)"
-    return DataBundle(StreamingTrain(batches, env, workers, cfg.seed), eval_loader(cfg, env, valid), stats,
-                      eval_loader(cfg, env, test) if test is not None and len(test) else None)
+    return DataBundle(
+        StreamingTrain(batches, env, workers, cfg.seed),
+        eval_loader(cfg, env, valid),
+        stats,
+        eval_loader(cfg, env, test) if test is not None and len(test) else None,
+    )

@@ -6,15 +6,15 @@ from __future__ import annotations
 import json
 import re
 import weakref
+from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Any, Optional, Sequence
+from typing import Any, Optional
 
 import numpy as np
 
 from mlm.common.cli import UserError
 
-
-_PLAIN: "weakref.WeakKeyDictionary" = weakref.WeakKeyDictionary()  # tokenizer -> (its size, its plain copy)
+_PLAIN: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()  # tokenizer -> (its size, its plain copy)
 
 
 def plain_backend(tokenizer):
@@ -25,10 +25,13 @@ def plain_backend(tokenizer):
     transformers wrapper only resets them around its own calls; the raw backend would pad every text.
     """
     from tokenizers import Tokenizer
+
     backend = getattr(tokenizer, "backend_tokenizer", None)
     if backend is None:
-        raise UserError(f"{type(tokenizer).__name__} is not a fast tokenizer; use a model whose tokenizer has a "
-                        "tokenizer.json (all common BERT-style models do)")
+        raise UserError(
+            f"{type(tokenizer).__name__} is not a fast tokenizer; use a model whose tokenizer has a "
+            "tokenizer.json (all common BERT-style models do)"
+        )
     size, plain = _PLAIN.get(tokenizer, (None, None))
     if plain is None or size != len(tokenizer):  # made again after tokenizer.add_tokens(...)
         plain = Tokenizer.from_str(backend.to_str())
@@ -56,9 +59,10 @@ class _AsciiPath:
     """ASCII texts normalised here by a byte table, then tokenised by a copy of the tokenizer without its
     normaliser. The Rust normaliser tracks every character's alignment to the original text (offsets we never
     use); on BERT's uncased WordPiece it is about 30% of the tokenising time of an ASCII text."""
-    bare: Any              # the plain tokenizer, normaliser removed
-    table: bytes           # bytes.translate table: each ASCII character to its normalised image ...
-    delete: bytes          # ... or deleted (BERT's normaliser drops control characters)
+
+    bare: Any  # the plain tokenizer, normaliser removed
+    table: bytes  # bytes.translate table: each ASCII character to its normalised image ...
+    delete: bytes  # ... or deleted (BERT's normaliser drops control characters)
     added: Optional[re.Pattern]  # any added token, as written or normalised: such texts take the full path
 
     def normalise(self, text: str) -> Optional[str]:
@@ -75,6 +79,7 @@ def _ascii_path(plain) -> Optional[_AsciiPath]:
     """The fast path for ASCII texts, or None where the normaliser is absent (nothing to skip) or not known to act
     a character at a time."""
     from tokenizers import Tokenizer
+
     definition = plain.to_str()
     spec = json.loads(definition)
     normalizer = spec.get("normalizer")
@@ -118,14 +123,16 @@ class TextEncoder:
         fast_at = [i for i, n in enumerate(normal) if n is not None]
         slow_at = [i for i, n in enumerate(normal) if n is None]
         out: list[Any] = [None] * len(texts)
-        for at, ids in ((fast_at, _encode(self.ascii.bare, [normal[i] for i in fast_at])),
-                        (slow_at, _encode(self.plain, [texts[i] for i in slow_at]))):
+        for at, ids in (
+            (fast_at, _encode(self.ascii.bare, [normal[i] for i in fast_at])),
+            (slow_at, _encode(self.plain, [texts[i] for i in slow_at])),
+        ):
             for i, one in zip(at, ids):
                 out[i] = one
         return out
 
 
-_ENCODERS: "weakref.WeakKeyDictionary" = weakref.WeakKeyDictionary()  # tokenizer -> its TextEncoder
+_ENCODERS: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()  # tokenizer -> its TextEncoder
 
 
 def text_encoder(tokenizer) -> TextEncoder:
@@ -140,6 +147,7 @@ def text_encoder(tokenizer) -> TextEncoder:
 @dataclass(frozen=True)
 class Framing:
     """The special tokens around and after an example's text: [CLS] text [SEP] [PAD]..."""
+
     cls_id: int
     sep_id: int
     pad_id: int = 0

@@ -38,9 +38,11 @@ def render(pred: Prediction) -> str:
     for n, mask in enumerate(pred.masks, 1):
         parts.append(f'<div class="mlm-mask">mask {n}</div>')
         for c in mask.candidates:
-            parts.append(f'<div class="mlm-row mlm-candidate"><span class="mlm-token">{e(c.token)}</span>'
-                         f'<span class="mlm-bar" style="width:{max(c.score, 0.0) * 60:.2f}%"></span>'
-                         f'<span class="mlm-score">{c.score:.1%}</span></div>')
+            parts.append(
+                f'<div class="mlm-row mlm-candidate"><span class="mlm-token">{e(c.token)}</span>'
+                f'<span class="mlm-bar" style="width:{max(c.score, 0.0) * 60:.2f}%"></span>'
+                f'<span class="mlm-score">{c.score:.1%}</span></div>'
+            )
     parts.append('<div class="mlm-mask">joint fills</div><table class="mlm-fills">')
     for f in pred.fills:
         parts.append(f'<tr class="mlm-fill"><td>{e(f.sequence)}</td><td>{f.score:.2%}</td></tr>')
@@ -60,6 +62,7 @@ def predict_html(models: list[FillMask], text: str, top_k: int) -> list[str]:
 
 def build_demo(model: FillMask, compare: Optional[FillMask] = None):
     import gradio as gr
+
     models = [model] + ([compare] if compare else [])
     with gr.Blocks(title="mlm-ddp fill-mask") as demo:
         gr.Markdown("## Fill-mask\nWrite a sentence with `[MASK]` where the model should predict a word.")
@@ -87,18 +90,21 @@ def main(argv: Optional[list[str]] = None) -> int:
     try:
         import gradio as gr
     except ImportError:
-        raise UserError("the web demo needs the optional package gradio; pip install -r "
-                        "requirements-extras.txt") from None
+        raise UserError(
+            "the web demo needs the optional package gradio; pip install -r requirements-extras.txt"
+        ) from None
     model = FillMask(args.model, device=args.device)
     compare = FillMask(args.compare, device=args.device) if args.compare else None
     demo = build_demo(model, compare)
-    print(f"serving {model.name}{' and ' + compare.name if compare else ''} on http://{args.host}:{args.port}",
-          flush=True)
+    print(
+        f"serving {model.name}{' and ' + compare.name if compare else ''} on http://{args.host}:{args.port}", flush=True
+    )
     # System fonts: the default theme's web fonts would be fetched from the internet.
     theme = gr.themes.Default(font=["system-ui", "sans-serif"], font_mono=["monospace"])
     try:
-        demo.launch(server_name=args.host, server_port=args.port, share=False, theme=theme, css=CSS,
-                    show_error=True, quiet=True)
+        demo.launch(
+            server_name=args.host, server_port=args.port, share=False, theme=theme, css=CSS, show_error=True, quiet=True
+        )
     except OSError as e:  # the port is taken, say
         raise UserError(f"cannot serve on {args.host}:{args.port} ({e}); choose another --port") from None
     return 0

@@ -36,16 +36,24 @@ def export(model: nn.Module, path: str, opset: int = 17) -> None:
     tmp = f"{path}.tmp"
     try:
         with torch.no_grad():
-            torch.onnx.export(LogitsOnly(model), (example, torch.ones_like(example)), tmp, dynamo=False,
-                              input_names=["input_ids", "attention_mask"], output_names=["logits"],
-                              opset_version=opset, dynamic_axes={name: {0: "batch", 1: "sequence"}
-                                                                 for name in ("input_ids", "attention_mask", "logits")})
+            torch.onnx.export(
+                LogitsOnly(model),
+                (example, torch.ones_like(example)),
+                tmp,
+                dynamo=False,
+                input_names=["input_ids", "attention_mask"],
+                output_names=["logits"],
+                opset_version=opset,
+                dynamic_axes={name: {0: "batch", 1: "sequence"} for name in ("input_ids", "attention_mask", "logits")},
+            )
     except Exception as e:  # the exporter's own limits for this architecture: say so in one line
         if os.path.exists(tmp):
             os.remove(tmp)
         reason = (str(e).strip().splitlines() or [type(e).__name__])[0][:200]
-        raise UserError(f"the ONNX exporter cannot export {type(model).__name__} at opset {opset} ({reason}); "
-                        "use the PyTorch model (predict.py without --onnx), or try another --opset") from None
+        raise UserError(
+            f"the ONNX exporter cannot export {type(model).__name__} at opset {opset} ({reason}); "
+            "use the PyTorch model (predict.py without --onnx), or try another --opset"
+        ) from None
     os.replace(tmp, path)
 
 
@@ -63,8 +71,10 @@ def check(model: nn.Module, tokenizer, path: str, config: Any) -> float:
 
 @command_line
 def main(argv: list[str] | None = None) -> int:
-    p = Parser(prog="python -m mlm.inference.export_onnx", description="Export a fill-mask model to ONNX and check it "
-               "against PyTorch with onnxruntime.")
+    p = Parser(
+        prog="python -m mlm.inference.export_onnx",
+        description="Export a fill-mask model to ONNX and check it against PyTorch with onnxruntime.",
+    )
     p.add_argument("model_dir", help="Run directory (its best/), saved model directory or Hub id.")
     p.add_argument("out", help="The .onnx file to write.")
     p.add_argument("--opset", type=int, default=17, help="ONNX opset (default 17).")
@@ -76,12 +86,13 @@ def main(argv: list[str] | None = None) -> int:
     parent = os.path.dirname(os.path.abspath(args.out))
     if not os.path.isdir(parent):
         raise UserError(f"{args.out!r}: the directory {parent!r} does not exist")
-    model, tokenizer = load_model(resolve_model_path(args.model_dir, "model_dir"), torch.device("cpu"),
-                                  "model_dir")
+    model, tokenizer = load_model(resolve_model_path(args.model_dir, "model_dir"), torch.device("cpu"), "model_dir")
     export(model, args.out, args.opset)
     diff = check(model, tokenizer, args.out, model.config)
-    print(f"exported {args.out} ({os.path.getsize(args.out) / 2**20:.1f} MiB, opset {args.opset}); "
-          f"onnxruntime vs PyTorch on {len(SAMPLE_SENTENCES)} sentences: max abs logit difference {diff:.3g}")
+    print(
+        f"exported {args.out} ({os.path.getsize(args.out) / 2**20:.1f} MiB, opset {args.opset}); "
+        f"onnxruntime vs PyTorch on {len(SAMPLE_SENTENCES)} sentences: max abs logit difference {diff:.3g}"
+    )
     if not diff <= args.atol:
         os.remove(args.out)
         raise UserError(f"the export differs from PyTorch by {diff:.3g} > --atol {args.atol:g}; removed it")

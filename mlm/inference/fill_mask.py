@@ -28,16 +28,17 @@ import logging
 import math
 import os
 import re
+from collections.abc import Sequence
 from dataclasses import dataclass, field
-from typing import Any, Optional, Sequence, Union
+from typing import Any, Optional, Union
 
 import torch
 from torch import nn
 
 from mlm.common.cli import UserError
-from mlm.model.heads import head_logits, split_encoder_head
 from mlm.data.text import plain_backend
 from mlm.inference.loading import load_model, load_onnx, max_input_length, resolve_device, resolve_model_path
+from mlm.model.heads import head_logits, split_encoder_head
 
 log = logging.getLogger("mlm")
 # Either spelling of a mask, BERT's or RoBERTa's, in any case; translated to the tokenizer's own mask token.
@@ -61,36 +62,38 @@ SAMPLE_SENTENCES = (
 @dataclass
 class Candidate:
     """One token proposed for one mask."""
+
     token_id: int
-    token: str      # the token decoded on its own ("paris", "##ing"), as the pipeline's token_str
-    score: float    # its probability at this mask, given the input as written
-    sequence: str   # the input with this token at this mask (other masks kept), special tokens removed
+    token: str  # the token decoded on its own ("paris", "##ing"), as the pipeline's token_str
+    score: float  # its probability at this mask, given the input as written
+    sequence: str  # the input with this token at this mask (other masks kept), special tokens removed
 
 
 @dataclass
 class MaskPrediction:
-    position: int   # index of the mask in the tokenised input ([CLS] is 0)
+    position: int  # index of the mask in the tokenised input ([CLS] is 0)
     candidates: list[Candidate]
 
 
 @dataclass
 class JointFill:
     """The input with every mask filled."""
+
     sequence: str
-    tokens: list[str]       # the token at each mask, masks left to right
+    tokens: list[str]  # the token at each mask, masks left to right
     token_ids: list[int]
-    score: float            # exp(log_score): the product of the tokens' probabilities as they were filled
-    log_score: float        # sum of the log-probabilities of the tokens, each given the ones filled before it
-    fill_order: list[int]   # mask numbers (0 = leftmost) in the order they were filled
+    score: float  # exp(log_score): the product of the tokens' probabilities as they were filled
+    log_score: float  # sum of the log-probabilities of the tokens, each given the ones filled before it
+    fill_order: list[int]  # mask numbers (0 = leftmost) in the order they were filled
 
 
 @dataclass
 class Prediction:
-    text: str               # the input as given
+    text: str  # the input as given
     model: str
     masks: list[MaskPrediction]
     fills: list[JointFill]
-    compare: Optional["Prediction"] = None  # the same input through a second model (predict.py --compare)
+    compare: Optional[Prediction] = None  # the same input through a second model (predict.py --compare)
 
     def to_dict(self) -> dict[str, Any]:
         d = dataclasses.asdict(self)
@@ -99,17 +102,20 @@ class Prediction:
         return d
 
     @classmethod
-    def from_dict(cls, d: dict[str, Any]) -> "Prediction":
-        return cls(text=d["text"], model=d["model"],
-                   masks=[MaskPrediction(m["position"], [Candidate(**c) for c in m["candidates"]])
-                          for m in d["masks"]],
-                   fills=[JointFill(**f) for f in d["fills"]],
-                   compare=cls.from_dict(d["compare"]) if d.get("compare") else None)
+    def from_dict(cls, d: dict[str, Any]) -> Prediction:
+        return cls(
+            text=d["text"],
+            model=d["model"],
+            masks=[MaskPrediction(m["position"], [Candidate(**c) for c in m["candidates"]]) for m in d["masks"]],
+            fills=[JointFill(**f) for f in d["fills"]],
+            compare=cls.from_dict(d["compare"]) if d.get("compare") else None,
+        )
 
 
 @dataclass(order=True)
 class _Partial:
     """A sentence on the beam: some masks filled. Ordered by (-log_score, ids) for a deterministic beam."""
+
     neg_log_score: float
     ids: tuple[int, ...]
     order: tuple[int, ...] = field(compare=False)
@@ -119,8 +125,14 @@ class _Partial:
 class FillMask:
     """Fill-mask predictions from a masked LM: `FillMask(path_or_hub_id)` or `FillMask(model, tokenizer)`."""
 
-    def __init__(self, model: Union[str, os.PathLike, nn.Module], tokenizer: Any = None, device: str = "auto",
-                 name: Optional[str] = None, onnx: Optional[str] = None):
+    def __init__(
+        self,
+        model: Union[str, os.PathLike, nn.Module],
+        tokenizer: Any = None,
+        device: str = "auto",
+        name: Optional[str] = None,
+        onnx: Optional[str] = None,
+    ):
         if isinstance(model, os.PathLike):
             model = os.fspath(model)
         if isinstance(model, str) and onnx:  # the graph runs; the directory gives the tokenizer and config
@@ -151,17 +163,23 @@ class FillMask:
         """Token ids with special tokens; every input checked first (empty, no mask, too long)."""
         for i, t in enumerate(texts):
             if not t.strip():
-                raise UserError(f"input {i + 1} is empty; give a text with {self.tokenizer.mask_token} where the "
-                                "model should predict a token")
+                raise UserError(
+                    f"input {i + 1} is empty; give a text with {self.tokenizer.mask_token} where the "
+                    "model should predict a token"
+                )
         encodings = self._backend.encode_batch([self.normalize(t) for t in texts], add_special_tokens=True)
         seqs = [e.ids for e in encodings]
         for i, (t, ids) in enumerate(zip(texts, seqs)):
             if self.mask_id not in ids:
-                raise UserError(f"input {i + 1} ({_short(t)!r}) has no mask token; put "
-                                f"{self.tokenizer.mask_token} where the model should predict a token")
+                raise UserError(
+                    f"input {i + 1} ({_short(t)!r}) has no mask token; put "
+                    f"{self.tokenizer.mask_token} where the model should predict a token"
+                )
             if len(ids) > self.max_length:
-                raise UserError(f"input {i + 1} ({_short(t)!r}) is {len(ids)} tokens long but the model reads at "
-                                f"most {self.max_length}; shorten it (nothing is cut off silently)")
+                raise UserError(
+                    f"input {i + 1} ({_short(t)!r}) is {len(ids)} tokens long but the model reads at "
+                    f"most {self.max_length}; shorten it (nothing is cut off silently)"
+                )
         return seqs
 
     def target_ids(self, targets: Sequence[str]) -> list[int]:
@@ -178,13 +196,17 @@ class FillMask:
                     continue
                 tid = pieces[0]
                 if len(pieces) > 1:  # a case or accent difference alone ("Paris" -> "paris") needs no warning
-                    log.warning(f"warning: target {target!r} is {len(pieces)} tokens in this vocabulary; scoring "
-                                f"its first token {self.tokenizer.convert_ids_to_tokens(tid)!r}")
+                    log.warning(
+                        f"warning: target {target!r} is {len(pieces)} tokens in this vocabulary; scoring "
+                        f"its first token {self.tokenizer.convert_ids_to_tokens(tid)!r}"
+                    )
             ids.append(tid)
         ids = sorted(set(ids))
         if not ids:
-            raise UserError(f"--targets {','.join(targets)!r}: none of the words is in the model's vocabulary; "
-                            "give words the tokenizer knows")
+            raise UserError(
+                f"--targets {','.join(targets)!r}: none of the words is in the model's vocabulary; "
+                "give words the tokenizer knows"
+            )
         return ids
 
     # -------------------------------------------------------------- the model
@@ -197,13 +219,13 @@ class FillMask:
         out: list[Optional[torch.Tensor]] = [None] * len(seqs)
         with torch.inference_mode():
             for start in range(0, len(order), batch_size):
-                rows = order[start:start + batch_size]
+                rows = order[start : start + batch_size]
                 width = max(len(seqs[i]) for i in rows)
                 ids = torch.full((len(rows), width), self.pad_id, dtype=torch.long)
                 attention = torch.zeros((len(rows), width), dtype=torch.long)
                 for r, i in enumerate(rows):
-                    ids[r, :len(seqs[i])] = torch.tensor(seqs[i])
-                    attention[r, :len(seqs[i])] = 1
+                    ids[r, : len(seqs[i])] = torch.tensor(seqs[i])
+                    attention[r, : len(seqs[i])] = 1
                 selected = ids == self.mask_id  # on the host: the positions need no sync
                 positions = selected.view(-1).nonzero().view(-1)
                 counts = selected.sum(dim=1).tolist()
@@ -218,8 +240,9 @@ class FillMask:
         """The text of ids without [CLS]/[SEP]/padding; masks not yet filled stay visible."""
         return self.tokenizer.decode([t for t in ids if t not in self._special], skip_special_tokens=False)
 
-    def _per_mask(self, seq: list[int], logits: torch.Tensor, top_k: int,
-                  targets: Optional[list[int]]) -> list[MaskPrediction]:
+    def _per_mask(
+        self, seq: list[int], logits: torch.Tensor, top_k: int, targets: Optional[list[int]]
+    ) -> list[MaskPrediction]:
         probs = logits.softmax(dim=-1)  # as the pipeline: softmax over the whole vocabulary, then the targets
         if targets is not None:
             probs = probs[:, targets]
@@ -236,8 +259,14 @@ class FillMask:
             result.append(MaskPrediction(pos, cands))
         return result
 
-    def _expand(self, state: _Partial, logits: torch.Tensor, beam: int, targets: Optional[list[int]],
-                into: dict[tuple[int, ...], _Partial]) -> None:
+    def _expand(
+        self,
+        state: _Partial,
+        logits: torch.Tensor,
+        beam: int,
+        targets: Optional[list[int]],
+        into: dict[tuple[int, ...], _Partial],
+    ) -> None:
         """Fill the most confident remaining mask of one beam sentence with each of its `beam` best tokens."""
         logp = logits.log_softmax(dim=-1)
         if targets is not None:
@@ -253,8 +282,15 @@ class FillMask:
             if known is None or child.neg_log_score < known.neg_log_score:
                 into[child.ids] = child
 
-    def _joint_fills(self, seqs: list[list[int]], first: list[torch.Tensor], top_k: int, beam: int,
-                     targets: Optional[list[int]], batch_size: int) -> list[list[JointFill]]:
+    def _joint_fills(
+        self,
+        seqs: list[list[int]],
+        first: list[torch.Tensor],
+        top_k: int,
+        beam: int,
+        targets: Optional[list[int]],
+        batch_size: int,
+    ) -> list[list[JointFill]]:
         """Beam search over fillings, all inputs at once: one batched forward per fill step."""
         beams = [[_Partial(0.0, tuple(s), ())] for s in seqs]
         logits = [[f] for f in first]  # the first step reuses the per-mask forward
@@ -278,13 +314,24 @@ class FillMask:
         positions = [p for p, t in enumerate(seq) if t == self.mask_id]
         ids = [state.ids[p] for p in positions]
         log_score = -state.neg_log_score
-        return JointFill(sequence=self._sequence(state.ids), tokens=[self.tokenizer.decode([t]) for t in ids],
-                         token_ids=ids, score=math.exp(log_score), log_score=log_score,
-                         fill_order=[positions.index(p) for p in state.order])
+        return JointFill(
+            sequence=self._sequence(state.ids),
+            tokens=[self.tokenizer.decode([t]) for t in ids],
+            token_ids=ids,
+            score=math.exp(log_score),
+            log_score=log_score,
+            fill_order=[positions.index(p) for p in state.order],
+        )
 
     # -------------------------------------------------------------- the API
-    def predict(self, texts: Union[str, Sequence[str]], top_k: int = 5, targets: Optional[Sequence[str]] = None,
-                batch_size: int = 32, num_beams: Optional[int] = None) -> list[Prediction]:
+    def predict(
+        self,
+        texts: Union[str, Sequence[str]],
+        top_k: int = 5,
+        targets: Optional[Sequence[str]] = None,
+        batch_size: int = 32,
+        num_beams: Optional[int] = None,
+    ) -> list[Prediction]:
         """Per-mask top-k and the top-k joint fills for each text (a list, in input order).
 
         targets restricts every candidate to these words (scores stay probabilities over the whole vocabulary);
@@ -299,12 +346,14 @@ class FillMask:
         target_ids = self.target_ids(targets) if targets else None
         first = self._forward_masks(seqs, batch_size)
         fills = self._joint_fills(seqs, first, top_k, max(num_beams or top_k, top_k), target_ids, batch_size)
-        return [Prediction(text, self.name, self._per_mask(seq, lg, top_k, target_ids), f)
-                for text, seq, lg, f in zip(texts, seqs, first, fills)]
+        return [
+            Prediction(text, self.name, self._per_mask(seq, lg, top_k, target_ids), f)
+            for text, seq, lg, f in zip(texts, seqs, first, fills)
+        ]
 
 
 def _short(text: str, n: int = 40) -> str:
-    return text if len(text) <= n else text[:n - 3] + "..."
+    return text if len(text) <= n else text[: n - 3] + "..."
 
 
 # ---------------------------------------------------------------------- text for people

@@ -11,9 +11,9 @@ import torch
 from torch import nn
 
 from mlm.common.cli import OUTPUTS_ROOT, UserError, looks_like_path
-from mlm.model.heads import usable_positions
 from mlm.common.hub import load_error
 from mlm.inference.onnx import OnnxMaskedLM
+from mlm.model.heads import usable_positions
 
 log = logging.getLogger("mlm")
 _SANE_MAX_LENGTH = 1_000_000  # tokenizers without a limit report model_max_length as a huge sentinel
@@ -28,12 +28,17 @@ def find_default_model(root: str = OUTPUTS_ROOT) -> tuple[str, str]:
             if os.path.isfile(os.path.join(best, "config.json")):
                 runs.append((max(os.path.getmtime(os.path.join(best, f)) for f in os.listdir(best)), best))
     if not runs:
-        raise UserError(f"no trained model under {root}/ (train one with `torchrun --nproc_per_node=2 "
-                        "train_ddp.py`), or pass --model with a run directory, a saved model or a Hub id")
+        raise UserError(
+            f"no trained model under {root}/ (train one with `torchrun --nproc_per_node=2 "
+            "train_ddp.py`), or pass --model with a run directory, a saved model or a Hub id"
+        )
     runs.sort(reverse=True)
-    note = f"the newest best/ under {root}/" if len(runs) == 1 else \
-        f"the newest of {len(runs)} runs under {root}/; the others: " + \
-        ", ".join(os.path.dirname(p) for _, p in runs[1:])
+    note = (
+        f"the newest best/ under {root}/"
+        if len(runs) == 1
+        else f"the newest of {len(runs)} runs under {root}/; the others: "
+        + ", ".join(os.path.dirname(p) for _, p in runs[1:])
+    )
     return runs[0][1], note
 
 
@@ -45,10 +50,14 @@ def resolve_model_path(name: str, flag: str = "--model") -> str:
         if os.path.isfile(os.path.join(name, "best", "config.json")):
             return os.path.join(name, "best")
         if os.path.isfile(os.path.join(name, "trainer_state.json")):
-            raise UserError(f"{flag} {name!r} is a resumable training checkpoint, not an exported model; pass the "
-                            "run directory (its best/ is used) or a directory written by save_pretrained")
-        raise UserError(f"{flag} {name!r} holds no model (no config.json, and no best/ of a training run); pass a "
-                        "run directory, a directory written by save_pretrained, or a Hub id")
+            raise UserError(
+                f"{flag} {name!r} is a resumable training checkpoint, not an exported model; pass the "
+                "run directory (its best/ is used) or a directory written by save_pretrained"
+            )
+        raise UserError(
+            f"{flag} {name!r} holds no model (no config.json, and no best/ of a training run); pass a "
+            "run directory, a directory written by save_pretrained, or a Hub id"
+        )
     if os.path.exists(name):
         raise UserError(f"{flag} {name!r} is a file; pass a run directory, a saved model directory or a Hub id")
     if looks_like_path(name):
@@ -70,6 +79,7 @@ def resolve_device(device: str) -> torch.device:
 def load_model(path: str, device: torch.device, flag: str = "--model") -> tuple[nn.Module, Any]:
     """Tokenizer and masked LM from a resolved path or Hub id; a fresh (untrained) MLM head is warned about."""
     from transformers import AutoModelForMaskedLM, AutoTokenizer
+
     try:
         tokenizer = AutoTokenizer.from_pretrained(path, use_fast=True)
     except Exception as e:
@@ -85,15 +95,19 @@ def load_model(path: str, device: torch.device, flag: str = "--model") -> tuple[
         raise load_error("model", path, e) from None
     fresh = sorted(k for k in info.get("missing_keys", ()) if "embeddings.position_ids" not in k)
     if fresh:
-        log.warning(f"warning: {path} has no trained weights for {', '.join(fresh[:3])}"
-                    f"{' ...' if len(fresh) > 3 else ''}; they are freshly initialised, so its predictions "
-                    "are not meaningful (an encoder without its MLM head?)")
+        log.warning(
+            f"warning: {path} has no trained weights for {', '.join(fresh[:3])}"
+            f"{' ...' if len(fresh) > 3 else ''}; they are freshly initialised, so its predictions "
+            "are not meaningful (an encoder without its MLM head?)"
+        )
     return model.to(device).eval(), tokenizer
 
 
 def load_onnx(path: str, onnx: str) -> tuple[nn.Module, Any]:
-    """An exported ONNX graph (python -m mlm.inference.export_onnx) with the tokenizer and config of its model directory."""
+    """An exported ONNX graph (python -m mlm.inference.export_onnx) with the tokenizer and config of its model
+    directory."""
     from transformers import AutoConfig, AutoTokenizer
+
     try:
         tokenizer, config = AutoTokenizer.from_pretrained(path, use_fast=True), AutoConfig.from_pretrained(path)
     except Exception as e:

@@ -29,8 +29,10 @@ def require_extras() -> None:
         import onnx  # noqa: F401
         import onnxruntime  # noqa: F401
     except ImportError as e:
-        raise UserError(f"ONNX export needs the optional packages onnx and onnxruntime ({e.name} is missing); "
-                        "pip install -r requirements-extras.txt") from None
+        raise UserError(
+            f"ONNX export needs the optional packages onnx and onnxruntime ({e.name} is missing); "
+            "pip install -r requirements-extras.txt"
+        ) from None
 
 
 @dataclass
@@ -46,18 +48,24 @@ class OnnxMaskedLM(nn.Module):
         super().__init__()
         require_extras()
         import onnxruntime as ort
+
         if not os.path.isfile(path):
-            raise UserError(f"--onnx {path!r} does not exist; export one with python -m mlm.inference.export_onnx MODEL_DIR "
-                            f"{path}")
+            raise UserError(
+                f"--onnx {path!r} does not exist; export one with python -m mlm.inference.export_onnx MODEL_DIR {path}"
+            )
         try:
             self.session = ort.InferenceSession(path, providers=["CPUExecutionProvider"])
         except Exception as e:
-            raise UserError(f"--onnx {path!r} could not be loaded by onnxruntime ({type(e).__name__}); export it "
-                            "again with python -m mlm.inference.export_onnx") from None
+            raise UserError(
+                f"--onnx {path!r} could not be loaded by onnxruntime ({type(e).__name__}); export it "
+                "again with python -m mlm.inference.export_onnx"
+            ) from None
         names = {i.name for i in self.session.get_inputs()}
         if names != {"input_ids", "attention_mask"}:
-            raise UserError(f"--onnx {path!r} takes {sorted(names)}, not input_ids and attention_mask; export it "
-                            "with python -m mlm.inference.export_onnx")
+            raise UserError(
+                f"--onnx {path!r} takes {sorted(names)}, not input_ids and attention_mask; export it "
+                "with python -m mlm.inference.export_onnx"
+            )
         self.config = config
         self.device = torch.device("cpu")
 

@@ -3,7 +3,8 @@ vocabulary head begins, the head run at chosen positions only, and how many posi
 
 from __future__ import annotations
 
-from typing import Callable, Optional, Union
+from collections.abc import Callable
+from typing import Optional, Union
 
 import torch
 from torch import nn
@@ -25,6 +26,7 @@ def _chain(*modules: nn.Module) -> Head:
         for m in modules:
             h = m(h)
         return h
+
     return head
 
 
@@ -42,9 +44,9 @@ def _deberta_head(model: nn.Module) -> Optional[Head]:
 # applies them to the encoder's output (or a function building the head where it is not a plain chain).
 # tests/test_families.py checks every row's logits against the whole model's.
 _FAMILIES: tuple[tuple[str, Union[tuple[str, ...], Callable[[nn.Module], Optional[Head]]]], ...] = (
-    ("bert", ("cls",)),                 # BERT, MiniLM, Megatron-BERT
-    ("roberta", ("lm_head",)),          # RoBERTa, XLM-R, CamemBERT
-    ("deberta", _deberta_head),         # DeBERTa, DeBERTa-v2/v3
+    ("bert", ("cls",)),  # BERT, MiniLM, Megatron-BERT
+    ("roberta", ("lm_head",)),  # RoBERTa, XLM-R, CamemBERT
+    ("deberta", _deberta_head),  # DeBERTa, DeBERTa-v2/v3
     ("distilbert", ("vocab_transform", "activation", "vocab_layer_norm", "vocab_projector")),
     ("electra", ("generator_predictions", "generator_lm_head")),
     ("albert", ("predictions",)),
@@ -80,12 +82,21 @@ def split_encoder_head(model: nn.Module) -> tuple[nn.Module, Optional[Head]]:
 
 def head_path(model: nn.Module) -> str:
     """How training computes this model's vocabulary logits, for the banner and run_config.json."""
-    return "masked positions only" if split_encoder_head(model)[1] is not None else \
-        "every position (unknown family: the full model's logits)"
+    return (
+        "masked positions only"
+        if split_encoder_head(model)[1] is not None
+        else "every position (unknown family: the full model's logits)"
+    )
 
 
-def head_logits(encoder: nn.Module, head: Optional[Head], model: nn.Module, input_ids: torch.Tensor,
-                positions: torch.Tensor, attention_mask: Optional[torch.Tensor] = None) -> torch.Tensor:
+def head_logits(
+    encoder: nn.Module,
+    head: Optional[Head],
+    model: nn.Module,
+    input_ids: torch.Tensor,
+    positions: torch.Tensor,
+    attention_mask: Optional[torch.Tensor] = None,
+) -> torch.Tensor:
     """Vocabulary logits at the flat positions (row * length + column) of input_ids ([M, V]).
 
     The positions are known on the host (training: from the masks; prediction: from the input ids), so the

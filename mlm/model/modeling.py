@@ -11,10 +11,10 @@ import torch.nn.functional as F
 from torch import nn
 
 from mlm.common.cli import UserError
-from mlm.config import TrainConfig
-from mlm.model.heads import head_logits, split_encoder_head, usable_positions
 from mlm.common.hub import load_error
+from mlm.config import TrainConfig
 from mlm.data.masking import IGNORE_INDEX
+from mlm.model.heads import head_logits, split_encoder_head, usable_positions
 
 log = logging.getLogger("mlm")
 
@@ -22,6 +22,7 @@ log = logging.getLogger("mlm")
 def load_model_config(cfg: TrainConfig):
     """The architecture config: of the pretrained model, or of --config_name (+ --config_overrides)."""
     from transformers import AutoConfig, BertConfig
+
     name = cfg.model_name_or_path or cfg.config_name
     try:
         config = AutoConfig.from_pretrained(name, trust_remote_code=cfg.trust_remote_code) if name else BertConfig()
@@ -31,14 +32,17 @@ def load_model_config(cfg: TrainConfig):
         try:
             config.update_from_string(cfg.config_overrides)
         except ValueError as e:
-            raise UserError(f"--config_overrides {cfg.config_overrides!r}: {e}; use 'key=value,key=value' with "
-                            "keys of the model config") from None
+            raise UserError(
+                f"--config_overrides {cfg.config_overrides!r}: {e}; use 'key=value,key=value' with "
+                "keys of the model config"
+            ) from None
     return config
 
 
 def _masked_lm_class(config):
     """The transformers class AutoModelForMaskedLM builds for this config; None when remote code decides."""
     from transformers.models.auto.modeling_auto import MODEL_FOR_MASKED_LM_MAPPING
+
     try:
         return MODEL_FOR_MASKED_LM_MAPPING[type(config)]
     except KeyError:
@@ -49,13 +53,17 @@ def check_attention(kernel: str, config) -> None:
     """An explicit --attn_implementation the model or this machine cannot run is a one-line error naming auto,
     before any weights load (transformers would say it after, in a paragraph)."""
     if kernel == "flash_attention_2" and importlib.util.find_spec("flash_attn") is None:
-        raise UserError("--attn_implementation flash_attention_2 needs the flash-attn package, which is not "
-                        "installed; pip install flash-attn on a CUDA machine, or use --attn_implementation auto")
+        raise UserError(
+            "--attn_implementation flash_attention_2 needs the flash-attn package, which is not "
+            "installed; pip install flash-attn on a CUDA machine, or use --attn_implementation auto"
+        )
     support = {"sdpa": "_supports_sdpa", "flash_attention_2": "_supports_flash_attn"}.get(kernel)
     model_class = _masked_lm_class(config)
     if support and model_class is not None and not getattr(model_class, support, False):
-        raise UserError(f"{model_class.__name__} has no {kernel} attention kernel; use --attn_implementation auto "
-                        "(transformers picks SDPA where a model has it, eager where not) or eager")
+        raise UserError(
+            f"{model_class.__name__} has no {kernel} attention kernel; use --attn_implementation auto "
+            "(transformers picks SDPA where a model has it, eager where not) or eager"
+        )
 
 
 def attention_argument(kernel: str) -> Optional[str]:
@@ -72,14 +80,17 @@ def check_model_config(cfg: TrainConfig, config) -> None:
     check_attention(cfg.attn_implementation, config)
     limit = usable_positions(config)
     if cfg.max_seq_length > limit:
-        raise UserError(f"--max_seq_length {cfg.max_seq_length} exceeds the model's {limit} position embeddings; "
-                        f"use --max_seq_length {limit} or less")
+        raise UserError(
+            f"--max_seq_length {cfg.max_seq_length} exceeds the model's {limit} position embeddings; "
+            f"use --max_seq_length {limit} or less"
+        )
     if cfg.precision == "bf16" and not torch.cuda.is_available():
         log.info("bf16 on CPU: autocast runs matmuls in bf16, which is slow on CPUs without AMX")
 
 
 def load_tokenizer(cfg: TrainConfig):
     from transformers import AutoTokenizer
+
     name = cfg.tokenizer_name or cfg.model_name_or_path or cfg.config_name
     try:
         tok = AutoTokenizer.from_pretrained(name, use_fast=True, trust_remote_code=cfg.trust_remote_code)
@@ -97,23 +108,30 @@ def build_model(cfg: TrainConfig, config, tokenizer) -> nn.Module:
     that dtype by default, so an fp16-saved model would give fp16 parameters (GradScaler cannot unscale them)
     and a bf16 one pure-bf16 training. Autocast supplies the low precision."""
     from transformers import AutoModelForMaskedLM
+
     torch.manual_seed(cfg.seed)  # the same fresh weights (head, or whole model) on every rank
     attention = attention_argument(cfg.attn_implementation)
     if cfg.from_scratch:
         config.vocab_size = max(config.vocab_size, len(tokenizer))
-        model = AutoModelForMaskedLM.from_config(config, attn_implementation=attention,
-                                                 trust_remote_code=cfg.trust_remote_code, dtype=torch.float32)
+        model = AutoModelForMaskedLM.from_config(
+            config, attn_implementation=attention, trust_remote_code=cfg.trust_remote_code, dtype=torch.float32
+        )
     else:
         try:
-            model = AutoModelForMaskedLM.from_pretrained(cfg.model_name_or_path, config=config,
-                                                         attn_implementation=attention,
-                                                         trust_remote_code=cfg.trust_remote_code,
-                                                         dtype=torch.float32)
+            model = AutoModelForMaskedLM.from_pretrained(
+                cfg.model_name_or_path,
+                config=config,
+                attn_implementation=attention,
+                trust_remote_code=cfg.trust_remote_code,
+                dtype=torch.float32,
+            )
         except Exception as e:
             raise load_error("model", cfg.model_name_or_path, e) from None
     if len(tokenizer) > model.get_input_embeddings().num_embeddings:
-        raise UserError(f"the tokenizer has {len(tokenizer)} tokens but the model only "
-                        f"{model.get_input_embeddings().num_embeddings} embeddings; use the model's own tokenizer")
+        raise UserError(
+            f"the tokenizer has {len(tokenizer)} tokens but the model only "
+            f"{model.get_input_embeddings().num_embeddings} embeddings; use the model's own tokenizer"
+        )
     if cfg.gradient_checkpointing:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     return model
@@ -141,22 +159,33 @@ class MaskedLMLoss(nn.Module):
             train_encoder = torch.compile(encoder)
         self._views = (train_encoder, encoder, head)  # (training encoder, evaluation encoder, head)
 
-    def masked_logits(self, input_ids: torch.Tensor, positions: torch.Tensor,
-                      attention_mask: Optional[torch.Tensor] = None) -> torch.Tensor:
+    def masked_logits(
+        self, input_ids: torch.Tensor, positions: torch.Tensor, attention_mask: Optional[torch.Tensor] = None
+    ) -> torch.Tensor:
         """Vocabulary logits at the masked positions only ([M, V])."""
         train_encoder, eval_encoder, head = self._views
         encoder = train_encoder if torch.is_grad_enabled() else eval_encoder
         return head_logits(encoder, head, self.model, input_ids, positions, attention_mask)
 
-    def forward(self, input_ids: torch.Tensor, positions: torch.Tensor, targets: torch.Tensor,
-                attention_mask: Optional[torch.Tensor] = None) -> torch.Tensor:
+    def forward(
+        self,
+        input_ids: torch.Tensor,
+        positions: torch.Tensor,
+        targets: torch.Tensor,
+        attention_mask: Optional[torch.Tensor] = None,
+    ) -> torch.Tensor:
         """Training: the NLL (label-smoothed when asked) summed over the masked positions."""
         logits = self.masked_logits(input_ids, positions, attention_mask)
         return F.cross_entropy(logits.float(), targets, reduction="sum", label_smoothing=self.label_smoothing)
 
     @torch.no_grad()
-    def eval_nll(self, input_ids: torch.Tensor, positions: torch.Tensor, targets: torch.Tensor,
-                 attention_mask: Optional[torch.Tensor] = None) -> tuple[torch.Tensor, torch.Tensor]:
+    def eval_nll(
+        self,
+        input_ids: torch.Tensor,
+        positions: torch.Tensor,
+        targets: torch.Tensor,
+        attention_mask: Optional[torch.Tensor] = None,
+    ) -> tuple[torch.Tensor, torch.Tensor]:
         """Evaluation: (NLL sum, correct predictions). The NLL is summed in float64 token by token, so the
         total does not depend on how the examples were batched (invariant 3)."""
         logits = self.masked_logits(input_ids, positions, attention_mask)

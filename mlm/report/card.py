@@ -17,18 +17,19 @@ EXAMPLE_ROWS = 3  # sample sentences shown in the card (the W&B table has them a
 @dataclass(frozen=True, kw_only=True)
 class CardFacts:
     """What the card says, gathered from the run by the caller (mlm.train.loop.card_facts)."""
-    model_name: str                      # the run's name (its output_dir)
-    base_model: Optional[str]            # a Hub id, for the header; None for a local directory or from scratch
-    base_label: str                      # how the body names the starting point
+
+    model_name: str  # the run's name (its output_dir)
+    base_model: Optional[str]  # a Hub id, for the header; None for a local directory or from scratch
+    base_label: str  # how the body names the starting point
     dataset: Optional[tuple[str, Optional[str]]]  # (Hub name, configuration) of a Hub dataset, else None
-    data_label: str                      # how the body names the data
-    masking: str                         # "15% of tokens selected, 80/10/10 [MASK]/random/kept"
-    validation: dict[str, Any]           # the evaluation that made best/ the best: loss, perplexity, accuracy, ...
+    data_label: str  # how the body names the data
+    masking: str  # "15% of tokens selected, 80/10/10 [MASK]/random/kept"
+    validation: dict[str, Any]  # the evaluation that made best/ the best: loss, perplexity, accuracy, ...
     test: Optional[dict[str, Any]] = None  # best/ on the test split, once evaluated
     best_step: int = 0
     total_steps: int = 0
     epoch: float = 0.0
-    global_batch: str = ""               # "64 = 32 per device x 2 processes x 1 accumulation"
+    global_batch: str = ""  # "64 = 32 per device x 2 processes x 1 accumulation"
     hardware: str = ""
     precision: str = ""
     train_seconds: float = 0.0
@@ -44,26 +45,41 @@ def duration(seconds: float) -> str:
 
 def _eval_results(f: CardFacts) -> list:
     from huggingface_hub import EvalResult
+
     name, config = f.dataset if f.dataset else (f.data_label, None)
     results = []
     for split, metrics in (("validation", f.validation), ("test", f.test)):
         if not metrics:
             continue
         for metric in ("perplexity", "accuracy"):
-            results.append(EvalResult(task_type="fill-mask", task_name="Masked language modeling",
-                                      dataset_type=name if f.dataset else "text", dataset_name=name,
-                                      dataset_config=config, dataset_split=split, metric_type=metric,
-                                      metric_value=round(float(metrics[metric]), 6),
-                                      metric_name=f"{split.capitalize()} {metric}"))
+            results.append(
+                EvalResult(
+                    task_type="fill-mask",
+                    task_name="Masked language modeling",
+                    dataset_type=name if f.dataset else "text",
+                    dataset_name=name,
+                    dataset_config=config,
+                    dataset_split=split,
+                    metric_type=metric,
+                    metric_value=round(float(metrics[metric]), 6),
+                    metric_name=f"{split.capitalize()} {metric}",
+                )
+            )
     return results
 
 
 def header(f: CardFacts) -> str:
     from huggingface_hub import ModelCardData
-    data = ModelCardData(base_model=f.base_model, datasets=[f.dataset[0]] if f.dataset else None,
-                         library_name="transformers", pipeline_tag="fill-mask",
-                         tags=["fill-mask", "masked-lm", "mlm-ddp"], model_name=f.model_name,
-                         eval_results=_eval_results(f))
+
+    data = ModelCardData(
+        base_model=f.base_model,
+        datasets=[f.dataset[0]] if f.dataset else None,
+        library_name="transformers",
+        pipeline_tag="fill-mask",
+        tags=["fill-mask", "masked-lm", "mlm-ddp"],
+        model_name=f.model_name,
+        eval_results=_eval_results(f),
+    )
     return f"---\n{data.to_yaml()}\n---\n"
 
 
@@ -71,8 +87,10 @@ def _results_table(f: CardFacts) -> list[str]:
     rows = ["| split | perplexity | accuracy | loss | masked tokens |", "| --- | --- | --- | --- | --- |"]
     for split, m in (("validation", f.validation), ("test", f.test)):
         if m:
-            rows.append(f"| {split} | {m['perplexity']:.4f} | {m['accuracy']:.4f} | {m['loss']:.4f} | "
-                        f"{int(m['masked_tokens'])} |")
+            rows.append(
+                f"| {split} | {m['perplexity']:.4f} | {m['accuracy']:.4f} | {m['loss']:.4f} | "
+                f"{int(m['masked_tokens'])} |"
+            )
     return rows
 
 
@@ -83,8 +101,7 @@ def _cell(value: Any) -> str:
 def coverage(metrics: dict[str, Any]) -> str:
     """How much of its split an evaluation counted, in words; '' when it counted all of it."""
     n, of = metrics.get("examples"), metrics.get("split_examples")
-    return f"the first {n} of the split's {of} examples (--max_eval_samples)" if n is not None and of and n < of \
-        else ""
+    return f"the first {n} of the split's {of} examples (--max_eval_samples)" if n is not None and of and n < of else ""
 
 
 def _counted(metrics: dict[str, Any]) -> str:
@@ -96,33 +113,71 @@ def _exactness(f: CardFacts) -> str:
     splits = [("validation", f.validation)] + ([("test", f.test)] if f.test else [])
     counted = {_counted(m) for _, m in splits}
     where = next(iter(counted)) if len(counted) == 1 else "; ".join(f"{s}: {_counted(m)}" for s, m in splits)
-    return (f"Each figure is exact ({where}), with masks fixed by the seed (the same on any number of GPUs), "
-            "perplexity = exp(total NLL / total masked tokens)." + ("" if f.test else " No test split was evaluated."))
+    return (
+        f"Each figure is exact ({where}), with masks fixed by the seed (the same on any number of GPUs), "
+        "perplexity = exp(total NLL / total masked tokens)." + ("" if f.test else " No test split was evaluated.")
+    )
 
 
 def body(f: CardFacts) -> str:
-    lines = [f"# {f.model_name}", "",
-             f"{f.base_label} fine-tuned with masked language modeling ({f.masking}) on {f.data_label}, with "
-             "mlm-ddp on PyTorch DDP.", "",
-             "## Results", "", *_results_table(f), "",
-             _exactness(f), "",
-             "## Use", "", "```python", "from transformers import pipeline", "",
-             'fill = pipeline("fill-mask", model="path/to/this/folder")  # or its Hub id once uploaded',
-             f'fill("{f.examples[0][0] if f.examples else "The capital of France is [MASK]."}")', "```", ""]
+    lines = [
+        f"# {f.model_name}",
+        "",
+        f"{f.base_label} fine-tuned with masked language modeling ({f.masking}) on {f.data_label}, with "
+        "mlm-ddp on PyTorch DDP.",
+        "",
+        "## Results",
+        "",
+        *_results_table(f),
+        "",
+        _exactness(f),
+        "",
+        "## Use",
+        "",
+        "```python",
+        "from transformers import pipeline",
+        "",
+        'fill = pipeline("fill-mask", model="path/to/this/folder")  # or its Hub id once uploaded',
+        f'fill("{f.examples[0][0] if f.examples else "The capital of France is [MASK]."}")',
+        "```",
+        "",
+    ]
     if f.examples:
-        lines += ["What this model predicts (top tokens at each mask; for several masks, the best joint fill):", "",
-                  "| text | top tokens per mask | best joint fill |", "| --- | --- | --- |"]
-        lines += [f"| {_cell(text)} | {_cell(per_mask)} | {_cell(fill)} |"
-                  for text, per_mask, fill, _ in f.examples[:EXAMPLE_ROWS]]
+        lines += [
+            "What this model predicts (top tokens at each mask; for several masks, the best joint fill):",
+            "",
+            "| text | top tokens per mask | best joint fill |",
+            "| --- | --- | --- |",
+        ]
+        lines += [
+            f"| {_cell(text)} | {_cell(per_mask)} | {_cell(fill)} |"
+            for text, per_mask, fill, _ in f.examples[:EXAMPLE_ROWS]
+        ]
         lines.append("")
-    lines += ["## Training", "", "| | |", "| --- | --- |",
-              f"| base model | {_cell(f.base_label)} |", f"| data | {_cell(f.data_label)} |",
-              f"| steps | best at step {f.best_step} of {f.total_steps} (epoch {f.epoch:.2f}) |",
-              f"| global batch | {f.global_batch} |", f"| hardware | {_cell(f.hardware)} |",
-              f"| precision | {f.precision} |", f"| wall time | {duration(f.train_seconds)} of training |"]
+    lines += [
+        "## Training",
+        "",
+        "| | |",
+        "| --- | --- |",
+        f"| base model | {_cell(f.base_label)} |",
+        f"| data | {_cell(f.data_label)} |",
+        f"| steps | best at step {f.best_step} of {f.total_steps} (epoch {f.epoch:.2f}) |",
+        f"| global batch | {f.global_batch} |",
+        f"| hardware | {_cell(f.hardware)} |",
+        f"| precision | {f.precision} |",
+        f"| wall time | {duration(f.train_seconds)} of training |",
+    ]
     lines += [f"| {name} | {_cell(value)} |" for name, value in f.options.items()]
-    lines += ["", "## Upload", "", "```bash", "hf auth login", "hf upload YOUR_NAME/MODEL_NAME path/to/this/folder .",
-              "```", ""]
+    lines += [
+        "",
+        "## Upload",
+        "",
+        "```bash",
+        "hf auth login",
+        "hf upload YOUR_NAME/MODEL_NAME path/to/this/folder .",
+        "```",
+        "",
+    ]
     return "\n".join(lines)
 
 

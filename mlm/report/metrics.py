@@ -22,13 +22,25 @@ import torch
 # an "L40" is not an "L4" and an "A10G" (not listed: measured) is not an "A10". Cards before Volta (P100) have
 # no tensor cores: their figure is the fp16 vector rate. Cards before Ampere have no bf16 at all.
 GPU_PEAKS: dict[str, float] = {
-    "P100": 18.7e12, "P100 PCIE": 18.7e12, "P100 SXM2": 21.2e12,
-    "V100": 125e12, "V100 SXM2": 125e12, "V100 PCIE": 112e12, "V100S": 130e12,
+    "P100": 18.7e12,
+    "P100 PCIE": 18.7e12,
+    "P100 SXM2": 21.2e12,
+    "V100": 125e12,
+    "V100 SXM2": 125e12,
+    "V100 PCIE": 112e12,
+    "V100S": 130e12,
     "T4": 65e12,
-    "A100": 312e12, "A10": 125e12,
-    "L4": 121e12, "L40": 181e12, "L40S": 362e12,
-    "H100": 989e12, "H100 PCIE": 756e12, "H100 NVL": 835e12,
-    "H200": 989e12, "H200 NVL": 835e12, "GH200": 989e12,
+    "A100": 312e12,
+    "A10": 125e12,
+    "L4": 121e12,
+    "L40": 181e12,
+    "L40S": 362e12,
+    "H100": 989e12,
+    "H100 PCIE": 756e12,
+    "H100 NVL": 835e12,
+    "H200": 989e12,
+    "H200 NVL": 835e12,
+    "GH200": 989e12,
 }
 
 
@@ -49,21 +61,27 @@ def data_sheet_peak(name: str) -> tuple[str, float] | None:
 @dataclass(frozen=True)
 class MlmShape:
     """What the FLOPs of a BERT-like encoder depend on."""
+
     layers: int
     hidden: int
     intermediate: int
     vocab: int
 
     @classmethod
-    def from_config(cls, config) -> "MlmShape":
+    def from_config(cls, config) -> MlmShape:
         get = lambda *names: next(getattr(config, n) for n in names if getattr(config, n, None) is not None)
-        return cls(layers=get("num_hidden_layers", "n_layers"), hidden=get("hidden_size", "dim"),
-                   intermediate=get("intermediate_size", "hidden_dim"), vocab=get("vocab_size"))
+        return cls(
+            layers=get("num_hidden_layers", "n_layers"),
+            hidden=get("hidden_size", "dim"),
+            intermediate=get("intermediate_size", "hidden_dim"),
+            vocab=get("vocab_size"),
+        )
 
 
 @dataclass(frozen=True)
 class Throughput:
     """What MFU is computed from: the model's shape (its FLOPs per token) and the summed peak of all ranks."""
+
     shape: MlmShape
     peak_flops: float
 
@@ -101,7 +119,7 @@ def matmul_peak(device: torch.device, dtype: torch.dtype = torch.float32, n: int
         a @ b
         sync()
         best = min(best, time.perf_counter() - t0)
-    return 2 * n ** 3 / best
+    return 2 * n**3 / best
 
 
 def device_peak(device: torch.device, precision: str) -> tuple[float, str]:

@@ -32,23 +32,28 @@ def load_history(output_dir: str) -> list[dict]:
 
 def series(history: list[dict]) -> dict[str, tuple[list[float], list[float]]]:
     """(steps, values) per curve; non-finite values are dropped (a log scale cannot show them)."""
+
     def pick(rows, key):
         pts = [(h["step"], v) for h in rows if isinstance(v := key(h), (int, float)) and math.isfinite(v)]
         return [p[0] for p in pts], [p[1] for p in pts]
+
     train, evals = train_entries(history), eval_entries(history)
-    return {"train_loss": pick(train, lambda h: h["loss"]), "lr": pick(train, lambda h: h.get("lr")),
-            "eval_loss": pick(evals, lambda h: h.get("loss")),
-            "eval_perplexity": pick(evals, lambda h: h.get("perplexity"))}
+    return {
+        "train_loss": pick(train, lambda h: h["loss"]),
+        "lr": pick(train, lambda h: h.get("lr")),
+        "eval_loss": pick(evals, lambda h: h.get("loss")),
+        "eval_perplexity": pick(evals, lambda h: h.get("perplexity")),
+    }
 
 
 def plot(output_dir: str, out_dir: str | None = None) -> list[str]:
     try:
         import matplotlib
+
         matplotlib.use("Agg")  # files only: no display needed
         import matplotlib.pyplot as plt
     except ImportError:
-        raise UserError("matplotlib is not installed: pip install matplotlib (or -r requirements-extras.txt)") \
-            from None
+        raise UserError("matplotlib is not installed: pip install matplotlib (or -r requirements-extras.txt)") from None
     s = series(load_history(output_dir))
     out_dir = out_dir or output_dir
     os.makedirs(out_dir, exist_ok=True)
@@ -74,8 +79,14 @@ def plot(output_dir: str, out_dir: str | None = None) -> list[str]:
     ax.plot(steps, ppl, "o-", color="tab:green", label="eval perplexity")
     if ppl:
         best = min(range(len(ppl)), key=ppl.__getitem__)
-        ax.plot([steps[best]], [ppl[best]], "*", markersize=14, color="tab:red",
-                label=f"best {ppl[best]:.3f} at step {steps[best]}")
+        ax.plot(
+            [steps[best]],
+            [ppl[best]],
+            "*",
+            markersize=14,
+            color="tab:red",
+            label=f"best {ppl[best]:.3f} at step {steps[best]}",
+        )
         ax.set_yscale("log")
     ax.set(xlabel="optimizer step", ylabel="perplexity", title="evaluation perplexity")
     ax.legend()
@@ -92,7 +103,9 @@ def plot(output_dir: str, out_dir: str | None = None) -> list[str]:
 
 @command_line
 def main(argv: list[str] | None = None) -> int:
-    p = Parser(prog="python -m mlm.report.plot", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = Parser(
+        prog="python -m mlm.report.plot", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     p.add_argument("output_dir", help="A training run's output_dir (it holds training_history.json).")
     p.add_argument("--out", default=None, help="Where to write the PNG files (default: output_dir).")
     args = p.parse_args(argv)

@@ -11,12 +11,13 @@ import netrc
 import os
 import sys
 import time
-from typing import Any, Callable, Optional
+from collections.abc import Callable
+from typing import Any, Optional
 
 from mlm.common.cli import UserError
-from mlm.report.card import coverage
-from mlm.config import TrainConfig
 from mlm.common.files import HISTORY, read_history, write_json_atomic
+from mlm.config import TrainConfig
+from mlm.report.card import coverage
 
 log = logging.getLogger("mlm")
 
@@ -38,14 +39,17 @@ def use_wandb(report_to: str) -> bool:
         import wandb  # noqa: F401
     except ImportError:
         if report_to == "wandb":
-            raise UserError("--report_to wandb but wandb is not installed; pip install wandb, or --report_to none")
+            raise UserError(
+                "--report_to wandb but wandb is not installed; pip install wandb, or --report_to none"
+            ) from None
         return False
     mode = os.environ.get("WANDB_MODE", "").lower()
     if mode in ("offline", "disabled", "dryrun") or _wandb_has_key():
         return True
     if report_to == "wandb":
-        raise UserError("W&B has no API key: run `wandb login` or set WANDB_API_KEY (or WANDB_MODE=offline, "
-                        "or --report_to none)")
+        raise UserError(
+            "W&B has no API key: run `wandb login` or set WANDB_API_KEY (or WANDB_MODE=offline, or --report_to none)"
+        )
     return False
 
 
@@ -61,8 +65,16 @@ SampleRows = Callable[[Any, Any], list[list[Any]]]
 
 
 class Tracker:
-    def __init__(self, cfg: TrainConfig, run_config: dict, *, is_main: bool, start: tuple[int, Optional[str]],
-                 total_steps: int, sample_rows: Optional[SampleRows] = None):
+    def __init__(
+        self,
+        cfg: TrainConfig,
+        run_config: dict,
+        *,
+        is_main: bool,
+        start: tuple[int, Optional[str]],
+        total_steps: int,
+        sample_rows: Optional[SampleRows] = None,
+    ):
         """start: the step the run starts from and the W&B run id it continues (both from the checkpoint)."""
         initial_step, run_id = start
         self.enabled = is_main
@@ -84,19 +96,28 @@ class Tracker:
             self._init_wandb(cfg, run_config)
         if self.interactive:
             from tqdm.auto import tqdm
+
             self.bar = tqdm(total=total_steps, initial=initial_step, unit="step", dynamic_ncols=True)
         self.total_steps = total_steps
         self.t0, self.step0 = time.perf_counter(), initial_step
 
     def _init_wandb(self, cfg: TrainConfig, run_config: dict) -> None:
         import wandb
+
         # Explicit options win, then the usual WANDB_* variables (wandb reads them itself when given None).
         tags = cfg.wandb_tags.split(",") if cfg.wandb_tags else None
-        self.wandb = wandb.init(project=cfg.wandb_project or os.environ.get("WANDB_PROJECT") or "mlm-ddp",
-                                entity=cfg.wandb_entity, tags=[t.strip() for t in tags if t.strip()] if tags else None,
-                                name=cfg.wandb_run_name or os.environ.get("WANDB_NAME") or
-                                os.path.basename(os.path.normpath(cfg.output_dir)),
-                                dir=cfg.output_dir, config=run_config, id=self.run_id, resume="allow")
+        self.wandb = wandb.init(
+            project=cfg.wandb_project or os.environ.get("WANDB_PROJECT") or "mlm-ddp",
+            entity=cfg.wandb_entity,
+            tags=[t.strip() for t in tags if t.strip()] if tags else None,
+            name=cfg.wandb_run_name
+            or os.environ.get("WANDB_NAME")
+            or os.path.basename(os.path.normpath(cfg.output_dir)),
+            dir=cfg.output_dir,
+            config=run_config,
+            id=self.run_id,
+            resume="allow",
+        )
         self.run_id = self.wandb.id
 
     def log_predictions(self, step: int, model, tokenizer) -> None:
@@ -105,6 +126,7 @@ class Tracker:
         if not (self.enabled and self.wandb and self.sample_rows) or step <= self.wandb_floor:
             return
         import wandb
+
         was_training = model.training
         try:
             rows = self.sample_rows(model, tokenizer)
@@ -120,8 +142,10 @@ class Tracker:
         if not (self.enabled and self.wandb and os.path.isdir(best_dir)):
             return
         import wandb
-        artifact = wandb.Artifact(f"model-{self.wandb.id}", type="model",
-                                  metadata={"source": os.path.abspath(best_dir)})
+
+        artifact = wandb.Artifact(
+            f"model-{self.wandb.id}", type="model", metadata={"source": os.path.abspath(best_dir)}
+        )
         artifact.add_dir(best_dir)
         self.wandb.log_artifact(artifact, aliases=["best", "latest"])
 
@@ -136,14 +160,22 @@ class Tracker:
         if self.wandb and step > self.wandb_floor:
             self.wandb.log({f"train/{k}": v for k, v in metrics.items()}, step=step)
         if self.bar is not None:
-            self.bar.set_postfix(loss=f"{metrics['loss']:.4f}", tok_s=f"{metrics['tokens_per_s']:.0f}",
-                                 mem=f"{metrics['peak_memory_gib']:.1f}G", mfu=f"{metrics['mfu']:.0%}", refresh=False)
+            self.bar.set_postfix(
+                loss=f"{metrics['loss']:.4f}",
+                tok_s=f"{metrics['tokens_per_s']:.0f}",
+                mem=f"{metrics['peak_memory_gib']:.1f}G",
+                mfu=f"{metrics['mfu']:.0%}",
+                refresh=False,
+            )
         else:
             eta = (time.perf_counter() - self.t0) / max(step - self.step0, 1) * (self.total_steps - step)
-            print(f"step {step}/{self.total_steps} epoch {epoch:.2f} loss {metrics['loss']:.4f} "
-                  f"lr {metrics['lr']:.3e} grad_norm {metrics['grad_norm']:.3f} "
-                  f"tokens/s {metrics['tokens_per_s']:.0f} mfu {metrics['mfu']:.1%} "
-                  f"mem {metrics['peak_memory_gib']:.2f} GiB eta {eta / 60:.1f} min", flush=True)
+            print(
+                f"step {step}/{self.total_steps} epoch {epoch:.2f} loss {metrics['loss']:.4f} "
+                f"lr {metrics['lr']:.3e} grad_norm {metrics['grad_norm']:.3f} "
+                f"tokens/s {metrics['tokens_per_s']:.0f} mfu {metrics['mfu']:.1%} "
+                f"mem {metrics['peak_memory_gib']:.2f} GiB eta {eta / 60:.1f} min",
+                flush=True,
+            )
 
     def log_eval(self, step: int, epoch: float, metrics: dict[str, Any]) -> None:
         if not self.enabled:
@@ -151,11 +183,16 @@ class Tracker:
         self._record({"step": step, "epoch": round(epoch, 4), "eval": metrics})
         if self.wandb and step > self.wandb_floor:
             self.wandb.log({f"eval/{k}": v for k, v in metrics.items()}, step=step)
-        self.write(f"eval at step {step}: loss {metrics['loss']:.4f} perplexity {metrics['perplexity']:.3f} "
-                   f"accuracy {metrics['accuracy']:.4f} ({metrics['masked_tokens']} masked tokens"
-                   f"{'; ' + coverage(metrics) if coverage(metrics) else ''})" +
-                   (f"; SWA average of {metrics['swa_snapshots']}: perplexity {metrics['swa_perplexity']:.3f}"
-                    if "swa_perplexity" in metrics else ""))
+        self.write(
+            f"eval at step {step}: loss {metrics['loss']:.4f} perplexity {metrics['perplexity']:.3f} "
+            f"accuracy {metrics['accuracy']:.4f} ({metrics['masked_tokens']} masked tokens"
+            f"{'; ' + coverage(metrics) if coverage(metrics) else ''})"
+            + (
+                f"; SWA average of {metrics['swa_snapshots']}: perplexity {metrics['swa_perplexity']:.3f}"
+                if "swa_perplexity" in metrics
+                else ""
+            )
+        )
 
     def log_test(self, step: int, metrics: dict[str, Any]) -> None:
         """best/ on the test split, once at the end: test/* at the final step and in the run's summary."""

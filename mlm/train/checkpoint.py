@@ -17,8 +17,9 @@ import os
 import random
 import re
 import shutil
+from collections.abc import Mapping
 from dataclasses import dataclass, field
-from typing import Any, Mapping, Optional, Protocol
+from typing import Any, Optional, Protocol
 
 import numpy as np
 import torch
@@ -34,13 +35,13 @@ MANIFEST = "manifest.json"
 
 @dataclass
 class TrainState:
-    step: int = 0               # optimizer steps done
-    epoch: int = 0              # current epoch
-    micro_in_epoch: int = 0     # micro-batches of this epoch already consumed (per rank), after epoch_offset
-    epoch_offset: int = 0       # examples of this epoch trained with an earlier global batch (0 normally)
+    step: int = 0  # optimizer steps done
+    epoch: int = 0  # current epoch
+    micro_in_epoch: int = 0  # micro-batches of this epoch already consumed (per rank), after epoch_offset
+    epoch_offset: int = 0  # examples of this epoch trained with an earlier global batch (0 normally)
     best_metric: Optional[float] = None  # best evaluation perplexity
     best_step: Optional[int] = None
-    bad_evals: int = 0          # evaluations since the last improvement (early stopping)
+    bad_evals: int = 0  # evaluations since the last improvement (early stopping)
     stopped_early: bool = False
     world_size: int = 1
     per_device_train_batch_size: int = 0
@@ -66,8 +67,11 @@ class Stateful(Protocol):
 
 
 def _write_manifest(path: str) -> None:
-    files = {n: {"bytes": os.path.getsize(os.path.join(path, n)), "sha256": sha256_file(os.path.join(path, n))}
-             for n in sorted(os.listdir(path)) if n != MANIFEST}
+    files = {
+        n: {"bytes": os.path.getsize(os.path.join(path, n)), "sha256": sha256_file(os.path.join(path, n))}
+        for n in sorted(os.listdir(path))
+        if n != MANIFEST
+    }
     write_json_atomic(os.path.join(path, MANIFEST), {"files": files})
 
 
@@ -87,8 +91,11 @@ def is_complete(path: str, verify_hashes: bool = False) -> bool:
 # ---------------------------------------------------------------------- RNG
 def rng_state() -> dict[str, Any]:
     np_state = np.random.get_state()
-    state = {"torch": torch.get_rng_state(), "python": random.getstate(),
-             "numpy": (np_state[0], torch.from_numpy(np_state[1].astype(np.int64)), *np_state[2:])}
+    state = {
+        "torch": torch.get_rng_state(),
+        "python": random.getstate(),
+        "numpy": (np_state[0], torch.from_numpy(np_state[1].astype(np.int64)), *np_state[2:]),
+    }
     if torch.cuda.is_available():
         state["cuda"] = torch.cuda.get_rng_state()
     return state
@@ -109,6 +116,7 @@ class RankRngs:
     (so dropout continues exactly where it was). A checkpoint of another world size has no state that belongs
     to this rank: then every rank's generators are seeded from (seed, step, rank) instead, which is as good a
     dropout stream, but not the one the uninterrupted run would have drawn."""
+
     rank: int
     gathered: Optional[list[dict[str, Any]]] = None
     world_size: int = 1
@@ -138,11 +146,13 @@ def checkpoint_dirs(output_dir: str) -> list[tuple[int, str]]:
 
 
 def latest_complete_checkpoint(output_dir: str) -> Optional[str]:
-    for step, path in reversed(checkpoint_dirs(output_dir)):
+    for _, path in reversed(checkpoint_dirs(output_dir)):
         if is_complete(path, verify_hashes=True):
             return path
-        log.warning(f"warning: skipping checkpoint {path}: incomplete or damaged (its {MANIFEST} is missing or a "
-                    "file's size or SHA-256 differs); trying an older one")
+        log.warning(
+            f"warning: skipping checkpoint {path}: incomplete or damaged (its {MANIFEST} is missing or a "
+            "file's size or SHA-256 differs); trying an older one"
+        )
     return None
 
 
@@ -161,7 +171,7 @@ def recover_interrupted_saves(output_dir: str) -> None:
                 log.warning(f"warning: removing {path}: an unfinished save (the process stopped while writing it)")
                 shutil.rmtree(path, ignore_errors=True)
             elif name.endswith(".old"):
-                candidates.append(path[:-len(".old")])
+                candidates.append(path[: -len(".old")])
     for final in candidates:
         tmp, old = f"{final}.tmp", f"{final}.old"
         if os.path.isdir(tmp):
@@ -186,15 +196,19 @@ def check_free_space(output_dir: str, model: torch.nn.Module) -> None:
     need = checkpoint_bytes(model)
     free = free_bytes(output_dir)
     if free < need * 1.2:
-        raise UserError(f"--output_dir {output_dir!r}: {free / 2**30:.2f} GiB free on its disk, but one checkpoint "
-                        f"of this model needs about {need / 2**30:.2f} GiB; free space, lower --save_total_limit, or "
-                        "choose another --output_dir")
+        raise UserError(
+            f"--output_dir {output_dir!r}: {free / 2**30:.2f} GiB free on its disk, but one checkpoint "
+            f"of this model needs about {need / 2**30:.2f} GiB; free space, lower --save_total_limit, or "
+            "choose another --output_dir"
+        )
 
 
-def save_checkpoint(output_dir: str, state: TrainState, model: torch.nn.Module, parts: Mapping[str, Stateful],
-                    save_total_limit: int) -> str:
+def save_checkpoint(
+    output_dir: str, state: TrainState, model: torch.nn.Module, parts: Mapping[str, Stateful], save_total_limit: int
+) -> str:
     """Rank 0 only: the weights, `<name>.pt` for each piece (None pieces skipped), the state, the manifest."""
     from safetensors.torch import save_model
+
     root = os.path.join(output_dir, "checkpoints")
     os.makedirs(root, exist_ok=True)
     final = os.path.join(root, f"step-{state.step}")
@@ -226,12 +240,16 @@ def saved_state(path: str) -> dict[str, Any]:
 def global_batch(saved: dict[str, Any], accumulation: int) -> int:
     """The global batch a checkpoint was trained with (accumulation: assumed where the checkpoint predates
     recording it)."""
-    return saved["world_size"] * saved["per_device_train_batch_size"] * \
-        (saved.get("gradient_accumulation_steps") or accumulation)
+    return (
+        saved["world_size"]
+        * saved["per_device_train_batch_size"]
+        * (saved.get("gradient_accumulation_steps") or accumulation)
+    )
 
 
-def adapt_to_checkpoint(saved: dict[str, Any], world_size: int, per_device: int, accumulation: Optional[int],
-                        precision: str) -> tuple[int, list[str]]:
+def adapt_to_checkpoint(
+    saved: dict[str, Any], world_size: int, per_device: int, accumulation: Optional[int], precision: str
+) -> tuple[int, list[str]]:
     """The accumulation that keeps a checkpoint's global batch on this run's processes and per-device batch,
     and what changed, said for the banner; a UserError naming values that would keep it, when none does.
 
@@ -245,37 +263,56 @@ def adapt_to_checkpoint(saved: dict[str, Any], world_size: int, per_device: int,
     if given and per_device * world_size * accumulation != g:
         new_g = per_device * world_size * accumulation
         schedule = saved.get("extra", {}).get("schedule")
-        left = (f"; the learning-rate schedule continues by examples seen: {steps_left(saved, new_g)} more steps of "
-                f"{new_g}" if schedule else "")
-        notes.append(f"global batch {g} ({w0} x {b0} x {a0}) -> {new_g} ({world_size} x {per_device} x {accumulation}, "
-                     f"--gradient_accumulation_steps given): the epoch continues from its first example not yet "
-                     f"trained on, none twice, none skipped{left}")
+        left = (
+            f"; the learning-rate schedule continues by examples seen: {steps_left(saved, new_g)} more steps of {new_g}"
+            if schedule
+            else ""
+        )
+        notes.append(
+            f"global batch {g} ({w0} x {b0} x {a0}) -> {new_g} ({world_size} x {per_device} x {accumulation}, "
+            f"--gradient_accumulation_steps given): the epoch continues from its first example not yet "
+            f"trained on, none twice, none skipped{left}"
+        )
         return accumulation, notes
     if g % (per_device * world_size) == 0:
         new = g // (per_device * world_size)
         if (w0, b0, a0) != (world_size, per_device, new):
-            notes.append(f"{w0} x {b0} x {a0} (processes x per device x accumulation) -> {world_size} x {per_device} "
-                         f"x {new}: global batch {g} kept, so each step trains on the examples it would have"
-                         + ("; accumulation derived from the checkpoint" if not given and new != a0 else ""))
+            notes.append(
+                f"{w0} x {b0} x {a0} (processes x per device x accumulation) -> {world_size} x {per_device} "
+                f"x {new}: global batch {g} kept, so each step trains on the examples it would have"
+                + ("; accumulation derived from the checkpoint" if not given and new != a0 else "")
+            )
         if w0 != world_size:
-            notes.append(f"dropout generators seeded from (seed, step, rank): {w0} ranks' states do not map onto "
-                         f"{world_size}")
+            notes.append(
+                f"dropout generators seeded from (seed, step, rank): {w0} ranks' states do not map onto {world_size}"
+            )
         saved_precision = saved.get("precision") or ""
         if saved_precision and saved_precision != precision:
-            scaler = ("the fp16 loss scale starts fresh" if precision == "fp16" else
-                      "the fp16 GradScaler's state is dropped" if saved_precision == "fp16" else "no scaler either way")
-            notes.append(f"precision {saved_precision} -> {precision}: fp32 master weights and optimizer state "
-                         f"carry over; {scaler}")
+            scaler = (
+                "the fp16 loss scale starts fresh"
+                if precision == "fp16"
+                else "the fp16 GradScaler's state is dropped"
+                if saved_precision == "fp16"
+                else "no scaler either way"
+            )
+            notes.append(
+                f"precision {saved_precision} -> {precision}: fp32 master weights and optimizer state "
+                f"carry over; {scaler}"
+            )
         return new, notes
     options = [(b, g // (b * world_size)) for b in range(1, g + 1) if g % (b * world_size) == 0]
     if not options:
-        raise UserError(f"the checkpoint's global batch {g} ({w0} processes x {b0} per device x {a0} accumulation) "
-                        f"cannot be split over {world_size} processes: resume on a number of processes that divides "
-                        f"{g}, or start afresh with --overwrite_output_dir")
+        raise UserError(
+            f"the checkpoint's global batch {g} ({w0} processes x {b0} per device x {a0} accumulation) "
+            f"cannot be split over {world_size} processes: resume on a number of processes that divides "
+            f"{g}, or start afresh with --overwrite_output_dir"
+        )
     b, a = min(options, key=lambda o: (abs(o[0] - per_device), -o[0]))  # the nearest; the larger of two
-    raise UserError(f"the checkpoint's global batch {g} ({w0} processes x {b0} per device x {a0} accumulation) "
-                    f"cannot be made with --per_device_train_batch_size {per_device} on {world_size} processes: "
-                    f"pass --per_device_train_batch_size {b} --gradient_accumulation_steps {a} to keep it")
+    raise UserError(
+        f"the checkpoint's global batch {g} ({w0} processes x {b0} per device x {a0} accumulation) "
+        f"cannot be made with --per_device_train_batch_size {per_device} on {world_size} processes: "
+        f"pass --per_device_train_batch_size {b} --gradient_accumulation_steps {a} to keep it"
+    )
 
 
 def steps_left(saved: dict[str, Any], batch: int) -> Optional[int]:
@@ -285,21 +322,27 @@ def steps_left(saved: dict[str, Any], batch: int) -> Optional[int]:
     return steps_left_at(schedule, batch) if schedule else None
 
 
-def load_checkpoint(path: str, state: TrainState, model: torch.nn.Module, parts: Mapping[str, Stateful],
-                    device: torch.device) -> None:
+def load_checkpoint(
+    path: str, state: TrainState, model: torch.nn.Module, parts: Mapping[str, Stateful], device: torch.device
+) -> None:
     """Every rank: the weights onto device, then each piece whose file the checkpoint has (a piece saved only
     from some step on, like SWA's average, is absent from earlier checkpoints)."""
     from safetensors.torch import load_model
+
     if not is_complete(path):
-        raise UserError(f"checkpoint {path!r} is incomplete or damaged (no valid {MANIFEST}); pass another "
-                        "--resume_from_checkpoint or 'auto'")
+        raise UserError(
+            f"checkpoint {path!r} is incomplete or damaged (no valid {MANIFEST}); pass another "
+            "--resume_from_checkpoint or 'auto'"
+        )
     saved = saved_state(path)
     now = (state.world_size, state.per_device_train_batch_size, state.gradient_accumulation_steps, state.precision)
     state.load_state_dict(saved)
     # This run's layout; the position in the epoch in its micro-batches (the same examples: the global batch
     # is the same, and a checkpoint is written at a step boundary).
-    examples = saved.get("epoch_offset", 0) + \
-        saved["micro_in_epoch"] * saved["per_device_train_batch_size"] * saved["world_size"]
+    examples = (
+        saved.get("epoch_offset", 0)
+        + saved["micro_in_epoch"] * saved["per_device_train_batch_size"] * saved["world_size"]
+    )
     (state.world_size, state.per_device_train_batch_size, state.gradient_accumulation_steps, state.precision) = now
     per_micro = state.per_device_train_batch_size * state.world_size
     if examples % per_micro == 0 and not saved.get("epoch_offset"):  # the same layout grid: exactly as before
@@ -334,6 +377,8 @@ def choose_resume(output_dir: str, resume_from_checkpoint: Optional[str], overwr
         return resume_from_checkpoint
     found = checkpoint_dirs(output_dir)
     if resume_from_checkpoint == "none" and found:
-        raise UserError(f"{output_dir!r} holds checkpoints of an earlier run; resume it (the default), or pass "
-                        "--overwrite_output_dir to start afresh")
+        raise UserError(
+            f"{output_dir!r} holds checkpoints of an earlier run; resume it (the default), or pass "
+            "--overwrite_output_dir to start afresh"
+        )
     return latest_complete_checkpoint(output_dir) if found and resume_from_checkpoint != "none" else None

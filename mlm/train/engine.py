@@ -12,8 +12,8 @@ from torch import nn
 from torch.nn.parallel import DistributedDataParallel as DDP
 
 from mlm.common.cli import UserError
-from mlm.config import TrainConfig
 from mlm.common.distributed import DistEnv, dist_sum
+from mlm.config import TrainConfig
 from mlm.data.masking import EVAL_EPOCH, MaskingSpec, MaskingTables, build_masking_tables, mask_tokens
 from mlm.model.modeling import MaskedLMLoss, masked_positions
 from mlm.train.optim import AppliedStepSchedule, build_optimizer, build_scheduler, skip_nonfinite_step
@@ -36,9 +36,11 @@ def resolve_precision(precision: str, device: torch.device) -> str:
         return "bf16" if native_bf16 else "fp16"
     if precision == "bf16" and not native_bf16:
         name = torch.cuda.get_device_name(device)
-        raise UserError(f"--precision bf16: the {name} (compute capability {capability[0]}.{capability[1]}) has no "
-                        "native bf16, so bf16 would be emulated without tensor cores (slower than fp16); use "
-                        "--precision fp16 or auto (fp16 with GradScaler on this GPU)")
+        raise UserError(
+            f"--precision bf16: the {name} (compute capability {capability[0]}.{capability[1]}) has no "
+            "native bf16, so bf16 would be emulated without tensor cores (slower than fp16); use "
+            "--precision fp16 or auto (fp16 with GradScaler on this GPU)"
+        )
     return precision
 
 
@@ -67,6 +69,7 @@ def build_scaler(precision: str, device: torch.device) -> Scaler:
 @dataclass(frozen=True)
 class Masking:
     """How batches are masked: the 80/10/10 rule and the vocabulary tables it reads (on the host)."""
+
     spec: MaskingSpec
     tables: MaskingTables
 
@@ -75,6 +78,7 @@ class Masking:
 class Trainable:
     """What an optimizer step runs and changes. `wrapped` is what forward and backward go through (`loss` under
     DDP, or `loss` itself in a world of one); `loss.model` is the Hugging Face model that is saved and exported."""
+
     wrapped: nn.Module
     loss: MaskedLMLoss
     optimizer: torch.optim.Optimizer
@@ -87,35 +91,46 @@ class Trainable:
 def build_masking(cfg: TrainConfig, tokenizer) -> Masking:
     tables = build_masking_tables(tokenizer)  # on the host: prepare_batch masks there
     if cfg.whole_word_mask and tables.word_convention is None:
-        raise UserError("--whole_word_mask needs a vocabulary that marks words (WordPiece '##' pieces, byte-level "
-                        "BPE 'Ġ' or SentencePiece '▁' word starts); this tokenizer's shows none, so train without "
-                        "--whole_word_mask")
-    spec = MaskingSpec(cfg.mlm_probability, cfg.mask_replace_prob, cfg.random_replace_prob, cfg.whole_word_mask,
-                       cfg.seed)
+        raise UserError(
+            "--whole_word_mask needs a vocabulary that marks words (WordPiece '##' pieces, byte-level "
+            "BPE 'Ġ' or SentencePiece '▁' word starts); this tokenizer's shows none, so train without "
+            "--whole_word_mask"
+        )
+    spec = MaskingSpec(
+        cfg.mlm_probability, cfg.mask_replace_prob, cfg.random_replace_prob, cfg.whole_word_mask, cfg.seed
+    )
     return Masking(spec, tables)
 
 
-def build_trainable(cfg: TrainConfig, model: nn.Module, precision: str, device: torch.device,
-                    total_steps: int, global_batch: int = 1) -> Trainable:
+def build_trainable(
+    cfg: TrainConfig, model: nn.Module, precision: str, device: torch.device, total_steps: int, global_batch: int = 1
+) -> Trainable:
     """The loss module around the model (not yet under DDP), fused AdamW, the schedule and the scaler.
     global_batch: examples per optimizer step, which the schedule counts in (a resume with another continues
     it by examples seen)."""
     loss = MaskedLMLoss(model, compile_encoder=cfg.torch_compile, label_smoothing=cfg.label_smoothing)
     optimizer = build_optimizer(cfg, loss, device)
-    return Trainable(wrapped=loss, loss=loss, optimizer=optimizer,
-                     schedule=build_scheduler(cfg, optimizer, total_steps, global_batch),
-                     scaler=build_scaler(precision, device), precision=precision, max_grad_norm=cfg.max_grad_norm)
+    return Trainable(
+        wrapped=loss,
+        loss=loss,
+        optimizer=optimizer,
+        schedule=build_scheduler(cfg, optimizer, total_steps, global_batch),
+        scaler=build_scaler(precision, device),
+        precision=precision,
+        max_grad_norm=cfg.max_grad_norm,
+    )
 
 
 @dataclass
 class Batch:
     """A masked micro-batch on the device, with what the host knows of it without asking the device."""
-    input_ids: torch.Tensor                 # [B, T] after masking
+
+    input_ids: torch.Tensor  # [B, T] after masking
     attention_mask: Optional[torch.Tensor]  # [B, T], or None for packed chunks (no padding)
-    positions: torch.Tensor                 # [M] flat indices (row * T + column) of the masked tokens
-    targets: torch.Tensor                   # [M] the original token ids there
-    masked_count: int                       # M
-    sequences: int                          # real examples (rows added to fill a fixed shape not counted)
+    positions: torch.Tensor  # [M] flat indices (row * T + column) of the masked tokens
+    targets: torch.Tensor  # [M] the original token ids there
+    masked_count: int  # M
+    sequences: int  # real examples (rows added to fill a fixed shape not counted)
 
     @property
     def tokens(self) -> int:
@@ -145,20 +160,27 @@ def prepare_batch(raw: dict, epoch: int, masking: Masking, device: torch.device)
     positions, targets = masked_positions(labels)
     attn = raw.get("attention_mask")
     moved = to_device([masked, positions, targets] + ([attn] if attn is not None else []), device)
-    return Batch(moved[0], moved[3] if attn is not None else None, moved[1], moved[2],
-                 masked_count=int(positions.numel()), sequences=int((index >= 0).sum()))
+    return Batch(
+        moved[0],
+        moved[3] if attn is not None else None,
+        moved[1],
+        moved[2],
+        masked_count=int(positions.numel()),
+        sequences=int((index >= 0).sum()),
+    )
 
 
 @dataclass
 class StepResult:
     """Device tensors (nothing here has been synced to the host) and counts the host knew anyway."""
-    loss_sum: torch.Tensor      # NLL summed over this rank's masked tokens
-    masked_tokens: int          # this rank's masked-token count
-    tokens: int                 # this rank's input tokens of real examples, padding included
-    sequences: int              # this rank's real examples
-    sum_sq_lengths: int         # sum of each example's padded length squared (attention FLOPs)
+
+    loss_sum: torch.Tensor  # NLL summed over this rank's masked tokens
+    masked_tokens: int  # this rank's masked-token count
+    tokens: int  # this rank's input tokens of real examples, padding included
+    sequences: int  # this rank's real examples
+    sum_sq_lengths: int  # sum of each example's padded length squared (attention FLOPs)
     grad_norm: torch.Tensor
-    skipped: torch.Tensor       # 1 when the step was skipped (non-finite gradients), on the device
+    skipped: torch.Tensor  # 1 when the step was skipped (non-finite gradients), on the device
 
 
 def train_step(t: Trainable, micro_batches: list[Batch], env: DistEnv) -> StepResult:
@@ -194,10 +216,15 @@ def train_step(t: Trainable, micro_batches: list[Batch], env: DistEnv) -> StepRe
     t.schedule.step(skipped)  # a skipped step does not advance the schedule
     t.optimizer.zero_grad(set_to_none=True)
     widths = [b.input_ids.shape[1] for b in micro_batches]
-    return StepResult(loss_sum, local_count, tokens=sum(b.tokens for b in micro_batches),
-                      sequences=sum(b.sequences for b in micro_batches),
-                      sum_sq_lengths=sum(b.sequences * w * w for b, w in zip(micro_batches, widths)),
-                      grad_norm=grad_norm.detach(), skipped=skipped)
+    return StepResult(
+        loss_sum,
+        local_count,
+        tokens=sum(b.tokens for b in micro_batches),
+        sequences=sum(b.sequences for b in micro_batches),
+        sum_sq_lengths=sum(b.sequences * w * w for b, w in zip(micro_batches, widths)),
+        grad_norm=grad_norm.detach(),
+        skipped=skipped,
+    )
 
 
 def safe_exp(x: float) -> float:
@@ -210,10 +237,8 @@ def safe_exp(x: float) -> float:
 EVAL_METRICS = ("loss", "perplexity", "accuracy", "masked_tokens", "examples", "split_examples")
 
 
-
 @torch.no_grad()
-def evaluate(loss_module: MaskedLMLoss, loader, env: DistEnv, masking: Masking,
-             precision: str) -> dict[str, float]:
+def evaluate(loss_module: MaskedLMLoss, loader, env: DistEnv, masking: Masking, precision: str) -> dict[str, float]:
     """Exact evaluation (invariant 3): every validation example once, fixed masks, the NLL summed over all
     masked tokens of all ranks, then divided once. Runs the unwrapped model: no DDP hooks, no collectives."""
     was_training = loss_module.training
@@ -223,8 +248,7 @@ def evaluate(loss_module: MaskedLMLoss, loader, env: DistEnv, masking: Masking,
     for raw in loader:
         batch = prepare_batch(raw, EVAL_EPOCH, masking, env.device)
         with autocast(precision, env.device):
-            nll, correct = loss_module.eval_nll(batch.input_ids, batch.positions, batch.targets,
-                                                batch.attention_mask)
+            nll, correct = loss_module.eval_nll(batch.input_ids, batch.positions, batch.targets, batch.attention_mask)
         totals += torch.stack([nll, correct.double()])
         count += batch.masked_count
     totals = torch.cat([totals, torch.tensor([float(count)], dtype=torch.float64).to(env.device)])
@@ -232,6 +256,11 @@ def evaluate(loss_module: MaskedLMLoss, loader, env: DistEnv, masking: Masking,
     loss_module.train(was_training)
     loss = nll_sum / count if count else math.nan
     dataset = loader.dataset
-    return {"loss": loss, "perplexity": safe_exp(loss) if count else math.nan,
-            "accuracy": correct / count if count else math.nan, "masked_tokens": int(count),
-            "examples": len(dataset), "split_examples": int(getattr(dataset, "available", len(dataset)))}
+    return {
+        "loss": loss,
+        "perplexity": safe_exp(loss) if count else math.nan,
+        "accuracy": correct / count if count else math.nan,
+        "masked_tokens": int(count),
+        "examples": len(dataset),
+        "split_examples": int(getattr(dataset, "available", len(dataset))),
+    }

@@ -11,8 +11,9 @@ import torch
 from mlm.common.files import EXPORT_FILE, replace_dir, write_json_atomic, write_text_atomic
 
 
-def export_pretrained(model: torch.nn.Module, tokenizer, path: str, metrics: dict[str, Any],
-                      texts: Optional[dict[str, str]] = None) -> None:
+def export_pretrained(
+    model: torch.nn.Module, tokenizer, path: str, metrics: dict[str, Any], texts: Optional[dict[str, str]] = None
+) -> None:
     """save_pretrained weights (safetensors), config and tokenizer, the metrics that made it the best, and texts
     (file name -> content: the model card); AutoModelForMaskedLM.from_pretrained and pipeline("fill-mask") load
     it unchanged."""
@@ -40,5 +41,6 @@ def _keep_users_files(path: str, tmp: str) -> None:
         source, target = os.path.join(path, name), os.path.join(tmp, name)
         if EXPORT_FILE.match(name) or os.path.lexists(target):
             continue
-        shutil.copytree(source, target, symlinks=True) if os.path.isdir(source) and not os.path.islink(source) \
-            else shutil.copy2(source, target, follow_symlinks=False)
+        shutil.copytree(source, target, symlinks=True) if os.path.isdir(source) and not os.path.islink(
+            source
+        ) else shutil.copy2(source, target, follow_symlinks=False)

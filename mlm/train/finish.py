@@ -9,14 +9,15 @@ from __future__ import annotations
 
 import copy
 import os
-from typing import Any, Callable, Optional
+from collections.abc import Callable
+from typing import Any, Optional
 
-from mlm.report.card import CARD_FILE, coverage, model_card
 from mlm.common.distributed import broadcast_weights, main_decides
-from mlm.train.engine import EVAL_METRICS, evaluate
 from mlm.common.files import read_json, write_json_atomic, write_text_atomic
-from mlm.train.loop import Run, card_facts, write_on_main
 from mlm.model.modeling import MaskedLMLoss
+from mlm.report.card import CARD_FILE, coverage, model_card
+from mlm.train.engine import EVAL_METRICS, evaluate
+from mlm.train.loop import Run, card_facts, write_on_main
 
 TEST_RESULTS = "test_results.json"
 
@@ -26,10 +27,12 @@ Examples = Callable[[Any, Any], list[list[Any]]]
 
 def _best_weights(best_dir: str, trust_remote_code: bool) -> dict:
     """best/'s weights as the model's own state dict (tied weights included)."""
-    from transformers import AutoModelForMaskedLM
     import torch
-    return AutoModelForMaskedLM.from_pretrained(best_dir, dtype=torch.float32,
-                                                trust_remote_code=trust_remote_code).state_dict()
+    from transformers import AutoModelForMaskedLM
+
+    return AutoModelForMaskedLM.from_pretrained(
+        best_dir, dtype=torch.float32, trust_remote_code=trust_remote_code
+    ).state_dict()
 
 
 def best_model(run: Run, on_every_rank: bool) -> Optional[MaskedLMLoss]:
@@ -64,16 +67,21 @@ def test_best(run: Run, examples: Optional[Examples] = None) -> Optional[dict[st
         validation = {k: saved[prefix + k] for k in EVAL_METRICS if prefix + k in saved}
         if test is not None:
             write_json_atomic(os.path.join(cfg.output_dir, TEST_RESULTS), {"step": saved["step"], **test})
-            write_json_atomic(os.path.join(best, "eval_results.json"),
-                              {**saved, **{f"test_{k}": v for k, v in test.items()}})
+            write_json_atomic(
+                os.path.join(best, "eval_results.json"), {**saved, **{f"test_{k}": v for k, v in test.items()}}
+            )
             run.tracker.log_test(state.step, test)
-            run.tracker.write(f"test (best/ from step {saved['step']}): loss {test['loss']:.4f} perplexity "
-                              f"{test['perplexity']:.3f} accuracy {test['accuracy']:.4f} ({test['masked_tokens']} "
-                              f"masked tokens{'; ' + coverage(test) if coverage(test) else ''}) -> "
-                              f"{os.path.join(cfg.output_dir, TEST_RESULTS)}")
+            run.tracker.write(
+                f"test (best/ from step {saved['step']}): loss {test['loss']:.4f} perplexity "
+                f"{test['perplexity']:.3f} accuracy {test['accuracy']:.4f} ({test['masked_tokens']} "
+                f"masked tokens{'; ' + coverage(test) if coverage(test) else ''}) -> "
+                f"{os.path.join(cfg.output_dir, TEST_RESULTS)}"
+            )
         rows = examples(loss.model, run.tokenizer) if examples is not None else None
-        facts = card_facts(run, validation, best_step=saved["step"], epoch=saved.get("epoch", 0.0), test=test,
-                           examples=rows)
+        facts = card_facts(
+            run, validation, best_step=saved["step"], epoch=saved.get("epoch", 0.0), test=test, examples=rows
+        )
         write_text_atomic(os.path.join(best, CARD_FILE), model_card(facts))
+
     write_on_main(env, cfg.output_dir, state.step, "the test results and the model card", write)
     return test

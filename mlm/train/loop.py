@@ -10,27 +10,34 @@ from __future__ import annotations
 import math
 import os
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any, Callable, Optional, TypeVar
+from typing import Any, Optional, TypeVar
 
 import torch
 
-from mlm.report.card import CARD_FILE, CardFacts, model_card
-from mlm.train.checkpoint import RankRngs, TrainState, checkpoint_bytes, checkpoint_dirs, latest_complete_checkpoint, \
-    rng_state, save_checkpoint
 from mlm.common.cli import UserError
+from mlm.common.distributed import DistEnv, any_rank, broadcast_flag, dist_max, dist_sum, dist_world, gather_to_main
+from mlm.common.files import DiskFull, free_bytes, is_disk_full
 from mlm.config import TrainConfig
 from mlm.data.cached import DataBundle
-from mlm.common.distributed import DistEnv, any_rank, broadcast_flag, dist_max, dist_sum, dist_world, gather_to_main
+from mlm.report.card import CARD_FILE, CardFacts, model_card
+from mlm.report.metrics import Throughput, mlm_step_flops, peak_memory_bytes
+from mlm.report.tracking import Tracker
+from mlm.train.checkpoint import (
+    RankRngs,
+    TrainState,
+    checkpoint_bytes,
+    checkpoint_dirs,
+    latest_complete_checkpoint,
+    rng_state,
+    save_checkpoint,
+)
 from mlm.train.engine import EVAL_METRICS, Masking, StepResult, Trainable, evaluate, prepare_batch, train_step
 from mlm.train.export import export_pretrained
-from mlm.common.files import DiskFull, free_bytes, is_disk_full
-from mlm.report.metrics import Throughput, mlm_step_flops, peak_memory_bytes
 from mlm.train.preemption import OUT_OF_TIME, OutOfTime, Preempted, StopRequest, signal_name
 from mlm.train.runlock import RunLock
 from mlm.train.swa import WeightAverage
-from mlm.report.tracking import Tracker
-
 
 T = TypeVar("T")
 
@@ -42,6 +49,7 @@ class NonFiniteLoss(Exception):
 @dataclass(frozen=True)
 class Length:
     """How long the run is: optimizer steps in all, and micro-batches per epoch (None for a stream)."""
+
     total_steps: int
     micro_per_epoch: Optional[int]
 
@@ -52,12 +60,13 @@ class Length:
 @dataclass(kw_only=True)
 class Run:
     """Everything fit() wires together, built by train_ddp.py from a few parts, by keyword."""
+
     cfg: TrainConfig
     env: DistEnv
-    trainable: Trainable    # what a step runs and changes (trainable.loss.model is the Hugging Face model)
+    trainable: Trainable  # what a step runs and changes (trainable.loss.model is the Hugging Face model)
     masking: Masking
     data: DataBundle
-    tokenizer: Any          # saved with best/
+    tokenizer: Any  # saved with best/
     state: TrainState
     length: Length
     throughput: Throughput
@@ -114,19 +123,28 @@ class _Meter:
         seconds = max(time.perf_counter() - self.t0 - self.excluded, 1e-9)
         flops = mlm_step_flops(self.shape, tokens, sum_sq, masked)
         # skipped_steps is summed over ranks, and every rank skips the same steps: divide it back.
-        return {"loss": nll / max(masked, 1), "loss_max": loss_max, "grad_norm": float(self.grad_norm),
-                "tokens_per_s": tokens / seconds, "samples_per_s": sequences / seconds,
-                "mfu": flops / seconds / self.peak_flops, "peak_memory_gib": memory / 2**30,
-                "peak_memory_reserved_gib": reserved / 2**30,
-                "skipped_steps": round(skipped / dist_world()), "consecutive_skipped": int(consecutive)}
+        return {
+            "loss": nll / max(masked, 1),
+            "loss_max": loss_max,
+            "grad_norm": float(self.grad_norm),
+            "tokens_per_s": tokens / seconds,
+            "samples_per_s": sequences / seconds,
+            "mfu": flops / seconds / self.peak_flops,
+            "peak_memory_gib": memory / 2**30,
+            "peak_memory_reserved_gib": reserved / 2**30,
+            "skipped_steps": round(skipped / dist_world()),
+            "consecutive_skipped": int(consecutive),
+        }
 
 
 def disk_full_message(output_dir: str, what: str, step: int) -> str:
     newest = latest_complete_checkpoint(output_dir)
-    return (f"no space left on the disk of {output_dir} ({free_bytes(output_dir) / 2**30:.2f} GiB free) while "
-            f"writing {what} at step {step}; the half-written copy was removed and nothing saved before was "
-            f"changed; the newest intact checkpoint is {newest or 'none yet'}. Free space and run the same "
-            "command to resume")
+    return (
+        f"no space left on the disk of {output_dir} ({free_bytes(output_dir) / 2**30:.2f} GiB free) while "
+        f"writing {what} at step {step}; the half-written copy was removed and nothing saved before was "
+        f"changed; the newest intact checkpoint is {newest or 'none yet'}. Free space and run the same "
+        "command to resume"
+    )
 
 
 def write_on_main(env: DistEnv, output_dir: str, step: int, what: str, fn: Callable[[], T]) -> Optional[T]:
@@ -161,13 +179,16 @@ def evaluate_and_decide(run: Run) -> bool:
     if swa is not None:  # the averaged weights, evaluated the same exact way
         swa_metrics = evaluate(swa.loss_module, run.data.eval_loader, run.env, run.masking, precision)
         metrics.update({f"swa_{k}": v for k, v in swa_metrics.items()}, swa_snapshots=swa.count)
-    stop = write_on_main(run.env, cfg.output_dir, state.step, "the evaluation, best/ and the history",
-                         lambda: _decide(run, metrics, swa))
+    stop = write_on_main(
+        run.env, cfg.output_dir, state.step, "the evaluation, best/ and the history", lambda: _decide(run, metrics, swa)
+    )
     stop = broadcast_flag(bool(stop), run.env.device)
     if stop:
         state.stopped_early = True
-        run.tracker.write(f"early stopping at step {state.step}: no improvement in "
-                          f"{cfg.early_stopping_patience} evaluations (best perplexity {state.best_metric})")
+        run.tracker.write(
+            f"early stopping at step {state.step}: no improvement in "
+            f"{cfg.early_stopping_patience} evaluations (best perplexity {state.best_metric})"
+        )
     return stop
 
 
@@ -185,27 +206,54 @@ def _decide(run: Run, metrics: dict[str, Any], swa: Optional[WeightAverage]) -> 
     if improved:
         best_model = swa.model if use_swa else model
         prefix = "swa_" if use_swa else ""
-        facts = card_facts(run, {k: metrics[prefix + k] for k in EVAL_METRICS},
-                           best_step=state.step, epoch=_epoch_float(run))
-        export_pretrained(best_model, run.tokenizer, os.path.join(cfg.output_dir, "best"),
-                          {"step": state.step, "epoch": _epoch_float(run), **metrics, "swa": use_swa},
-                          {CARD_FILE: model_card(facts)})
+        facts = card_facts(
+            run, {k: metrics[prefix + k] for k in EVAL_METRICS}, best_step=state.step, epoch=_epoch_float(run)
+        )
+        export_pretrained(
+            best_model,
+            run.tokenizer,
+            os.path.join(cfg.output_dir, "best"),
+            {"step": state.step, "epoch": _epoch_float(run), **metrics, "swa": use_swa},
+            {CARD_FILE: model_card(facts)},
+        )
         state.best_metric, state.best_step, state.bad_evals = ppl, state.step, 0  # once best/ is on disk
-        run.tracker.write(f"new best perplexity {ppl:.3f} at step {state.step}"
-                          f"{' (the SWA average)' if use_swa else ''}: exported best/")
-        run.tracker.summary({"best/perplexity": ppl, "best/loss": metrics[f"{prefix}loss"],
-                             "best/accuracy": metrics[f"{prefix}accuracy"], "best/step": state.step,
-                             "best/swa": use_swa})
+        run.tracker.write(
+            f"new best perplexity {ppl:.3f} at step {state.step}"
+            f"{' (the SWA average)' if use_swa else ''}: exported best/"
+        )
+        run.tracker.summary(
+            {
+                "best/perplexity": ppl,
+                "best/loss": metrics[f"{prefix}loss"],
+                "best/accuracy": metrics[f"{prefix}accuracy"],
+                "best/step": state.step,
+                "best/swa": use_swa,
+            }
+        )
     else:
         state.bad_evals += 1
     return cfg.early_stopping_patience > 0 and state.bad_evals >= cfg.early_stopping_patience
 
 
 # The options a model card lists (besides batch, steps, hardware and precision, which it shows anyway).
-CARD_OPTIONS = ("learning_rate", "lr_scheduler_type", "warmup_ratio", "num_warmup_steps", "weight_decay",
-                "max_grad_norm", "max_seq_length", "line_by_line", "mlm_probability", "whole_word_mask",
-                "layerwise_lr_decay", "label_smoothing", "swa_start_step", "num_train_epochs", "max_train_steps",
-                "seed")
+CARD_OPTIONS = (
+    "learning_rate",
+    "lr_scheduler_type",
+    "warmup_ratio",
+    "num_warmup_steps",
+    "weight_decay",
+    "max_grad_norm",
+    "max_seq_length",
+    "line_by_line",
+    "mlm_probability",
+    "whole_word_mask",
+    "layerwise_lr_decay",
+    "label_smoothing",
+    "swa_start_step",
+    "num_train_epochs",
+    "max_train_steps",
+    "seed",
+)
 
 
 def hardware(env: DistEnv) -> str:
@@ -228,45 +276,75 @@ def files_names(paths: list[str]) -> str:
     return ", ".join(names) if len(names) <= 3 else f"{', '.join(names[:2])} and {len(names) - 2} more"
 
 
-def card_facts(run: Run, validation: dict[str, Any], *, best_step: int, epoch: float,
-               test: Optional[dict[str, Any]] = None, examples: Optional[list] = None) -> CardFacts:
+def card_facts(
+    run: Run,
+    validation: dict[str, Any],
+    *,
+    best_step: int,
+    epoch: float,
+    test: Optional[dict[str, Any]] = None,
+    examples: Optional[list] = None,
+) -> CardFacts:
     """What best/README.md says about this run (mlm/report/card.py writes it)."""
     cfg, env = run.cfg, run.env
     hub_model = cfg.model_name_or_path if cfg.model_name_or_path and hub_name(cfg.model_name_or_path) else None
     # A card is uploaded: a local directory or file is named by its last component, never by this machine's path.
     config = cfg.config_name and (cfg.config_name if hub_name(cfg.config_name) else local_name(cfg.config_name))
-    base = (hub_model or local_name(cfg.model_name_or_path)) if cfg.model_name_or_path else \
-        f"A model built from scratch ({config or 'BertConfig'}" \
+    base = (
+        (hub_model or local_name(cfg.model_name_or_path))
+        if cfg.model_name_or_path
+        else f"A model built from scratch ({config or 'BertConfig'}"
         f"{', ' + cfg.config_overrides if cfg.config_overrides else ''})"
+    )
     if cfg.dataset_name:
-        data = f"the Hugging Face dataset {cfg.dataset_name}" + \
-            (f" ({cfg.dataset_config_name})" if cfg.dataset_config_name else "")
+        data = f"the Hugging Face dataset {cfg.dataset_name}" + (
+            f" ({cfg.dataset_config_name})" if cfg.dataset_config_name else ""
+        )
     else:
-        data = "the WikiText files in " + local_name(cfg.dataset_dir) if cfg.dataset_dir else \
-            " + ".join(files_names(p) for p in (cfg.train_file, cfg.validation_file) if p)
+        data = (
+            "the WikiText files in " + local_name(cfg.dataset_dir)
+            if cfg.dataset_dir
+            else " + ".join(files_names(p) for p in (cfg.train_file, cfg.validation_file) if p)
+        )
     if cfg.test_file:
         data += f"; test {files_names(cfg.test_file)}"
     batch = cfg.per_device_train_batch_size * env.world_size * cfg.gradient_accumulation_steps
     kept = 1.0 - cfg.mask_replace_prob - cfg.random_replace_prob
-    masking = f"{cfg.mlm_probability:.0%} of {'whole words' if cfg.whole_word_mask else 'tokens'} selected, " \
-              f"{cfg.mask_replace_prob:.0%}/{cfg.random_replace_prob:.0%}/{kept:.0%} [MASK]/random/kept"
-    return CardFacts(model_name=os.path.basename(os.path.normpath(cfg.output_dir)), base_model=hub_model,
-                     base_label=base, dataset=(cfg.dataset_name, cfg.dataset_config_name) if cfg.dataset_name
-                     else None, data_label=data, masking=masking, validation=validation, test=test,
-                     best_step=best_step, total_steps=run.length.total_steps, epoch=epoch,
-                     global_batch=f"{batch} = {cfg.per_device_train_batch_size} per device x {env.world_size} "
-                                  f"processes x {cfg.gradient_accumulation_steps} accumulation",
-                     hardware=hardware(env), precision=run.trainable.precision +
-                     (" + GradScaler" if run.trainable.scaler.is_enabled() else ""),
-                     train_seconds=run.state.train_seconds,
-                     options={k: getattr(cfg, k) for k in CARD_OPTIONS if getattr(cfg, k) not in (None, False)},
-                     examples=examples or [])
+    masking = (
+        f"{cfg.mlm_probability:.0%} of {'whole words' if cfg.whole_word_mask else 'tokens'} selected, "
+        f"{cfg.mask_replace_prob:.0%}/{cfg.random_replace_prob:.0%}/{kept:.0%} [MASK]/random/kept"
+    )
+    return CardFacts(
+        model_name=os.path.basename(os.path.normpath(cfg.output_dir)),
+        base_model=hub_model,
+        base_label=base,
+        dataset=(cfg.dataset_name, cfg.dataset_config_name) if cfg.dataset_name else None,
+        data_label=data,
+        masking=masking,
+        validation=validation,
+        test=test,
+        best_step=best_step,
+        total_steps=run.length.total_steps,
+        epoch=epoch,
+        global_batch=f"{batch} = {cfg.per_device_train_batch_size} per device x {env.world_size} "
+        f"processes x {cfg.gradient_accumulation_steps} accumulation",
+        hardware=hardware(env),
+        precision=run.trainable.precision + (" + GradScaler" if run.trainable.scaler.is_enabled() else ""),
+        train_seconds=run.state.train_seconds,
+        options={k: getattr(cfg, k) for k in CARD_OPTIONS if getattr(cfg, k) not in (None, False)},
+        examples=examples or [],
+    )
 
 
 def checkpoint_parts(trainable: Trainable, swa: Optional[WeightAverage], rngs: RankRngs) -> dict[str, Any]:
     """The pieces of a checkpoint besides the weights and TrainState, by file name (docs/DESIGN.md)."""
-    return {"optimizer": trainable.optimizer, "scheduler": trainable.schedule, "scaler": trainable.scaler,
-            "rng_states": rngs, "swa": swa}
+    return {
+        "optimizer": trainable.optimizer,
+        "scheduler": trainable.schedule,
+        "scaler": trainable.scaler,
+        "rng_states": rngs,
+        "swa": swa,
+    }
 
 
 def save(run: Run) -> None:
@@ -287,18 +365,20 @@ def _save(run: Run) -> None:
         # Readable before the model is built: a resume with another global batch sizes its run from it.
         run.state.extra["schedule"] = run.trainable.schedule.state_dict()
         parts = checkpoint_parts(run.trainable, run.swa, rngs)
-        path = save_checkpoint(run.cfg.output_dir, run.state, run.trainable.loss.model, parts,
-                               run.cfg.save_total_limit)
+        path = save_checkpoint(run.cfg.output_dir, run.state, run.trainable.loss.model, parts, run.cfg.save_total_limit)
         run.tracker.write(f"saved checkpoint {path}")
+
     write_on_main(run.env, run.cfg.output_dir, run.state.step, "a checkpoint", write)
 
 
 def nonfinite_message(run: Run, consecutive: int) -> str:
     saved = checkpoint_dirs(run.cfg.output_dir)
-    return (f"training stopped at step {run.state.step}: the loss or the gradients were not finite for "
-            f"{consecutive} consecutive steps (those steps were skipped, so the weights are unchanged since the "
-            f"last good step); kept {saved[-1][1] if saved else 'no checkpoint yet'} and best/ as they were. "
-            f"Lower --learning_rate or --max_grad_norm, check the data, or use --precision bf16/fp32")
+    return (
+        f"training stopped at step {run.state.step}: the loss or the gradients were not finite for "
+        f"{consecutive} consecutive steps (those steps were skipped, so the weights are unchanged since the "
+        f"last good step); kept {saved[-1][1] if saved else 'no checkpoint yet'} and best/ as they were. "
+        f"Lower --learning_rate or --max_grad_norm, check the data, or use --precision bf16/fp32"
+    )
 
 
 def same_step_on_all_ranks(step: int, env: DistEnv) -> bool:
@@ -313,8 +393,13 @@ def _log(run: Run, meter: _Meter) -> None:
     metrics = meter.collect()
     consecutive = metrics.pop("consecutive_skipped")
     lr = max(run.trainable.schedule.get_last_lr())
-    write_on_main(run.env, run.cfg.output_dir, run.state.step, "the training history",
-                  lambda: run.tracker.log_train(run.state.step, _epoch_float(run), {**metrics, "lr": lr}))
+    write_on_main(
+        run.env,
+        run.cfg.output_dir,
+        run.state.step,
+        "the training history",
+        lambda: run.tracker.log_train(run.state.step, _epoch_float(run), {**metrics, "lr": lr}),
+    )
     meter.reset()
     if run.cfg.max_nonfinite_steps and consecutive >= run.cfg.max_nonfinite_steps:
         raise NonFiniteLoss(nonfinite_message(run, consecutive))
@@ -328,17 +413,26 @@ def _stop_if_signalled(run: Run, last_saved: int) -> None:
         return
     if signum == OUT_OF_TIME:
         req = run.stop_request
-        run.tracker.write(f"time budget (--max_runtime {run.cfg.max_runtime}) nearly spent: another step and "
-                          f"checkpoint would end at {req.projected_end:.1f} s of {req.budget:g} s (step "
-                          f"{req.step_seconds:.2f} s, checkpoint {req.save_seconds:.2f} s); saving a checkpoint at "
-                          f"step {run.state.step} on all ranks")
+        run.tracker.write(
+            f"time budget (--max_runtime {run.cfg.max_runtime}) nearly spent: another step and "
+            f"checkpoint would end at {req.projected_end:.1f} s of {req.budget:g} s (step "
+            f"{req.step_seconds:.2f} s, checkpoint {req.save_seconds:.2f} s); saving a checkpoint at "
+            f"step {run.state.step} on all ranks"
+        )
     else:
-        run.tracker.write(f"stop requested ({signal_name(signum)}): saving a checkpoint at step "
-                          f"{run.state.step} on all ranks")
+        run.tracker.write(
+            f"stop requested ({signal_name(signum)}): saving a checkpoint at step {run.state.step} on all ranks"
+        )
     if last_saved != run.state.step:
         save(run)
-    raise OutOfTime(f"stopped at step {run.state.step}: the --max_runtime {run.cfg.max_runtime} budget leaves no "
-                    "time for another step and checkpoint") if signum == OUT_OF_TIME else Preempted(signum)
+    raise (
+        OutOfTime(
+            f"stopped at step {run.state.step}: the --max_runtime {run.cfg.max_runtime} budget leaves no "
+            "time for another step and checkpoint"
+        )
+        if signum == OUT_OF_TIME
+        else Preempted(signum)
+    )
 
 
 def _one_step(run: Run, group: list[dict], meter: _Meter) -> bool:
@@ -350,8 +444,9 @@ def _one_step(run: Run, group: list[dict], meter: _Meter) -> bool:
     state.micro_in_epoch += len(group)
     if run.swa is not None:
         run.swa.update(run.trainable.loss.model, state.step)
-    epoch_end = run.length.micro_per_epoch is not None and \
-        state.micro_in_epoch >= run.data.train.micro_from(state.epoch_offset)
+    epoch_end = run.length.micro_per_epoch is not None and state.micro_in_epoch >= run.data.train.micro_from(
+        state.epoch_offset
+    )
     if epoch_end:  # recorded before any save, so a checkpoint here resumes at the next epoch
         state.epoch, state.micro_in_epoch, state.epoch_offset = state.epoch + 1, 0, 0
     run.tracker.advance()
@@ -372,8 +467,9 @@ def fit(run: Run) -> TrainState:
     run.trainable.wrapped.train()
     while state.step < total and not stop:
         steps_before, fresh_epoch = state.step, state.micro_in_epoch == 0
-        for group in run.data.train.groups(state.epoch, state.micro_in_epoch, cfg.gradient_accumulation_steps,
-                                           state.epoch_offset):
+        for group in run.data.train.groups(
+            state.epoch, state.micro_in_epoch, cfg.gradient_accumulation_steps, state.epoch_offset
+        ):
             epoch_end = _one_step(run, group, meter)
             if state.step % cfg.logging_steps == 0 or state.step == total:
                 _log(run, meter)
@@ -396,9 +492,11 @@ def fit(run: Run) -> TrainState:
                 break
         else:  # a stream ran out on some rank: every rank starts the next epoch (a new shuffle) together
             if state.step == steps_before and fresh_epoch:  # (resumed at an epoch's very end: nothing left)
-                raise UserError(f"the training stream gave no full batch of {cfg.per_device_train_batch_size} "
-                                f"examples of {cfg.max_seq_length} tokens on some rank in epoch {state.epoch}; "
-                                "give more text, or a smaller --per_device_train_batch_size or --max_seq_length")
+                raise UserError(
+                    f"the training stream gave no full batch of {cfg.per_device_train_batch_size} "
+                    f"examples of {cfg.max_seq_length} tokens on some rank in epoch {state.epoch}; "
+                    "give more text, or a smaller --per_device_train_batch_size or --max_seq_length"
+                )
             state.epoch, state.micro_in_epoch, state.epoch_offset = state.epoch + 1, 0, 0
     if last_saved != state.step:
         save(run)

@@ -5,7 +5,8 @@ from __future__ import annotations
 
 import math
 import re
-from typing import Callable, Optional
+from collections.abc import Callable
+from typing import Optional
 
 import torch
 from torch import nn
@@ -28,8 +29,9 @@ def count_layers(model: nn.Module) -> int:
     return max(found) + 1 if found else 0
 
 
-def param_groups(model: nn.Module, weight_decay: float, learning_rate: float,
-                 layerwise_lr_decay: Optional[float] = None) -> list[dict]:
+def param_groups(
+    model: nn.Module, weight_decay: float, learning_rate: float, layerwise_lr_decay: Optional[float] = None
+) -> list[dict]:
     """Weight decay on weight matrices and embeddings only, never on biases nor LayerNorm weights; with
     layer-wise decay, one group per (depth, decay) at learning_rate * factor ** (top depth - depth)."""
     no_decay = set()
@@ -44,8 +46,9 @@ def param_groups(model: nn.Module, weight_decay: float, learning_rate: float,
         decay = not (id(p) in no_decay or name.endswith("bias"))
         depth = layer_depth(name, layers) if layerwise_lr_decay else 0
         lr = learning_rate * layerwise_lr_decay ** (layers + 1 - depth) if layerwise_lr_decay else learning_rate
-        group = groups.setdefault((depth, decay), {"params": [], "names": [], "lr": lr,
-                                                   "weight_decay": weight_decay if decay else 0.0})
+        group = groups.setdefault(
+            (depth, decay), {"params": [], "names": [], "lr": lr, "weight_decay": weight_decay if decay else 0.0}
+        )
         group["params"].append(p)
         group["names"].append(name)
     return [groups[k] for k in sorted(groups, key=lambda k: (k[0], not k[1]))]
@@ -71,8 +74,14 @@ def skip_nonfinite_step(optimizer: torch.optim.Optimizer, nonfinite: torch.Tenso
 def build_optimizer(cfg: TrainConfig, model: nn.Module, device: torch.device) -> torch.optim.Optimizer:
     fused = device.type in ("cuda", "cpu")  # one fused kernel per step (CPU: torch >= 2.4)
     groups = param_groups(model, cfg.weight_decay, cfg.learning_rate, cfg.layerwise_lr_decay)
-    return torch.optim.AdamW(groups, lr=cfg.learning_rate, betas=(cfg.adam_beta1, cfg.adam_beta2),
-                             eps=cfg.adam_epsilon, fused=fused or None, foreach=None if fused else True)
+    return torch.optim.AdamW(
+        groups,
+        lr=cfg.learning_rate,
+        betas=(cfg.adam_beta1, cfg.adam_beta2),
+        eps=cfg.adam_epsilon,
+        fused=fused or None,
+        foreach=None if fused else True,
+    )
 
 
 def warmup_steps(cfg: TrainConfig, total_steps: int) -> int:
@@ -95,13 +104,21 @@ class AppliedStepSchedule:
     applied step a sits at position p0 + (a - a0) * batch / schedule_batch of the original schedule, where
     (a0, p0) are the applied count and position at the resume."""
 
-    def __init__(self, optimizer: torch.optim.Optimizer, make_lambda: Callable[[int], Callable[[float], float]],
-                 total_steps: int, batch: int = 1):
+    def __init__(
+        self,
+        optimizer: torch.optim.Optimizer,
+        make_lambda: Callable[[int], Callable[[float], float]],
+        total_steps: int,
+        batch: int = 1,
+    ):
         device = optimizer.param_groups[0]["params"][0].device
         self.optimizer, self.make_lambda, self.total_steps, self.batch = optimizer, make_lambda, total_steps, batch
         self.schedule_steps, self.schedule_batch, self.start = total_steps, batch, (0, 0.0)
-        self.base = torch.tensor([float(g.setdefault("initial_lr", g["lr"])) for g in optimizer.param_groups],
-                                 dtype=torch.float64, device=device)
+        self.base = torch.tensor(
+            [float(g.setdefault("initial_lr", g["lr"])) for g in optimizer.param_groups],
+            dtype=torch.float64,
+            device=device,
+        )
         self.applied = torch.zeros((), dtype=torch.long, device=device)
         self.lrs = torch.empty(len(optimizer.param_groups), dtype=torch.float32, device=device)
         self._build()
@@ -113,8 +130,11 @@ class AppliedStepSchedule:
     def _build(self) -> None:
         lr_lambda = self.make_lambda(self.schedule_steps)
         a0 = self.start[0]
-        self.table = torch.tensor([lr_lambda(s) if s < a0 else lr_lambda(self._position(s))
-                                   for s in range(self.total_steps + 1)], dtype=torch.float64, device=self.base.device)
+        self.table = torch.tensor(
+            [lr_lambda(s) if s < a0 else lr_lambda(self._position(s)) for s in range(self.total_steps + 1)],
+            dtype=torch.float64,
+            device=self.base.device,
+        )
         self._attach()
 
     def _attach(self) -> None:
@@ -138,8 +158,12 @@ class AppliedStepSchedule:
 
     def state_dict(self) -> dict:
         applied = int(self.applied)  # a sync: at a checkpoint only
-        return {"applied": applied, "position": self._position(applied), "schedule_steps": self.schedule_steps,
-                "schedule_batch": self.schedule_batch}
+        return {
+            "applied": applied,
+            "position": self._position(applied),
+            "schedule_steps": self.schedule_steps,
+            "schedule_batch": self.schedule_batch,
+        }
 
     def load_state_dict(self, d: dict) -> None:
         # "last_epoch" is what a checkpoint written with torch's LambdaLR (before this class) holds.
@@ -159,16 +183,19 @@ def steps_left_at(schedule: dict, batch: int) -> int:
     return max(0, math.ceil(left / batch - 1e-9))
 
 
-def build_scheduler(cfg: TrainConfig, optimizer: torch.optim.Optimizer, total_steps: int,
-                    batch: int = 1) -> AppliedStepSchedule:
+def build_scheduler(
+    cfg: TrainConfig, optimizer: torch.optim.Optimizer, total_steps: int, batch: int = 1
+) -> AppliedStepSchedule:
     """transformers' schedule (its lr_lambda) behind an AppliedStepSchedule; batch: the global batch."""
     from transformers import get_scheduler
 
     def make_lambda(steps: int) -> Callable[[float], float]:
-        lambda_lr = get_scheduler(cfg.lr_scheduler_type, optimizer, num_warmup_steps=warmup_steps(cfg, steps),
-                                  num_training_steps=steps)
+        lambda_lr = get_scheduler(
+            cfg.lr_scheduler_type, optimizer, num_warmup_steps=warmup_steps(cfg, steps), num_training_steps=steps
+        )
         lr_lambda = lambda_lr.lr_lambdas[0]
         if any(f is not lr_lambda for f in lambda_lr.lr_lambdas):
             raise ValueError("every parameter group must follow the same schedule")
         return lr_lambda
+
     return AppliedStepSchedule(optimizer, make_lambda, total_steps, batch)

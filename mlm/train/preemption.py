@@ -47,6 +47,7 @@ EXIT_OUT_OF_TIME = 5
 
 class OutOfTime(Exception):
     """Raised on every rank after the checkpoint of a run stopped by --max_runtime is written."""
+
     exit_code = EXIT_OUT_OF_TIME
 
 
@@ -58,8 +59,13 @@ class StopRequest:
     and a checkpoint: the loop tells expect() how long those take here (the slowest rank decides, as every rank
     asks with its own figures and the answer is the maximum)."""
 
-    def __init__(self, grace_seconds: float, group: Optional[dist.ProcessGroup] = None,
-                 budget: Optional[float] = None, started: Optional[float] = None):
+    def __init__(
+        self,
+        grace_seconds: float,
+        group: Optional[dist.ProcessGroup] = None,
+        budget: Optional[float] = None,
+        started: Optional[float] = None,
+    ):
         self.grace_seconds = grace_seconds
         self.group = group  # a CPU (gloo) group: asking costs no device sync
         self.budget, self.started = budget, time.monotonic() if started is None else started
@@ -69,7 +75,7 @@ class StopRequest:
         self._previous = {}
         self._watchdog: Optional[threading.Timer] = None
 
-    def install(self) -> "StopRequest":
+    def install(self) -> StopRequest:
         if threading.current_thread() is threading.main_thread():
             for s in SIGNALS:
                 self._previous[s] = signal.signal(s, self._handle)
@@ -92,8 +98,11 @@ class StopRequest:
         self._watchdog.start()
 
     def _expire(self) -> None:
-        os.write(2, f"rank {os.environ.get('RANK', '0')}: could not stop cleanly within {self.grace_seconds:g} s "
-                    f"of {signal_name(self.signum)}; exiting without a new checkpoint\n".encode())
+        os.write(
+            2,
+            f"rank {os.environ.get('RANK', '0')}: could not stop cleanly within {self.grace_seconds:g} s "
+            f"of {signal_name(self.signum)}; exiting without a new checkpoint\n".encode(),
+        )
         os._exit(128 + self.signum)
 
     def expect(self, step_seconds: float, save_seconds: float) -> None:

@@ -67,6 +67,7 @@ def _pid_alive(pid: int, start: Optional[int]) -> bool:
 @dataclass(frozen=True)
 class Holder:
     """What run.lock says about the run holding the directory."""
+
     host: str
     pid: int
     pid_start: Optional[int]
@@ -77,11 +78,18 @@ class Holder:
     token: str
 
     @staticmethod
-    def me() -> "Holder":
+    def me() -> Holder:
         proc = _process_start(os.getpid())
-        return Holder(host=socket.gethostname(), pid=os.getpid(), pid_start=proc[1] if proc else None,
-                      started=time.time(), command=" ".join(sys.argv), job=os.environ.get("TORCHELASTIC_RUN_ID"),
-                      attempt=int(os.environ.get("TORCHELASTIC_RESTART_COUNT", "0")), token=uuid.uuid4().hex)
+        return Holder(
+            host=socket.gethostname(),
+            pid=os.getpid(),
+            pid_start=proc[1] if proc else None,
+            started=time.time(),
+            command=" ".join(sys.argv),
+            job=os.environ.get("TORCHELASTIC_RUN_ID"),
+            attempt=int(os.environ.get("TORCHELASTIC_RESTART_COUNT", "0")),
+            token=uuid.uuid4().hex,
+        )
 
     def describe(self) -> str:
         when = time.strftime("%Y-%m-%d %H:%M:%S UTC", time.gmtime(self.started))
@@ -149,8 +157,10 @@ def _is_alive(holder: Holder, st: os.stat_result, me: Holder, path: str) -> bool
         return _pid_alive(holder.pid, holder.pid_start)
     if time.time() - st.st_mtime > STALE_AFTER_S:
         return False  # no heartbeat for longer than a live holder ever leaves it
-    log.info(f"{path} names a run on host {holder.host} (pid {holder.pid}); watching its heartbeat for up to "
-             f"{STALE_AFTER_S:.0f} s to tell whether it is alive")
+    log.info(
+        f"{path} names a run on host {holder.host} (pid {holder.pid}); watching its heartbeat for up to "
+        f"{STALE_AFTER_S:.0f} s to tell whether it is alive"
+    )
     deadline = time.monotonic() + STALE_AFTER_S
     while time.monotonic() < deadline:
         time.sleep(1.0)
@@ -185,8 +195,10 @@ class RunLock:
         found = _read(self.path)
         if found is None or found[0].token != self.me.token:
             other = f" by {found[0].describe()}" if found else ""
-            raise UserError(f"{self.path} was taken over{other} while this run was unresponsive; this run stops "
-                            "without writing, so the two never write the same directory")
+            raise UserError(
+                f"{self.path} was taken over{other} while this run was unresponsive; this run stops "
+                "without writing, so the two never write the same directory"
+            )
 
     def release(self) -> None:
         self._stop.set()
@@ -209,8 +221,10 @@ def acquire(output_dir: str) -> RunLock:
             continue
         holder, st = found
         if _is_alive(holder, st, me, path):
-            raise UserError(f"--output_dir {output_dir!r} is in use by a live run ({holder.describe()}); wait for it "
-                            "to finish, or give this run another --output_dir")
+            raise UserError(
+                f"--output_dir {output_dir!r} is in use by a live run ({holder.describe()}); wait for it "
+                "to finish, or give this run another --output_dir"
+            )
         log.warning(f"warning: taking over {path} from a run that is no longer alive ({holder.describe()})")
         _take_over(path, st)
     raise UserError(f"could not take {path}: other launches keep replacing it; launch one run per --output_dir")

@@ -10,7 +10,6 @@ import os
 
 import pytest
 import torch
-
 from helpers import SHARED_WIKITEXT, minilm_path
 
 # MLM_GPU_TESTS_DRY_RUN=1 collects them on a CPU too (a tiny model, CUDA-only checks skipped): a check of the

@@ -18,35 +18,40 @@ import sys
 
 import pytest
 import torch
+from helpers import ROOT, read_json, write_tiny_config
 
 import train_ddp
-from helpers import ROOT, read_json, write_tiny_config
-from mlm.report import metrics
-from mlm.train import engine, loop
+from mlm.common.distributed import DistEnv
 from mlm.config import TrainConfig
 from mlm.data.cached import ChunkDataset, tokenize_texts
 from mlm.data.sources import read_text_file
-from mlm.common.distributed import DistEnv
 from mlm.model.modeling import MaskedLMLoss, build_model, load_model_config, load_tokenizer
+from mlm.report import metrics
+from mlm.train import engine, loop
 from mlm.train.optim import build_optimizer
 
 ON_GPU = torch.cuda.is_available()
 DEVICE = torch.device("cuda", 0) if ON_GPU else torch.device("cpu")
 if ON_GPU:
-    SMALL_BERT = dict(hidden_size=256, num_hidden_layers=4, num_attention_heads=4, intermediate_size=1024,
-                      max_position_embeddings=512)
+    SMALL_BERT = dict(
+        hidden_size=256, num_hidden_layers=4, num_attention_heads=4, intermediate_size=1024, max_position_embeddings=512
+    )
     SEQ, BATCH = 128, 16
 else:  # dry run
-    SMALL_BERT = dict(hidden_size=32, num_hidden_layers=2, num_attention_heads=2, intermediate_size=64,
-                      max_position_embeddings=512)
+    SMALL_BERT = dict(
+        hidden_size=32, num_hidden_layers=2, num_attention_heads=2, intermediate_size=64, max_position_embeddings=512
+    )
     SEQ, BATCH = 32, 4
 NO_DROPOUT = dict(hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0)
 needs_gpu = pytest.mark.skipif(not ON_GPU, reason="CUDA-only check (dry run on a CPU)")
 
 
 def measured(test: str, **figures) -> None:
-    print(f"measured: {test}: " + ", ".join(f"{k} {v:.3g}" if isinstance(v, float) else f"{k} {v}"
-                                           for k, v in figures.items()), flush=True)
+    print(
+        f"measured: {test}: "
+        + ", ".join(f"{k} {v:.3g}" if isinstance(v, float) else f"{k} {v}" for k, v in figures.items()),
+        flush=True,
+    )
 
 
 def low_precision() -> str:
@@ -57,8 +62,10 @@ def low_precision() -> str:
 @pytest.fixture(scope="module")
 def configs(tmp_path_factory) -> dict[str, str]:
     d = tmp_path_factory.mktemp("configs")
-    return {"dropout": write_tiny_config(str(d / "dropout"), **SMALL_BERT),
-            "no_dropout": write_tiny_config(str(d / "no_dropout"), **SMALL_BERT, **NO_DROPOUT)}
+    return {
+        "dropout": write_tiny_config(str(d / "dropout"), **SMALL_BERT),
+        "no_dropout": write_tiny_config(str(d / "no_dropout"), **SMALL_BERT, **NO_DROPOUT),
+    }
 
 
 @pytest.fixture(scope="module")
@@ -67,11 +74,24 @@ def cache_dir(tmp_path_factory) -> str:
 
 
 def train_args(config_dir: str, tokenizer: str, wikitext: str, out: str, cache: str, **kw) -> list[str]:
-    opts = {"config_name": config_dir, "tokenizer_name": tokenizer, "dataset_dir": wikitext, "output_dir": out,
-            "data_cache_dir": cache, "max_seq_length": SEQ, "per_device_train_batch_size": BATCH,
-            "per_device_eval_batch_size": 32, "max_train_samples": 64 * BATCH, "max_eval_samples": 128,
-            "report_to": "none", "logging_steps": 1, "learning_rate": 5e-4, "warmup_ratio": 0.0,
-            "eval_on_start": "false", **kw}
+    opts = {
+        "config_name": config_dir,
+        "tokenizer_name": tokenizer,
+        "dataset_dir": wikitext,
+        "output_dir": out,
+        "data_cache_dir": cache,
+        "max_seq_length": SEQ,
+        "per_device_train_batch_size": BATCH,
+        "per_device_eval_batch_size": 32,
+        "max_train_samples": 64 * BATCH,
+        "max_eval_samples": 128,
+        "report_to": "none",
+        "logging_steps": 1,
+        "learning_rate": 5e-4,
+        "warmup_ratio": 0.0,
+        "eval_on_start": "false",
+        **kw,
+    }
     return [a for k, v in opts.items() for a in (f"--{k}", str(v))]
 
 
@@ -85,6 +105,7 @@ def train(args: list[str]) -> int:
 
 def weights(out: str, step: int) -> dict[str, torch.Tensor]:
     from safetensors.torch import load_file
+
     return load_file(os.path.join(out, "checkpoints", f"step-{step}", "model.safetensors"))
 
 
@@ -103,8 +124,14 @@ def test_this_card_gets_its_precision_and_its_peak():
     precision = engine.resolve_precision("auto", DEVICE)
     assert precision == ("bf16" if capability >= (8, 0) else "fp16")
     peak, source = metrics.device_peak(DEVICE, precision)
-    measured("card", name=name, capability=f"{capability[0]}.{capability[1]}", auto=precision,
-             peak_tflops=peak / 1e12, source=source)
+    measured(
+        "card",
+        name=name,
+        capability=f"{capability[0]}.{capability[1]}",
+        auto=precision,
+        peak_tflops=peak / 1e12,
+        source=source,
+    )
     assert peak > 1e12
 
 
@@ -142,15 +169,23 @@ def test_fp16_and_bf16_follow_the_fp32_loss(configs, gpu_tokenizer, gpu_wikitext
         losses, skipped = step_losses(precision, configs["no_dropout"], gpu_tokenizer, gpu_wikitext)
         gaps = [abs(a - b) / b for a, b in zip(losses, reference)]
         late = sum(gaps[-10:]) / 10
-        measured(f"{precision} vs fp32 loss", max_relative_gap_after_step_5=max(gaps[5:]), mean_gap_last_10=late,
-                 skipped_steps=skipped, fp32_first=reference[0], fp32_last=reference[-1], last=losses[-1])
+        measured(
+            f"{precision} vs fp32 loss",
+            max_relative_gap_after_step_5=max(gaps[5:]),
+            mean_gap_last_10=late,
+            skipped_steps=skipped,
+            fp32_first=reference[0],
+            fp32_last=reference[-1],
+            last=losses[-1],
+        )
         assert max(gaps[5:]) <= 0.03 and late <= 0.015, (precision, gaps)
         assert skipped <= 3
 
 
 # ---------------------------------------------------------------------- skipped steps
-def test_an_injected_fp16_overflow_is_skipped_and_counted(configs, gpu_tokenizer, gpu_wikitext, cache_dir, tmp_path,
-                                                          monkeypatch):
+def test_an_injected_fp16_overflow_is_skipped_and_counted(
+    configs, gpu_tokenizer, gpu_wikitext, cache_dir, tmp_path, monkeypatch
+):
     """fp16 + GradScaler: a loss of inf at step 3 is skipped by the scaler and counted in skipped_steps; the
     history also carries a sane MFU and peak memory (item e, last point)."""
     forward, calls = MaskedLMLoss.forward, {"n": 0}
@@ -159,24 +194,42 @@ def test_an_injected_fp16_overflow_is_skipped_and_counted(configs, gpu_tokenizer
         calls["n"] += 1
         nll = forward(self, *args, **kwargs)
         return nll * float("inf") if calls["n"] == 3 else nll
+
     monkeypatch.setattr(MaskedLMLoss, "forward", overflow_at_3)
     out = str(tmp_path / "fp16")
     precision = "fp16" if ON_GPU else "bf16"  # fp16 needs CUDA (the dry run takes the fused skip instead)
-    assert train(train_args(configs["no_dropout"], gpu_tokenizer, gpu_wikitext, out, cache_dir, precision=precision,
-                            max_train_steps=8)) == 0
+    assert (
+        train(
+            train_args(
+                configs["no_dropout"],
+                gpu_tokenizer,
+                gpu_wikitext,
+                out,
+                cache_dir,
+                precision=precision,
+                max_train_steps=8,
+            )
+        )
+        == 0
+    )
     entries = train_entries(out)
     by_step = {e["step"]: e for e in entries}
     assert by_step[3]["skipped_steps"] == 1 and math.isfinite(by_step[4]["loss"]), by_step[3]
     measured("fp16 overflow", skipped_per_step=[e["skipped_steps"] for e in entries])
     last = entries[-1]
-    measured("history", mfu=last["mfu"], peak_memory_gib=last["peak_memory_gib"],
-             peak_memory_reserved_gib=last["peak_memory_reserved_gib"])
+    measured(
+        "history",
+        mfu=last["mfu"],
+        peak_memory_gib=last["peak_memory_gib"],
+        peak_memory_reserved_gib=last["peak_memory_reserved_gib"],
+    )
     assert 0 < last["mfu"] < 1 and last["peak_memory_gib"] > 0
     assert last["peak_memory_reserved_gib"] >= last["peak_memory_gib"]
 
 
 def test_the_fused_adamw_skip_in_bf16_changes_nothing(configs, gpu_tokenizer):
     from mlm.train.engine import skip_nonfinite_step
+
     cfg = TrainConfig(config_name=configs["no_dropout"], tokenizer_name=gpu_tokenizer)
     model = build_model(cfg, load_model_config(cfg), load_tokenizer(cfg)).to(DEVICE)
     optimizer = build_optimizer(cfg, model, DEVICE)
@@ -190,6 +243,7 @@ def test_the_fused_adamw_skip_in_bf16_changes_nothing(configs, gpu_tokenizer):
         norm = torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0, foreach=True)
         skip_nonfinite_step(optimizer, ~torch.isfinite(norm))
         optimizer.zero_grad(set_to_none=True)
+
     step(False)
     before = [p.detach().clone() for p in model.parameters()]
     steps = [optimizer.state[p]["step"].clone() for p in model.parameters()]
@@ -204,8 +258,16 @@ def test_the_fused_adamw_skip_in_bf16_changes_nothing(configs, gpu_tokenizer):
 @pytest.fixture(scope="module")
 def uninterrupted(configs, gpu_tokenizer, gpu_wikitext, cache_dir, tmp_path_factory) -> tuple[str, list[str]]:
     out = str(tmp_path_factory.mktemp("uninterrupted") / "run")
-    args = train_args(configs["dropout"], gpu_tokenizer, gpu_wikitext, out, cache_dir, max_train_steps=8,
-                      save_steps=4, save_total_limit=5)
+    args = train_args(
+        configs["dropout"],
+        gpu_tokenizer,
+        gpu_wikitext,
+        out,
+        cache_dir,
+        max_train_steps=8,
+        save_steps=4,
+        save_total_limit=5,
+    )
     assert train(args) == 0
     return out, args
 
@@ -222,6 +284,7 @@ def test_stop_and_resume_with_dropout_ends_with_the_uninterrupted_weights(uninte
         if done["n"] == 4:
             os.kill(os.getpid(), signal.SIGTERM)  # as Kaggle's or SLURM's end of a session
         return result
+
     with monkeypatch.context() as m:
         m.setattr(loop, "train_step", sigterm_after_4)
         assert train(args) == 143
@@ -235,38 +298,67 @@ def test_stop_and_resume_with_dropout_ends_with_the_uninterrupted_weights(uninte
 
 
 # ---------------------------------------------------------------------- torch.compile
-def test_torch_compile_trains_and_its_best_matches_eager(configs, gpu_tokenizer, gpu_wikitext, cache_dir, tmp_path,
-                                                         monkeypatch):
+def test_torch_compile_trains_and_its_best_matches_eager(
+    configs, gpu_tokenizer, gpu_wikitext, cache_dir, tmp_path, monkeypatch
+):
     if not ON_GPU:  # the dry run checks the wiring, not inductor's code generation
         real = torch.compile
         monkeypatch.setattr(torch, "compile", lambda m, **k: real(m, **{**k, "backend": "aot_eager"}))
     results = {}
     for mode, extra in (("eager", {}), ("compiled", {"torch_compile": "true"})):
         out = str(tmp_path / mode)
-        assert train(train_args(configs["no_dropout"], gpu_tokenizer, gpu_wikitext, out, cache_dir,
-                                max_train_steps=12, **extra)) == 0
+        assert (
+            train(
+                train_args(
+                    configs["no_dropout"], gpu_tokenizer, gpu_wikitext, out, cache_dir, max_train_steps=12, **extra
+                )
+            )
+            == 0
+        )
         best = read_json(os.path.join(out, "best", "eval_results.json"))
         results[mode] = (weights(out, 12), best, train_entries(out))
     (eager, eager_best, eager_hist), (compiled, compiled_best, compiled_hist) = results["eager"], results["compiled"]
     # Fused kernels round differently, and AdamW turns a tiny gradient difference on a parameter with a tiny
     # gradient into a whole step: the weights are compared on average, the losses and perplexity closely.
     diff = max_diff(eager, compiled)
-    mean_diff = sum((eager[k].float() - compiled[k].float()).abs().sum().item() for k in eager) / \
-        sum(v.numel() for v in eager.values())
+    mean_diff = sum((eager[k].float() - compiled[k].float()).abs().sum().item() for k in eager) / sum(
+        v.numel() for v in eager.values()
+    )
     ppl_gap = abs(compiled_best["perplexity"] - eager_best["perplexity"]) / eager_best["perplexity"]
     loss_gap = max(abs(a["loss"] - b["loss"]) / a["loss"] for a, b in zip(eager_hist, compiled_hist))
     speed = compiled_hist[-1]["samples_per_s"] / eager_hist[-1]["samples_per_s"]
-    measured("torch.compile vs eager", max_abs_weight_diff=diff, mean_abs_weight_diff=mean_diff,
-             max_relative_loss_gap=loss_gap, best_perplexity_relative_gap=ppl_gap,
-             eager_perplexity=eager_best["perplexity"], samples_per_s_ratio_last_log=speed)
+    measured(
+        "torch.compile vs eager",
+        max_abs_weight_diff=diff,
+        mean_abs_weight_diff=mean_diff,
+        max_relative_loss_gap=loss_gap,
+        best_perplexity_relative_gap=ppl_gap,
+        eager_perplexity=eager_best["perplexity"],
+        samples_per_s_ratio_last_log=speed,
+    )
     assert len(compiled_hist) == len(eager_hist) == 12
     assert ppl_gap <= 0.01 and loss_gap <= 0.01 and mean_diff <= 5e-5
 
 
 # ---------------------------------------------------------------------- predict.py on CUDA
 def predictions(model_dir: str, device: str) -> list[dict]:
-    p = subprocess.run([sys.executable, os.path.join(ROOT, "predict.py"), "--model", model_dir, "--json",
-                        "--device", device, "--top_k", "5"], capture_output=True, text=True, timeout=300, cwd=ROOT)
+    p = subprocess.run(
+        [
+            sys.executable,
+            os.path.join(ROOT, "predict.py"),
+            "--model",
+            model_dir,
+            "--json",
+            "--device",
+            device,
+            "--top_k",
+            "5",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=300,
+        cwd=ROOT,
+    )
     assert p.returncode == 0, p.stderr[-3000:]
     return [json.loads(line) for line in p.stdout.splitlines() if line.startswith("{")]
 
@@ -288,8 +380,9 @@ def test_predict_on_cuda_gives_the_cpu_top_k(uninterrupted):
 
 # ---------------------------------------------------------------------- no host sync in steady steps
 @pytest.mark.parametrize("precision", ["bf16", "fp16"])
-def test_steady_training_steps_never_sync(configs, gpu_tokenizer, gpu_wikitext, cache_dir, tmp_path, monkeypatch,
-                                          precision):
+def test_steady_training_steps_never_sync(
+    configs, gpu_tokenizer, gpu_wikitext, cache_dir, tmp_path, monkeypatch, precision
+):
     """torch.cuda.set_sync_debug_mode('error') from step 6 to step 14 of the real loop (train_ddp.py, SWA on):
     the loader, the masking, the step, the schedule, the meters, SWA and the stop check never wait for the GPU.
     Logging (step 16, the last) and evaluation sync, by design."""
@@ -309,11 +402,23 @@ def test_steady_training_steps_never_sync(configs, gpu_tokenizer, gpu_wikitext, 
         finally:
             if done["n"] == 14:
                 set_mode(0)
+
     monkeypatch.setattr(loop, "train_step", guarded)
     try:
         out = str(tmp_path / precision)
-        code = train(train_args(configs["dropout"], gpu_tokenizer, gpu_wikitext, out, cache_dir, precision=precision,
-                                max_train_steps=16, logging_steps=16, swa_start_step=2))
+        code = train(
+            train_args(
+                configs["dropout"],
+                gpu_tokenizer,
+                gpu_wikitext,
+                out,
+                cache_dir,
+                precision=precision,
+                max_train_steps=16,
+                logging_steps=16,
+                swa_start_step=2,
+            )
+        )
     finally:
         set_mode(0)
     assert code == 0 and done["n"] == 16
