@@ -48,13 +48,14 @@ from mlm.common.distributed import (
     wrap_ddp,
 )
 from mlm.common.files import DiskFull, free_bytes, is_disk_full, read_json, write_json_atomic
-from mlm.config import TrainConfig, parse_args, runtime_seconds
+from mlm.config import TrainConfig, parse_command_line, runtime_seconds
 from mlm.data import cached, streaming
 from mlm.inference.fill_mask import sample_rows
 from mlm.model import modeling
 from mlm.model.heads import head_path
 from mlm.report import metrics, tracking
 from mlm.train import checkpoint, engine, finish, loop, optim, runlock
+from mlm.train.plan import BatchLayout, RunPlan
 from mlm.train.preemption import OutOfTime, Preempted, StopRequest
 from mlm.train.swa import WeightAverage
 
@@ -64,10 +65,12 @@ log = logging.getLogger("mlm")
 
 def choose_resume(cfg: TrainConfig, env: DistEnv) -> Optional[str]:
     """Rank 0 picks the checkpoint (after cleaning up torn saves); every rank must be able to read it."""
+    # A restarted attempt continues its own run: overwriting would delete the checkpoints it resumes from.
+    overwrite = cfg.overwrite_output_dir and restart_count() == 0
     resume = main_process_first(
         env,
         lambda: (
-            checkpoint.choose_resume(cfg.output_dir, cfg.resume_from_checkpoint, cfg.overwrite_output_dir)
+            checkpoint.choose_resume(cfg.output_dir, cfg.resume_from_checkpoint, overwrite)
             if env.is_main and cfg.do_train
             else None
         ),
@@ -81,11 +84,14 @@ def choose_resume(cfg: TrainConfig, env: DistEnv) -> Optional[str]:
     return resume
 
 
-def adapt_to_checkpoint(cfg: TrainConfig, env: DistEnv, precision: str, resume: str) -> list[str]:
-    """Keep the checkpoint's global batch on this hardware (sets cfg.gradient_accumulation_steps); what changed."""
-    saved = checkpoint.saved_state(resume) if checkpoint.is_complete(resume) else None
+def plan_run(cfg: TrainConfig, env: DistEnv, precision: str, resume: Optional[str], given: frozenset[str]) -> RunPlan:
+    """The batch layout and step budget: the config's, or on a resume the checkpoint's global batch kept on this
+    hardware (given: the options the user set, so an accumulation they chose is not derived)."""
+    layout = BatchLayout(cfg.per_device_train_batch_size, env.world_size, cfg.gradient_accumulation_steps)
+    as_asked = RunPlan(layout, cfg.max_train_steps)
+    saved = checkpoint.saved_state(resume) if resume and checkpoint.is_complete(resume) else None
     if saved is None:
-        return []  # load_checkpoint says what is wrong with it
+        return as_asked  # no resume, or load_checkpoint says what is wrong with the checkpoint
     if not saved.get("gradient_accumulation_steps"):  # written before checkpoints recorded it: the run config has it
         run_config = os.path.join(cfg.output_dir, "run_config.json")
         saved["gradient_accumulation_steps"] = (
@@ -99,15 +105,16 @@ def adapt_to_checkpoint(cfg: TrainConfig, env: DistEnv, precision: str, resume: 
             f"stream, and continuing on another split would train some texts twice. Resume on "
             f"{saved['world_size']} processes, or start afresh with --overwrite_output_dir"
         )
-    given = cfg.gradient_accumulation_steps if "gradient_accumulation_steps" in getattr(cfg, "given", ()) else None
-    cfg.gradient_accumulation_steps, notes = checkpoint.adapt_to_checkpoint(
-        saved, env.world_size, cfg.per_device_train_batch_size, given, precision
+    chosen = cfg.gradient_accumulation_steps if "gradient_accumulation_steps" in given else None
+    accumulation, notes = checkpoint.adapt_to_checkpoint(
+        saved, env.world_size, cfg.per_device_train_batch_size, chosen, precision
     )
-    new_batch = global_batch(cfg, env)
-    left = checkpoint.steps_left(saved, new_batch)
-    if new_batch != checkpoint.global_batch(saved, 1) and left is not None:
-        cfg.max_train_steps = saved["step"] + left  # the examples the schedule has left, at the new global batch
-    return notes
+    layout = BatchLayout(cfg.per_device_train_batch_size, env.world_size, accumulation)
+    left = checkpoint.steps_left(saved, layout.global_batch)
+    max_steps = cfg.max_train_steps
+    if layout.global_batch != checkpoint.global_batch(saved, 1) and left is not None:
+        max_steps = saved["step"] + left  # the examples the schedule has left, at the new global batch
+    return RunPlan(layout, max_steps, tuple(notes))
 
 
 def peak_flops(env: DistEnv, precision: str) -> tuple[float, str]:
@@ -116,12 +123,8 @@ def peak_flops(env: DistEnv, precision: str) -> tuple[float, str]:
     return float(dist_sum(torch.tensor([peak], dtype=torch.float64, device=env.device)).item()), source
 
 
-def global_batch(cfg: TrainConfig, env: DistEnv) -> int:
-    return cfg.per_device_train_batch_size * env.world_size * cfg.gradient_accumulation_steps
-
-
-def banner(run: loop.Run, resume: Optional[str], peak_source: str, notes: list[str]) -> str:
-    cfg, env, t = run.cfg, run.env, run.trainable
+def banner(run: loop.Run, resume: Optional[str], peak_source: str) -> str:
+    cfg, env, t, layout = run.cfg, run.env, run.trainable, run.plan.layout
     model, s = t.loss.model, run.data.stats
     total = run.length.total_steps
     return "mlm-ddp\n" + tracking.format_banner(
@@ -132,10 +135,9 @@ def banner(run: loop.Run, resume: Optional[str], peak_source: str, notes: list[s
             f"(--attn_implementation {cfg.attn_implementation}); vocabulary logits at {head_path(model)}",
             "world size / device": f"{env.world_size} x {env.device.type} "
             f"({'nccl' if env.device.type == 'cuda' else 'gloo'})",
-            "precision": f"{t.precision}{' + GradScaler' if t.scaler.is_enabled() else ''}",
-            "global batch": f"{global_batch(cfg, env)} = {cfg.per_device_train_batch_size} per device x "
-            f"{env.world_size} processes x {cfg.gradient_accumulation_steps} accumulation",
-            "steps": f"{run.length.steps_per_epoch(cfg.gradient_accumulation_steps) or 'unknown (a stream)'} per "
+            "precision": engine.describe_precision(t),
+            "global batch": layout.describe(),
+            "steps": f"{run.length.steps_per_epoch(layout.accumulation) or 'unknown (a stream)'} per "
             f"epoch, {total} total, {optim.warmup_steps(cfg, total)} warmup ({cfg.lr_scheduler_type})",
             "train": s["train"],
             "eval": s["eval"],
@@ -145,12 +147,14 @@ def banner(run: loop.Run, resume: Optional[str], peak_source: str, notes: list[s
             "peak (for MFU)": f"{run.throughput.peak_flops / 1e12:.3g} TFLOP/s over {env.world_size} rank(s) "
             f"({peak_source})",
             "output": cfg.output_dir + (f" (resuming from {resume}, step {run.state.step})" if resume else ""),
-            **({"changed since checkpoint": "; ".join(notes)} if notes else {}),
+            **({"changed since checkpoint": "; ".join(run.plan.changes)} if run.plan.changes else {}),
         }
     )
 
 
-def build_run(cfg: TrainConfig, env: DistEnv, stop_request: StopRequest) -> loop.Run:
+def build_run(
+    cfg: TrainConfig, env: DistEnv, stop_request: StopRequest, given: frozenset[str] = frozenset()
+) -> loop.Run:
     precision = engine.resolve_precision(cfg.precision, env.device)  # refuses an emulated bf16
     if env.device.type == "cuda":
         torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = cfg.tf32
@@ -159,17 +163,17 @@ def build_run(cfg: TrainConfig, env: DistEnv, stop_request: StopRequest) -> loop
     modeling.check_model_config(cfg, model_config)
     tokenizer = main_process_first(env, lambda: modeling.load_tokenizer(cfg), per_node)
     resume = choose_resume(cfg, env)
-    notes = adapt_to_checkpoint(cfg, env, precision, resume) if resume else []
+    plan = plan_run(cfg, env, precision, resume, given)
     bundle = (streaming.build_streaming_data if cfg.streaming else cached.build_data)(cfg, env, tokenizer)
     model = main_process_first(env, lambda: modeling.build_model(cfg, model_config, tokenizer), per_node)
     model = model.to(env.device)
     main_only(env, lambda: checkpoint.check_free_space(cfg.output_dir, model) if cfg.do_train else None)
-    length = loop.run_length(cfg, bundle.train.micro_per_epoch)
-    trainable = engine.build_trainable(cfg, model, precision, env.device, length.total_steps, global_batch(cfg, env))
+    length = loop.run_length(cfg, plan, bundle.train.micro_per_epoch)
+    trainable = engine.build_trainable(cfg, model, precision, env.device, length.total_steps, plan.layout.global_batch)
     state = checkpoint.TrainState(
         world_size=env.world_size,
-        per_device_train_batch_size=cfg.per_device_train_batch_size,
-        gradient_accumulation_steps=cfg.gradient_accumulation_steps,
+        per_device_train_batch_size=plan.layout.per_device,
+        gradient_accumulation_steps=plan.layout.accumulation,
         precision=precision,
     )
     torch.manual_seed(cfg.seed + env.rank)  # dropout differs per rank; a resume restores the saved states
@@ -183,13 +187,16 @@ def build_run(cfg: TrainConfig, env: DistEnv, stop_request: StopRequest) -> loop
         trainable = replace(trainable, wrapped=wrap_ddp(trainable.loss, env))
     run_config = {
         **cfg.to_dict(),
+        # What the run trains with: on a resume, the accumulation and step budget derived from the checkpoint.
+        "gradient_accumulation_steps": plan.layout.accumulation,
+        "max_train_steps": plan.max_train_steps,
         "world_size": env.world_size,
         "device": str(env.device),
         "precision_resolved": precision,
         "attention_resolved": modeling.attention_kernel(model),
         "head_path": head_path(model),
         "versions": versions(),
-        "global_batch_size": global_batch(cfg, env),
+        "global_batch_size": plan.layout.global_batch,
     }
 
     def write_run_config() -> None:
@@ -216,6 +223,7 @@ def build_run(cfg: TrainConfig, env: DistEnv, stop_request: StopRequest) -> loop
     peak, peak_source = peak_flops(env, precision)
     run = loop.Run(
         cfg=cfg,
+        plan=plan,
         env=env,
         trainable=trainable,
         masking=engine.build_masking(cfg, tokenizer),
@@ -228,7 +236,7 @@ def build_run(cfg: TrainConfig, env: DistEnv, stop_request: StopRequest) -> loop
         stop_request=stop_request,
         swa=swa,
     )
-    tracker.write(banner(run, resume, peak_source, notes))
+    tracker.write(banner(run, resume, peak_source))
     return run
 
 
@@ -255,18 +263,21 @@ def evaluate_only(run: loop.Run) -> None:
             print(f"{split}: " + json.dumps(metrics_), flush=True)
 
 
-def train(cfg: TrainConfig, env: DistEnv, stop_request: StopRequest) -> None:
+def train(cfg: TrainConfig, env: DistEnv, stop_request: StopRequest, given: frozenset[str]) -> None:
+    """given: the options the user set (command line or --config file), as opposed to defaults."""
     # Held before anything in output_dir is read or changed (invariant 9): a second launch refuses here.
     lock = main_decides(env, lambda: runlock.acquire(cfg.output_dir))
     try:
-        run_locked(cfg, env, stop_request, lock)
+        run_locked(cfg, env, stop_request, lock, given)
     finally:
         if lock is not None:
             lock.release()
 
 
-def run_locked(cfg: TrainConfig, env: DistEnv, stop_request: StopRequest, lock: Optional[runlock.RunLock]) -> None:
-    run = build_run(cfg, env, stop_request)
+def run_locked(
+    cfg: TrainConfig, env: DistEnv, stop_request: StopRequest, lock: Optional[runlock.RunLock], given: frozenset[str]
+) -> None:
+    run = build_run(cfg, env, stop_request, given)
     run.lock = lock
     try:
         if not cfg.do_train:
@@ -382,14 +393,11 @@ def main(argv: list[str] | None = None) -> int:
     stop_request: Optional[StopRequest] = None
     env: Optional[DistEnv] = None
     try:
-        cfg = parse_args(argv)
-        if restart_count() > 0 and cfg.overwrite_output_dir:
-            # A restarted attempt continues its own run: overwriting would delete the checkpoints it resumes from.
-            cfg.overwrite_output_dir = False
+        cfg, given = parse_command_line(argv)
         env = init_distributed(cfg.ddp_timeout)
         budget = runtime_seconds(cfg.max_runtime) if cfg.max_runtime else None
         stop_request = StopRequest(cfg.stop_grace_seconds, env.control, budget, started).install()
-        train(cfg, env, stop_request)
+        train(cfg, env, stop_request, given)
         return 0
     except Exception as e:
         return report_failure(e, rank)

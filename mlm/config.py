@@ -45,10 +45,21 @@ def builder_for(path: str) -> str:
     return {"txt": "text", "raw": "text", "jsonl": "json"}.get(suffix, suffix)
 
 
+# The sections of --help, in order; each field names its own.
+GROUPS = {
+    "model": "the model",
+    "data": "the data",
+    "masking": "masking",
+    "training": "optimisation and precision",
+    "evaluation": "evaluation, checkpoints, stopping",
+    "output": "output and tracking",
+}
+
+
 def _f(default: Any, help: str, group: str, **kw: Any) -> Any:
-    """A field: its default and help (the group orders this file and the README's table; --help lists fields
-    in this order)."""
-    return field(default=default, metadata={"help": help, **kw})
+    """A field: its default, its help and its section of --help (one of GROUPS)."""
+    assert group in GROUPS, group
+    return field(default=default, metadata={"help": help, "group": group, **kw})
 
 
 @dataclass
@@ -608,6 +619,23 @@ def _base_type(tp: Any) -> Any:
     return args[0] if args else tp
 
 
+def _argparse_kwargs(f: dataclasses.Field) -> dict[str, Any]:
+    """HfArgumentParser hands a field's metadata to add_argument: all of it but the group."""
+    return {k: v for k, v in f.metadata.items() if k != "group"}
+
+
+def _section(group: str, title: str) -> type:
+    """The fields of one group as a dataclass of their own: HfArgumentParser lists each such dataclass under its
+    `_argument_group_name` in --help. Parsing still fills one namespace, read into one TrainConfig."""
+    hints = typing.get_type_hints(TrainConfig)
+    fields = [
+        (f.name, hints[f.name], field(default=f.default, metadata=_argparse_kwargs(f)))
+        for f in dataclasses.fields(TrainConfig)
+        if f.metadata["group"] == group
+    ]
+    return dataclasses.make_dataclass(f"{group.title()}Options", fields, namespace={"_argument_group_name": title})
+
+
 def build_parser(prog: str = "train_ddp.py") -> argparse.ArgumentParser:
     from transformers import HfArgumentParser
 
@@ -616,7 +644,7 @@ def build_parser(prog: str = "train_ddp.py") -> argparse.ArgumentParser:
             raise parser_error(message, self.prog)
 
     p = Parser(
-        TrainConfig,
+        [_section(group, title) for group, title in GROUPS.items()],
         prog=prog,
         description="Masked-LM fine-tuning of BERT-style models on PyTorch DDP. "
         "Launch with torchrun --nproc_per_node=N train_ddp.py [options], or bash launch.sh [options].",
@@ -675,6 +703,14 @@ def runtime_seconds(value: str) -> float:
 
 def parse_args(argv: Optional[Sequence[str]] = None, prog: str = "train_ddp.py") -> TrainConfig:
     """Parse the command line (and --config file) into a validated TrainConfig."""
+    return parse_command_line(argv, prog)[0]
+
+
+def parse_command_line(
+    argv: Optional[Sequence[str]] = None, prog: str = "train_ddp.py"
+) -> tuple[TrainConfig, frozenset[str]]:
+    """The validated TrainConfig, and which options the user gave (command line or --config file) as opposed to
+    defaults: a resume keeps the checkpoint's global batch by deriving the accumulation, unless the user set it."""
     parser = build_parser(prog)
     argv = list(sys.argv[1:] if argv is None else argv)
     pre, _ = parser.parse_known_args(argv)
@@ -685,11 +721,8 @@ def parse_args(argv: Optional[Sequence[str]] = None, prog: str = "train_ddp.py")
     ns = parser.parse_args(argv)
     values = {f.name: getattr(ns, f.name) for f in dataclasses.fields(TrainConfig)}
     cfg = TrainConfig(**values).resolve_and_validate()
-    # Which options the user gave (command line or --config file), as opposed to defaults: a resume keeps the
-    # checkpoint's global batch by deriving the accumulation, unless the user set it.
     named = {a[2:].split("=", 1)[0].replace("-", "_") for a in argv if a.startswith("--")}
-    cfg.given = frozenset(named | (set(file_values) if pre.config else set()))
-    return cfg
+    return cfg, frozenset(named | (set(file_values) if pre.config else set()))
 
 
 def _str2bool(v: str) -> bool:

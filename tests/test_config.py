@@ -5,6 +5,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
+import re
 
 import pytest
 
@@ -336,3 +337,19 @@ def test_a_typed_value_with_a_newline_is_still_a_one_line_error(tmp_path):
     with pytest.raises(UserError) as e:
         parse_args(["--output_dir", str(tmp_path / "o"), "--trust_remote_code", "\n"])
     assert "\n" not in str(e.value) and "got \\n but expected" in str(e.value)
+
+
+def test_help_lists_each_option_once_under_its_section():
+    """--help is grouped by the sections the config declares (config.GROUPS), each field under its own."""
+    from mlm.config import GROUPS, build_parser
+
+    text = build_parser().format_help()
+    titles = list(GROUPS.values())
+    starts = [text.index(f"\n{title}:\n") for title in titles]
+    assert starts == sorted(starts)
+    bounds = dict(zip(titles, zip(starts, starts[1:] + [len(text)])))
+    for f in dataclasses.fields(TrainConfig):
+        begin, end = bounds[GROUPS[f.metadata["group"]]]
+        entry = re.compile(rf"^  --{f.name}\b", re.M)  # an option's own line, not a mention in another's help
+        assert len(entry.findall(text)) == 1, f.name
+        assert entry.search(text, begin, end), f"--{f.name} is not under {GROUPS[f.metadata['group']]!r}"

@@ -115,15 +115,22 @@ def test_a_disk_that_fills_up_ends_the_run_with_one_line_and_damages_nothing(whe
             OSError(errno.ENOSPC, "No space left on device"),
             after=1,
         )
-    elif where == "training history":  # the history after the step-4 log
-        original = files.json.dump
+    elif where == "training history":  # the step-4 log's entry, written, then found not to fit when flushed
+        original_dumps, original_fsync, appending = files.json.dumps, files.os.fsync, []
 
-        def dump(obj, fh, *a, **k):
-            if isinstance(obj, list) and obj and obj[-1].get("step") == 4 and "loss" in obj[-1]:
+        def dumps(obj, *a, **k):
+            if isinstance(obj, dict) and obj.get("step") == 4 and "loss" in obj:
+                appending.append(obj)
+            return original_dumps(obj, *a, **k)
+
+        def fsync(fd):
+            if appending:
+                appending.clear()
                 raise OSError(errno.ENOSPC, "No space left on device")
-            return original(obj, fh, *a, **k)
+            return original_fsync(fd)
 
-        monkeypatch.setattr(files.json, "dump", dump)
+        monkeypatch.setattr(files.json, "dumps", dumps)
+        monkeypatch.setattr(files.os, "fsync", fsync)
     else:
         original = files.json.dump
 

@@ -3,6 +3,7 @@ curves drawn without W&B."""
 
 from __future__ import annotations
 
+import json
 import os
 
 import pytest
@@ -204,3 +205,38 @@ def test_missing_wandb_key_online_is_a_clear_error_not_a_prompt(corpus, tiny_con
     )
     assert r.returncode == 2, r.output[-2000:]
     assert r.stderr.strip().startswith("error:") and "wandb login" in r.stderr and "WANDB_API_KEY" in r.stderr
+
+
+def test_the_history_is_appended_and_a_cut_loses_only_the_last_entry(tmp_path):
+    """training_history.json grows by one line a log (a long run does not rewrite it); a failed append leaves
+    the list it was, and a file cut mid-append still reads up to the cut."""
+    from mlm.common import files
+
+    path = str(tmp_path / files.HISTORY)
+    files.write_json_list(path, [])
+    assert files.read_history(str(tmp_path)) == []
+    entries = [{"step": s, "loss": 1.0 / s} for s in range(1, 6)]
+    for e in entries:
+        before = os.path.getsize(path)
+        files.append_json_list(path, e)
+        assert os.path.getsize(path) - before == len(json.dumps(e)) + (2 if e["step"] > 1 else 1)
+    assert files.read_history(str(tmp_path)) == entries
+    assert json.load(open(path)) == entries  # plain JSON for any reader
+    intact = open(path, "rb").read()
+
+    class Full(OSError):
+        pass
+
+    original = files.os.fsync
+    files.os.fsync = lambda fd: (_ for _ in ()).throw(Full(28, "No space left on device"))
+    try:
+        with pytest.raises(Full):
+            files.append_json_list(path, {"step": 6, "loss": 0.1})
+    finally:
+        files.os.fsync = original
+    assert open(path, "rb").read() == intact
+    with open(path, "r+b") as fh:  # killed while appending the 6th: half its line, no closing bracket
+        fh.seek(len(intact) - 3)
+        fh.write(b',\n{"step": 6, "lo')
+        fh.truncate()
+    assert files.read_history(str(tmp_path)) == entries

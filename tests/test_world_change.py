@@ -344,3 +344,29 @@ def test_another_global_batch_continues_the_epoch_and_the_schedule_by_examples(c
     assert sorted(history) == list(range(1, 9))
     assert history[SAVED + 1]["lr"] == pytest.approx(1e-3 * (12 - 6) / 12)  # 32 + 16 examples = 6 steps of 8
     assert history[8]["lr"] == 0.0
+
+
+def test_a_resume_derives_its_plan_and_leaves_the_config_as_parsed(corpus, tmp_path):
+    """The checkpoint's global batch 8 (2 x 4 x 1) on one process: the plan derives accumulation 2; with
+    another accumulation given, the plan keeps it and finishes the schedule's examples in other steps. The
+    config stays what the user asked for (docs/DESIGN.md: what a resume derives lives in mlm.train.plan)."""
+    from types import SimpleNamespace
+
+    import train_ddp
+    from mlm.config import parse_command_line
+
+    out = stopped_at(corpus["reference"], str(tmp_path / "run"), SAVED)
+    resume = checkpoint.latest_complete_checkpoint(out)
+    one_process = SimpleNamespace(world_size=1)
+    cfg, given = parse_command_line(corpus["args"](out))
+    asked = cfg.to_dict()
+    plan = train_ddp.plan_run(cfg, one_process, "fp32", resume, given)
+    assert (plan.layout.per_device, plan.layout.world_size, plan.layout.accumulation) == (4, 1, 2)
+    assert plan.layout.describe() == "8 = 4 per device x 1 processes x 2 accumulation"
+    assert plan.max_train_steps == STEPS and any("global batch 8 kept" in c for c in plan.changes)
+    cfg4, given4 = parse_command_line(corpus["args"](out, gradient_accumulation_steps=4))
+    plan4 = train_ddp.plan_run(cfg4, one_process, "fp32", resume, given4)
+    assert plan4.layout.global_batch == 16 and plan4.max_train_steps == SAVED + (STEPS - SAVED) // 2
+    assert cfg.to_dict() == asked and cfg4.gradient_accumulation_steps == 4 and not hasattr(cfg, "given")
+    fresh = train_ddp.plan_run(cfg, one_process, "fp32", None, given)
+    assert fresh.layout.accumulation == 1 and fresh.changes == ()

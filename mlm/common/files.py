@@ -132,15 +132,65 @@ def read_json(path: str) -> Any:
         return json.load(fh)
 
 
+# ---------------------------------------------------------------------- the training history
+# training_history.json is a JSON list with one entry a line, so that a run appends an entry without rewriting
+# the file: over a long run, each log costs the same.
+_LIST_END = b"\n]\n"
+
+
+def write_json_list(path: str, entries: list[Any]) -> None:
+    """The list, atomically, one entry a line (append_json_list adds to it)."""
+    lines = ",\n".join(json.dumps(e, default=str) for e in entries)
+    write_text_atomic(path, f"[\n{lines}\n]\n" if entries else "[\n]\n")
+
+
+def append_json_list(path: str, entry: Any) -> None:
+    """Add one entry to a list written by write_json_list: the closing bracket is overwritten by the entry and a
+    new bracket. A write that fails (a full disk) truncates the file back to the list it was."""
+    line = json.dumps(entry, default=str).encode()
+    with open(path, "r+b") as fh:
+        end = fh.seek(0, os.SEEK_END) - len(_LIST_END)
+        fh.seek(end - 1)
+        first = fh.read(1) == b"["
+        fh.seek(end)
+        try:
+            fh.write((b"\n" if first else b",\n") + line + _LIST_END)
+            fh.flush()
+            os.fsync(fh.fileno())
+        except BaseException:
+            fh.seek(end)
+            fh.truncate()
+            fh.write(_LIST_END)
+            fh.flush()
+            raise
+
+
 def read_history(output_dir: str) -> Optional[list[dict]]:
-    """The entries of a run's training_history.json: None when there is no file, or it is not (yet) a complete
-    JSON list (a run replaces it atomically, so that means another program wrote it, or none yet)."""
+    """The entries of a run's training_history.json: None when there is no file or it holds no JSON list.
+    A file cut short (a process killed while appending) gives the entries before the cut."""
     try:
         with open(os.path.join(output_dir, HISTORY), encoding="utf-8") as fh:
-            history = json.load(fh)
-    except (OSError, ValueError):
+            text = fh.read()
+    except OSError:
         return None
+    try:
+        history = json.loads(text)
+    except ValueError:
+        return _entries_before_a_cut(text)
     return history if isinstance(history, list) else None
+
+
+def _entries_before_a_cut(text: str) -> Optional[list[dict]]:
+    lines = text.splitlines()
+    if not lines or lines[0] != "[":
+        return None
+    entries = []
+    for line in lines[1:]:
+        try:
+            entries.append(json.loads(line.rstrip(",")))
+        except ValueError:
+            break
+    return entries
 
 
 def train_entries(history: list[dict]) -> list[dict]:

@@ -15,7 +15,7 @@ from collections.abc import Callable
 from typing import Any, Optional
 
 from mlm.common.cli import UserError
-from mlm.common.files import HISTORY, read_history, write_json_atomic
+from mlm.common.files import HISTORY, append_json_list, read_history, write_json_list
 from mlm.config import TrainConfig
 from mlm.report.card import coverage
 
@@ -83,6 +83,7 @@ class Tracker:
         history = (read_history(cfg.output_dir) or []) if is_main else []
         # Resume: entries after the resumed step are dropped, so no step is recorded twice.
         self.history = [h for h in history if h.get("step", 0) <= initial_step]
+        self.history_written = False  # the file holds self.history (written whole once, then appended to)
         # The W&B run being continued already holds the steps the previous attempt logged after its last
         # checkpoint; they are not sent again (an exact resume recomputes the same values).
         self.wandb_floor = max((h.get("step", 0) for h in history), default=-1) if run_id else -1
@@ -150,8 +151,12 @@ class Tracker:
         self.wandb.log_artifact(artifact, aliases=["best", "latest"])
 
     def _record(self, entry: dict) -> None:
+        if self.history_written:
+            append_json_list(self.path, entry)
+        else:  # the first record of this attempt: the kept entries (a resume drops later ones) and this one
+            write_json_list(self.path, self.history + [entry])
+            self.history_written = True
         self.history.append(entry)
-        write_json_atomic(self.path, self.history)
 
     def log_train(self, step: int, epoch: float, metrics: dict[str, float]) -> None:
         if not self.enabled:

@@ -88,6 +88,11 @@ class Trainable:
     max_grad_norm: float
 
 
+def describe_precision(trainable: Trainable) -> str:
+    """ "fp16 + GradScaler", "bf16", "fp32": what the banner and the model card say."""
+    return trainable.precision + (" + GradScaler" if trainable.scaler.is_enabled() else "")
+
+
 def build_masking(cfg: TrainConfig, tokenizer) -> Masking:
     tables = build_masking_tables(tokenizer)  # on the host: prepare_batch masks there
     if cfg.whole_word_mask and tables.word_convention is None:

@@ -33,8 +33,18 @@ from mlm.train.checkpoint import (
     rng_state,
     save_checkpoint,
 )
-from mlm.train.engine import EVAL_METRICS, Masking, StepResult, Trainable, evaluate, prepare_batch, train_step
+from mlm.train.engine import (
+    EVAL_METRICS,
+    Masking,
+    StepResult,
+    Trainable,
+    describe_precision,
+    evaluate,
+    prepare_batch,
+    train_step,
+)
 from mlm.train.export import export_pretrained
+from mlm.train.plan import RunPlan
 from mlm.train.preemption import OUT_OF_TIME, OutOfTime, Preempted, StopRequest, signal_name
 from mlm.train.runlock import RunLock
 from mlm.train.swa import WeightAverage
@@ -61,7 +71,8 @@ class Length:
 class Run:
     """Everything fit() wires together, built by train_ddp.py from a few parts, by keyword."""
 
-    cfg: TrainConfig
+    cfg: TrainConfig  # what the user asked for, never changed
+    plan: RunPlan  # what the run trains with: batch layout and step budget (a resume may derive them)
     env: DistEnv
     trainable: Trainable  # what a step runs and changes (trainable.loss.model is the Hugging Face model)
     masking: Masking
@@ -76,12 +87,12 @@ class Run:
     lock: Optional[RunLock] = None  # rank 0's hold on output_dir (mlm/train/runlock.py); None elsewhere
 
 
-def run_length(cfg: TrainConfig, micro_per_epoch: Optional[int]) -> Length:
-    """Total optimizer steps: --max_train_steps, or the epochs' worth (a stream's epoch length is unknown)."""
+def run_length(cfg: TrainConfig, plan: RunPlan, micro_per_epoch: Optional[int]) -> Length:
+    """Total optimizer steps: the plan's step budget, or the epochs' worth (a stream's epoch length is unknown)."""
     if micro_per_epoch is None:
-        return Length(cfg.max_train_steps, None)
-    per_epoch = Length(0, micro_per_epoch).steps_per_epoch(cfg.gradient_accumulation_steps)
-    return Length(cfg.max_train_steps or math.ceil(cfg.num_train_epochs * per_epoch), micro_per_epoch)
+        return Length(plan.max_train_steps, None)
+    per_epoch = Length(0, micro_per_epoch).steps_per_epoch(plan.layout.accumulation)
+    return Length(plan.max_train_steps or math.ceil(cfg.num_train_epochs * per_epoch), micro_per_epoch)
 
 
 class _Meter:
@@ -308,7 +319,6 @@ def card_facts(
         )
     if cfg.test_file:
         data += f"; test {files_names(cfg.test_file)}"
-    batch = cfg.per_device_train_batch_size * env.world_size * cfg.gradient_accumulation_steps
     kept = 1.0 - cfg.mask_replace_prob - cfg.random_replace_prob
     masking = (
         f"{cfg.mlm_probability:.0%} of {'whole words' if cfg.whole_word_mask else 'tokens'} selected, "
@@ -326,10 +336,9 @@ def card_facts(
         best_step=best_step,
         total_steps=run.length.total_steps,
         epoch=epoch,
-        global_batch=f"{batch} = {cfg.per_device_train_batch_size} per device x {env.world_size} "
-        f"processes x {cfg.gradient_accumulation_steps} accumulation",
+        global_batch=run.plan.layout.describe(),
         hardware=hardware(env),
-        precision=run.trainable.precision + (" + GradScaler" if run.trainable.scaler.is_enabled() else ""),
+        precision=describe_precision(run.trainable),
         train_seconds=run.state.train_seconds,
         options={k: getattr(cfg, k) for k in CARD_OPTIONS if getattr(cfg, k) not in (None, False)},
         examples=examples or [],
@@ -468,7 +477,7 @@ def fit(run: Run) -> TrainState:
     while state.step < total and not stop:
         steps_before, fresh_epoch = state.step, state.micro_in_epoch == 0
         for group in run.data.train.groups(
-            state.epoch, state.micro_in_epoch, cfg.gradient_accumulation_steps, state.epoch_offset
+            state.epoch, state.micro_in_epoch, run.plan.layout.accumulation, state.epoch_offset
         ):
             epoch_end = _one_step(run, group, meter)
             if state.step % cfg.logging_steps == 0 or state.step == total:
