@@ -54,7 +54,7 @@ from mlm.inference.fill_mask import sample_rows
 from mlm.model import modeling
 from mlm.model.heads import head_path
 from mlm.report import metrics, tracking
-from mlm.train import checkpoint, engine, finish, loop, optim, runlock
+from mlm.train import checkpoint, engine, finish, loop, optim, runlock, writes
 from mlm.train.plan import BatchLayout, RunPlan
 from mlm.train.preemption import OutOfTime, Preempted, StopRequest
 from mlm.train.swa import WeightAverage
@@ -211,7 +211,7 @@ def build_run(
         run_config["hardware_history"] = had + ([now] if not had or had[-1] != now else [])
         write_json_atomic(path, run_config)
 
-    loop.write_on_main(env, cfg.output_dir, state.step, "run_config.json", write_run_config)
+    writes.write_on_main(env, cfg.output_dir, state.step, "run_config.json", write_run_config)
     tracker = tracking.Tracker(
         cfg,
         run_config,
@@ -257,7 +257,7 @@ def evaluate_only(run: loop.Run) -> None:
             write_json_atomic(os.path.join(run.cfg.output_dir, files[split]), metrics_)
         run.tracker.summary({f"{split}/{k}": v for split, m in results.items() for k, v in m.items()})
 
-    loop.write_on_main(run.env, run.cfg.output_dir, run.state.step, "eval_results.json", write)
+    writes.write_on_main(run.env, run.cfg.output_dir, run.state.step, "eval_results.json", write)
     if run.env.is_main:
         for split, metrics_ in results.items():
             print(f"{split}: " + json.dumps(metrics_), flush=True)

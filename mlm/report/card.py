@@ -16,7 +16,7 @@ EXAMPLE_ROWS = 3  # sample sentences shown in the card (the W&B table has them a
 
 @dataclass(frozen=True, kw_only=True)
 class CardFacts:
-    """What the card says, gathered from the run by the caller (mlm.train.loop.card_facts)."""
+    """What the card says, gathered from the run by the caller (mlm.train.card_facts)."""
 
     model_name: str  # the run's name (its output_dir)
     base_model: Optional[str]  # a Hub id, for the header; None for a local directory or from scratch

@@ -16,8 +16,10 @@ from mlm.common.distributed import broadcast_weights, main_decides
 from mlm.common.files import read_json, write_json_atomic, write_text_atomic
 from mlm.model.modeling import MaskedLMLoss
 from mlm.report.card import CARD_FILE, coverage, model_card
+from mlm.train.card_facts import card_facts
 from mlm.train.engine import EVAL_METRICS, evaluate
-from mlm.train.loop import Run, card_facts, write_on_main
+from mlm.train.loop import Run
+from mlm.train.writes import write_on_main
 
 TEST_RESULTS = "test_results.json"
 

@@ -10,44 +10,42 @@ from __future__ import annotations
 import math
 import os
 import time
-from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any, Optional, TypeVar
 
 import torch
 
 from mlm.common.cli import UserError
-from mlm.common.distributed import DistEnv, any_rank, broadcast_flag, dist_max, dist_sum, dist_world, gather_to_main
-from mlm.common.files import DiskFull, free_bytes, is_disk_full
+from mlm.common.distributed import DistEnv, broadcast_flag, dist_max, gather_to_main
 from mlm.config import TrainConfig
 from mlm.data.cached import DataBundle
-from mlm.report.card import CARD_FILE, CardFacts, model_card
-from mlm.report.metrics import Throughput, mlm_step_flops, peak_memory_bytes
+from mlm.report.card import CARD_FILE, model_card
+from mlm.report.metrics import Throughput
 from mlm.report.tracking import Tracker
+from mlm.train.card_facts import card_facts
 from mlm.train.checkpoint import (
     RankRngs,
     TrainState,
     checkpoint_bytes,
     checkpoint_dirs,
-    latest_complete_checkpoint,
     rng_state,
     save_checkpoint,
 )
 from mlm.train.engine import (
     EVAL_METRICS,
     Masking,
-    StepResult,
     Trainable,
-    describe_precision,
     evaluate,
     prepare_batch,
     train_step,
 )
 from mlm.train.export import export_pretrained
+from mlm.train.meter import StepMeter
 from mlm.train.plan import RunPlan
 from mlm.train.preemption import OUT_OF_TIME, OutOfTime, Preempted, StopRequest, signal_name
 from mlm.train.runlock import RunLock
 from mlm.train.swa import WeightAverage
+from mlm.train.writes import write_on_main
 
 T = TypeVar("T")
 
@@ -93,86 +91,6 @@ def run_length(cfg: TrainConfig, plan: RunPlan, micro_per_epoch: Optional[int]) 
         return Length(plan.max_train_steps, None)
     per_epoch = Length(0, micro_per_epoch).steps_per_epoch(plan.layout.accumulation)
     return Length(plan.max_train_steps or math.ceil(cfg.num_train_epochs * per_epoch), micro_per_epoch)
-
-
-class _Meter:
-    """Running sums of the steps since the last log: device values stay on the device (no sync until logging),
-    counts the host knows stay on the host."""
-
-    def __init__(self, device: torch.device, throughput: Throughput):
-        self.device, self.shape, self.peak_flops = device, throughput.shape, throughput.peak_flops
-        self.consecutive = torch.zeros((), dtype=torch.long, device=device)  # kept across logs
-        self.reset()
-
-    def reset(self) -> None:
-        self.sums = torch.zeros(2, dtype=torch.float64, device=self.device)  # NLL, skipped steps
-        self.counts = [0, 0, 0, 0]  # masked tokens, tokens, sequences, sum of squared lengths
-        self.grad_norm = torch.zeros((), device=self.device)
-        self.t0 = time.perf_counter()
-        self.excluded = 0.0  # seconds spent evaluating or saving: not training throughput
-
-    def exclude_since(self, t: float) -> None:
-        self.excluded += time.perf_counter() - t
-
-    def add(self, r: StepResult) -> None:
-        self.sums += torch.stack([r.loss_sum.double(), r.skipped.double()])
-        step_counts = (r.masked_tokens, r.tokens, r.sequences, r.sum_sq_lengths)
-        self.counts = [a + b for a, b in zip(self.counts, step_counts)]
-        self.grad_norm = r.grad_norm
-        self.consecutive = (self.consecutive + 1) * r.skipped  # consecutive skipped steps, 0 after a good one
-
-    def collect(self) -> dict[str, float]:
-        """Collective: every rank calls it at the same step. train/loss is the exact global mean: the NLL
-        summed over every rank's masked tokens divided by their total count (ranks weigh by their tokens)."""
-        masked_here = torch.tensor(float(max(self.counts[0], 1)), dtype=torch.float64).to(self.device)
-        local_mean = self.sums[0] / masked_here
-        memory = torch.tensor([float(m) for m in peak_memory_bytes(self.device)], dtype=torch.float64)
-        maxima = dist_max(torch.cat([torch.stack([local_mean, self.consecutive.double()]), memory.to(self.device)]))
-        loss_max, consecutive, memory, reserved = maxima.tolist()
-        totals = torch.cat([self.sums, torch.tensor(self.counts, dtype=torch.float64).to(self.device)])
-        nll, skipped, masked, tokens, sequences, sum_sq = dist_sum(totals).tolist()
-        seconds = max(time.perf_counter() - self.t0 - self.excluded, 1e-9)
-        flops = mlm_step_flops(self.shape, tokens, sum_sq, masked)
-        # skipped_steps is summed over ranks, and every rank skips the same steps: divide it back.
-        return {
-            "loss": nll / max(masked, 1),
-            "loss_max": loss_max,
-            "grad_norm": float(self.grad_norm),
-            "tokens_per_s": tokens / seconds,
-            "samples_per_s": sequences / seconds,
-            "mfu": flops / seconds / self.peak_flops,
-            "peak_memory_gib": memory / 2**30,
-            "peak_memory_reserved_gib": reserved / 2**30,
-            "skipped_steps": round(skipped / dist_world()),
-            "consecutive_skipped": int(consecutive),
-        }
-
-
-def disk_full_message(output_dir: str, what: str, step: int) -> str:
-    newest = latest_complete_checkpoint(output_dir)
-    return (
-        f"no space left on the disk of {output_dir} ({free_bytes(output_dir) / 2**30:.2f} GiB free) while "
-        f"writing {what} at step {step}; the half-written copy was removed and nothing saved before was "
-        f"changed; the newest intact checkpoint is {newest or 'none yet'}. Free space and run the same "
-        "command to resume"
-    )
-
-
-def write_on_main(env: DistEnv, output_dir: str, step: int, what: str, fn: Callable[[], T]) -> Optional[T]:
-    """fn on rank 0 (the rank that writes the run directory); every rank learns whether it found the disk full
-    (one int over the CPU control group) and, if so, all leave at this step with DiskFull, rank 0's naming the
-    directory, the free space and the newest intact checkpoint. Any other failure propagates as it is."""
-    failure, result = "", None
-    if env.is_main:
-        try:
-            result = fn()
-        except Exception as e:
-            if not is_disk_full(e):
-                raise
-            failure = disk_full_message(output_dir, what, step)
-    if any_rank(bool(failure), env):
-        raise DiskFull(failure)  # empty on the other ranks: rank 0 says it once
-    return result
 
 
 def _epoch_float(run: Run) -> float:
@@ -247,104 +165,6 @@ def _decide(run: Run, metrics: dict[str, Any], swa: Optional[WeightAverage]) -> 
 
 
 # The options a model card lists (besides batch, steps, hardware and precision, which it shows anyway).
-CARD_OPTIONS = (
-    "learning_rate",
-    "lr_scheduler_type",
-    "warmup_ratio",
-    "num_warmup_steps",
-    "weight_decay",
-    "max_grad_norm",
-    "max_seq_length",
-    "line_by_line",
-    "mlm_probability",
-    "whole_word_mask",
-    "layerwise_lr_decay",
-    "label_smoothing",
-    "swa_start_step",
-    "num_train_epochs",
-    "max_train_steps",
-    "seed",
-)
-
-
-def hardware(env: DistEnv) -> str:
-    if env.device.type == "cuda":
-        return f"{env.world_size} x {torch.cuda.get_device_name(env.device)}"
-    return f"{env.world_size} x CPU process{'es' if env.world_size > 1 else ''}"
-
-
-def hub_name(name: str) -> bool:
-    """Whether a model name is a Hub id rather than something on this machine."""
-    return not os.path.exists(name)
-
-
-def local_name(path: str) -> str:
-    return os.path.basename(os.path.normpath(path))
-
-
-def files_names(paths: list[str]) -> str:
-    names = [local_name(p) for p in paths]
-    return ", ".join(names) if len(names) <= 3 else f"{', '.join(names[:2])} and {len(names) - 2} more"
-
-
-def card_facts(
-    run: Run,
-    validation: dict[str, Any],
-    *,
-    best_step: int,
-    epoch: float,
-    test: Optional[dict[str, Any]] = None,
-    examples: Optional[list] = None,
-) -> CardFacts:
-    """What best/README.md says about this run (mlm/report/card.py writes it)."""
-    cfg, env = run.cfg, run.env
-    hub_model = cfg.model_name_or_path if cfg.model_name_or_path and hub_name(cfg.model_name_or_path) else None
-    # A card is uploaded: a local directory or file is named by its last component, never by this machine's path.
-    config = cfg.config_name and (cfg.config_name if hub_name(cfg.config_name) else local_name(cfg.config_name))
-    base = (
-        (hub_model or local_name(cfg.model_name_or_path))
-        if cfg.model_name_or_path
-        else f"A model built from scratch ({config or 'BertConfig'}"
-        f"{', ' + cfg.config_overrides if cfg.config_overrides else ''})"
-    )
-    if cfg.dataset_name:
-        data = f"the Hugging Face dataset {cfg.dataset_name}" + (
-            f" ({cfg.dataset_config_name})" if cfg.dataset_config_name else ""
-        )
-    else:
-        data = (
-            "the WikiText files in " + local_name(cfg.dataset_dir)
-            if cfg.dataset_dir
-            else " + ".join(files_names(p) for p in (cfg.train_file, cfg.validation_file) if p)
-        )
-    if cfg.test_file:
-        data += f"; test {files_names(cfg.test_file)}"
-    kept = 1.0 - cfg.mask_replace_prob - cfg.random_replace_prob
-    masking = (
-        f"{cfg.mlm_probability:.0%} of {'whole words' if cfg.whole_word_mask else 'tokens'} selected, "
-        f"{cfg.mask_replace_prob:.0%}/{cfg.random_replace_prob:.0%}/{kept:.0%} [MASK]/random/kept"
-    )
-    return CardFacts(
-        model_name=os.path.basename(os.path.normpath(cfg.output_dir)),
-        base_model=hub_model,
-        base_label=base,
-        dataset=(cfg.dataset_name, cfg.dataset_config_name) if cfg.dataset_name else None,
-        data_label=data,
-        masking=masking,
-        validation=validation,
-        test=test,
-        best_step=best_step,
-        total_steps=run.length.total_steps,
-        epoch=epoch,
-        global_batch=run.plan.layout.describe(),
-        hardware=hardware(env),
-        precision=describe_precision(run.trainable),
-        train_seconds=run.state.train_seconds,
-        options={k: getattr(cfg, k) for k in CARD_OPTIONS if getattr(cfg, k) not in (None, False)},
-        examples=examples or [],
-    )
-
-
 def checkpoint_parts(trainable: Trainable, swa: Optional[WeightAverage], rngs: RankRngs) -> dict[str, Any]:
     """The pieces of a checkpoint besides the weights and TrainState, by file name (docs/DESIGN.md)."""
     return {
@@ -397,7 +217,7 @@ def same_step_on_all_ranks(step: int, env: DistEnv) -> bool:
     return hi == -neg_lo
 
 
-def _log(run: Run, meter: _Meter) -> None:
+def _log(run: Run, meter: StepMeter) -> None:
     """A logging step (the only host-device syncs of training besides evaluation and saving)."""
     metrics = meter.collect()
     consecutive = metrics.pop("consecutive_skipped")
@@ -444,7 +264,7 @@ def _stop_if_signalled(run: Run, last_saved: int) -> None:
     )
 
 
-def _one_step(run: Run, group: list[dict], meter: _Meter) -> bool:
+def _one_step(run: Run, group: list[dict], meter: StepMeter) -> bool:
     """Mask, step, count; returns whether the epoch ended with this step."""
     state, env = run.state, run.env
     micro = [prepare_batch(raw, state.epoch, run.masking, env.device) for raw in group]
@@ -465,7 +285,7 @@ def _one_step(run: Run, group: list[dict], meter: _Meter) -> bool:
 def fit(run: Run) -> TrainState:
     cfg, state = run.cfg, run.state
     total = run.length.total_steps
-    meter = _Meter(run.env.device, run.throughput)
+    meter = StepMeter(run.env.device, run.throughput)
     last_saved = state.step if state.step else -1
     stop = False
     # Until a save has been timed: a checkpoint written at 100 MB/s (the first save replaces the guess).

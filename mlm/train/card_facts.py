@@ -1,0 +1,118 @@
+"""What best/README.md says about a run: the facts mlm.report.card.model_card writes, read off the run."""
+
+from __future__ import annotations
+
+import os
+from typing import TYPE_CHECKING, Any, Optional
+
+import torch
+
+from mlm.common.distributed import DistEnv
+from mlm.report.card import CardFacts
+from mlm.train.engine import describe_precision
+
+if TYPE_CHECKING:  # the loop hands its Run in; it imports this module
+    from mlm.train.loop import Run
+
+CARD_OPTIONS = (
+    "learning_rate",
+    "lr_scheduler_type",
+    "warmup_ratio",
+    "num_warmup_steps",
+    "weight_decay",
+    "max_grad_norm",
+    "max_seq_length",
+    "line_by_line",
+    "mlm_probability",
+    "whole_word_mask",
+    "layerwise_lr_decay",
+    "label_smoothing",
+    "swa_start_step",
+    "num_train_epochs",
+    "max_train_steps",
+    "seed",
+)
+
+
+def card_options(run: Run) -> dict[str, Any]:
+    """The options that shaped the run, as it trained: a resume's step budget is the plan's."""
+    values = {**{k: getattr(run.cfg, k) for k in CARD_OPTIONS}, "max_train_steps": run.plan.max_train_steps}
+    return {k: v for k, v in values.items() if v not in (None, False)}
+
+
+def hardware(env: DistEnv) -> str:
+    if env.device.type == "cuda":
+        return f"{env.world_size} x {torch.cuda.get_device_name(env.device)}"
+    return f"{env.world_size} x CPU process{'es' if env.world_size > 1 else ''}"
+
+
+def hub_name(name: str) -> bool:
+    """Whether a model name is a Hub id rather than something on this machine."""
+    return not os.path.exists(name)
+
+
+def local_name(path: str) -> str:
+    return os.path.basename(os.path.normpath(path))
+
+
+def files_names(paths: list[str]) -> str:
+    names = [local_name(p) for p in paths]
+    return ", ".join(names) if len(names) <= 3 else f"{', '.join(names[:2])} and {len(names) - 2} more"
+
+
+def card_facts(
+    run: Run,
+    validation: dict[str, Any],
+    *,
+    best_step: int,
+    epoch: float,
+    test: Optional[dict[str, Any]] = None,
+    examples: Optional[list] = None,
+) -> CardFacts:
+    """What best/README.md says about this run (mlm/report/card.py writes it)."""
+    cfg, env = run.cfg, run.env
+    hub_model = cfg.model_name_or_path if cfg.model_name_or_path and hub_name(cfg.model_name_or_path) else None
+    # A card is uploaded: a local directory or file is named by its last component, never by this machine's path.
+    config = cfg.config_name and (cfg.config_name if hub_name(cfg.config_name) else local_name(cfg.config_name))
+    base = (
+        (hub_model or local_name(cfg.model_name_or_path))
+        if cfg.model_name_or_path
+        else f"A model built from scratch ({config or 'BertConfig'}"
+        f"{', ' + cfg.config_overrides if cfg.config_overrides else ''})"
+    )
+    if cfg.dataset_name:
+        data = f"the Hugging Face dataset {cfg.dataset_name}" + (
+            f" ({cfg.dataset_config_name})" if cfg.dataset_config_name else ""
+        )
+    else:
+        data = (
+            "the WikiText files in " + local_name(cfg.dataset_dir)
+            if cfg.dataset_dir
+            else " + ".join(files_names(p) for p in (cfg.train_file, cfg.validation_file) if p)
+        )
+    if cfg.test_file:
+        data += f"; test {files_names(cfg.test_file)}"
+    kept = 1.0 - cfg.mask_replace_prob - cfg.random_replace_prob
+    masking = (
+        f"{cfg.mlm_probability:.0%} of {'whole words' if cfg.whole_word_mask else 'tokens'} selected, "
+        f"{cfg.mask_replace_prob:.0%}/{cfg.random_replace_prob:.0%}/{kept:.0%} [MASK]/random/kept"
+    )
+    return CardFacts(
+        model_name=os.path.basename(os.path.normpath(cfg.output_dir)),
+        base_model=hub_model,
+        base_label=base,
+        dataset=(cfg.dataset_name, cfg.dataset_config_name) if cfg.dataset_name else None,
+        data_label=data,
+        masking=masking,
+        validation=validation,
+        test=test,
+        best_step=best_step,
+        total_steps=run.length.total_steps,
+        epoch=epoch,
+        global_batch=run.plan.layout.describe(),
+        hardware=hardware(env),
+        precision=describe_precision(run.trainable),
+        train_seconds=run.state.train_seconds,
+        options=card_options(run),
+        examples=examples or [],
+    )
