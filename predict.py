@@ -7,7 +7,8 @@
     python predict.py --model outputs/my-run --compare bert-base-uncased
     python predict.py --interactive
 
-The prediction core (and the joint-fill algorithm) is mlm/fill_mask.py; this file reads inputs and prints.
+The prediction core (and the joint-fill algorithm) is mlm/inference/fill_mask.py; this file reads inputs and
+prints.
 """
 
 from __future__ import annotations

@@ -22,7 +22,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any, Optional, Union
 
-from mlm.common.cli import OUTPUTS_ROOT, UserError, command_line, looks_like_path, parser_error
+from mlm.common.cli import OUTPUTS_ROOT, OneLineErrors, UserError, command_line, looks_like_path
 from mlm.common.files import input_in_run_dir
 
 DEFAULT_MODEL = "bert-base-uncased"
@@ -639,9 +639,8 @@ def _section(group: str, title: str) -> type:
 def build_parser(prog: str = "train_ddp.py") -> argparse.ArgumentParser:
     from transformers import HfArgumentParser
 
-    class Parser(HfArgumentParser):
-        def error(self, message: str) -> typing.NoReturn:  # one line, not argparse's usage dump and exit
-            raise parser_error(message, self.prog)
+    class Parser(OneLineErrors, HfArgumentParser):
+        pass
 
     p = Parser(
         [_section(group, title) for group, title in GROUPS.items()],

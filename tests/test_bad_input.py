@@ -15,7 +15,10 @@ import os
 from dataclasses import dataclass, field
 
 import pytest
+import torch
 from helpers import _env, make_text_file, run_train, start_ranks, tiny_args, wait_all
+
+from mlm.common.cli import UserError
 
 TIME_LIMIT_S = 60.0
 NOT_CACHED = "some_dataset_that_is_not_cached"
@@ -252,3 +255,29 @@ def test_a_quiet_rank_leaves_its_grace_when_torchrun_stops_it(tmp_path):
     finally:
         p.kill()
     assert p.returncode == 0 and out.strip() == "exit 2", out
+
+
+@pytest.mark.parametrize(
+    "raised, user_error",
+    [
+        (OSError("bert-x is not a local folder and is not a valid model identifier"), True),
+        (ValueError("Unrecognized model in /tmp/m. Should have a `model_type` key in its config.json"), True),
+        (torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB"), False),
+        (TypeError("__init__() got an unexpected keyword argument 'x'"), False),  # a bug of ours keeps its type
+    ],
+)
+def test_only_a_failure_to_load_becomes_could_not_load(raised, user_error, monkeypatch, tokenizer):
+    """from_pretrained's loading errors are one line; an out-of-memory or a bug is not reported as one."""
+    import transformers
+
+    from mlm.config import TrainConfig
+    from mlm.model import modeling
+
+    def fail(*args, **kwargs):
+        raise raised
+
+    monkeypatch.setattr(transformers.AutoModelForMaskedLM, "from_pretrained", fail)
+    cfg = TrainConfig(model_name_or_path="bert-x")
+    with pytest.raises(UserError if user_error else type(raised)) as caught:
+        modeling.build_model(cfg, transformers.BertConfig(), tokenizer)
+    assert ("could not load the model 'bert-x'" in str(caught.value)) is user_error

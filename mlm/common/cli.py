@@ -18,6 +18,8 @@ import warnings
 from collections.abc import Callable
 from typing import Any
 
+from mlm.common import messages
+
 # Exit codes (README, "Exit codes"): 0 done; 1 a failure (a traceback or one line naming an NCCL/gloo failure,
 # or another rank's failure); 2 a user error, one line; 3 the loss stayed non-finite; 4 the disk filled up while
 # writing; 5 stopped by --max_runtime (mlm/train/preemption.py) after saving a checkpoint; 128 + signal
@@ -42,20 +44,24 @@ def parser_error(message: str, prog: str) -> UserError:
     return UserError(f"{flat} (run `python {prog} --help` to list the options)")
 
 
-class Parser(argparse.ArgumentParser):
-    """argparse with one-line errors: the problem, and where to look for the fix."""
+class OneLineErrors:
+    """For any argparse parser: one-line errors (the problem, and where to look for the fix) instead of the usage
+    dump and exit."""
+
+    prog: str
 
     def error(self, message: str) -> typing.NoReturn:
         raise parser_error(message, self.prog)
 
 
+class Parser(OneLineErrors, argparse.ArgumentParser):
+    """argparse with one-line errors."""
+
+
 def report(error: UserError) -> int:
     """The one way a user error reaches the user: `error: ...` on stderr; returns the exit code."""
     message = str(error)
-    if "\nOriginal Traceback" in message:
-        # Raised in a DataLoader worker: torch re-raises it here with the worker's traceback in the message,
-        # whose last line is the error itself.
-        message = message.rstrip().rsplit(f"{type(error).__name__}: ", 1)[-1]
+    message = messages.worker_error_line(message, type(error).__name__) or message
     print(f"error: {message}", file=sys.stderr, flush=True)
     return EXIT_USER_ERROR
 

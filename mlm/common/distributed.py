@@ -19,6 +19,7 @@ from typing import Optional, TypeVar
 import torch
 import torch.distributed as dist
 
+from mlm.common import messages
 from mlm.common.cli import LocalUserError, UserError
 
 T = TypeVar("T")
@@ -121,39 +122,21 @@ def init_distributed(timeout_seconds: float = 1800.0) -> DistEnv:
 # What a rank sees when a peer process died or its host vanished: the connection to it is gone. Only these
 # make a rank end quietly (the failed rank, or torchrun, reports why); any other error, an NCCL setup failure
 # that hits every rank included, is reported by the rank that saw it.
-_LOST_PEER = (
-    "Connection closed by peer",
-    "Connection reset by peer",
-    "Broken pipe",
-    "ncclRemoteError",
-    "remote process exited",
-)
-
-
 def is_peer_failure(exc: BaseException) -> bool:
     """Another rank died or left, and that rank (or torchrun) reports why."""
     if isinstance(exc, PeerFailed):
         return True
-    return isinstance(exc, (RuntimeError, dist.DistError)) and any(s in str(exc) for s in _LOST_PEER)
+    return isinstance(exc, (RuntimeError, dist.DistError)) and messages.names(str(exc), messages.LOST_PEER)
 
 
 def describe_failure(exc: BaseException, rank: int) -> Optional[str]:
     """One line for a failure of the communication backend itself (NCCL, gloo), with what usually fixes it;
     None for any other error, which keeps its traceback."""
     text = str(exc)
-    if not (isinstance(exc, dist.DistError) or "NCCL" in text or "[gloo" in text.lower() or "gloo/" in text):
+    if not (isinstance(exc, dist.DistError) or messages.names(text, messages.BACKEND)):
         return None
     first = next((line.strip() for line in text.splitlines() if line.strip()), type(exc).__name__)
-    hint = "rerun with NCCL_DEBUG=INFO for the cause"
-    if "/dev/shm" in text or "shared memory" in text.lower():
-        hint = (
-            "/dev/shm is too small for NCCL: in Docker run with --ipc=host or --shm-size=1g, or set NCCL_SHM_DISABLE=1"
-        )
-    elif "Timed out" in text or "timeout" in text.lower():
-        hint = "a rank waited longer than --ddp_timeout; raise it if a step or a save legitimately takes longer"
-    elif "ncclSystemError" in text or "ncclUnhandledCudaError" in text or "P2P" in text:
-        hint = "try NCCL_P2P_DISABLE=1 (GPUs without peer-to-peer access), and rerun with NCCL_DEBUG=INFO"
-    return f"rank {rank}: the communication backend failed: {first[:300]}; {hint}"
+    return f"rank {rank}: the communication backend failed: {first[:300]}; {messages.backend_hint(text)}"
 
 
 def teardown(env: Optional[DistEnv] = None) -> None:
@@ -274,7 +257,7 @@ def _leader_first(env: DistEnv, leader: bool, fn: Callable[[], T]) -> T | None:
     try:
         failed = any_rank(False, env)
     except RuntimeError as e:
-        if is_peer_failure(e) or not ("Timed out" in str(e) or "timeout" in str(e).lower()):
+        if is_peer_failure(e) or not messages.names(str(e), messages.TIMED_OUT):
             raise
         raise WaitedTooLong(
             f"rank {env.rank} waited longer than --ddp_timeout for the process preparing shared "

@@ -12,6 +12,8 @@ import shutil
 from collections.abc import Callable
 from typing import Any, Optional, TextIO
 
+from mlm.common import messages
+
 HISTORY = "training_history.json"
 RUN_CONFIG = "run_config.json"
 # What a run writes in its output_dir, by name; --overwrite_output_dir removes these and nothing else, so a
@@ -26,18 +28,9 @@ EXPORT_FILE = re.compile(
     r"|^(spm|spiece|sentencepiece\.bpe|tokenizer)\.model$|^README\.md$"
     r"|^(model|pytorch_model)(-\d+-of-\d+)?\.(safetensors|bin)(\.index\.json)?$"
 )
-# How a full disk (or a reached quota) shows: the OSError of a plain write, the text safetensors' Rust writer
-# gives it, and what torch.save's zip writer raises instead (a size check that fails after a short write: it
-# does not say why, but a write that came up short on a local disk is a full one).
+# How a full disk (or a reached quota) shows: the OSError of a plain write, or, where the writer raises
+# another type, its message (mlm.common.messages.DISK_FULL).
 DISK_FULL_ERRNOS = (errno.ENOSPC, errno.EDQUOT)
-DISK_FULL_TEXT = (
-    "No space left on device",
-    "os error 28",
-    "Disk quota exceeded",
-    "os error 122",
-    "unexpected pos",
-    "file write failed",
-)
 
 
 class DiskFull(Exception):
@@ -51,7 +44,7 @@ def is_disk_full(exc: BaseException) -> bool:
         seen.add(id(exc))
         if isinstance(exc, OSError) and exc.errno in DISK_FULL_ERRNOS:
             return True
-        if not isinstance(exc, OSError) and any(t in str(exc) for t in DISK_FULL_TEXT):
+        if not isinstance(exc, OSError) and messages.names(str(exc), messages.DISK_FULL):
             return True
         exc = exc.__cause__ or exc.__context__
     return False

@@ -4,9 +4,15 @@ from __future__ import annotations
 
 import os
 
+from safetensors import SafetensorError
+
 from mlm.common.cli import UserError
 
 _OFFLINE_VARIABLES = ("HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE", "HF_DATASETS_OFFLINE")
+# What from_pretrained raises when a name cannot be loaded: the Hub's errors and a missing file are OSErrors,
+# a config or a model type it does not know a ValueError or KeyError, a model class that needs a package an
+# ImportError, damaged weights safetensors' own error. Anything else (an out-of-memory, a bug) keeps its type.
+LOAD_ERRORS = (OSError, ValueError, KeyError, ImportError, SafetensorError)
 
 
 def offline() -> bool:

@@ -1,4 +1,5 @@
-"""BERT's 80/10/10 masking, written here, vectorised on the device.
+"""BERT's 80/10/10 masking, written here, vectorised, on the host where the loader's batch is (so the masked
+positions and their count are known there without a device sync; the same functions run on a device too).
 
 Every random draw is a counter-based hash of (seed, epoch, example index, position, stream), not a draw from
 a stateful generator. So masks are a pure function of those values (invariant 1, docs/DESIGN.md): they do not
@@ -30,7 +31,7 @@ WORD_CONVENTIONS = (("WordPiece", "##", False), ("byte-level BPE", "\u0120", Tru
 
 @dataclass(frozen=True)
 class MaskingTables:
-    """Per-vocabulary lookups, built once from the tokenizer and kept on the device."""
+    """Per-vocabulary lookups, built once from the tokenizer and kept where the masking runs (the host)."""
 
     special: torch.Tensor  # bool [V]: never selected
     continuation: torch.Tensor  # bool [V]: a piece that continues the word before it (whole-word masking)

@@ -7,6 +7,8 @@ Both paths name files, splits and datasets the same way, so they live here, belo
 
 from __future__ import annotations
 
+import hashlib
+import json
 import os
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
@@ -304,6 +306,18 @@ def _local_source(cfg: TrainConfig) -> Source:
     )
 
 
+def arrow_files_fingerprint(ds) -> str:
+    """What a Hub split's content is known by: the Arrow files datasets memory-maps it from (their paths name the
+    dataset, its configuration and version hash) and their sizes. Dataset.cache_files is public, where the
+    dataset's own fingerprint is not."""
+    files = [f["filename"] for f in ds.cache_files]
+    if not files:  # held in memory: its rows are what it is
+        from datasets.fingerprint import Hasher
+
+        return Hasher.hash(ds.data.table.to_pydict())
+    return hashlib.sha256(json.dumps([(f, os.path.getsize(f)) for f in files]).encode()).hexdigest()[:16]
+
+
 def _hub_source(cfg: TrainConfig) -> Source:
     import datasets
 
@@ -320,7 +334,7 @@ def _hub_source(cfg: TrainConfig) -> Source:
     columns = TextColumns.of(cfg)
     columns.check(dd["train"].column_names, f"dataset {label}")
     pct = cfg.validation_split_percentage
-    fp = f"hub:{label}:" + ",".join(f"{k}={v._fingerprint}" for k, v in sorted(dd.items()))
+    fp = f"hub:{label}:" + ",".join(f"{k}={arrow_files_fingerprint(v)}" for k, v in sorted(dd.items()))
     fp += _mode(cfg)
     report = TextReport()
 
@@ -410,23 +424,26 @@ def open_split(cfg: TrainConfig, split: str, report: Optional[TextReport] = None
         return None  # a local source without a test split
     else:
         label = hub_label(cfg.dataset_name, cfg.dataset_config_name)
-        try:
-            ds = datasets.load_dataset(cfg.dataset_name, cfg.dataset_config_name, split=split, streaming=True)
-        except ValueError as e:
-            if "split" in str(e).lower() and missing_ok:
-                return None
-            if "split" in str(e).lower():
-                raise UserError(
-                    f"dataset {label!r} has no {split!r} split; --streaming reads the validation "
-                    "split whole, so use a dataset that has one, or local files"
-                ) from None
-            raise _stream_error(label, e) from None
+        try:  # every split, lazily: which ones the dataset has is then a key lookup
+            splits = datasets.load_dataset(cfg.dataset_name, cfg.dataset_config_name, streaming=True)
         except Exception as e:
             raise _stream_error(label, e) from None
-    if ds.column_names is None:
-        ds = ds._resolve_features()  # peeks at the first example: the columns must be known to drop them
-    split_columns(cfg, split).check(list(ds.column_names), label)
+        if split not in splits:
+            if missing_ok:
+                return None
+            raise UserError(
+                f"dataset {label!r} has no {split!r} split; --streaming reads the validation "
+                "split whole, so use a dataset that has one, or local files"
+            )
+        ds = splits[split]
+    split_columns(cfg, split).check(stream_columns(ds), label)
     return ds
+
+
+def stream_columns(ds) -> list[str]:
+    """A stream's columns (they must be known to drop the others): from its features, or, for a stream that
+    does not declare them, from its first example."""
+    return list(ds.column_names) if ds.column_names is not None else list(next(iter(ds.take(1)), {}))
 
 
 def split_columns(cfg: TrainConfig, split: str) -> TextColumns:

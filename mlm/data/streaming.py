@@ -39,7 +39,7 @@ from mlm.common.distributed import DistEnv, all_ranks, main_process_first
 from mlm.config import TrainConfig
 from mlm.data.cached import DataBundle, build_datasets, eval_loader, eval_stats, tokenize_texts
 from mlm.data.cleaning import TextReport
-from mlm.data.sources import TextColumns, open_split, split_columns, split_label, whole_split
+from mlm.data.sources import TextColumns, open_split, split_columns, split_label, stream_columns, whole_split
 from mlm.data.text import TextEncoder, frame, text_encoder
 
 log = logging.getLogger("mlm")
@@ -85,7 +85,7 @@ def rank_stream(cfg: TrainConfig, env: DistEnv, encoder: TextEncoder, report: Te
     from datasets.distributed import split_dataset_by_node
 
     ds = open_split(cfg, "train", report)
-    columns = list(ds.column_names)
+    columns = stream_columns(ds)
     ds = ds.shuffle(seed=cfg.seed, buffer_size=cfg.shuffle_buffer_size)
     ds = split_dataset_by_node(ds, rank=env.rank, world_size=env.world_size)
     pack = pack_function(

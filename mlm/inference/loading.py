@@ -11,7 +11,7 @@ import torch
 from torch import nn
 
 from mlm.common.cli import OUTPUTS_ROOT, UserError, looks_like_path
-from mlm.common.hub import load_error
+from mlm.common.hub import LOAD_ERRORS, load_error
 from mlm.inference.onnx import OnnxMaskedLM
 from mlm.model.heads import usable_positions
 
@@ -82,7 +82,7 @@ def load_model(path: str, device: torch.device, flag: str = "--model") -> tuple[
 
     try:
         tokenizer = AutoTokenizer.from_pretrained(path, use_fast=True)
-    except Exception as e:
+    except LOAD_ERRORS as e:
         raise load_error("tokenizer", path, e) from None
     if tokenizer.mask_token_id is None:
         raise UserError(f"{flag} {path!r}: its tokenizer has no mask token, so it is not a masked LM")
@@ -91,7 +91,7 @@ def load_model(path: str, device: torch.device, flag: str = "--model") -> tuple[
         # fp32 stated, not left to the config's recorded dtype (transformers 5 would follow it): the scores are
         # those of the HF pipeline on the same fp32 weights.
         model, info = AutoModelForMaskedLM.from_pretrained(path, output_loading_info=True, dtype=torch.float32)
-    except Exception as e:
+    except LOAD_ERRORS as e:
         raise load_error("model", path, e) from None
     fresh = sorted(k for k in info.get("missing_keys", ()) if "embeddings.position_ids" not in k)
     if fresh:
@@ -110,7 +110,7 @@ def load_onnx(path: str, onnx: str) -> tuple[nn.Module, Any]:
 
     try:
         tokenizer, config = AutoTokenizer.from_pretrained(path, use_fast=True), AutoConfig.from_pretrained(path)
-    except Exception as e:
+    except LOAD_ERRORS as e:
         raise load_error("tokenizer and config", path, e) from None
     return OnnxMaskedLM(onnx, config), tokenizer
 

@@ -11,7 +11,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from mlm.common.cli import UserError
-from mlm.common.hub import load_error
+from mlm.common.hub import LOAD_ERRORS, load_error
 from mlm.config import TrainConfig
 from mlm.data.masking import IGNORE_INDEX
 from mlm.model.heads import head_logits, split_encoder_head, usable_positions
@@ -26,7 +26,7 @@ def load_model_config(cfg: TrainConfig):
     name = cfg.model_name_or_path or cfg.config_name
     try:
         config = AutoConfig.from_pretrained(name, trust_remote_code=cfg.trust_remote_code) if name else BertConfig()
-    except Exception as e:
+    except LOAD_ERRORS as e:
         raise load_error("model config", name, e) from None
     if cfg.from_scratch and cfg.config_overrides:
         try:
@@ -94,7 +94,7 @@ def load_tokenizer(cfg: TrainConfig):
     name = cfg.tokenizer_name or cfg.model_name_or_path or cfg.config_name
     try:
         tok = AutoTokenizer.from_pretrained(name, use_fast=True, trust_remote_code=cfg.trust_remote_code)
-    except Exception as e:
+    except LOAD_ERRORS as e:
         raise load_error("tokenizer", name, e) from None
     if tok.mask_token_id is None:
         raise UserError(f"the tokenizer {name!r} has no mask token, so it cannot train a masked LM")
@@ -125,7 +125,7 @@ def build_model(cfg: TrainConfig, config, tokenizer) -> nn.Module:
                 trust_remote_code=cfg.trust_remote_code,
                 dtype=torch.float32,
             )
-        except Exception as e:
+        except LOAD_ERRORS as e:
             raise load_error("model", cfg.model_name_or_path, e) from None
     if len(tokenizer) > model.get_input_embeddings().num_embeddings:
         raise UserError(

@@ -190,12 +190,12 @@ def build_scheduler(
     from transformers import get_scheduler
 
     def make_lambda(steps: int) -> Callable[[float], float]:
+        # transformers' schedules are LambdaLR factories: one built on a stand-in optimizer gives the function
+        # (LambdaLR.lr_lambdas) without touching the real optimizer's learning rates.
+        stand_in = torch.optim.SGD([torch.zeros(1, requires_grad=True)], lr=1.0)
         lambda_lr = get_scheduler(
-            cfg.lr_scheduler_type, optimizer, num_warmup_steps=warmup_steps(cfg, steps), num_training_steps=steps
+            cfg.lr_scheduler_type, stand_in, num_warmup_steps=warmup_steps(cfg, steps), num_training_steps=steps
         )
-        lr_lambda = lambda_lr.lr_lambdas[0]
-        if any(f is not lr_lambda for f in lambda_lr.lr_lambdas):
-            raise ValueError("every parameter group must follow the same schedule")
-        return lr_lambda
+        return lambda_lr.lr_lambdas[0]
 
     return AppliedStepSchedule(optimizer, make_lambda, total_steps, batch)
