@@ -144,7 +144,7 @@ class Predictor:
             self.note += f", run by onnxruntime from {args.onnx}"
         self.other: Optional[FillMask] = None
         if args.compare:
-            self.other = FillMask(args.compare, device=args.device)
+            self.other = FillMask(args.compare, device=args.device, flag="--compare")
             self.note += f"; compared with {args.compare}"
         self.options = dict(
             top_k=args.top_k,

@@ -23,7 +23,7 @@ from dataclasses import dataclass, field
 from typing import Any, Optional, Union
 
 from mlm.common.cli import OUTPUTS_ROOT, OneLineErrors, UserError, command_line, looks_like_path
-from mlm.common.files import input_in_run_dir
+from mlm.common.files import has_tokenizer_files, input_in_run_dir
 
 DEFAULT_MODEL = "bert-base-uncased"
 DEFAULT_DATASET, DEFAULT_DATASET_CONFIG = "wikitext", "wikitext-2-raw-v1"
@@ -457,6 +457,10 @@ def _check_numbers(c: TrainConfig) -> None:
 
 
 def _check_local_file(flag: str, path: str) -> None:
+    _require(
+        not os.path.isdir(path),
+        f"--{flag} {path!r} is a directory; give its files, or a glob such as '{os.path.join(path, '*.txt')}'",
+    )
     _require(os.path.isfile(path), f"--{flag} {path!r} does not exist; give the path of an existing text file")
     _require(
         path.endswith(LOCAL_SUFFIXES),
@@ -543,10 +547,7 @@ def _check_model_paths(c: TrainConfig) -> None:
                 "(e.g. bert-base-uncased) or a directory written by save_pretrained",
             )
             if flag == "tokenizer_name" or flag == "model_name_or_path":
-                has_tok = any(
-                    os.path.isfile(os.path.join(name, f))
-                    for f in ("tokenizer.json", "vocab.txt", "tokenizer_config.json")
-                )
+                has_tok = has_tokenizer_files(name)
                 _require(
                     has_tok or flag == "model_name_or_path" and c.tokenizer_name is not None,
                     f"--{flag} {name!r} holds no tokenizer files; add them with tokenizer.save_pretrained or "
@@ -589,6 +590,15 @@ def _check_output(c: TrainConfig) -> None:
         _require(
             os.path.isdir(r),
             f"--resume_from_checkpoint {r!r} is not a directory; give a checkpoints/step-N folder, 'auto' or 'none'",
+        )
+        exported = os.path.isfile(os.path.join(r, "config.json")) and not os.path.isfile(
+            os.path.join(r, "trainer_state.json")
+        )
+        _require(
+            not exported,
+            f"--resume_from_checkpoint {r!r} is an exported model (best/ or save_pretrained), not a resumable "
+            "checkpoint; resume from a checkpoints/step-N folder or 'auto', or start a new run from it with "
+            f"--model_name_or_path {r}",
         )
     if c.overwrite_output_dir:
         _check_overwrite_spares_inputs(c)
@@ -636,6 +646,21 @@ def _section(group: str, title: str) -> type:
     return dataclasses.make_dataclass(f"{group.title()}Options", fields, namespace={"_argument_group_name": title})
 
 
+class _HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
+    """Each default said once and as it is: not added where the help already says it, a string shown as Python
+    writes it (a newline separator as '\\n'), and a --no_ switch described as what it turns off."""
+
+    def _get_help_string(self, action: argparse.Action) -> str:
+        text = action.help or ""
+        negation = next((o for o in action.option_strings if o.startswith("--no_")), None)
+        if negation:
+            return f"Turn --{negation[len('--no_') :]} off."
+        if not action.option_strings or action.default is argparse.SUPPRESS or "default" in text.lower():
+            return text
+        default = repr(action.default) if isinstance(action.default, str) else action.default
+        return f"{text} (default: {str(default).replace('%', '%%')})"
+
+
 def build_parser(prog: str = "train_ddp.py") -> argparse.ArgumentParser:
     from transformers import HfArgumentParser
 
@@ -645,6 +670,7 @@ def build_parser(prog: str = "train_ddp.py") -> argparse.ArgumentParser:
     p = Parser(
         [_section(group, title) for group, title in GROUPS.items()],
         prog=prog,
+        formatter_class=_HelpFormatter,
         description="Masked-LM fine-tuning of BERT-style models on PyTorch DDP. "
         "Launch with torchrun --nproc_per_node=N train_ddp.py [options], or bash launch.sh [options].",
     )

@@ -101,6 +101,29 @@ def build_case(name: str, tmp_path, config_dir: str, tokenizer: str) -> Case:
         return Case(
             args(output_dir=str(tmp_path / "a-file")), ["--output_dir", "a-file", "is a file"], "give a directory path"
         )
+    if name == "train_file_is_a_directory":
+        (tmp_path / "texts").mkdir()
+        return Case(
+            args(train_file=str(tmp_path / "texts")),
+            ["--train_file", "texts", "is a directory"],
+            f"'{tmp_path / 'texts' / '*.txt'}'",
+        )
+    if name == "resume_from_an_export":  # best/ is a model export, not a checkpoint
+        best = tmp_path / "out" / "best"
+        best.mkdir(parents=True)
+        (best / "config.json").write_text("{}")
+        return Case(
+            args(resume_from_checkpoint=str(best)),
+            ["--resume_from_checkpoint", "best", "is an exported model"],
+            f"--model_name_or_path {best}",
+        )
+    if name == "held_out_split_of_no_rows":  # 1% of 20 texts rounds down to none
+        few = make_text_file(str(tmp_path / "few.txt"), n_lines=20)
+        return Case(
+            args(train_file=few, validation_split_percentage=1),
+            ["the validation split has no rows", "--validation_split_percentage (1)"],
+            "or give --validation_file",
+        )
     if name == "unknown_option":
         return Case(args() + ["--no_such_option", "3"], ["unrecognized arguments", "--no_such_option"], "--help")
     raise ValueError(name)
@@ -119,6 +142,9 @@ CASES = [
     "mlm_probability_1",
     "batch_size_zero",
     "output_dir_is_a_file",
+    "train_file_is_a_directory",
+    "resume_from_an_export",
+    "held_out_split_of_no_rows",
     "unknown_option",
 ]
 

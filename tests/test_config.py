@@ -353,3 +353,21 @@ def test_help_lists_each_option_once_under_its_section():
         entry = re.compile(rf"^  --{f.name}\b", re.M)  # an option's own line, not a mention in another's help
         assert len(entry.findall(text)) == 1, f.name
         assert entry.search(text, begin, end), f"--{f.name} is not under {GROUPS[f.metadata['group']]!r}"
+
+
+def test_help_says_each_default_once_and_as_it_is():
+    """No "(default: None)" after a help that states its own default, a separator shown as '\\n', and --no_tf32
+    described as what it turns off, not with --tf32's text and a default of False."""
+    from mlm.config import build_parser
+
+    text = build_parser().format_help()
+    entries = re.split(r"\n(?=  -)", text[text.index("\nthe model:") :])
+    for entry in entries:
+        said = entry.count("(default")
+        assert said <= 1, entry
+    model = next(e for e in entries if e.startswith("  --model_name_or_path"))
+    assert "(default bert-base-uncased when" in model and "(default: None)" not in model
+    assert "(default: '\\n')" in next(e for e in entries if e.startswith("  --text_separator"))
+    no_tf32 = next(e for e in entries if e.startswith("  --no_tf32"))
+    assert "Turn --tf32 off." in no_tf32 and "Allow TF32" not in no_tf32 and "(default" not in no_tf32
+    assert "(default: 128)" in next(e for e in entries if e.startswith("  --max_seq_length"))

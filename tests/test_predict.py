@@ -155,6 +155,10 @@ BAD = {
     "top_k_zero": (["--top_k", "0", "he [MASK] ."], "--top_k must be at least 1, got 0"),
     "unknown_option": (["--no_such_option", "he [MASK] ."], "unrecognized arguments: --no_such_option"),
     "cuda_without_gpu": (["--device", "cuda", "he [MASK] ."], "no CUDA GPU is visible; use --device cpu"),
+    "model_without_tokenizer": (["--model", "{tmp}/no-tokenizer", "he [MASK] ."], "holds a model but no tokenizer"),
+    "compare_without_tokenizer": (["--compare", "{tmp}/no-tokenizer", "he [MASK] ."], "--compare '{tmp}/no-"),
+    "compare_missing_dir": (["--compare", "{tmp}/no/such", "he [MASK] ."], "--compare '{tmp}/no/such' does not"),
+    "joint_beam_too_wide": (["--top_k", "100000", "he [MASK] [MASK] ."], "the beam is at most 256"),
 }
 
 
@@ -168,8 +172,18 @@ def test_bad_input_one_line_error_no_traceback(name, forced_model_dir, tmp_path,
     (tmp_path / "empty-dir").mkdir()
     os.makedirs(tmp_path / "run" / "checkpoints" / "step-4")
     (tmp_path / "run" / "checkpoints" / "step-4" / "trainer_state.json").write_text("{}")
+    os.makedirs(tmp_path / "no-tokenizer")  # save_pretrained's model files without the tokenizer's
+    for f in ("config.json", "model.safetensors"):
+        shutil.copy(os.path.join(forced_model_dir, f), tmp_path / "no-tokenizer")
     args = [a.replace("{tmp}", str(tmp_path)) for a in args]
-    if name not in ("no_trained_run", "missing_model_dir", "dir_without_model", "checkpoint_dir"):
+    problem = problem.replace("{tmp}", str(tmp_path))
+    if name not in (
+        "no_trained_run",
+        "missing_model_dir",
+        "dir_without_model",
+        "checkpoint_dir",
+        "model_without_tokenizer",
+    ):
         args = ["--model", forced_model_dir, *args]
     monkeypatch.chdir(tmp_path)
     monkeypatch.setattr(sys, "stdin", io.StringIO(""))

@@ -240,3 +240,32 @@ def test_the_history_is_appended_and_a_cut_loses_only_the_last_entry(tmp_path):
         fh.write(b',\n{"step": 6, "lo')
         fh.truncate()
     assert files.read_history(str(tmp_path)) == entries
+
+
+def test_a_curve_of_one_logged_point_is_drawn(tmp_path, monkeypatch):
+    """A newcomer's first short run logs one training point: each curve must show it (a marker), not a line of
+    one point, which draws nothing."""
+    import matplotlib.figure
+
+    from mlm.common import files
+    from mlm.report import plot
+
+    files.write_json_list(
+        str(tmp_path / files.HISTORY),
+        [
+            {"step": 20, "epoch": 0.1, "loss": 7.5, "lr": 5e-5},
+            {"step": 20, "epoch": 0.1, "eval": {"loss": 7.4, "perplexity": 1636.0}},
+        ],
+    )
+    drawn = []
+    original = matplotlib.figure.Figure.savefig
+    monkeypatch.setattr(
+        matplotlib.figure.Figure, "savefig", lambda fig, *a, **k: drawn.append(fig) or original(fig, *a, **k)
+    )
+    plot.plot(str(tmp_path))
+    lines = [line for fig in drawn for ax in fig.axes for line in ax.lines]
+    curves = [line for line in lines if line.get_label() in ("train loss", "eval loss", "eval perplexity")]
+    curves += [line for line in drawn[-1].axes[0].lines]  # the learning rate
+    assert len(curves) == 4
+    for line in curves:
+        assert len(line.get_xdata()) == 1 and line.get_marker() not in (None, "None", ""), line.get_label()

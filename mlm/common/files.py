@@ -196,6 +196,14 @@ def eval_entries(history: list[dict]) -> list[dict]:
     return [{**h["eval"], "step": h["step"], "epoch": h.get("epoch")} for h in history if "eval" in h]
 
 
+# What tokenizer.save_pretrained always writes one of: a directory without any holds no tokenizer.
+TOKENIZER_FILES = ("tokenizer.json", "vocab.txt", "tokenizer_config.json")
+
+
+def has_tokenizer_files(directory: str) -> bool:
+    return any(os.path.isfile(os.path.join(directory, f)) for f in TOKENIZER_FILES)
+
+
 # ---------------------------------------------------------------------- what --overwrite_output_dir removes
 def _children(path: str) -> list[str]:
     return sorted(os.listdir(path)) if os.path.isdir(path) else []

@@ -515,6 +515,12 @@ def build_datasets(cfg: TrainConfig, streams: dict[str, TokenStream], tokenizer)
     for split, ds in datasets.items():
         if len(ds) == 0 and split != "test":  # an empty test split is only not evaluated (the banner says so)
             n = int(streams[split].tokens.size)
+            if split == "validation" and streams[split].lengths.size == 0:
+                raise UserError(
+                    "the validation split has no rows: a held-out split is --validation_split_percentage "
+                    f"({cfg.validation_split_percentage}) percent of the training texts, rounded down; raise it, "
+                    "or give --validation_file"
+                )
             raise UserError(
                 f"the {'training' if split == 'train' else split} data gives no example of "
                 f"{cfg.max_seq_length} tokens (it has {n} tokens); give a file that holds more text, "

@@ -94,7 +94,7 @@ def main(argv: Optional[list[str]] = None) -> int:
             "the web demo needs the optional package gradio; pip install -r requirements-extras.txt"
         ) from None
     model = FillMask(args.model, device=args.device)
-    compare = FillMask(args.compare, device=args.device) if args.compare else None
+    compare = FillMask(args.compare, device=args.device, flag="--compare") if args.compare else None
     demo = build_demo(model, compare)
     print(
         f"serving {model.name}{' and ' + compare.name if compare else ''} on http://{args.host}:{args.port}", flush=True

@@ -46,6 +46,9 @@ _MASK_SPELLINGS = re.compile(r"\[mask\]|<mask>", re.IGNORECASE)
 
 
 # Built-in sentences: predict.py's default inputs and the W&B predictions table at each evaluation.
+# The widest beam of the joint fills of a text with several masks: each step tries beam x beam fillings, so
+# memory and time grow with its square (a --top_k of 100000 asked for 10^10 and was killed at 24 GB).
+MAX_JOINT_BEAMS = 256
 SAMPLE_SENTENCES = (
     "The capital of France is [MASK].",
     "Learning a new language can be [MASK] but rewarding.",
@@ -132,15 +135,17 @@ class FillMask:
         device: str = "auto",
         name: Optional[str] = None,
         onnx: Optional[str] = None,
+        flag: str = "--model",
     ):
+        """flag: the option that named the model, for error lines (predict.py's --compare names its own)."""
         if isinstance(model, os.PathLike):
             model = os.fspath(model)
         if isinstance(model, str) and onnx:  # the graph runs; the directory gives the tokenizer and config
             name = name or f"{model} (ONNX {onnx})"
-            model, tokenizer = load_onnx(resolve_model_path(model), onnx)
+            model, tokenizer = load_onnx(resolve_model_path(model, flag), onnx, flag)
         elif isinstance(model, str):
             name = name or model
-            model, tokenizer = load_model(resolve_model_path(model), resolve_device(device))
+            model, tokenizer = load_model(resolve_model_path(model, flag), resolve_device(device), flag)
         elif tokenizer is None:
             raise TypeError("FillMask(model, tokenizer): a model object needs its tokenizer")
         self.model, self.tokenizer = model.eval(), tokenizer
@@ -343,9 +348,16 @@ class FillMask:
         if not texts:
             raise UserError("no input text; give at least one text with " + self.tokenizer.mask_token)
         seqs = self.encode(texts)
+        beam = max(num_beams or top_k, top_k)
+        if beam > MAX_JOINT_BEAMS and any(seq.count(self.mask_id) > 1 for seq in seqs):
+            raise UserError(
+                f"--top_k {top_k}{f' --num_beams {num_beams}' if num_beams else ''} on a text with several masks: "
+                f"the joint fills try beam x beam fillings a step, so the beam is at most {MAX_JOINT_BEAMS}; "
+                f"give --top_k and --num_beams of {MAX_JOINT_BEAMS} or less (one mask per text has no such limit)"
+            )
         target_ids = self.target_ids(targets) if targets else None
         first = self._forward_masks(seqs, batch_size)
-        fills = self._joint_fills(seqs, first, top_k, max(num_beams or top_k, top_k), target_ids, batch_size)
+        fills = self._joint_fills(seqs, first, top_k, beam, target_ids, batch_size)
         return [
             Prediction(text, self.name, self._per_mask(seq, lg, top_k, target_ids), f)
             for text, seq, lg, f in zip(texts, seqs, first, fills)

@@ -11,6 +11,7 @@ import torch
 from torch import nn
 
 from mlm.common.cli import OUTPUTS_ROOT, UserError, looks_like_path
+from mlm.common.files import TOKENIZER_FILES, has_tokenizer_files
 from mlm.common.hub import LOAD_ERRORS, load_error
 from mlm.inference.onnx import OnnxMaskedLM
 from mlm.model.heads import usable_positions
@@ -76,10 +77,21 @@ def resolve_device(device: str) -> torch.device:
         raise UserError(f"--device {device!r} is not a device; use auto, cpu or cuda") from None
 
 
+def check_tokenizer_files(path: str, flag: str = "--model") -> None:
+    """A model directory must hold its tokenizer: without one, transformers would build an empty stand-in whose
+    predictions are blank (train_ddp.py refuses the same directory)."""
+    if os.path.isdir(path) and not has_tokenizer_files(path):
+        raise UserError(
+            f"{flag} {path!r} holds a model but no tokenizer ({', '.join(TOKENIZER_FILES)}); save it there with "
+            "tokenizer.save_pretrained, or use a run's best/, which has one"
+        )
+
+
 def load_model(path: str, device: torch.device, flag: str = "--model") -> tuple[nn.Module, Any]:
     """Tokenizer and masked LM from a resolved path or Hub id; a fresh (untrained) MLM head is warned about."""
     from transformers import AutoModelForMaskedLM, AutoTokenizer
 
+    check_tokenizer_files(path, flag)
     try:
         tokenizer = AutoTokenizer.from_pretrained(path, use_fast=True)
     except LOAD_ERRORS as e:
@@ -103,11 +115,12 @@ def load_model(path: str, device: torch.device, flag: str = "--model") -> tuple[
     return model.to(device).eval(), tokenizer
 
 
-def load_onnx(path: str, onnx: str) -> tuple[nn.Module, Any]:
+def load_onnx(path: str, onnx: str, flag: str = "--model") -> tuple[nn.Module, Any]:
     """An exported ONNX graph (python -m mlm.inference.export_onnx) with the tokenizer and config of its model
     directory."""
     from transformers import AutoConfig, AutoTokenizer
 
+    check_tokenizer_files(path, flag)
     try:
         tokenizer, config = AutoTokenizer.from_pretrained(path, use_fast=True), AutoConfig.from_pretrained(path)
     except LOAD_ERRORS as e:

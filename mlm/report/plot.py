@@ -46,6 +46,11 @@ def series(history: list[dict]) -> dict[str, tuple[list[float], list[float]]]:
     }
 
 
+def visible(points: tuple[list[float], list[float]]) -> dict:
+    """A line through one point draws nothing: a curve of one logged point (a short first run) gets a marker."""
+    return {"marker": "o"} if len(points[0]) == 1 else {}
+
+
 def plot(output_dir: str, out_dir: str | None = None) -> list[str]:
     try:
         import matplotlib
@@ -53,7 +58,7 @@ def plot(output_dir: str, out_dir: str | None = None) -> list[str]:
         matplotlib.use("Agg")  # files only: no display needed
         import matplotlib.pyplot as plt
     except ImportError:
-        raise UserError("matplotlib is not installed: pip install matplotlib (or -r requirements-extras.txt)") from None
+        raise UserError("matplotlib is not installed: pip install matplotlib (or pip install -e .[plot])") from None
     s = series(load_history(output_dir))
     out_dir = out_dir or output_dir
     os.makedirs(out_dir, exist_ok=True)
@@ -67,7 +72,7 @@ def plot(output_dir: str, out_dir: str | None = None) -> list[str]:
         written.append(path)
 
     fig, ax = plt.subplots(figsize=(7, 4))
-    ax.plot(*s["train_loss"], label="train loss", linewidth=1)
+    ax.plot(*s["train_loss"], label="train loss", linewidth=1, **visible(s["train_loss"]))
     ax.plot(*s["eval_loss"], "o-", label="eval loss")
     ax.set(xlabel="optimizer step", ylabel="masked-token loss (nats)", title=f"loss: {os.path.basename(output_dir)}")
     ax.legend()
@@ -94,7 +99,7 @@ def plot(output_dir: str, out_dir: str | None = None) -> list[str]:
     save(fig, "perplexity.png")
 
     fig, ax = plt.subplots(figsize=(7, 3))
-    ax.plot(*s["lr"], color="tab:orange")
+    ax.plot(*s["lr"], color="tab:orange", **visible(s["lr"]))
     ax.set(xlabel="optimizer step", ylabel="learning rate", title="learning-rate schedule")
     ax.grid(alpha=0.3)
     save(fig, "learning_rate.png")
