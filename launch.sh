@@ -168,4 +168,24 @@ if [[ "${LAUNCH_DRY_RUN:-0}" == "1" ]]; then
 fi
 # Check the options once here: a bad value would otherwise fail every torchrun restart attempt in turn.
 PYTHONPATH="$here${PYTHONPATH:+:$PYTHONPATH}" "$python" -m mlm.config "$@" || exit $?
-exec "${cmd[@]}"
+# A user error found later (a data file without its text column, say) would fail every restart too, its line
+# printed each time: train_ddp.py notes it in MLM_USER_ERROR_FILE, a restarted attempt that finds the note ends
+# at once without a word, and the launch exits 2, as a plain run does. Signals reach torchrun as they reach us.
+user_error_file="$(mktemp "${TMPDIR:-/tmp}/mlm-user-error.XXXXXX")"
+export MLM_USER_ERROR_FILE="$user_error_file"
+"${cmd[@]}" &
+child=$!
+for sig in TERM INT HUP; do
+    trap 'kill -'"$sig"' "$child" 2>/dev/null' "$sig"
+done
+code=0
+wait "$child" || code=$?
+while kill -0 "$child" 2>/dev/null; do  # a trapped signal ends the wait early: torchrun is still stopping
+    code=0
+    wait "$child" || code=$?
+done
+if [[ -s "$user_error_file" ]]; then
+    code=2
+fi
+rm -f "$user_error_file"
+exit "$code"

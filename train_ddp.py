@@ -332,11 +332,30 @@ def wait_for_rank_0_to_report(seconds: float) -> None:
         signal.signal(signal.SIGTERM, previous)
 
 
+USER_ERROR_FILE = "MLM_USER_ERROR_FILE"  # set by launch.sh: where a user error is noted for torchrun's restarts
+
+
+def note_user_error(e: UserError) -> None:
+    """Tell launch.sh (and torchrun's restarted attempts, which read it) that this run stopped on a user error:
+    retrying cannot fix a typo or a bad data file."""
+    path = os.environ.get(USER_ERROR_FILE)
+    if path:
+        with open(path, "a", encoding="utf-8") as fh:
+            fh.write(f"{e}\n")
+
+
+def stopped_on_a_user_error() -> bool:
+    """A restarted attempt after a user error: it would fail the same way and say so again."""
+    path = os.environ.get(USER_ERROR_FILE)
+    return restart_count() > 0 and bool(path) and os.path.isfile(path) and os.path.getsize(path) > 0
+
+
 def report_failure(e: BaseException, rank: int) -> int:
     """The exit code of a run that raised: each kind of failure said once, by the rank that knows it."""
     if isinstance(e, UserError):
         # Every rank sees the same error; one line from rank 0 is enough, unless only this rank saw it.
         if rank == 0 or isinstance(e, LocalUserError):
+            note_user_error(e)
             return report(e)
         if int(os.environ.get("WORLD_SIZE", "1")) > 1:
             # torchrun stops the other workers as soon as one exits: leave rank 0 time to print the error.
@@ -392,6 +411,8 @@ def main(argv: list[str] | None = None) -> int:
     quiet_logging(logging.INFO if rank == 0 else logging.WARNING)  # user-facing output comes from rank 0
     stop_request: Optional[StopRequest] = None
     env: Optional[DistEnv] = None
+    if stopped_on_a_user_error():
+        return EXIT_USER_ERROR  # launch.sh exits 2 after torchrun's last attempt; the line was said once
     try:
         cfg, given = parse_command_line(argv)
         env = init_distributed(cfg.ddp_timeout)

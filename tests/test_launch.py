@@ -178,6 +178,23 @@ def test_a_bad_option_is_reported_once_before_torchrun_starts(tmp_path):
     assert "Traceback" not in p.stderr and "mlm-ddp" not in p.stdout  # no worker ever ran
 
 
+def test_a_user_error_found_at_run_time_is_said_once_and_not_retried(tmp_path, tiny_config_dir, tokenizer_path):
+    """A CSV without a text column passes the option check and fails on rank 0's data preparation: torchrun's
+    restarts (MAX_RESTARTS 3, the default) end at once, the line is printed once, and the launch exits 2."""
+    rows = tmp_path / "essays.csv"
+    rows.write_text("essay_id,full_text\n" + "".join(f"{i},the cat sat on the mat {i}\n" for i in range(40)))
+    args = tiny_args(
+        tiny_config_dir, tokenizer_path, str(tmp_path / "out"), str(tmp_path / "cache"), train_file=str(rows)
+    )
+    p = launch(args, {"NPROC": "2", "CUDA_VISIBLE_DEVICES": ""}, timeout=300)
+    output = p.stdout + p.stderr
+    assert p.returncode == 2, output[-3000:]
+    errors = [line for line in output.splitlines() if line.startswith("error:")]
+    assert len(errors) == 1 and "'text'" in errors[0] and "--text_column" in errors[0], output[-3000:]
+    assert output.count("mlm-ddp\n") <= 1  # no restarted attempt got as far as its banner
+    assert not [n for n in os.listdir(os.environ.get("TMPDIR", "/tmp")) if n.startswith("mlm-user-error.")]
+
+
 @pytest.mark.parametrize(
     "visible, gpus",
     [
