@@ -178,11 +178,18 @@ def build_run(
     )
     torch.manual_seed(cfg.seed + env.rank)  # dropout differs per rank; a resume restores the saved states
     swa = WeightAverage(model, cfg.swa_start_step) if cfg.swa_start_step else None
+    # What later checkpoints record and a resume must find unchanged (rank 0 saves; the others hold None).
+    identity = main_decides(
+        env, lambda: checkpoint.resume_identity(cfg, model.config, tokenizer, bundle.eval_loader.dataset)
+    )
     if resume:
         rngs = checkpoint.RankRngs(env.rank, world_size=env.world_size, seed=cfg.seed)
+        main_decides(env, lambda: checkpoint.check_comparable(resume, identity))
         checkpoint.load_checkpoint(resume, state, model, loop.checkpoint_parts(trainable, swa, rngs), env.device)
         data_states = state.extra.get("data_states") or []  # a stream's position per rank ({} otherwise)
         bundle.train.load_state_dict(data_states[env.rank] if len(data_states) == env.world_size else {})
+    if identity is not None:
+        state.extra["comparable"] = identity
     if env.distributed:
         trainable = replace(trainable, wrapped=wrap_ddp(trainable.loss, env))
     run_config = {

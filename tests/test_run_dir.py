@@ -463,3 +463,38 @@ def test_every_kind_of_export_file_counts_as_written_by_a_run(names, tmp_path):
     for name in names + ["my_vocab_notes.txt", "config.json.bak"]:
         (best / name).write_text("x")
     assert sorted(os.path.basename(p) for p in files.run_written_paths(str(tmp_path))) == sorted(names)
+
+
+# ---------------------------------------------------------------------- a resume refuses what it cannot compare
+@pytest.mark.parametrize(
+    "change, what",
+    [
+        ({"max_seq_length": "24"}, "its --max_seq_length was 32, this run's is 24"),
+        ({"validation_split_percentage": "10"}, "its evaluation data was "),
+        ({"mlm_probability": "0.3"}, "its evaluation masking was --mlm_probability 0.15"),
+        ({"config_name": "{deeper}"}, "its model architecture was model_type bert, num_hidden_layers 2"),
+    ],
+)
+def test_a_resume_refuses_a_change_it_cannot_compare(change, what, run_dir, tmp_path, capsys):
+    from helpers import TINY_BERT, write_tiny_config
+
+    out, args = run_dir
+    deeper = write_tiny_config(str(tmp_path / "deeper"), **{**TINY_BERT, "num_hidden_layers": 3})
+    before = _tree(out)
+    capsys.readouterr()
+    change = {k: v.replace("{deeper}", deeper) for k, v in change.items()}
+    assert train_here(_set(args, **change)) == 2
+    err = capsys.readouterr().err
+    lines = [line for line in err.splitlines() if line.startswith("error:")]
+    assert len(lines) == 1 and "Traceback" not in err, err
+    assert f"cannot resume {os.path.join(out, 'checkpoints', 'step-4')}: {what}" in lines[0], lines[0]
+    assert "resume with the checkpoint's settings, or start a new run with another --output_dir" in lines[0]
+    assert _tree(out) == before
+
+
+def test_a_resume_takes_what_may_change_and_says_so(run_dir, capsys):
+    out, args = run_dir
+    capsys.readouterr()
+    assert train_here(_set(args, per_device_train_batch_size="2", max_train_steps="5")) == 0
+    printed = capsys.readouterr().out
+    assert "changed since checkpoint" in printed and "global batch 4 kept" in printed

@@ -382,3 +382,57 @@ def choose_resume(output_dir: str, resume_from_checkpoint: Optional[str], overwr
             "--overwrite_output_dir to start afresh"
         )
     return latest_complete_checkpoint(output_dir) if found and resume_from_checkpoint != "none" else None
+
+
+# ---------------------------------------------------------------------- what a resume must find unchanged
+# The config keys that give a model its shape: weights saved with one do not load into another.
+_SHAPE_KEYS = (
+    "model_type",
+    "num_hidden_layers",
+    "hidden_size",
+    "num_attention_heads",
+    "intermediate_size",
+    "embedding_size",
+    "vocab_size",
+    "max_position_embeddings",
+    "type_vocab_size",
+)
+
+
+def _digest(data: bytes) -> str:
+    return hashlib.sha256(data).hexdigest()[:12]
+
+
+def resume_identity(cfg, model_config, tokenizer, eval_dataset) -> dict[str, str]:
+    """What a checkpoint is only comparable under, in words: a resume that changes one of these would load
+    weights into another model, or compare perplexities measured on other data or other masks (best/ and early
+    stopping). Rank 0, once per run; saved with each checkpoint."""
+    shape = {k: getattr(model_config, k) for k in _SHAPE_KEYS if getattr(model_config, k, None) is not None}
+    vocab = json.dumps(sorted(tokenizer.get_vocab().items())).encode()
+    examples = hashlib.sha256()
+    for start in range(0, len(eval_dataset), 1024):
+        batch = eval_dataset.__getitems__(list(range(start, min(start + 1024, len(eval_dataset)))))
+        examples.update(batch["input_ids"].numpy().tobytes())
+    return {
+        "model architecture": ", ".join(f"{k} {v}" for k, v in shape.items()),
+        "tokenizer": f"{type(tokenizer).__name__} of {len(tokenizer)} tokens (vocabulary {_digest(vocab)})",
+        "--max_seq_length": str(cfg.max_seq_length),
+        "evaluation data": f"{len(eval_dataset)} examples (content {examples.hexdigest()[:12]})",
+        "evaluation masking": f"--mlm_probability {cfg.mlm_probability}, --mask_replace_prob "
+        f"{cfg.mask_replace_prob}, --random_replace_prob {cfg.random_replace_prob}, --whole_word_mask "
+        f"{cfg.whole_word_mask}, --seed {cfg.seed}",
+    }
+
+
+def check_comparable(resume: str, identity: dict[str, str]) -> None:
+    """Rank 0, before any weight is loaded: a UserError naming the first thing that differs from the
+    checkpoint's run, with its old and new value and the two ways out. A checkpoint written before this was
+    recorded is taken as it is."""
+    saved = saved_state(resume).get("extra", {}).get("comparable") or {}
+    for what, now in identity.items():
+        before = saved.get(what)
+        if before is not None and before != now:
+            raise UserError(
+                f"cannot resume {resume}: its {what} was {before}, this run's is {now}; resume with the "
+                "checkpoint's settings, or start a new run with another --output_dir"
+            )
