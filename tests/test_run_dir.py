@@ -498,3 +498,13 @@ def test_a_resume_takes_what_may_change_and_says_so(run_dir, capsys):
     assert train_here(_set(args, per_device_train_batch_size="2", max_train_steps="5")) == 0
     printed = capsys.readouterr().out
     assert "changed since checkpoint" in printed and "global batch 4 kept" in printed
+
+
+def test_the_card_never_says_best_at_a_step_beyond_the_run(run_dir):
+    """Resumed at step 4 with --max_train_steps 2: the run has nothing left to train, and its card counts the
+    steps trained (it said "best at step 4 of 2")."""
+    out, args = run_dir
+    assert train_here(_set(args, max_train_steps="2")) == 0
+    card = open(os.path.join(out, "best", "README.md"), encoding="utf-8").read()
+    step = read_json(os.path.join(out, "best", "eval_results.json"))["step"]
+    assert f"best at step {step} of 4 " in card, [line for line in card.splitlines() if "best at step" in line]

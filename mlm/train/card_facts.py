@@ -107,7 +107,7 @@ def card_facts(
         validation=validation,
         test=test,
         best_step=best_step,
-        total_steps=run.length.total_steps,
+        total_steps=max(run.length.total_steps, run.state.step),  # a resume set to fewer steps than trained
         epoch=epoch,
         global_batch=run.plan.layout.describe(),
         hardware=hardware(env),
