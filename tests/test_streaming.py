@@ -10,6 +10,7 @@ import math
 import os
 from collections import Counter
 
+import pytest
 from helpers import make_text_file, read_json, run_train, tiny_args
 
 BATCH, SEQ = 8, 64
@@ -170,3 +171,59 @@ def test_streaming_workers_do_not_hang_when_tokenizer_parallelism_is_asked_for(
     )
     assert r.returncode == 0, r.output[-3000:]
     assert "finished at step 3" in r.output
+
+
+@pytest.mark.parametrize("streaming", [False, True], ids=["cached", "streamed"])
+@pytest.mark.parametrize("broken", ["train", "validation"])
+def test_a_malformed_json_line_is_named_the_same_way_on_both_paths(
+    streaming, broken, tmp_path, tiny_config_dir, tokenizer_path, capfd
+):
+    """A JSON Lines file with a broken row: one line naming the file and the row's line, on the cached path
+    and on the streamed one (where it is met in a loader worker, or while the validation split is read)."""
+    import train_ddp
+
+    good = "".join(json.dumps({"text": f"the cat sat on the mat number {i} ."}) + "\n" for i in range(300))
+    files = {}
+    for split in ("train", "validation"):
+        lines = good.splitlines(keepends=True)
+        if split == broken:
+            lines[2] = '{"text": "a row cut short\n'
+        (tmp_path / f"{split}.jsonl").write_text("".join(lines))
+        files[split] = str(tmp_path / f"{split}.jsonl")
+    args = tiny_args(
+        tiny_config_dir,
+        tokenizer_path,
+        str(tmp_path / "out"),
+        str(tmp_path / "cache"),
+        train_file=files["train"],
+        validation_file=files["validation"],
+        max_train_steps=2,
+    )
+    code = train_ddp.main(args + (["--streaming"] if streaming else []))
+    out, err = capfd.readouterr()
+    errors = [line for line in err.splitlines() if line.startswith("error:")]
+    assert code == 2 and len(errors) == 1 and "Traceback" not in out + err, out[-2000:] + err[-3000:]
+    assert f"'{files[broken]}' line 3 is not valid JSON" in errors[0], errors[0]
+
+
+def test_a_stream_that_breaks_in_a_loader_worker_names_the_json_line(tmp_path):
+    """Past the first rows (which open_split reads), a broken row is met by a loader worker: PackedBatches
+    names its line as the cached path does; any other failure keeps its own type."""
+    from mlm.common.cli import LocalUserError
+    from mlm.data.streaming import PackedBatches
+
+    path = tmp_path / "train.jsonl"
+    path.write_text('{"text": "fine"}\n' * 5 + '{"text": "cut\n')
+
+    class Broken:
+        def __iter__(self):
+            yield {"input_ids": [5, 6]}
+            raise ValueError("JSON parse error: Missing a closing quotation mark in string. in row 5")
+
+        def state_dict(self):
+            return {}
+
+    with pytest.raises(LocalUserError, match=r"train.jsonl' line 6 is not valid JSON"):
+        list(PackedBatches(Broken(), 4, 8, 101, 102, files=[str(path)]))
+    with pytest.raises(ValueError, match="JSON parse error"):  # no local JSON file to name: as it was
+        list(PackedBatches(Broken(), 4, 8, 101, 102))

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import logging
 import os
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
@@ -182,10 +183,14 @@ def iter_text_file(
     kind = builder_for(path)
     bars = datasets.is_progress_bar_enabled()
     datasets.disable_progress_bars()  # "Generating train split" for a local file is noise, on every run
+    quiet_json_reader()
     try:
         ds = datasets.load_dataset(kind, data_files=readable, split="train", **builder_options(readable))
     except Exception as e:
-        raise UserError(f"could not read {path!r} as {kind} ({type(e).__name__}); check the file's format") from None
+        bad = json_lines_error([path])
+        raise UserError(
+            bad or f"could not read {path!r} as {kind} ({type(e).__name__}); check the file's format"
+        ) from None
     finally:
         if bars:
             datasets.enable_progress_bars()
@@ -306,6 +311,41 @@ def _local_source(cfg: TrainConfig) -> Source:
     )
 
 
+# datasets' JSON reader logs a failed file with pages of pandas' and pyarrow's tracebacks; json_lines_error says
+# the same in one line, naming the row, so that logger stays quiet (in loader workers too: they inherit it).
+_JSON_READER_LOG = "datasets.packaged_modules.json.json"
+
+
+def quiet_json_reader() -> None:
+    logging.getLogger(_JSON_READER_LOG).setLevel(logging.CRITICAL)
+
+
+def json_lines_error(paths: Sequence[str]) -> Optional[str]:
+    """Where a JSON file of ours breaks, in one line naming the file and line (datasets says it in pages of its
+    own); None when none of them is JSON or all of them parse. Read only after a failure."""
+    for path in paths:
+        if builder_for(path) != "json" or not os.path.isfile(path):
+            continue
+        with open(path, encoding="utf-8", errors="replace") as fh:
+            text = fh.read()
+        if text.lstrip().startswith("["):  # one JSON document (an array of rows), not JSON Lines
+            try:
+                json.loads(text)
+            except ValueError as e:
+                return f"{path!r} line {e.lineno} is not valid JSON ({e.msg}, column {e.colno}); fix the file"
+            continue
+        for n, line in enumerate(text.splitlines(), 1):
+            try:
+                if line.strip():
+                    json.loads(line)
+            except ValueError as e:
+                return (
+                    f"{path!r} line {n} is not valid JSON ({e.msg}, column {e.colno}); fix that line: each line "
+                    "of a JSON Lines file is one object"
+                )
+    return None
+
+
 def arrow_files_fingerprint(ds) -> str:
     """What a Hub split's content is known by: the Arrow files datasets memory-maps it from (their paths name the
     dataset, its configuration and version hash) and their sizes. Dataset.cache_files is public, where the
@@ -412,6 +452,7 @@ def open_split(cfg: TrainConfig, split: str, report: Optional[TextReport] = None
             p if p.endswith(".parquet") else readable_copy(p, cfg.text_errors, report, text_copies_dir(cfg))
             for p in paths
         ]
+        quiet_json_reader()
         ds = datasets.load_dataset(
             builder_for(paths[0]),
             data_files={split: readable},
@@ -436,7 +477,14 @@ def open_split(cfg: TrainConfig, split: str, report: Optional[TextReport] = None
                 "split whole, so use a dataset that has one, or local files"
             )
         ds = splits[split]
-    split_columns(cfg, split).check(stream_columns(ds), label)
+    try:
+        columns = stream_columns(ds)
+    except Exception:  # reading a JSON file's first rows: say which line breaks it, as the cached path does
+        bad = json_lines_error(paths or [])
+        if bad is None:
+            raise
+        raise UserError(bad) from None
+    split_columns(cfg, split).check(columns, label)
     return ds
 
 
@@ -471,4 +519,12 @@ def whole_split(cfg: TrainConfig, split: str, report: TextReport) -> Optional[li
         columns.row_text([row[n] for n in columns.names], cfg.text_errors, f"{label} row {i + 1}", report, label)
         for i, row in enumerate(ds)
     )
-    return [t for t in texts if t is not None]
+    try:
+        return [t for t in texts if t is not None]
+    except UserError:
+        raise
+    except Exception:
+        bad = json_lines_error(local_files(cfg, split) or [])
+        if bad is None:
+            raise
+        raise UserError(bad) from None

@@ -27,7 +27,7 @@ import itertools
 import logging
 import os
 import time
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from typing import Any, Optional
 
 import numpy as np
@@ -39,7 +39,16 @@ from mlm.common.distributed import DistEnv, all_ranks, main_process_first
 from mlm.config import TrainConfig
 from mlm.data.cached import DataBundle, build_datasets, eval_loader, eval_stats, tokenize_texts
 from mlm.data.cleaning import TextReport
-from mlm.data.sources import TextColumns, open_split, split_columns, split_label, stream_columns, whole_split
+from mlm.data.sources import (
+    TextColumns,
+    json_lines_error,
+    local_files,
+    open_split,
+    split_columns,
+    split_label,
+    stream_columns,
+    whole_split,
+)
 from mlm.data.text import TextEncoder, frame, text_encoder
 
 log = logging.getLogger("mlm")
@@ -98,8 +107,11 @@ class PackedBatches(torch.utils.data.IterableDataset):
     """Batches of framed examples ([CLS] body [SEP]), each with the worker that made it and the stream's state
     just after it. Only full batches: a worker's last partial batch of an epoch is dropped."""
 
-    def __init__(self, stream, batch_size: int, max_seq_length: int, cls_id: int, sep_id: int):
-        self.stream, self.batch_size = stream, batch_size
+    def __init__(
+        self, stream, batch_size: int, max_seq_length: int, cls_id: int, sep_id: int, files: Sequence[str] = ()
+    ):
+        """files: the local files the stream reads, to name the line a JSON file breaks at."""
+        self.stream, self.batch_size, self.files = stream, batch_size, list(files)
         self.max_seq_length, self.cls_id, self.sep_id = max_seq_length, cls_id, sep_id
         self.start_states: dict[int, dict] = {}
 
@@ -111,12 +123,20 @@ class PackedBatches(torch.utils.data.IterableDataset):
             stream = copy.deepcopy(stream)  # loading a state must not stick to the dataset for later epochs
             stream.load_state_dict(self.start_states[worker])
         rows: list[list[int]] = []
-        for example in stream:
-            rows.append(example["input_ids"])
-            if len(rows) == self.batch_size:
-                ids = frame(np.asarray(rows, dtype=np.int64), self.cls_id, self.sep_id)
-                yield {"input_ids": torch.from_numpy(ids), "worker": worker, "state": stream.state_dict()}
-                rows = []
+        try:
+            for example in stream:
+                rows.append(example["input_ids"])
+                if len(rows) == self.batch_size:
+                    ids = frame(np.asarray(rows, dtype=np.int64), self.cls_id, self.sep_id)
+                    yield {"input_ids": torch.from_numpy(ids), "worker": worker, "state": stream.state_dict()}
+                    rows = []
+        except UserError:
+            raise
+        except Exception:
+            bad = json_lines_error(self.files)  # the same line the cached path gives, not datasets' pages
+            if bad is None:
+                raise
+            raise LocalUserError(bad) from None
 
 
 class StreamingTrain:
@@ -208,7 +228,12 @@ def build_streaming_data(cfg: TrainConfig, env: DistEnv, tokenizer) -> DataBundl
     valid, test = built["validation"], built.get("test")
     stream = rank_stream(cfg, env, text_encoder(tokenizer), report)
     batches = PackedBatches(
-        stream, cfg.per_device_train_batch_size, cfg.max_seq_length, tokenizer.cls_token_id, tokenizer.sep_token_id
+        stream,
+        cfg.per_device_train_batch_size,
+        cfg.max_seq_length,
+        tokenizer.cls_token_id,
+        tokenizer.sep_token_id,
+        files=local_files(cfg, "train") or (),
     )
     workers = cfg.loader_workers
     stats = {
