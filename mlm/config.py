@@ -39,6 +39,12 @@ WIKITEXT_FILES = {"train": "wiki.train.raw", "validation": "wiki.valid.raw"}
 WIKITEXT_TEST = "wiki.test.raw"  # optional: when present, the final best/ is evaluated on it
 
 
+def default_cache_dir() -> str:
+    """Where tokenised data is cached without --data_cache_dir: $XDG_CACHE_HOME/mlm-ddp, or ~/.cache/mlm-ddp."""
+    base = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
+    return os.path.join(base, "mlm-ddp")
+
+
 def builder_for(path: str) -> str:
     """The `datasets` packaged builder that reads a local file of this kind."""
     suffix = path.rsplit(".", 1)[-1]
@@ -567,20 +573,38 @@ def _check_model_paths(c: TrainConfig) -> None:
         "--config_overrides alone has no tokenizer; pass --tokenizer_name (and --config_name to start from a "
         "known architecture)",
     )
+    config_dir = c.config_name if c.config_name and os.path.isdir(c.config_name) else None
+    _require(
+        not (c.from_scratch and c.tokenizer_name is None and config_dir and not has_tokenizer_files(config_dir)),
+        f"--config_name {c.config_name!r} holds a config but no tokenizer, and a model built from scratch takes "
+        "its tokenizer from there; pass --tokenizer_name (a Hub id or a directory with tokenizer files)",
+    )
+
+
+def _writable_dir(what: str, path: str, fix: str) -> str:
+    """A directory a run writes (what names it: an option, or a default): one line when it is empty, a file, or
+    cannot be created or written; the nearest existing directory (for the free-space check)."""
+    _require(bool(path.strip()), f"{what} is empty; {fix}")
+    _require(not os.path.isfile(path), f"{what} {path!r} is a file, not a directory; {fix}")
+    existing = os.path.abspath(path)
+    while not os.path.exists(existing):
+        existing = os.path.dirname(existing)
+    _require(
+        os.path.isdir(existing) and os.access(existing, os.W_OK | os.X_OK),
+        f"{what} {path!r} cannot be written: {existing!r} is not a writable directory (a read-only mount, or "
+        f"another user's); {fix}",
+    )
+    return existing
 
 
 def _check_output(c: TrainConfig) -> None:
     out = c.output_dir
-    _require(not os.path.isfile(out), f"--output_dir {out!r} is a file; give a directory path")
-    existing = out
-    while existing and not os.path.exists(existing):
-        existing = os.path.dirname(existing)
-    existing = existing or "."
-    _require(
-        os.path.isdir(existing) and os.access(existing, os.W_OK | os.X_OK),
-        f"--output_dir {out!r} cannot be created: {existing!r} is not a writable directory; choose another "
-        "--output_dir",
-    )
+    existing = _writable_dir("--output_dir", out, "choose another --output_dir")
+    cache_fix = "point --data_cache_dir at a directory you can write (its disk holds the tokenised data)"
+    if c.data_cache_dir is not None:
+        _writable_dir("--data_cache_dir", c.data_cache_dir, cache_fix)
+    else:
+        _writable_dir("the default data cache (from $XDG_CACHE_HOME or ~/.cache)", default_cache_dir(), cache_fix)
     _require(
         shutil.disk_usage(existing).free > 64 * 2**20,
         f"--output_dir {out!r}: less than 64 MiB free on its disk; free space or choose another --output_dir",

@@ -32,6 +32,37 @@ class Case:
     env: dict = field(default_factory=dict)
 
 
+def _without(args: list[str], flag: str) -> list[str]:
+    i = args.index(flag)
+    return args[:i] + args[i + 2 :]
+
+
+def read_only_dir(tmp_path) -> str:
+    """A directory on a read-only filesystem: a bind mount of an empty folder, remounted read-only (root can
+    write anywhere else). Unmounted at the end of the test session by the kernel's lazy unmount below."""
+    import subprocess
+
+    source, target = tmp_path / "ro-source", tmp_path / "ro"
+    source.mkdir()
+    target.mkdir()
+    subprocess.run(["mount", "--bind", str(source), str(target)], check=True)
+    subprocess.run(["mount", "-o", "remount,bind,ro", str(target)], check=True)
+    READ_ONLY_MOUNTS.append(str(target))
+    return str(target)
+
+
+READ_ONLY_MOUNTS: list[str] = []
+
+
+@pytest.fixture(autouse=True)
+def _unmount_read_only_dirs():
+    yield
+    import subprocess
+
+    while READ_ONLY_MOUNTS:
+        subprocess.run(["umount", "-l", READ_ONLY_MOUNTS.pop()], check=False)
+
+
 def build_case(name: str, tmp_path, config_dir: str, tokenizer: str) -> Case:
     """The arguments of one bad-input case; everything else is a valid tiny run."""
     text = make_text_file(str(tmp_path / "train.txt"), n_lines=200)
@@ -99,7 +130,35 @@ def build_case(name: str, tmp_path, config_dir: str, tokenizer: str) -> Case:
     if name == "output_dir_is_a_file":
         (tmp_path / "a-file").write_text("not a directory\n")
         return Case(
-            args(output_dir=str(tmp_path / "a-file")), ["--output_dir", "a-file", "is a file"], "give a directory path"
+            args(output_dir=str(tmp_path / "a-file")), ["--output_dir", "a-file", "is a file"], "choose another"
+        )
+    if name == "output_dir_empty":
+        return Case(args(output_dir=""), ["--output_dir is empty"], "choose another --output_dir")
+    if name == "data_cache_dir_is_a_file":
+        (tmp_path / "cache-file").write_text("not a directory\n")
+        return Case(
+            args() + ["--data_cache_dir", str(tmp_path / "cache-file")],
+            ["--data_cache_dir", "cache-file", "is a file"],
+            "point --data_cache_dir at a directory you can write",
+        )
+    if name == "data_cache_dir_read_only":
+        return Case(
+            args() + ["--data_cache_dir", os.path.join(read_only_dir(tmp_path), "cache")],
+            ["--data_cache_dir", "cannot be written", "read-only"],
+            "point --data_cache_dir at a directory you can write",
+        )
+    if name == "default_cache_read_only":
+        return Case(
+            _without(args(), "--data_cache_dir"),
+            ["the default data cache", "cannot be written"],
+            "point --data_cache_dir at a directory you can write",
+            env={"XDG_CACHE_HOME": read_only_dir(tmp_path)},
+        )
+    if name == "from_scratch_without_tokenizer":
+        return Case(
+            _without(args(), "--tokenizer_name"),
+            ["--config_name", "holds a config but no tokenizer"],
+            "pass --tokenizer_name",
         )
     if name == "train_file_is_a_directory":
         (tmp_path / "texts").mkdir()
@@ -142,6 +201,11 @@ CASES = [
     "mlm_probability_1",
     "batch_size_zero",
     "output_dir_is_a_file",
+    "output_dir_empty",
+    "data_cache_dir_is_a_file",
+    "data_cache_dir_read_only",
+    "default_cache_read_only",
+    "from_scratch_without_tokenizer",
     "train_file_is_a_directory",
     "resume_from_an_export",
     "held_out_split_of_no_rows",

@@ -27,9 +27,9 @@ from torch.utils.data import DataLoader, DistributedSampler
 
 from mlm.common.cli import UserError
 from mlm.common.distributed import DistEnv, main_process_first
-from mlm.config import TrainConfig
+from mlm.config import TrainConfig, default_cache_dir
 from mlm.data.cleaning import TextReport
-from mlm.data.sources import build_source, default_cache_dir, holdout_count
+from mlm.data.sources import build_source, holdout_count
 from mlm.data.text import Framing, frame, plain_backend, text_encoder
 
 log = logging.getLogger("mlm")

@@ -18,13 +18,8 @@ from typing import Any, Optional
 from mlm.common.cli import UserError
 from mlm.common.files import sha256_file
 from mlm.common.hub import failure as hub_failure
-from mlm.config import WIKITEXT_FILES, WIKITEXT_TEST, TrainConfig, builder_for
+from mlm.config import WIKITEXT_FILES, WIKITEXT_TEST, TrainConfig, builder_for, default_cache_dir
 from mlm.data.cleaning import EMPTY_ROWS, TextReport, clean_value, clean_values, readable_copy
-
-
-def default_cache_dir() -> str:
-    base = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
-    return os.path.join(base, "mlm-ddp")
 
 
 def text_copies_dir(cfg: TrainConfig) -> str:
