@@ -26,6 +26,7 @@ import copy
 import itertools
 import logging
 import os
+import threading
 import time
 from collections.abc import Iterator, Sequence
 from typing import Any, Optional
@@ -139,6 +140,17 @@ class PackedBatches(torch.utils.data.IterableDataset):
             raise LocalUserError(bad) from None
 
 
+def _let_queue_threads_finish(seconds: float = 2.0) -> None:
+    """Wait for the previous epoch's loader to finish closing its queues before this one forks its workers.
+
+    Closing a multiprocessing queue ends its feeder thread a moment later. On CPython 3.11 a fork made while
+    a thread is ending can deadlock the child in PyOS_AfterFork_Child (the interpreter's thread-list lock is
+    held at the fork): a loader worker hung at an epoch start that way, once in eight suite runs."""
+    for thread in threading.enumerate():
+        if thread is not threading.current_thread() and thread.name == "QueueFeederThread":
+            thread.join(timeout=seconds)
+
+
 class StreamingTrain:
     """The training side of fit() for a stream: groups of micro-batches until a rank's stream ends.
 
@@ -160,6 +172,7 @@ class StreamingTrain:
             self.consumed, self.consumed_epoch = {}, epoch
         self.dataset.stream.set_epoch(epoch)  # a new shuffle order each epoch
         self.dataset.start_states = dict(self.consumed)
+        _let_queue_threads_finish()
         loader = DataLoader(
             self.dataset,
             batch_size=None,
