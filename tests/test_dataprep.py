@@ -1,6 +1,7 @@
 """Issue 24: the cached path prepares a corpus of any size in bounded memory, every rank reads it through the
 memory map, and ranks wait for a long preparation without a timeout firing."""
 
+import json
 import logging
 import os
 import tracemalloc
@@ -146,3 +147,50 @@ def test_ranks_wait_for_a_preparation_longer_than_the_ddp_timeout(tmp_path, tiny
     r = run_train(args, nproc=2, fault={"prep_sleep": 15})
     assert r.returncode == 0, r.output[-3000:]
     assert "finished at step 2 on all 2 ranks" in r.output and "tokenised and cached" in r.output
+
+
+@pytest.mark.parametrize("damage", ["truncated", "overwritten", "removed"])
+def test_a_damaged_cache_entry_is_prepared_again(damage, tmp_path, tokenizer, caplog):
+    """A cache entry's files are checked against the sizes and SHA-256 recorded when it was completed: a damaged
+    one is said in a line and built again, with the same tokens (it was a traceback on every rerun)."""
+    path = make_text_file(str(tmp_path / "train.txt"), n_lines=300)
+    cfg, cache = cfg_for(tmp_path, train_file=path), str(tmp_path / "cache")
+    streams, hit, _ = load_token_streams(cfg, tokenizer, cache)
+    first = {split: np.array(s.tokens) for split, s in streams.items()}  # copies: the maps go with the files
+    del streams
+    assert not hit
+    entry = next(os.path.join(cache, n) for n in os.listdir(cache) if not n.startswith("."))
+    victim = os.path.join(entry, "pool.tokens.bin")
+    if damage == "truncated":
+        os.truncate(victim, os.path.getsize(victim) // 2)
+    elif damage == "overwritten":
+        with open(victim, "r+b") as fh:
+            fh.write(b"\xff" * 64)
+    else:
+        os.remove(victim)
+    with caplog.at_level("WARNING", logger="mlm"):
+        again, hit, _ = load_token_streams(cfg, tokenizer, cache)
+    assert not hit and "are damaged" in caplog.text and "preparing them again" in caplog.text
+    assert all(np.array_equal(first[s], again[s].tokens) for s in first)
+    caplog.clear()
+    _, hit, _ = load_token_streams(cfg, tokenizer, cache)  # the rebuilt entry is whole
+    assert hit and "damaged" not in caplog.text
+
+
+def test_an_abandoned_preparation_is_removed_by_the_next_run(tmp_path, tokenizer):
+    """A preparation killed midway leaves its temporary entry; the next run removes it when its process is gone
+    from this host, and leaves a live one alone."""
+    import socket
+    import subprocess
+    import sys
+
+    cache = tmp_path / "cache"
+    dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
+    for name, pid in ((".tmp-dead", int(dead.stdout)), (".tmp-live", os.getpid())):
+        (cache / name).mkdir(parents=True)
+        (cache / name / "owner.json").write_text(json.dumps({"host": socket.gethostname(), "pid": pid}))
+        (cache / name / "pool.tokens.bin").write_bytes(b"\0" * 4096)
+    path = make_text_file(str(tmp_path / "train.txt"), n_lines=100)
+    load_token_streams(cfg_for(tmp_path, train_file=path), tokenizer, str(cache))
+    left = sorted(n for n in os.listdir(cache) if n.startswith("."))
+    assert left == [".tmp-live"]

@@ -15,6 +15,7 @@ import logging
 import math
 import os
 import shutil
+import socket
 import tempfile
 import time
 from collections.abc import Callable, Iterator, Sequence
@@ -27,6 +28,7 @@ from torch.utils.data import DataLoader, DistributedSampler
 
 from mlm.common.cli import UserError
 from mlm.common.distributed import DistEnv, main_process_first
+from mlm.common.files import sha256_file
 from mlm.config import TrainConfig, default_cache_dir
 from mlm.data.cleaning import TextReport
 from mlm.data.sources import build_source, holdout_count
@@ -216,12 +218,77 @@ def _build_cache(tmp: str, source, tokenizer, builder: Callable) -> dict:
     return {"dtype": dtype.name, "layout": layout}
 
 
+def _entry_files(path: str) -> list[str]:
+    return sorted(n for n in os.listdir(path) if n.endswith(".bin"))
+
+
+def _file_record(path: str) -> dict[str, dict]:
+    """Each raw file of an entry: its size and SHA-256, written into meta.json when the entry is complete."""
+    return {
+        n: {"bytes": os.path.getsize(os.path.join(path, n)), "sha256": sha256_file(os.path.join(path, n))}
+        for n in _entry_files(path)
+    }
+
+
+def _damage(path: str, meta: dict) -> Optional[str]:
+    """What is wrong with a complete entry's files (a truncated or overwritten one), or None. Entries written
+    before files were recorded are taken as they are."""
+    recorded = meta.get("files")
+    if recorded is None:
+        return None
+    for name, want in recorded.items():
+        file = os.path.join(path, name)
+        if not os.path.isfile(file):
+            return f"{name} is missing"
+        if os.path.getsize(file) != want["bytes"]:
+            return f"{name} holds {os.path.getsize(file)} bytes, not the {want['bytes']} written"
+        if sha256_file(file) != want["sha256"]:
+            return f"{name} has changed since it was written"
+    return None
+
+
+def _remove_abandoned_builds(cache_dir: str) -> None:
+    """Temporary entries of preparations that died (killed, or the machine went down): removed when their
+    process is gone from this host, or, from another host, after a day."""
+    for name in os.listdir(cache_dir) if os.path.isdir(cache_dir) else []:
+        tmp = os.path.join(cache_dir, name)
+        if not (name.startswith(".tmp-") and os.path.isdir(tmp)):
+            continue
+        try:
+            with open(os.path.join(tmp, "owner.json")) as fh:
+                owner = json.load(fh)
+        except (OSError, ValueError):
+            owner = {}
+        here = owner.get("host") == socket.gethostname()
+        gone = here and not _alive(owner.get("pid", -1))
+        stale = time.time() - os.path.getmtime(tmp) > 86400
+        if gone or (not here and stale):
+            log.warning(f"removing {tmp}: an unfinished preparation of tokenised data whose process is gone")
+            shutil.rmtree(tmp, ignore_errors=True)
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return pid > 0
+
+
 def _read_cache(path: str) -> Optional[tuple[dict[str, TokenStream], dict]]:
-    """(streams, meta) of a cache entry, or None: each split a memory map of its slice of a part's files."""
+    """(streams, meta) of a cache entry, or None: each split a memory map of its slice of a part's files. A
+    damaged entry is removed (and so built again), with a line saying so."""
     if not os.path.isfile(os.path.join(path, "meta.json")):
         return None
     with open(os.path.join(path, "meta.json")) as fh:
         meta = json.load(fh)
+    damage = _damage(path, meta)
+    if damage:
+        log.warning(f"warning: the cached tokens in {path} are damaged ({damage}); preparing them again")
+        shutil.rmtree(path, ignore_errors=True)
+        return None
     dtype, streams = np.dtype(meta["dtype"]), {}
     for split, where in meta["layout"].items():
         base = os.path.join(path, where["file"])
@@ -250,8 +317,11 @@ def load_token_streams(
         os.environ["RAYON_NUM_THREADS"] = str(cfg.preprocessing_num_workers)
     t0 = time.perf_counter()
     os.makedirs(cache_dir, exist_ok=True)
+    _remove_abandoned_builds(cache_dir)
     tmp = tempfile.mkdtemp(prefix=".tmp-", dir=cache_dir)
     try:
+        with open(os.path.join(tmp, "owner.json"), "w") as fh:  # whose preparation this is, for the next run
+            json.dump({"host": socket.gethostname(), "pid": os.getpid()}, fh)
         meta = _build_cache(tmp, source, tokenizer, builder)
         tokens = {split: where["tokens"][1] - where["tokens"][0] for split, where in meta["layout"].items()}
         if tokens["train"] == 0:  # checked before caching, so an empty stream is never cached
@@ -268,6 +338,7 @@ def load_token_streams(
                 "build_seconds": round(time.perf_counter() - t0, 3),
                 "tokens": tokens,
                 "text_errors": source.report.counts,
+                "files": _file_record(tmp),  # verified before every use
             }
         )
         with open(os.path.join(tmp, "meta.json"), "w") as fh:
