@@ -430,11 +430,12 @@ def test_no_secret_reaches_disk_or_logs(setup, tmp_path, tokenizer_path):
 def test_a_time_budget_stops_every_rank_with_a_checkpoint_and_the_resume_is_exact(
     setup, reference, tmp_path, tokenizer_path
 ):
-    """--max_runtime 14 s with 1 s steps: the run stops at a step boundary (exit code 5 on every rank) with its
-    checkpoint on disk before the budget ends, and the same command without a budget finishes it exactly."""
+    """--max_runtime 14 s with 1.5 s steps: the run stops at a step boundary (exit code 5 on every rank) with its
+    checkpoint on disk before the budget ends, and the same command without a budget finishes it exactly. (With
+    1 s steps a fast start fitted all 12 steps in the budget: the 12 steps now need 18 s.)"""
     out = str(tmp_path / "run")
     results = wait_all(
-        start_ranks(args_for(setup, out, tokenizer_path, max_runtime="14"), fault={"sleep": 1.0}), timeout=120
+        start_ranks(args_for(setup, out, tokenizer_path, max_runtime="14"), fault={"sleep": 1.5}), timeout=120
     )
     for rank, r in enumerate(results):
         assert r.returncode == EXIT_OUT_OF_TIME and "Traceback" not in r.output, (
@@ -447,7 +448,7 @@ def test_a_time_budget_stops_every_rank_with_a_checkpoint_and_the_resume_is_exac
     step = max(int(s.split("-")[1]) for s in os.listdir(os.path.join(out, "checkpoints")))
     assert 1 <= step < STEPS and f"saving a checkpoint at step {step}" in results[0].stdout
     # What the program decided on, not how long this machine took: at the step it stopped, the estimate of one
-    # more step and a checkpoint (1 s sleeps, so at least 1.1 s) would have ended past the budget.
+    # more step and a checkpoint (1.5 s sleeps, so at least 1.1 s) would have ended past the budget.
     decision = re.search(
         r"would end at ([\d.]+) s of 14 s \(step ([\d.]+) s, checkpoint ([\d.]+) s\); saving a "
         rf"checkpoint at step {step} on all ranks",
