@@ -123,3 +123,24 @@ def test_a_text_without_a_mask_is_reported_on_the_page(app):
     out = client.predict("no mask here", 5, api_name="/lambda")
     first = out[0] if isinstance(out, (list, tuple)) else out
     assert "has no mask token" in first and "mlm-error" in first
+
+
+def test_the_page_shows_the_figures_predict_py_prints():
+    """A small probability reads 2.3e-04 on the page, as predict.py prints it, not 0.00%."""
+    from mlm.inference.app import render
+    from mlm.inference.fill_mask import Candidate, JointFill, MaskPrediction, Prediction
+    from mlm.inference.fill_mask import render as render_text
+
+    pred = Prediction(
+        text="he [MASK] [MASK] .",
+        model="m",
+        masks=[
+            MaskPrediction(1, [Candidate(7, "is", 0.8125, "he is [MASK] ."), Candidate(8, "was", 2.3e-04, "")]),
+            MaskPrediction(2, [Candidate(9, "good", 0.5, "he [MASK] good .")]),
+        ],
+        fills=[JointFill("he is good .", ["is", "good"], [7, 9], 1.5e-05, -11.1, [0, 1])],
+    )
+    page, text = render(pred), "\n".join(render_text(pred))
+    for figure in ("0.8125", "2.3e-04", "0.5000", "1.5e-05"):
+        assert figure in page and figure in text, figure
+    assert 'mlm-score">0.0%' not in page and "<td>0.00%" not in page

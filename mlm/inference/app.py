@@ -18,7 +18,7 @@ from typing import Optional
 os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")  # no calls home from a demo
 
 from mlm.common.cli import Parser, UserError, command_line  # noqa: E402
-from mlm.inference.fill_mask import SAMPLE_SENTENCES, FillMask, Prediction  # noqa: E402
+from mlm.inference.fill_mask import SAMPLE_SENTENCES, FillMask, Prediction, format_probability  # noqa: E402
 
 CSS = """
 .mlm-model { font-family: system-ui, sans-serif; }
@@ -41,11 +41,11 @@ def render(pred: Prediction) -> str:
             parts.append(
                 f'<div class="mlm-row mlm-candidate"><span class="mlm-token">{e(c.token)}</span>'
                 f'<span class="mlm-bar" style="width:{max(c.score, 0.0) * 60:.2f}%"></span>'
-                f'<span class="mlm-score">{c.score:.1%}</span></div>'
+                f'<span class="mlm-score">{format_probability(c.score)}</span></div>'
             )
     parts.append('<div class="mlm-mask">joint fills</div><table class="mlm-fills">')
     for f in pred.fills:
-        parts.append(f'<tr class="mlm-fill"><td>{e(f.sequence)}</td><td>{f.score:.2%}</td></tr>')
+        parts.append(f'<tr class="mlm-fill"><td>{e(f.sequence)}</td><td>{format_probability(f.score)}</td></tr>')
     parts.append("</table></div>")
     return "".join(parts)
 

@@ -369,7 +369,8 @@ def _short(text: str, n: int = 40) -> str:
 
 
 # ---------------------------------------------------------------------- text for people
-def _prob(p: float) -> str:
+def format_probability(p: float) -> str:
+    """A probability as predict.py and the web demo show it: 4 decimals, or 2 significant digits below 0.001."""
     return f"{p:.4f}" if p >= 1e-3 else f"{p:.1e}"
 
 
@@ -381,11 +382,11 @@ def render(pred: Prediction, indent: str = "  ") -> list[str]:
     width = max((len(c.token) for m in pred.masks for c in m.candidates), default=0)
     for k, m in enumerate(pred.masks):
         label = "mask" if n == 1 else f"mask {k + 1}"
-        cells = "  ".join(f"{c.token:<{width}} {_prob(c.score)}" for c in m.candidates)
+        cells = "  ".join(f"{c.token:<{width}} {format_probability(c.score)}" for c in m.candidates)
         lines.append(f"{indent}{label:<7} {cells}")
     if n > 1:
         lines.append(f"{indent}joint fills:")
-        lines += [f"{indent}  {_prob(f.score)}  {f.sequence}" for f in pred.fills]
+        lines += [f"{indent}  {format_probability(f.score)}  {f.sequence}" for f in pred.fills]
     return lines
 
 
