@@ -4,6 +4,7 @@ read the way the code that uses the row reads it, and one that must not match.""
 from __future__ import annotations
 
 import errno
+import re
 
 import pytest
 import torch.distributed as dist
@@ -30,8 +31,7 @@ def test_every_row_has_an_example_here():
 
 BACKEND = [
     ("NCCL", "NCCL error in: ProcessGroupNCCL.cpp:1970, unhandled system error, NCCL version 2.21.5"),
-    ("[gloo", "[gloo/transport/tcp/pair.cc:534] Connection refused"),
-    ("[Gloo", "[Gloo] Rank 1 is connected to 0 peer ranks. Expected number of connected peer ranks is : 1"),
+    ("~[gloo", "[Gloo] Rank 1 is connected to 0 peer ranks. Expected number of connected peer ranks is : 1"),
     ("gloo/", "third_party/gloo/gloo/transport/tcp/unbound_buffer.cc:81] Timed out waiting 1800000ms"),
 ]
 
@@ -40,7 +40,8 @@ BACKEND = [
 def test_a_backend_failure_is_one_line(marker, text):
     line = describe_failure(RuntimeError(text), 3)
     assert line.startswith("rank 3: the communication backend failed: ") and "\n" not in line
-    assert describe_failure(RuntimeError(text.replace(marker, "xx")), 3) is None or marker == "gloo/"
+    without = re.sub(re.escape(marker.lstrip("~")), "xx", text, flags=re.I if marker.startswith("~") else 0)
+    assert describe_failure(RuntimeError(without), 3) is None
 
 
 LOST_PEER = [
@@ -61,9 +62,7 @@ def test_a_lost_peer_ends_this_rank_quietly(marker, text):
 
 TIMED_OUT = [
     ("Timed out", "Timed out waiting 1800000ms for send operation to complete"),
-    ("timed out", "wait timed out after 60 s"),
-    ("timeout", "[c10d] The client socket has timed out after 60s (timeout=60)"),
-    ("Timeout", "Watchdog caught collective operation Timeout: WorkNCCL(SeqNum=3)"),
+    ("~timeout", "Watchdog caught collective operation Timeout: WorkNCCL(SeqNum=3)"),
 ]
 HINTS = [
     ("NCCL error: Error while creating shared memory segment /dev/shm/nccl-x (size 9637888)", "--shm-size=1g"),
@@ -75,6 +74,8 @@ HINTS = [
 @pytest.mark.parametrize("marker, text", TIMED_OUT, ids=[m for m, _ in TIMED_OUT])
 def test_a_timeout_is_read_as_one(marker, text):
     assert messages.names(text, messages.TIMED_OUT)
+    assert messages.names(text.upper(), messages.TIMED_OUT) is marker.startswith("~")  # "~": in any case
+    assert not messages.names(text.replace(marker.lstrip("~"), "").replace("Timeout", ""), messages.TIMED_OUT)
     assert "--ddp_timeout" in describe_failure(RuntimeError("NCCL " + text), 0)
 
 

@@ -17,7 +17,7 @@ import pytest
 import torch
 from helpers import make_text_file, read_json, tiny_args, train_here
 
-from mlm.common import files
+from mlm.common import files, processes
 from mlm.common.cli import UserError
 from mlm.train import checkpoint, runlock
 
@@ -240,7 +240,7 @@ def test_a_lock_left_by_a_dead_run_is_taken_over_at_once(case, tmp_path, monkeyp
         path = _lock(run, pid=os.getpid(), pid_start=1)
     elif case == "zombie":  # killed, not yet reaped by its parent
         zombie = subprocess.Popen([sys.executable, "-c", "pass"])
-        while runlock._process_start(zombie.pid)[0] != "Z":
+        while processes.process_start(zombie.pid)[0] != "Z":
             time.sleep(0.01)
         path = _lock(run, pid=zombie.pid)
     elif case == "earlier torchrun attempt":  # same job, restarted by torchrun: even a live pid is taken over

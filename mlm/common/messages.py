@@ -10,8 +10,10 @@ from __future__ import annotations
 
 from typing import Optional
 
+# A marker is matched as written, or, where it is in lower case after "~", in any case ("~timeout" matches
+# "Timeout" and "TIMEOUT" too).
 # A failure of the communication backend itself (NCCL, gloo), not of our code.
-BACKEND = ("NCCL", "[gloo", "[Gloo", "gloo/")
+BACKEND = ("NCCL", "~[gloo", "gloo/")
 # Another rank died or left: that rank (or torchrun) reports why, this one ends quietly.
 LOST_PEER = (
     "Connection closed by peer",
@@ -21,11 +23,11 @@ LOST_PEER = (
     "remote process exited",
 )
 # A collective that waited past --ddp_timeout.
-TIMED_OUT = ("Timed out", "timed out", "timeout", "Timeout")
+TIMED_OUT = ("Timed out", "~timeout")
 # What usually fixes a backend failure, by what its message names; the first row that matches wins.
 BACKEND_HINTS = (
     (
-        ("/dev/shm", "shared memory", "Shared memory"),
+        ("/dev/shm", "~shared memory"),
         "/dev/shm is too small for NCCL: in Docker run with --ipc=host or --shm-size=1g, or set NCCL_SHM_DISABLE=1",
     ),
     (TIMED_OUT, "a rank waited longer than --ddp_timeout; raise it if a step or a save legitimately takes longer"),
@@ -51,7 +53,8 @@ WORKER_TRACEBACK = "\nOriginal Traceback"
 
 
 def names(text: str, markers: tuple[str, ...]) -> bool:
-    return any(m in text for m in markers)
+    lower = text.lower()
+    return any(m[1:] in lower if m.startswith("~") else m in text for m in markers)
 
 
 def backend_hint(text: str) -> str:

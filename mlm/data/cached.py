@@ -29,6 +29,7 @@ from torch.utils.data import DataLoader, DistributedSampler
 from mlm.common.cli import UserError
 from mlm.common.distributed import DistEnv, main_process_first
 from mlm.common.files import sha256_file
+from mlm.common.processes import pid_alive, process_start
 from mlm.config import TrainConfig, default_cache_dir
 from mlm.data.cleaning import TextReport
 from mlm.data.sources import build_source, holdout_count
@@ -260,21 +261,11 @@ def _remove_abandoned_builds(cache_dir: str) -> None:
         except (OSError, ValueError):
             owner = {}
         here = owner.get("host") == socket.gethostname()
-        gone = here and not _alive(owner.get("pid", -1))
+        gone = here and not pid_alive(owner.get("pid", -1), owner.get("pid_start"))
         stale = time.time() - os.path.getmtime(tmp) > 86400
         if gone or (not here and stale):
             log.warning(f"removing {tmp}: an unfinished preparation of tokenised data whose process is gone")
             shutil.rmtree(tmp, ignore_errors=True)
-
-
-def _alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return pid > 0
 
 
 def _read_cache(path: str) -> Optional[tuple[dict[str, TokenStream], dict]]:
@@ -321,7 +312,8 @@ def load_token_streams(
     tmp = tempfile.mkdtemp(prefix=".tmp-", dir=cache_dir)
     try:
         with open(os.path.join(tmp, "owner.json"), "w") as fh:  # whose preparation this is, for the next run
-            json.dump({"host": socket.gethostname(), "pid": os.getpid()}, fh)
+            start = process_start(os.getpid())
+            json.dump({"host": socket.gethostname(), "pid": os.getpid(), "pid_start": start and start[1]}, fh)
         meta = _build_cache(tmp, source, tokenizer, builder)
         tokens = {split: where["tokens"][1] - where["tokens"][0] for split, where in meta["layout"].items()}
         if tokens["train"] == 0:  # checked before caching, so an empty stream is never cached

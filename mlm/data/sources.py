@@ -322,22 +322,23 @@ def json_lines_error(paths: Sequence[str]) -> Optional[str]:
         if builder_for(path) != "json" or not os.path.isfile(path):
             continue
         with open(path, encoding="utf-8", errors="replace") as fh:
-            text = fh.read()
-        if text.lstrip().startswith("["):  # one JSON document (an array of rows), not JSON Lines
-            try:
-                json.loads(text)
-            except ValueError as e:
-                return f"{path!r} line {e.lineno} is not valid JSON ({e.msg}, column {e.colno}); fix the file"
-            continue
-        for n, line in enumerate(text.splitlines(), 1):
-            try:
-                if line.strip():
-                    json.loads(line)
-            except ValueError as e:
-                return (
-                    f"{path!r} line {n} is not valid JSON ({e.msg}, column {e.colno}); fix that line: each line "
-                    "of a JSON Lines file is one object"
-                )
+            first = fh.read(4096).lstrip()[:1]
+            fh.seek(0)
+            if first == "[":  # one JSON document (an array of rows), which datasets reads whole too
+                try:
+                    json.load(fh)
+                except ValueError as e:
+                    return f"{path!r} line {e.lineno} is not valid JSON ({e.msg}, column {e.colno}); fix the file"
+                continue
+            for n, line in enumerate(fh, 1):  # JSON Lines: a line at a time, for a file of any size
+                try:
+                    if line.strip():
+                        json.loads(line)
+                except ValueError as e:
+                    return (
+                        f"{path!r} line {n} is not valid JSON ({e.msg}, column {e.colno}); fix that line: each "
+                        "line of a JSON Lines file is one object"
+                    )
     return None
 
 

@@ -33,35 +33,12 @@ from dataclasses import dataclass
 from typing import Optional
 
 from mlm.common.cli import UserError
+from mlm.common.processes import pid_alive, process_start
 
 log = logging.getLogger("mlm")
 LOCK_FILE = "run.lock"
 HEARTBEAT_S = 5.0
 STALE_AFTER_S = 30.0
-
-
-def _process_start(pid: int) -> Optional[tuple[str, int]]:
-    """(state, start time in clock ticks since boot) of a process, from /proc; None where there is no /proc."""
-    try:
-        with open(f"/proc/{pid}/stat") as fh:
-            fields = fh.read().rsplit(")", 1)[1].split()
-        return fields[0], int(fields[19])
-    except (OSError, IndexError, ValueError):
-        return None
-
-
-def _pid_alive(pid: int, start: Optional[int]) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        pass  # it exists, owned by another user
-    proc = _process_start(pid)
-    if proc is None:
-        return True
-    state, started = proc
-    return state != "Z" and (start is None or started == start)  # a zombie is dead; another start, another process
 
 
 @dataclass(frozen=True)
@@ -79,7 +56,7 @@ class Holder:
 
     @staticmethod
     def me() -> Holder:
-        proc = _process_start(os.getpid())
+        proc = process_start(os.getpid())
         return Holder(
             host=socket.gethostname(),
             pid=os.getpid(),
@@ -154,7 +131,7 @@ def _is_alive(holder: Holder, st: os.stat_result, me: Holder, path: str) -> bool
     if holder.job is not None and holder.job == me.job and holder.attempt < me.attempt:
         return False  # this torchrun job's own earlier attempt, which torchrun stopped before restarting
     if holder.host == me.host:
-        return _pid_alive(holder.pid, holder.pid_start)
+        return pid_alive(holder.pid, holder.pid_start)
     if time.time() - st.st_mtime > STALE_AFTER_S:
         return False  # no heartbeat for longer than a live holder ever leaves it
     log.info(
