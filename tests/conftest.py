@@ -34,17 +34,6 @@ if os.environ.get("PYTEST_XDIST_WORKER"):
 
 def pytest_configure(config):
     config.addinivalue_line("markers", "gpu: needs a CUDA GPU (tests/gpu/, collected only where CUDA is present)")
-    if os.environ.get("PYTEST_XDIST_WORKER") or not getattr(config.option, "numprocesses", None):
-        import forkserver  # where tests run (not xdist's controller): its imports overlap collection
-        from helpers import _env
-
-        forkserver.prestart(_env())
-
-
-def pytest_unconfigure(config):
-    import forkserver
-
-    forkserver.close_all()
 
 
 @pytest.fixture(scope="session")
@@ -98,18 +87,3 @@ def hf_env(tmp_path_factory, wikitext_dir) -> dict:
     from hf_cache import seed_hf_home
 
     return seed_hf_home(str(tmp_path_factory.mktemp("hf-home")), minilm_path(), wikitext_dir)
-
-
-@pytest.hookimpl(trylast=True)
-def pytest_collection_modifyitems(config, items):
-    """--dist loadgroup sends the tests of an xdist_group (one expensive fixture each) to one worker by adding the
-    group to their node ids. If a pytest/pytest-xdist pairing stops doing that, say so instead of silently
-    running those fixtures on both workers."""
-    if config.getoption("dist", "no") != "no" or not getattr(config.option, "loadgroup", False):
-        return
-    lost = [i.nodeid for i in items if any(True for _ in i.iter_markers("xdist_group")) and "@" not in i.nodeid]
-    if lost:
-        raise pytest.UsageError(
-            f"--dist loadgroup did not group {lost[0]}: this pytest-xdist cannot set node ids "
-            "on this pytest (see requirements-dev.txt)"
-        )

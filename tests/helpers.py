@@ -7,11 +7,11 @@ import os
 import random
 import subprocess
 import sys
+import tempfile
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Optional
-
-import forkserver
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SHARED_WIKITEXT = os.path.join(os.path.dirname(ROOT), "shared", "data", "wikitext-2-raw-v1")
@@ -88,38 +88,65 @@ def _env(extra: Optional[dict] = None) -> dict:
     return env
 
 
+class Process(subprocess.Popen):
+    """A real interpreter whose output goes to temporary files (a pipe nobody reads would block a chatty run);
+    communicate() returns that output as text once the process has ended."""
+
+    def __init__(self, cmd: list[str], env: dict, cwd: str, new_session: bool = False, stdin: Optional[str] = None):
+        self._files = tempfile.TemporaryFile(), tempfile.TemporaryFile()
+        with tempfile.TemporaryFile() as stdin_file:
+            stdin_file.write((stdin or "").encode())
+            stdin_file.seek(0)
+            super().__init__(
+                [os.fspath(c) for c in cmd],
+                env=env,
+                cwd=cwd,
+                stdin=stdin_file if stdin is not None else subprocess.DEVNULL,
+                stdout=self._files[0],
+                stderr=self._files[1],
+                start_new_session=new_session,
+            )
+
+    def communicate(self, input=None, timeout=None) -> tuple[str, str]:
+        self.wait(timeout)
+        texts = []
+        for fh in self._files:
+            fh.seek(0)
+            texts.append(fh.read().decode("utf-8", errors="replace"))
+        return texts[0], texts[1]
+
+
+def start(cmd: list[str], extra_env: Optional[dict] = None, cwd: str = ROOT, new_session: bool = False) -> Process:
+    """`cmd` running in the background, in the tests' environment (offline, one thread)."""
+    return Process(cmd, _env(extra_env), cwd, new_session)
+
+
 def run_command(
     cmd: list[str], timeout: float, extra_env: Optional[dict] = None, cwd: str = ROOT, stdin: Optional[str] = None
 ) -> Result:
-    """A subprocess with a timeout, so a hang fails the test instead of blocking CI. `python SCRIPT.py ...` and
-    torchrun (its agent, and its workers through the shim) are forked from a server that has torch and
-    transformers imported (tests/forkserver.py)."""
+    """A subprocess with a timeout, so a hang fails the test instead of blocking CI."""
     t0 = time.perf_counter()
-    args = forkserver.python_args(cmd)
-    if args is not None:
-        p = forkserver.spawn(args, _env(extra_env), cwd, stdin=stdin)
-        try:
-            out, err = p.communicate(timeout=timeout)
-        except subprocess.TimeoutExpired:
-            p.kill()
-            out, _ = p.communicate()
-            raise AssertionError(f"timed out after {timeout}s (a hang): {' '.join(cmd)}\n{out[-4000:]}") from None
-        return Result(p.returncode, out, err, time.perf_counter() - t0)
+    p = Process(cmd, _env(extra_env), cwd, stdin=stdin)
     try:
-        p = subprocess.run(
-            cmd,
-            cwd=cwd,
-            env=_env(extra_env),
-            capture_output=True,
-            text=True,
-            timeout=timeout,
-            input=stdin,
-            stdin=None if stdin is not None else subprocess.DEVNULL,
-        )
-    except subprocess.TimeoutExpired as e:
-        out = (e.stdout or b"").decode() if isinstance(e.stdout, bytes) else (e.stdout or "")
-        raise AssertionError(f"timed out after {timeout}s (a hang): {' '.join(cmd)}\n{out[-4000:]}") from None
-    return Result(p.returncode, p.stdout, p.stderr, time.perf_counter() - t0)
+        out, err = p.communicate(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        p.kill()
+        out, _ = p.communicate()
+        raise AssertionError(f"timed out after {timeout}s (a hang): {' '.join(map(str, cmd))}\n{out[-4000:]}") from None
+    return Result(p.returncode, out, err, time.perf_counter() - t0)
+
+
+def torchrun_command(nproc: int, script: str, args: list[str], torchrun_args: Optional[list[str]] = None) -> list[str]:
+    return [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        f"--nproc_per_node={nproc}",
+        "--standalone",
+        *(torchrun_args or []),
+        script,
+        *args,
+    ]
 
 
 def run_train(
@@ -130,39 +157,23 @@ def run_train(
     torchrun_args: Optional[list[str]] = None,
     cwd: str = ROOT,
     fault: Optional[dict] = None,
-    torchrun: bool = False,
 ) -> Result:
-    """train_ddp.py on nproc >= 1 gloo ranks, or plain python when nproc == 0.
+    """train_ddp.py under torchrun on nproc >= 1 gloo ranks, or plain python when nproc == 0.
 
-    The ranks are forked processes with the environment torchrun gives them, under torchrun's policy (one rank
-    fails: the others are stopped), see run_ranks; torchrun=True (or torchrun_args) starts torchrun's own agent
-    (forked too, its workers through the fork server's shim), for the tests of what the agent does.
     fault: run tests/faulty_train.py instead, with this fault injected (see that file)."""
     script = os.path.join(ROOT, "tests", "faulty_train.py") if fault else os.path.join(ROOT, "train_ddp.py")
     if fault:
         extra_env = {**(extra_env or {}), "MLM_FAULT": json.dumps(fault)}
     if nproc == 0:
         cmd = [sys.executable, script, *args]
-    elif not torchrun and not torchrun_args:
-        return run_ranks([script, *args], nproc, timeout, extra_env, cwd)
     else:
-        cmd = [
-            sys.executable,
-            "-m",
-            "torch.distributed.run",
-            f"--nproc_per_node={nproc}",
-            "--standalone",
-            *(torchrun_args or []),
-            script,
-            *args,
-        ]
+        cmd = torchrun_command(nproc, script, args, torchrun_args)
     return run_command(cmd, timeout, extra_env, cwd)
 
 
-def rank_env(rank: int, nproc: int, port: int, run_id: Optional[str] = None) -> dict:
-    """The variables torchrun --standalone sets for a worker (no agent store); with run_id, also its elastic
-    ones for a first attempt."""
-    env = {
+def rank_env(rank: int, nproc: int, port: int) -> dict:
+    """The variables torchrun --standalone sets for a worker."""
+    return {
         "RANK": str(rank),
         "LOCAL_RANK": str(rank),
         "WORLD_SIZE": str(nproc),
@@ -170,54 +181,24 @@ def rank_env(rank: int, nproc: int, port: int, run_id: Optional[str] = None) -> 
         "MASTER_ADDR": "127.0.0.1",
         "MASTER_PORT": str(port),
     }
-    if run_id is not None:
-        env.update(
-            {
-                "GROUP_RANK": "0",
-                "GROUP_WORLD_SIZE": "1",
-                "ROLE_RANK": str(rank),
-                "ROLE_WORLD_SIZE": str(nproc),
-                "ROLE_NAME": "default",
-                "TORCHELASTIC_RESTART_COUNT": "0",
-                "TORCHELASTIC_MAX_RESTARTS": "0",
-                "TORCHELASTIC_RUN_ID": run_id,
-            }
-        )
-    return env
 
 
-def run_ranks(argv: list[str], nproc: int, timeout: float, extra_env: Optional[dict] = None, cwd: str = ROOT) -> Result:
-    """nproc ranks of `python argv...`, supervised as torchrun's agent does: when one rank fails, the others get
-    SIGTERM and, 30 s later, SIGKILL; the result fails (1) unless every rank ended 0. Output: each rank's stdout,
-    then each rank's stderr, in rank order."""
-    import uuid
+def once_for_all_workers(tmp_path_factory, name: str, build: Callable[[str], dict]) -> dict:
+    """A session fixture's value built once for the whole test run, also under pytest-xdist (pytest-xdist's
+    documented recipe): the first worker that asks builds it, in a folder every worker sees, and the others wait
+    on the lock and read it. The value must be JSON."""
+    from filelock import FileLock
 
-    t0, port, run_id = time.perf_counter(), free_port(), uuid.uuid4().hex[:8]
-    procs = [
-        forkserver.spawn(argv, _env({**(extra_env or {}), **rank_env(r, nproc, port, run_id)}), cwd)
-        for r in range(nproc)
-    ]
-    stop_at = None
-    try:
-        while any(p.poll() is None for p in procs):
-            now = time.perf_counter()
-            if now - t0 > timeout:
-                raise AssertionError(f"a rank was still running after {timeout:.0f} s (a hang): {' '.join(argv)}")
-            if stop_at is None and any(p.returncode not in (None, 0) for p in procs):
-                stop_at = now + 30
-                for p in procs:
-                    p.terminate()
-            elif stop_at is not None and now > stop_at:
-                for p in procs:
-                    p.kill()
-            time.sleep(0.02)
-    finally:
-        for p in procs:
-            if p.poll() is None:
-                p.kill()
-        outputs = [p.communicate() for p in procs]
-    code = 0 if all(p.returncode == 0 for p in procs) else 1
-    return Result(code, "".join(o for o, _ in outputs), "".join(e for _, e in outputs), time.perf_counter() - t0)
+    base = tmp_path_factory.getbasetemp()
+    if os.environ.get("PYTEST_XDIST_WORKER"):
+        base = base.parent  # shared by the workers of this run
+    done = base / f"{name}.json"
+    with FileLock(f"{done}.lock"):
+        if done.is_file():
+            return json.loads(done.read_text())
+        value = build(tempfile.mkdtemp(prefix=f"{name}-", dir=base))
+        done.write_text(json.dumps(value))
+        return value
 
 
 def train_here(args: list[str]) -> int:
@@ -238,15 +219,12 @@ def free_port() -> int:
 
 def start_ranks(
     args: list[str], nproc: int = 2, fault: Optional[dict] = None, extra_env: Optional[dict] = None
-) -> list:
-    """Start the ranks by hand, with the variables torchrun sets, so a test can signal and wait on each one
-    (Popen-like handles: pid, poll, send_signal, communicate)."""
+) -> list[Process]:
+    """Start the ranks by hand, with the variables torchrun sets, so a test can signal and wait on each one."""
     script = os.path.join(ROOT, "tests", "faulty_train.py") if fault else os.path.join(ROOT, "train_ddp.py")
     port = free_port()
     extra = {**(extra_env or {}), **({"MLM_FAULT": json.dumps(fault)} if fault else {})}
-    return [
-        forkserver.spawn([script, *args], _env({**extra, **rank_env(rank, nproc, port)}), ROOT) for rank in range(nproc)
-    ]
+    return [start([sys.executable, script, *args], {**extra, **rank_env(rank, nproc, port)}) for rank in range(nproc)]
 
 
 def wait_all(procs: list[subprocess.Popen], timeout: float) -> list[Result]:

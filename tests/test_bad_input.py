@@ -239,14 +239,8 @@ def worker_logs(log_dir: str, local_rank: int) -> tuple[str, str]:
 
 # Under torchrun, one case for each place an error can arise: the options (every rank, before any process
 # group; the other option cases take the same path, and each one's message is checked in one process below),
-# rank 0's data preparation (a blank file, a Hub dataset), and the model's config on every rank.
-TORCHRUN_CASES = [
-    "mlm_probability_0",
-    "missing_train_file",
-    "blank_train_file",
-    "hub_dataset_offline",
-    "max_seq_length_beyond_positions",
-]
+# rank 0's data preparation (the other data cases take its path), and the model's config on every rank.
+TORCHRUN_CASES = ["mlm_probability_0", "blank_train_file", "max_seq_length_beyond_positions"]
 
 
 @pytest.mark.parametrize("name", TORCHRUN_CASES)
@@ -285,17 +279,8 @@ def test_bad_input_in_one_process(name, tmp_path, tiny_config_dir, tokenizer_pat
 # Under torchrun a rank that would hang is killed by the launcher once another rank fails, so the test above
 # cannot see it. Here the two ranks are started by hand, with the variables torchrun sets, and each one must
 # exit by itself, non-zero and quietly, within the limit. The first case fails before the process group
-# exists; the others after it, on rank 0 alone (blank file, dataset) or on every rank (positions).
-@pytest.mark.parametrize(
-    "name",
-    [
-        "missing_train_file",
-        "blank_train_file",
-        "invalid_utf8_train_file",
-        "hub_dataset_offline",
-        "max_seq_length_beyond_positions",
-    ],
-)
+# exists; the others after it, on rank 0 alone (blank file) or on every rank (positions).
+@pytest.mark.parametrize("name", ["missing_train_file", "blank_train_file", "max_seq_length_beyond_positions"])
 def test_every_rank_exits_by_itself(name, tmp_path, tiny_config_dir, tokenizer_path):
     case = build_case(name, tmp_path, tiny_config_dir, tokenizer_path)
     results = wait_all(start_ranks(case.args, nproc=2, extra_env=case.env), timeout=TIME_LIMIT_S)

@@ -15,17 +15,12 @@ import sys
 import pytest
 import torch
 from families import save_family, training_text
-from helpers import ROOT, read_json, run_command, run_train, train_here
+from helpers import ROOT, once_for_all_workers, read_json, run_command, run_train, train_here
 from test_ddp import load_weights, max_abs_diff
 from test_predict import json_lines, run_main
 
 FAMILIES = ["bert", "distilbert", "roberta", "xlm-roberta", "electra", "albert", "modernbert", "deberta-v3"]
 STEPS = 4
-
-
-# One worker runs this module (README's test command: --dist loadgroup), so the 2-rank runs of all the families
-# happen once, in one torchrun (tests/sequence_train.py), and each family's test reads its own.
-pytestmark = pytest.mark.xdist_group("family-runs")
 
 
 def write_corpus(d: str) -> tuple[str, str]:
@@ -63,10 +58,14 @@ def family_args(model_dir: str, out: str, cache: str, corpus, **kw) -> list[str]
     return [a for k, v in opts.items() if v is not None for a in (f"--{k}", str(v))]
 
 
-@pytest.fixture(scope="session")  # not module: torn down only at the end, even if the worker runs others between
+@pytest.fixture(scope="session")
 def runs(tmp_path_factory) -> dict:
-    """Every family saved, and trained for STEPS steps under 2 gloo ranks: {name: (model dir, run dir)}."""
-    d = str(tmp_path_factory.mktemp("family-runs"))
+    """Every family saved, and trained for STEPS steps under 2 gloo ranks, in one torchrun (tests/sequence_train.py)
+    for the whole test run: {name: (model dir, run dir)}."""
+    return once_for_all_workers(tmp_path_factory, "family-runs", train_families)
+
+
+def train_families(d: str) -> dict:
     corpus = write_corpus(d)
     made = {
         name: (save_family(name, os.path.join(d, name, "model")), os.path.join(d, name, "two")) for name in FAMILIES

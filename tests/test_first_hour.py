@@ -7,10 +7,11 @@ from __future__ import annotations
 import json
 import os
 import sys
+from dataclasses import asdict
 
 import pytest
-from helpers import ROOT, free_port, read_json, run_command
-from hf_cache import DATASET, DATASET_CONFIG, MODEL_ID
+from helpers import ROOT, Result, free_port, minilm_path, once_for_all_workers, read_json, run_command
+from hf_cache import DATASET, DATASET_CONFIG, MODEL_ID, seed_hf_home
 from wandb_offline import offline_runs, read_run
 
 RUN = f"{MODEL_ID}-{DATASET_CONFIG}"  # the default run directory's name
@@ -25,21 +26,21 @@ def torchrun() -> list[str]:
     return [script] if os.path.isfile(script) else [sys.executable, "-m", "torch.distributed.run"]
 
 
-# One worker runs this module (README's test command: --dist loadgroup): the default command runs once.
-pytestmark = pytest.mark.xdist_group("first-hour")
-
-
 @pytest.fixture(scope="session")
-def first_hour(tmp_path_factory, hf_env):
+def first_hour(tmp_path_factory, wikitext_dir):
     """Seeded caches, then `torchrun --nproc_per_node=2 train_ddp.py` and `python predict.py`, in a fresh working
-    directory (where the default outputs/ goes)."""
-    home = tmp_path_factory.mktemp("first-hour")
+    directory (where the default outputs/ goes), once for the whole test run."""
+    done = once_for_all_workers(tmp_path_factory, "first-hour", lambda home: run_first_hour(home, wikitext_dir))
+    return {**done, "train": Result(**done["train"]), "predict": Result(**done["predict"])}
+
+
+def run_first_hour(home: str, wikitext_dir: str) -> dict:
     env = {
-        **hf_env,
-        "XDG_CACHE_HOME": str(home / "cache"),  # the tokenised-data cache, throw-away too
+        **seed_hf_home(os.path.join(home, "hf-home"), minilm_path(), wikitext_dir),
+        "XDG_CACHE_HOME": os.path.join(home, "cache"),  # the tokenised-data cache, throw-away too
         "PET_MASTER_PORT": str(free_port()),
     }  # torchrun's own variable: the command line stays as written
-    work = str(home / "work")
+    work = os.path.join(home, "work")
     os.makedirs(work)
     train = run_command(
         [*torchrun(), "--nproc_per_node=2", os.path.join(ROOT, "train_ddp.py"), *SHORT],
@@ -49,7 +50,8 @@ def first_hour(tmp_path_factory, hf_env):
     )
     assert train.returncode == 0, train.output[-4000:]
     predict = run_command([sys.executable, os.path.join(ROOT, "predict.py")], timeout=180, extra_env=env, cwd=work)
-    return {"env": env, "work": work, "out": os.path.join(work, "outputs", RUN), "train": train, "predict": predict}
+    out = os.path.join(work, "outputs", RUN)
+    return {"env": env, "work": work, "out": out, "train": asdict(train), "predict": asdict(predict)}
 
 
 def test_the_default_command_resolves_model_and_data_through_the_libraries_caches(first_hour):

@@ -10,9 +10,8 @@ import stat
 import subprocess
 import sys
 
-import forkserver
 import pytest
-from helpers import ROOT, _env, free_port, make_text_file, run_train, tiny_args, wait_all
+from helpers import ROOT, Process, _env, free_port, make_text_file, run_train, start, tiny_args, wait_all
 from test_ddp import load_weights, max_abs_diff
 
 STEPS = 4
@@ -27,7 +26,7 @@ def start_node(
     args: list[str],
     cwd: str,
     extra_env: dict | None = None,
-) -> forkserver.ForkedProcess:
+) -> Process:
     cmd = [
         sys.executable,
         "-m",
@@ -43,7 +42,7 @@ def start_node(
         script,
         *args,
     ]
-    return forkserver.spawn(cmd[1:], _env(extra_env), cwd)  # torchrun's agent and workers, forked
+    return start(cmd, extra_env, cwd)
 
 
 @pytest.fixture(scope="module")

@@ -144,21 +144,12 @@ def test_sigterm_to_torchrun_saves_and_resumes_exactly(setup, reference, tmp_pat
     """The usual preemption: the platform signals the launcher, which forwards SIGTERM to every worker."""
     import json
 
-    import forkserver
-    from helpers import ROOT, _env
+    from helpers import ROOT, start, torchrun_command
 
     out = str(tmp_path / "run")
-    p = forkserver.spawn(
-        [
-            "-m",
-            "torch.distributed.run",
-            "--nproc_per_node=2",
-            "--standalone",
-            os.path.join(ROOT, "tests", "faulty_train.py"),
-            *args_for(setup, out, tokenizer_path),
-        ],
-        _env({"MLM_FAULT": json.dumps({"sleep": 0.3})}),
-        ROOT,
+    script = os.path.join(ROOT, "tests", "faulty_train.py")
+    p = start(
+        torchrun_command(2, script, args_for(setup, out, tokenizer_path)), {"MLM_FAULT": json.dumps({"sleep": 0.3})}
     )
     try:
         wait_for_step(out, 3, [p])

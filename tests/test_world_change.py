@@ -242,14 +242,13 @@ def test_an_elastic_job_that_loses_a_node_reforms_and_finishes(corpus, tmp_path)
     import signal
     import sys
 
-    import forkserver
-    from helpers import ROOT, _env, free_port, wait_all
+    from helpers import ROOT, Process, free_port, start, wait_all
     from test_resilience import wait_for_step
 
     out = str(tmp_path / "run")
     port = free_port()
 
-    def node() -> forkserver.ForkedProcess:
+    def node() -> Process:
         cmd = [
             sys.executable,
             "-m",
@@ -265,9 +264,7 @@ def test_an_elastic_job_that_loses_a_node_reforms_and_finishes(corpus, tmp_path)
             os.path.join(ROOT, "tests", "faulty_train.py"),
             *corpus["args"](out),
         ]
-        return forkserver.spawn(
-            cmd[1:], _env({"MLM_FAULT": json.dumps({"sleep": 0.5})}), str(tmp_path), new_session=True
-        )  # torchrun's agent and its worker, forked
+        return start(cmd, {"MLM_FAULT": json.dumps({"sleep": 0.5})}, str(tmp_path), new_session=True)
 
     first = node()  # hosts the rendezvous store, so it must be the node that stays
     time.sleep(1.0)
