@@ -94,10 +94,11 @@ class TrainConfig:
     gradient_checkpointing: bool = _f(False, "Recompute activations in backward to save memory.", "model")
     torch_compile: bool = _f(
         False,
-        "torch.compile the encoder for training, with one fixed shape (an epoch's "
-        "last batch is filled with empty examples, --line_by_line batches are padded to "
-        "--max_seq_length); evaluation and the head at the masked positions stay eager. Pays "
-        "on GPUs; the first step compiles.",
+        "torch.compile the training forward (encoder, head at the masked positions, loss) as one "
+        "graph with fixed shapes (an epoch's last batch is filled with empty examples, "
+        "--line_by_line batches are padded to --max_seq_length, the masked positions to a "
+        "capacity fixed by the batch shape); evaluation stays eager. Pays on GPUs; the first "
+        "step compiles.",
         "model",
     )
     tf32: bool = _f(True, "Allow TF32 matmuls for fp32 work on Ampere and newer GPUs (no effect elsewhere).", "model")

@@ -475,22 +475,23 @@ def test_compiled_training_sees_one_shape_through_epoch_ends_and_evaluation(
     tmp_path, monkeypatch, tiny_config_dir, tokenizer_path, capfd
 ):
     """--torch_compile: a partial last batch each epoch and evaluation (no grad, another batch size) at the
-    start and at each epoch end; the compiled encoder must see one shape only, so it compiles once."""
+    start and at each epoch end; the compiled training forward must see one shape only (the batch, and the masked
+    positions padded to their capacity), so it compiles once."""
     import train_ddp
 
     shapes: list = []
     real_compile = torch.compile
 
-    class Recording(torch.nn.Module):
-        def __init__(self, module):
-            super().__init__()
-            self.compiled = real_compile(module, backend="eager")
+    def recording(fn, **kwargs):
+        compiled = real_compile(fn, backend="eager")
 
-        def forward(self, *args, **kw):
-            shapes.append((tuple(kw["input_ids"].shape), torch.is_grad_enabled()))
-            return self.compiled(*args, **kw)
+        def call(input_ids, positions, *args):
+            shapes.append((tuple(input_ids.shape), tuple(positions.shape), torch.is_grad_enabled()))
+            return compiled(input_ids, positions, *args)
 
-    monkeypatch.setattr(torch, "compile", lambda module, **kwargs: Recording(module))
+        return call
+
+    monkeypatch.setattr(torch, "compile", recording)
     train = make_text_file(str(tmp_path / "t.txt"), 70, seed=3)
     args = tiny_args(
         tiny_config_dir,
@@ -510,7 +511,7 @@ def test_compiled_training_sees_one_shape_through_epoch_ends_and_evaluation(
         assert examples % 4 != 0, examples  # the last batch of each epoch is partial: a real test of filling it
         history = read_json(str(tmp_path / "out" / "training_history.json"))
         assert len([h for h in history if "eval" in h]) == 3  # at the start and after each epoch
-        assert len(set(shapes)) == 1 and shapes[0] == ((4, 32), True), set(shapes)
+        assert len(set(shapes)) == 1 and shapes[0][0] == (4, 32) and shapes[0][2], set(shapes)
         assert len(shapes) == history[-1]["step"]
 
 

@@ -13,6 +13,7 @@ from helpers import TINY_BERT, make_text_file, read_json, tiny_args
 from mlm.common.distributed import DistEnv
 from mlm.config import TrainConfig, parse_args
 from mlm.data.cached import ChunkDataset, eval_shard, tokenize_texts
+from mlm.data.masking import IGNORE_INDEX
 from mlm.train import checkpoint, engine, loop
 from mlm.train.swa import WeightAverage
 
@@ -65,13 +66,15 @@ def test_a_step_moves_the_weights_and_masks_the_given_positions_only(tokenizer, 
     trainable, masking = parts(tokenizer)
     before = [p.detach().clone() for p in trainable.loss.parameters()]
     [batch] = batches(chunks, masking, [[0, 1, 2, 3]])
-    assert batch.positions.numel() == batch.targets.numel() == batch.masked_count
+    assert batch.positions.numel() == batch.targets.numel() >= batch.masked_count
+    real = batch.positions[: batch.masked_count]  # then padding slots, ignored by the loss
+    assert (batch.targets[batch.masked_count :] == IGNORE_INDEX).all()
     flat = batch.input_ids.view(-1)
     raw = chunks.__getitems__([0, 1, 2, 3])["input_ids"].view(-1)
     unmasked = torch.ones_like(flat, dtype=torch.bool)
-    unmasked[batch.positions] = False
+    unmasked[real] = False
     assert torch.equal(flat[unmasked], raw[unmasked])  # only selected positions may change
-    assert torch.equal(batch.targets, raw[batch.positions])
+    assert torch.equal(batch.targets[: batch.masked_count], raw[real])
     engine.train_step(trainable, [batch], ENV)
     assert any((a - b).abs().max() > 0 for a, b in zip(before, trainable.loss.parameters()))
 

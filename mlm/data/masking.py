@@ -10,6 +10,7 @@ epoch value, so its masks never change.
 
 from __future__ import annotations
 
+import math
 import re
 from dataclasses import dataclass
 from typing import Optional
@@ -54,6 +55,35 @@ class MaskingSpec:
     random_replace_prob: float = 0.1
     whole_word_mask: bool = False
     seed: int = 42
+
+
+# The head's row count for a batch shape (see masked_capacity): the expected masked count plus this many
+# standard deviations, so that one batch in many millions overflows. Whole-word masking selects a word's pieces
+# together, which widens the spread by about the square root of the pieces per word; 2 covers words of four.
+CAPACITY_SIGMAS = 6.0
+WHOLE_WORD_SPREAD = 2.0
+
+
+def masked_capacity(rows: int, length: int, spec: MaskingSpec) -> int:
+    """The fixed number of masked positions a [rows, length] batch hands the head and the loss.
+
+    Each token is selected with probability p, so a batch's masked count varies from batch to batch; padding
+    the positions to a capacity fixed by the shape (unused slots carry the ignored label) gives the head and the
+    loss the same shapes at every step, so they compile with the encoder into one graph that is never
+    recompiled. A multiple of 8 (tensor cores), never more than the batch's tokens."""
+    tokens = rows * length
+    p = spec.mlm_probability
+    spread = math.sqrt(tokens * p * (1.0 - p)) * (WHOLE_WORD_SPREAD if spec.whole_word_mask else 1.0)
+    return min(tokens, 8 * math.ceil((tokens * p + CAPACITY_SIGMAS * spread) / 8))
+
+
+def masked_slots(count: int, capacity: int, tokens: int) -> int:
+    """The slots a batch with `count` masked tokens uses: the capacity, or for the rare batch above it the
+    capacity doubled until it holds them all (exact, at the cost of one more compiled shape), at most `tokens`."""
+    slots = capacity
+    while slots < count:
+        slots *= 2
+    return max(count, min(slots, tokens))
 
 
 def build_masking_tables(tokenizer, device: torch.device | str = "cpu") -> MaskingTables:

@@ -144,28 +144,38 @@ class MaskedLMLoss(nn.Module):
     `model` is the Hugging Face masked LM, the only child module: the encoder and head views of it are kept in
     a plain tuple, so each parameter has one name (model.*) in the state dict and in DDP."""
 
-    def __init__(self, model: nn.Module, compile_encoder: bool = False, label_smoothing: float = 0.0):
+    def __init__(self, model: nn.Module, compile_training: bool = False, label_smoothing: float = 0.0):
         super().__init__()
         self.model = model
         self.label_smoothing = label_smoothing  # training loss only; eval_nll never smooths
-        encoder, head = split_encoder_head(model)
-        train_encoder = encoder
-        if compile_encoder and head is not None:
-            # Training feeds the encoder one fixed [batch, length] shape (the loader fills the last batch of an
-            # epoch and pads --line_by_line batches to full length), so it compiles once, on every rank at the
-            # same step. Evaluation (no grad, its own batch size) runs eagerly: a second shape would make
-            # dynamo recompile the training graph with a dynamic batch dimension. The head's row count varies
-            # per batch, so it stays eager too. The exported model is the uncompiled one.
-            train_encoder = torch.compile(encoder)
-        self._views = (train_encoder, encoder, head)  # (training encoder, evaluation encoder, head)
+        self._views = split_encoder_head(model)  # (encoder, head), a tuple: not registered twice
+        # The whole training forward (encoder, head at the masked slots, loss) compiles into one graph: the
+        # loader gives one [batch, length] shape, and the masked positions come padded to a capacity fixed by
+        # that shape (engine.prepare_batch), so every step has the same shapes and the graph compiles once, on
+        # every rank at the same step. Evaluation (no grad, its own batch size) runs eagerly: another shape
+        # would make dynamo recompile the training graph with dynamic dimensions. The exported model is the
+        # uncompiled one.
+        self._training_nll = torch.compile(self._nll) if compile_training else self._nll
 
     def masked_logits(
         self, input_ids: torch.Tensor, positions: torch.Tensor, attention_mask: Optional[torch.Tensor] = None
     ) -> torch.Tensor:
         """Vocabulary logits at the masked positions only ([M, V])."""
-        train_encoder, eval_encoder, head = self._views
-        encoder = train_encoder if torch.is_grad_enabled() else eval_encoder
+        encoder, head = self._views
         return head_logits(encoder, head, self.model, input_ids, positions, attention_mask)
+
+    def _nll(
+        self,
+        input_ids: torch.Tensor,
+        positions: torch.Tensor,
+        targets: torch.Tensor,
+        attention_mask: Optional[torch.Tensor] = None,
+    ) -> torch.Tensor:
+        logits = self.masked_logits(input_ids, positions, attention_mask)
+        # Slots whose target is IGNORE_INDEX (the padding up to the capacity) add nothing, nor to the gradient.
+        return F.cross_entropy(
+            logits.float(), targets, reduction="sum", ignore_index=IGNORE_INDEX, label_smoothing=self.label_smoothing
+        )
 
     def forward(
         self,
@@ -175,8 +185,9 @@ class MaskedLMLoss(nn.Module):
         attention_mask: Optional[torch.Tensor] = None,
     ) -> torch.Tensor:
         """Training: the NLL (label-smoothed when asked) summed over the masked positions."""
-        logits = self.masked_logits(input_ids, positions, attention_mask)
-        return F.cross_entropy(logits.float(), targets, reduction="sum", label_smoothing=self.label_smoothing)
+        if torch.is_grad_enabled():
+            return self._training_nll(input_ids, positions, targets, attention_mask)
+        return self._nll(input_ids, positions, targets, attention_mask)
 
     @torch.no_grad()
     def eval_nll(
@@ -189,7 +200,7 @@ class MaskedLMLoss(nn.Module):
         """Evaluation: (NLL sum, correct predictions). The NLL is summed in float64 token by token, so the
         total does not depend on how the examples were batched (invariant 3)."""
         logits = self.masked_logits(input_ids, positions, attention_mask)
-        nll = F.cross_entropy(logits.float(), targets, reduction="none").double().sum()
+        nll = F.cross_entropy(logits.float(), targets, reduction="none", ignore_index=IGNORE_INDEX).double().sum()
         return nll, (logits.argmax(dim=-1) == targets).sum()
 
 

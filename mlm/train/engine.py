@@ -8,13 +8,23 @@ from dataclasses import dataclass
 from typing import Optional
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 from torch.nn.parallel import DistributedDataParallel as DDP
 
 from mlm.common.cli import UserError
 from mlm.common.distributed import DistEnv, dist_sum
 from mlm.config import TrainConfig
-from mlm.data.masking import EVAL_EPOCH, MaskingSpec, MaskingTables, build_masking_tables, mask_tokens
+from mlm.data.masking import (
+    EVAL_EPOCH,
+    IGNORE_INDEX,
+    MaskingSpec,
+    MaskingTables,
+    build_masking_tables,
+    mask_tokens,
+    masked_capacity,
+    masked_slots,
+)
 from mlm.model.modeling import MaskedLMLoss, masked_positions
 from mlm.train.optim import AppliedStepSchedule, build_optimizer, build_scheduler, skip_nonfinite_step
 
@@ -113,7 +123,7 @@ def build_trainable(
     """The loss module around the model (not yet under DDP), fused AdamW, the schedule and the scaler.
     global_batch: examples per optimizer step, which the schedule counts in (a resume with another continues
     it by examples seen)."""
-    loss = MaskedLMLoss(model, compile_encoder=cfg.torch_compile, label_smoothing=cfg.label_smoothing)
+    loss = MaskedLMLoss(model, compile_training=cfg.torch_compile, label_smoothing=cfg.label_smoothing)
     optimizer = build_optimizer(cfg, loss, device)
     return Trainable(
         wrapped=loss,
@@ -132,9 +142,9 @@ class Batch:
 
     input_ids: torch.Tensor  # [B, T] after masking
     attention_mask: Optional[torch.Tensor]  # [B, T], or None for packed chunks (no padding)
-    positions: torch.Tensor  # [M] flat indices (row * T + column) of the masked tokens
-    targets: torch.Tensor  # [M] the original token ids there
-    masked_count: int  # M
+    positions: torch.Tensor  # [S] flat indices (row * T + column) of the masked tokens, then padding slots
+    targets: torch.Tensor  # [S] the original token ids there, then IGNORE_INDEX (weight zero in the loss)
+    masked_count: int  # M <= S, the real masked tokens
     sequences: int  # real examples (rows added to fill a fixed shape not counted)
 
     @property
@@ -163,6 +173,11 @@ def prepare_batch(raw: dict, epoch: int, masking: Masking, device: torch.device)
     ids, index = raw["input_ids"], raw["index"]
     masked, labels = mask_tokens(ids, index, epoch, masking.spec, masking.tables)
     positions, targets = masked_positions(labels)
+    count = int(positions.numel())
+    # Fixed shapes: the positions padded to the capacity of this batch shape (masking.masked_capacity).
+    slots = masked_slots(count, masked_capacity(*ids.shape, masking.spec), ids.numel())
+    positions = F.pad(positions, (0, slots - count))  # position 0: a real row, its slot's label is ignored
+    targets = F.pad(targets, (0, slots - count), value=IGNORE_INDEX)
     attn = raw.get("attention_mask")
     moved = to_device([masked, positions, targets] + ([attn] if attn is not None else []), device)
     return Batch(
@@ -170,7 +185,7 @@ def prepare_batch(raw: dict, epoch: int, masking: Masking, device: torch.device)
         moved[3] if attn is not None else None,
         moved[1],
         moved[2],
-        masked_count=int(positions.numel()),
+        masked_count=count,
         sequences=int((index >= 0).sum()),
     )
 
