@@ -54,7 +54,7 @@ from mlm.inference.fill_mask import sample_rows
 from mlm.model import modeling
 from mlm.model.heads import head_path
 from mlm.report import metrics, tracking
-from mlm.train import checkpoint, engine, finish, loop, optim, runlock, writes
+from mlm.train import checkpoint, engine, finish, loop, optim, probe, runlock, writes
 from mlm.train.plan import BatchLayout, RunPlan
 from mlm.train.preemption import OutOfTime, Preempted, StopRequest
 from mlm.train.swa import WeightAverage
@@ -146,6 +146,14 @@ def banner(run: loop.Run, resume: Optional[str], peak_source: str) -> str:
             **({"messy text": s["messy text"]} if "messy text" in s else {}),
             "peak (for MFU)": f"{run.throughput.peak_flops / 1e12:.3g} TFLOP/s over {env.world_size} rank(s) "
             f"({peak_source})",
+            **(
+                {
+                    "probe": f"{run.probe.rows.describe()}; {run.probe.folds}-fold linear probe at every "
+                    f"evaluation; best/ by {probe.selection_name(cfg, run.probe)}"
+                }
+                if run.probe is not None
+                else {}
+            ),
             "output": cfg.output_dir + (f" (resuming from {resume}, step {run.state.step})" if resume else ""),
             **({"changed since checkpoint": "; ".join(run.plan.changes)} if run.plan.changes else {}),
         }
@@ -162,6 +170,7 @@ def build_run(
     model_config = main_process_first(env, lambda: modeling.load_model_config(cfg), per_node)
     modeling.check_model_config(cfg, model_config)
     tokenizer = main_process_first(env, lambda: modeling.load_tokenizer(cfg), per_node)
+    task_probe = probe.build_probe(cfg, tokenizer)  # a bad probe file is said before any data is prepared
     resume = choose_resume(cfg, env)
     plan = plan_run(cfg, env, precision, resume, given)
     bundle = (streaming.build_streaming_data if cfg.streaming else cached.build_data)(cfg, env, tokenizer)
@@ -179,8 +188,11 @@ def build_run(
     torch.manual_seed(cfg.seed + env.rank)  # dropout differs per rank; a resume restores the saved states
     swa = WeightAverage(model, cfg.swa_start_step) if cfg.swa_start_step else None
     # What later checkpoints record and a resume must find unchanged (rank 0 saves; the others hold None).
+    best_by = probe.selection_name(cfg, task_probe)
+    if best_by != "perplexity":
+        best_by += f" of {len(task_probe.rows.texts)} rows (content {task_probe.rows.digest()})"
     identity = main_decides(
-        env, lambda: checkpoint.resume_identity(cfg, model.config, tokenizer, bundle.eval_loader.dataset)
+        env, lambda: checkpoint.resume_identity(cfg, model.config, tokenizer, bundle.eval_loader.dataset, best_by)
     )
     if resume:
         rngs = checkpoint.RankRngs(env.rank, world_size=env.world_size, seed=cfg.seed)
@@ -242,6 +254,7 @@ def build_run(
         tracker=tracker,
         stop_request=stop_request,
         swa=swa,
+        probe=task_probe,
     )
     tracker.write(banner(run, resume, peak_source))
     return run
@@ -305,7 +318,7 @@ def run_locked(
             flush=True,
         )
         print(
-            f"best perplexity {state.best_metric:.4f} at step {state.best_step}; best model in "
+            f"best {loop.best_name(run)} {state.best_metric:.4f} at step {state.best_step}; best model in "
             f"{os.path.join(cfg.output_dir, 'best')}",
             flush=True,
         )

@@ -28,8 +28,23 @@ from mlm.common.files import has_tokenizer_files, input_in_run_dir
 DEFAULT_MODEL = "bert-base-uncased"
 DEFAULT_DATASET, DEFAULT_DATASET_CONFIG = "wikitext", "wikitext-2-raw-v1"
 PRECISIONS = ("auto", "fp32", "fp16", "bf16")
-SCHEDULERS = ("linear", "cosine", "cosine_with_restarts", "polynomial", "constant", "constant_with_warmup")
+# transformers' schedules that are a function of the step (reduce_lr_on_plateau and greedy follow a metric
+# instead); tests/test_adaptation.py fails when transformers adds one.
+SCHEDULERS = (
+    "linear",
+    "cosine",
+    "cosine_with_restarts",
+    "polynomial",
+    "constant",
+    "constant_with_warmup",
+    "inverse_sqrt",
+    "cosine_with_min_lr",
+    "cosine_warmup_with_min_lr",
+    "warmup_stable_decay",
+)
 REPORT_TO = ("all", "wandb", "none")
+PROBE_TASKS = ("auto", "classification", "regression")
+BEST_METRICS = ("perplexity", "probe")
 CACHE_SCOPES = ("node", "shared")
 ATTENTION_KERNELS = ("auto", "sdpa", "eager", "flash_attention_2")
 TEXT_ERRORS = ("error", "replace", "skip")  # what --text_errors does with undecodable bytes (mlm.data.cleaning)
@@ -58,6 +73,7 @@ GROUPS = {
     "masking": "masking",
     "training": "optimisation and precision",
     "evaluation": "evaluation, checkpoints, stopping",
+    "probe": "the downstream probe (did it help your task?)",
     "output": "output and tracking",
 }
 
@@ -78,6 +94,12 @@ class TrainConfig:
         "model",
     )
     config_name: Optional[str] = _f(None, "Config (Hub id or directory) to build a model from scratch.", "model")
+    model_revision: str = _f(
+        "main",
+        "The Hub revision (branch, tag or commit) of the model, its config and its tokenizer: an intermediate "
+        "checkpoint, or a commit pinned for reproducibility.",
+        "model",
+    )
     tokenizer_name: Optional[str] = _f(None, "Tokenizer (Hub id or directory); default: the model's.", "model")
     config_overrides: Optional[str] = _f(
         None, "Overrides for a from-scratch config, e.g. 'num_hidden_layers=2,hidden_size=128'.", "model"
@@ -197,6 +219,12 @@ class TrainConfig:
     )
     # --- masking ---
     mlm_probability: float = _f(0.15, "Fraction of maskable tokens selected for prediction.", "masking")
+    eval_mlm_probability: Optional[float] = _f(
+        None,
+        "The selection rate of the fixed evaluation masks (default: --mlm_probability). ModernBERT's recipe "
+        "trains at 0.3 and evaluates at 0.15, so its perplexities compare with other runs'.",
+        "masking",
+    )
     mask_replace_prob: float = _f(0.8, "Of the selected tokens, the fraction replaced by [MASK].", "masking")
     random_replace_prob: float = _f(
         0.1, "Of the selected tokens, the fraction replaced by a random token (the rest stay unchanged).", "masking"
@@ -221,6 +249,13 @@ class TrainConfig:
     num_train_epochs: float = _f(10.0, "Epochs to train (early stopping may end sooner).", "training")
     max_train_steps: Optional[int] = _f(None, "Optimizer steps to train; overrides --num_train_epochs.", "training")
     lr_scheduler_type: str = _f("linear", "Learning-rate schedule after warmup.", "training", choices=SCHEDULERS)
+    lr_scheduler_kwargs: Optional[str] = _f(
+        None,
+        "The schedule's own arguments as JSON, as transformers names them: '{\"min_lr_rate\": 0.1}' for "
+        "cosine_with_min_lr, '{\"num_decay_steps\": 500}' for warmup_stable_decay (default: the last 10%% of "
+        "the steps), '{\"num_cycles\": 2}' for cosine_with_restarts, '{\"power\": 2.0}' for polynomial.",
+        "training",
+    )
     num_warmup_steps: Optional[int] = _f(None, "Warmup steps; overrides --warmup_ratio.", "training")
     warmup_ratio: float = _f(0.06, "Warmup as a fraction of the total optimizer steps.", "training")
     layerwise_lr_decay: Optional[float] = _f(
@@ -271,7 +306,9 @@ class TrainConfig:
     save_total_limit: int = _f(2, "Keep only the newest N resumable checkpoints.", "evaluation")
     early_stopping_patience: int = _f(3, "Stop after N evaluations without improvement (0 disables).", "evaluation")
     early_stopping_min_delta: float = _f(
-        0.0, "Perplexity must drop by more than this to count as improvement.", "evaluation"
+        0.0,
+        "The --metric_for_best_model figure must improve by more than this to count as improvement.",
+        "evaluation",
     )
     max_nonfinite_steps: int = _f(
         25,
@@ -294,6 +331,33 @@ class TrainConfig:
         "before the budget ends (exit code 5); the same command resumes.",
         "evaluation",
     )
+    metric_for_best_model: str = _f(
+        "perplexity",
+        "What picks best/ and drives early stopping: perplexity (lower is better), or probe (the downstream "
+        "probe of --probe_file: macro-F1 for classes, RMSE for numbers).",
+        "evaluation",
+        choices=BEST_METRICS,
+    )
+    # --- the downstream probe ---
+    probe_file: Optional[list[str]] = _f(
+        None,
+        "Labelled texts of your task (csv/json/jsonl/parquet, paths or globs as for --train_file): at every "
+        "evaluation, and once on the model as loaded, a cross-validated linear probe on the encoder's mean-pooled "
+        "features says whether the adaptation helps the task (needs scikit-learn: pip install 'mlm-ddp[probe]').",
+        "probe",
+    )
+    probe_text_column: Optional[str] = _f(
+        None, "The probe file's text column(s), NAME or NAME,NAME (default: --text_column, else 'text').", "probe"
+    )
+    probe_label_column: str = _f("label", "The probe file's label column.", "probe")
+    probe_task: str = _f(
+        "auto",
+        "auto: text labels are classes, numbers a regression (an essay score); classification or regression "
+        "to say so (classification for numeric class ids).",
+        "probe",
+        choices=PROBE_TASKS,
+    )
+    probe_folds: int = _f(5, "Cross-validation folds of the probe (fixed by --seed).", "probe")
     # --- output ---
     output_dir: Optional[str] = _f(None, "Run directory (default: outputs/<model>-<dataset>).", "output")
     overwrite_output_dir: bool = _f(
@@ -347,6 +411,7 @@ class TrainConfig:
         if self.output_dir is None:
             self.output_dir = os.path.join(OUTPUTS_ROOT, default_run_name(self))
         _check_numbers(self)
+        _check_schedule(self)
         _check_sources(self)
         _check_model_paths(self)
         _check_output(self)
@@ -384,6 +449,10 @@ def _check_numbers(c: TrainConfig) -> None:
     _require(
         0.0 < c.mlm_probability < 1.0,
         f"--mlm_probability must be in (0, 1), got {c.mlm_probability}; 0.15 is the BERT recipe",
+    )
+    _require(
+        c.eval_mlm_probability is None or 0.0 < c.eval_mlm_probability < 1.0,
+        f"--eval_mlm_probability must be in (0, 1) (or left unset: --mlm_probability), got {c.eval_mlm_probability}",
     )
     for name in ("mask_replace_prob", "random_replace_prob"):
         v = getattr(c, name)
@@ -438,6 +507,12 @@ def _check_numbers(c: TrainConfig) -> None:
         c.early_stopping_min_delta >= 0, f"--early_stopping_min_delta must be >= 0, got {c.early_stopping_min_delta}"
     )
     _require(c.seed >= 0, f"--seed must be non-negative, got {c.seed}")
+    _require(c.probe_folds >= 2, f"--probe_folds must be at least 2, got {c.probe_folds}")
+    _require(
+        c.metric_for_best_model != "probe" or bool(c.probe_file),
+        "--metric_for_best_model probe needs --probe_file (your task's labelled texts); give one, or keep "
+        "--metric_for_best_model perplexity",
+    )
     _require(
         c.layerwise_lr_decay is None or 0.0 < c.layerwise_lr_decay <= 1.0,
         f"--layerwise_lr_decay must be in (0, 1] (1 = no decay), got {c.layerwise_lr_decay}; 0.8-0.95 is usual",
@@ -461,6 +536,49 @@ def _check_numbers(c: TrainConfig) -> None:
             torch.cuda.is_available(),
             "--precision fp16 needs a CUDA GPU (GradScaler); on CPU use --precision bf16 or fp32",
         )
+
+
+def scheduler_kwargs(c: TrainConfig) -> dict[str, Any]:
+    """--lr_scheduler_kwargs as a dict (checked by _check_schedule)."""
+    return json.loads(c.lr_scheduler_kwargs) if c.lr_scheduler_kwargs else {}
+
+
+def _check_schedule(c: TrainConfig) -> None:
+    """The schedule and its arguments, tried on a stand-in optimizer: a bad one is a line now, not a traceback
+    after the data is prepared."""
+    try:
+        kwargs = scheduler_kwargs(c)
+    except json.JSONDecodeError as e:
+        raise UserError(
+            f"--lr_scheduler_kwargs {c.lr_scheduler_kwargs!r} is not JSON ({e.msg}); give an object "
+            "such as '{\"min_lr_rate\": 0.1}'"
+        ) from None
+    _require(isinstance(kwargs, dict), f"--lr_scheduler_kwargs must be a JSON object, got {c.lr_scheduler_kwargs!r}")
+    import torch
+    from transformers import get_scheduler
+
+    stand_in = torch.optim.SGD([torch.zeros(1, requires_grad=True)], lr=1.0)
+    try:
+        get_scheduler(
+            c.lr_scheduler_type,
+            stand_in,
+            num_warmup_steps=2,
+            num_training_steps=100,
+            scheduler_specific_kwargs=schedule_defaults(c.lr_scheduler_type, kwargs, 100),
+        ).lr_lambdas[0](50)
+    except (TypeError, ValueError) as e:
+        raise UserError(
+            f"--lr_scheduler_type {c.lr_scheduler_type} with --lr_scheduler_kwargs {c.lr_scheduler_kwargs or '{}'}: "
+            f"{str(e).splitlines()[0]}; give the schedule's arguments as transformers names them"
+        ) from None
+
+
+def schedule_defaults(name: str, kwargs: dict[str, Any], total_steps: int) -> dict[str, Any]:
+    """The schedule's arguments with ours filled in: warmup_stable_decay decays over the last 10% of the steps
+    unless num_decay_steps (or num_stable_steps) says otherwise."""
+    if name == "warmup_stable_decay" and "num_decay_steps" not in kwargs:
+        return {**kwargs, "num_decay_steps": max(1, round(0.1 * total_steps))}
+    return kwargs
 
 
 def _check_local_file(flag: str, path: str) -> None:
@@ -508,7 +626,7 @@ def _check_sources(c: TrainConfig) -> None:
         )
         for name in WIKITEXT_FILES.values():
             _check_local_file("dataset_dir", os.path.join(c.dataset_dir, name))
-    for flag in ("train_file", "validation_file", "test_file"):
+    for flag in ("train_file", "validation_file", "test_file", "probe_file"):
         if getattr(c, flag):
             setattr(c, flag, _expand_files(flag, getattr(c, flag)))
     # A separator typed on a shell arrives as backslash-n: read the usual escapes as what they name.
@@ -636,7 +754,8 @@ def _check_overwrite_spares_inputs(c: TrainConfig) -> None:
         flag: [getattr(c, flag)]
         for flag in ("model_name_or_path", "config_name", "tokenizer_name", "dataset_dir", "resume_from_checkpoint")
     }
-    reads.update({flag: list(getattr(c, flag) or ()) for flag in ("train_file", "validation_file", "test_file")})
+    files = ("train_file", "validation_file", "test_file", "probe_file")
+    reads.update({flag: list(getattr(c, flag) or ()) for flag in files})
     reads = {flag: [p for p in paths if p and os.path.exists(p)] for flag, paths in reads.items()}
     overlap = input_in_run_dir(c.output_dir, reads)
     if overlap:
@@ -686,6 +805,54 @@ class _HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
         return f"{text} (default: {str(default).replace('%', '%%')})"
 
 
+# The Hugging Face Trainer's names for our options, accepted as they are typed there: alias -> (option, how the
+# alias's value becomes the option's). --warmup_steps is a count, or below 1 a ratio of the total steps, as
+# transformers 5 reads it.
+TRAINER_ALIASES: dict[str, tuple[str, str]] = {
+    "max_steps": ("max_train_steps", "Steps to train: --max_train_steps."),
+    "warmup_steps": ("num_warmup_steps", "Warmup: a count (--num_warmup_steps), or below 1 a ratio (--warmup_ratio)."),
+    "fp16": ("precision", "--precision fp16."),
+    "bf16": ("precision", "--precision bf16."),
+}
+
+
+def _alias_values(given: dict[str, Any]) -> dict[str, Any]:
+    """Our options' values from the Trainer's names given (alias -> value)."""
+    out: dict[str, Any] = {}
+    for alias, value in given.items():
+        if value is None or value is False:
+            continue
+        if alias == "warmup_steps":
+            number = float(value)
+            _require(number >= 0, f"--warmup_steps must be non-negative, got {value}")
+            out.update({"warmup_ratio": number} if number < 1 else {"num_warmup_steps": int(number)})
+        elif alias in ("fp16", "bf16"):
+            _require(out.get("precision", alias) == alias, "--fp16 and --bf16 both given; choose one (or --precision)")
+            out["precision"] = alias
+        else:
+            out[TRAINER_ALIASES[alias][0]] = value
+    return out
+
+
+def _merge_aliases(values: dict[str, Any], aliases: dict[str, Any], named: set[str]) -> None:
+    """Apply the aliases' values; an option given under both names with different values is an error."""
+    typed = {a: v for a, v in aliases.items() if v is not None and v is not False}
+    if "warmup_steps" in typed:  # one warmup, however it is given
+        other = next((o for o in ("num_warmup_steps", "warmup_ratio") if o in named), None)
+        _require(
+            other is None or _alias_values({"warmup_steps": typed["warmup_steps"]}).get(other) == values[other],
+            f"--warmup_steps (the Trainer's name) and --{other} both set the warmup; give one of them",
+        )
+    for option, value in _alias_values(typed).items():
+        alias = next(a for a in typed if option in (TRAINER_ALIASES[a][0], "warmup_ratio"))
+        if option in named and values[option] != value:
+            raise UserError(
+                f"--{alias} (the Trainer's name) gives {option} {value!r}, but --{option} {values[option]!r} is "
+                "given too; give one of them"
+            )
+        values[option] = value
+
+
 def build_parser(prog: str = "train_ddp.py") -> argparse.ArgumentParser:
     from transformers import HfArgumentParser
 
@@ -700,6 +867,14 @@ def build_parser(prog: str = "train_ddp.py") -> argparse.ArgumentParser:
         "Launch with torchrun --nproc_per_node=N train_ddp.py [options], or bash launch.sh [options].",
     )
     p.add_argument("--config", default=None, help="YAML or JSON file of options; the command line overrides it.")
+    names = p.add_argument_group("the Hugging Face Trainer's names (aliases)")
+    for alias, (_, text) in TRAINER_ALIASES.items():
+        if alias in ("fp16", "bf16"):
+            names.add_argument(f"--{alias}", dest=f"alias_{alias}", type=_str2bool, nargs="?", const=True, help=text)
+        else:
+            names.add_argument(
+                f"--{alias}", dest=f"alias_{alias}", type=int if alias == "max_steps" else float, help=text
+            )
     hints = typing.get_type_hints(TrainConfig)
     for f in dataclasses.fields(TrainConfig):
         if _base_type(hints[f.name]) is bool and f.default is False:  # HfArgumentParser adds --no_ for True only
@@ -725,7 +900,7 @@ def load_config_file(path: str) -> dict[str, Any]:
         ) from None
     data = data or {}
     _require(isinstance(data, dict), f"--config {path!r} must hold a mapping of option names to values")
-    known = {f.name for f in dataclasses.fields(TrainConfig)}
+    known = {f.name for f in dataclasses.fields(TrainConfig)} | set(TRAINER_ALIASES)
     unknown = sorted(set(data) - known)
     _require(
         not unknown, f"--config {path!r} has unknown option(s) {', '.join(unknown)}; see `python train_ddp.py --help`"
@@ -767,12 +942,17 @@ def parse_command_line(
     if pre.config:
         file_values = load_config_file(pre.config)
         # Values from the file pass through the same type conversion as the command line.
-        parser.set_defaults(**{k: _coerce(k, v) for k, v in file_values.items()})
+        parser.set_defaults(**{k: _coerce(k, v) for k, v in file_values.items() if k not in TRAINER_ALIASES})
     ns = parser.parse_args(argv)
     values = {f.name: getattr(ns, f.name) for f in dataclasses.fields(TrainConfig)}
-    cfg = TrainConfig(**values).resolve_and_validate()
     named = {a[2:].split("=", 1)[0].replace("-", "_") for a in argv if a.startswith("--")}
-    return cfg, frozenset(named | (set(file_values) if pre.config else set()))
+    named |= set(file_values) if pre.config else set()
+    aliases = {a: getattr(ns, f"alias_{a}") for a in TRAINER_ALIASES}
+    aliases.update({a: v for a, v in (file_values if pre.config else {}).items() if a in TRAINER_ALIASES})
+    _merge_aliases(values, aliases, named)
+    cfg = TrainConfig(**values).resolve_and_validate()
+    named |= {option for option in _alias_values({a: v for a, v in aliases.items() if v}).keys()}
+    return cfg, frozenset(named)
 
 
 def _str2bool(v: str) -> bool:
@@ -794,6 +974,8 @@ def _coerce(name: str, value: Any) -> Any:
             return [str(v) for v in value] if isinstance(value, (list, tuple)) else [str(value)]
         if tp is int and isinstance(value, float) and not value.is_integer():
             raise ValueError
+        if tp is str and isinstance(value, dict):  # a JSON option (--lr_scheduler_kwargs) written as a mapping
+            return json.dumps(value)
         return tp(value)
     except (ValueError, TypeError):
         raise UserError(f"option {name} in the config file: {value!r} is not a valid {tp.__name__}") from None

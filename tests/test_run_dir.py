@@ -472,6 +472,7 @@ def test_every_kind_of_export_file_counts_as_written_by_a_run(names, tmp_path):
         ({"max_seq_length": "24"}, "its --max_seq_length was 32, this run's is 24"),
         ({"validation_split_percentage": "10"}, "its evaluation data was "),
         ({"mlm_probability": "0.3"}, "its evaluation masking was --mlm_probability 0.15"),
+        ({"eval_mlm_probability": "0.3"}, "its evaluation masking was --mlm_probability 0.15, --mask_replace"),
         ({"config_name": "{deeper}"}, "its model architecture was model_type bert, num_hidden_layers 2"),
     ],
 )
@@ -490,6 +491,13 @@ def test_a_resume_refuses_a_change_it_cannot_compare(change, what, run_dir, tmp_
     assert f"cannot resume {os.path.join(out, 'checkpoints', 'step-4')}: {what}" in lines[0], lines[0]
     assert "resume with the checkpoint's settings, or start a new run with another --output_dir" in lines[0]
     assert _tree(out) == before
+
+
+def test_a_resume_may_train_at_another_rate_when_evaluation_keeps_its_masks(run_dir, capsys):
+    out, args = run_dir
+    capsys.readouterr()
+    assert train_here(_set(args, mlm_probability="0.3", eval_mlm_probability="0.15", max_train_steps="5")) == 0
+    assert "resuming from" in capsys.readouterr().out
 
 
 def test_a_resume_takes_what_may_change_and_says_so(run_dir, capsys):

@@ -25,7 +25,11 @@ def load_model_config(cfg: TrainConfig):
 
     name = cfg.model_name_or_path or cfg.config_name
     try:
-        config = AutoConfig.from_pretrained(name, trust_remote_code=cfg.trust_remote_code) if name else BertConfig()
+        config = (
+            AutoConfig.from_pretrained(name, revision=cfg.model_revision, trust_remote_code=cfg.trust_remote_code)
+            if name
+            else BertConfig()
+        )
     except LOAD_ERRORS as e:
         raise load_error("model config", name, e) from None
     if cfg.from_scratch and cfg.config_overrides:
@@ -93,7 +97,9 @@ def load_tokenizer(cfg: TrainConfig):
 
     name = cfg.tokenizer_name or cfg.model_name_or_path or cfg.config_name
     try:
-        tok = AutoTokenizer.from_pretrained(name, use_fast=True, trust_remote_code=cfg.trust_remote_code)
+        tok = AutoTokenizer.from_pretrained(
+            name, use_fast=True, revision=cfg.model_revision, trust_remote_code=cfg.trust_remote_code
+        )
     except LOAD_ERRORS as e:
         raise load_error("tokenizer", name, e) from None
     if tok.mask_token_id is None:
@@ -121,6 +127,7 @@ def build_model(cfg: TrainConfig, config, tokenizer) -> nn.Module:
             model = AutoModelForMaskedLM.from_pretrained(
                 cfg.model_name_or_path,
                 config=config,
+                revision=cfg.model_revision,
                 attn_implementation=attention,
                 trust_remote_code=cfg.trust_remote_code,
                 dtype=torch.float32,

@@ -10,6 +10,8 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any, Optional
 
+from mlm.report.probe import FIGURE_NAMES
+
 CARD_FILE = "README.md"
 EXAMPLE_ROWS = 3  # sample sentences shown in the card (the W&B table has them all)
 
@@ -35,6 +37,30 @@ class CardFacts:
     train_seconds: float = 0.0
     options: dict[str, Any] = field(default_factory=dict)
     examples: list[list[Any]] = field(default_factory=list)  # rows of (text, top tokens per mask, fill, score)
+    # The downstream probe: {"origin", "task", "base": figures of the model as loaded, "best": of best/}
+    probe: Optional[dict[str, Any]] = None
+    selected_by: str = "perplexity"  # what picked best/
+
+
+def _probe_section(f: CardFacts) -> list[str]:
+    """Did it help the task: the probe's figures on the model as loaded and on best/, side by side."""
+    if not f.probe:
+        return []
+    base, best = f.probe.get("base"), f.probe["best"]
+    names = [k for k in best if k in FIGURE_NAMES]
+    rows = [
+        "## Your task: the downstream probe",
+        "",
+        f"A {f.probe['folds']}-fold cross-validated linear probe ({f.probe['task']}) on the encoder's mean-pooled "
+        f"features of {f.probe['origin']}; best/ was chosen by {f.selected_by}.",
+        "",
+        "| model | " + " | ".join(FIGURE_NAMES[k] for k in names) + " |",
+        "| --- |" + " --- |" * len(names),
+    ]
+    if base:
+        rows.append("| base model, as loaded | " + " | ".join(f"{base[k]:.4f}" for k in names) + " |")
+    rows.append(f"| this model (step {f.best_step}) | " + " | ".join(f"{best[k]:.4f}" for k in names) + " |")
+    return rows + [""]
 
 
 def duration(seconds: float) -> str:
@@ -132,6 +158,7 @@ def body(f: CardFacts) -> str:
         "",
         _exactness(f),
         "",
+        *_probe_section(f),
         "## Use",
         "",
         "```python",

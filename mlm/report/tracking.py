@@ -18,6 +18,7 @@ from mlm.common.cli import UserError
 from mlm.common.files import HISTORY, append_json_list, read_history, write_json_list
 from mlm.config import TrainConfig
 from mlm.report.card import coverage
+from mlm.report.probe import describe as describe_probe
 
 log = logging.getLogger("mlm")
 
@@ -186,8 +187,10 @@ class Tracker:
         if not self.enabled:
             return
         self._record({"step": step, "epoch": round(epoch, 4), "eval": metrics})
+        probe = metrics.get("probe") or {}
         if self.wandb and step > self.wandb_floor:
-            self.wandb.log({f"eval/{k}": v for k, v in metrics.items()}, step=step)
+            values = {f"eval/{k}": v for k, v in metrics.items() if k != "probe"}
+            self.wandb.log({**values, **{f"probe/{k}": v for k, v in probe.items()}}, step=step)
         self.write(
             f"eval at step {step}: loss {metrics['loss']:.4f} perplexity {metrics['perplexity']:.3f} "
             f"accuracy {metrics['accuracy']:.4f} ({metrics['masked_tokens']} masked tokens"
@@ -197,6 +200,7 @@ class Tracker:
                 if "swa_perplexity" in metrics
                 else ""
             )
+            + (f"; probe {describe_probe(probe)}" if probe else "")
         )
 
     def log_test(self, step: int, metrics: dict[str, Any]) -> None:

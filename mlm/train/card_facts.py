@@ -10,6 +10,7 @@ import torch
 from mlm.common.distributed import DistEnv
 from mlm.report.card import CardFacts
 from mlm.train.engine import describe_precision
+from mlm.train.probe import selection_name
 
 if TYPE_CHECKING:  # the loop hands its Run in; it imports this module
     from mlm.train.loop import Run
@@ -96,6 +97,7 @@ def card_facts(
     masking = (
         f"{cfg.mlm_probability:.0%} of {'whole words' if cfg.whole_word_mask else 'tokens'} selected, "
         f"{cfg.mask_replace_prob:.0%}/{cfg.random_replace_prob:.0%}/{kept:.0%} [MASK]/random/kept"
+        + (f"; evaluated at {cfg.eval_mlm_probability:.0%}" if cfg.eval_mlm_probability is not None else "")
     )
     return CardFacts(
         model_name=os.path.basename(os.path.normpath(cfg.output_dir)),
@@ -115,4 +117,19 @@ def card_facts(
         train_seconds=run.state.train_seconds,
         options=card_options(run),
         examples=examples or [],
+        probe=_probe_facts(run, validation),
+        selected_by=selection_name(run.cfg, run.probe),
     )
+
+
+def _probe_facts(run: Run, validation: dict[str, Any]) -> Optional[dict[str, Any]]:
+    if run.probe is None or "probe" not in validation:
+        return None
+    rows = run.probe.rows
+    return {
+        "origin": ", ".join(local_name(p) for p in run.cfg.probe_file or []),
+        "task": f"{len(rows.classes)} classes" if rows.classes else "regression",
+        "folds": run.probe.folds,
+        "base": run.state.extra.get("probe_base"),
+        "best": validation["probe"],
+    }

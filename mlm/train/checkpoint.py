@@ -39,7 +39,7 @@ class TrainState:
     epoch: int = 0  # current epoch
     micro_in_epoch: int = 0  # micro-batches of this epoch already consumed (per rank), after epoch_offset
     epoch_offset: int = 0  # examples of this epoch trained with an earlier global batch (0 normally)
-    best_metric: Optional[float] = None  # best evaluation perplexity
+    best_metric: Optional[float] = None  # the best --metric_for_best_model figure (perplexity by default)
     best_step: Optional[int] = None
     bad_evals: int = 0  # evaluations since the last improvement (early stopping)
     stopped_early: bool = False
@@ -403,7 +403,7 @@ def _digest(data: bytes) -> str:
     return hashlib.sha256(data).hexdigest()[:12]
 
 
-def resume_identity(cfg, model_config, tokenizer, eval_dataset) -> dict[str, str]:
+def resume_identity(cfg, model_config, tokenizer, eval_dataset, best_by: str = "perplexity") -> dict[str, str]:
     """What a checkpoint is only comparable under, in words: a resume that changes one of these would load
     weights into another model, or compare perplexities measured on other data or other masks (best/ and early
     stopping). Rank 0, once per run; saved with each checkpoint."""
@@ -418,9 +418,12 @@ def resume_identity(cfg, model_config, tokenizer, eval_dataset) -> dict[str, str
         "tokenizer": f"{type(tokenizer).__name__} of {len(tokenizer)} tokens (vocabulary {_digest(vocab)})",
         "--max_seq_length": str(cfg.max_seq_length),
         "evaluation data": f"{len(eval_dataset)} examples (content {examples.hexdigest()[:12]})",
-        "evaluation masking": f"--mlm_probability {cfg.mlm_probability}, --mask_replace_prob "
-        f"{cfg.mask_replace_prob}, --random_replace_prob {cfg.random_replace_prob}, --whole_word_mask "
-        f"{cfg.whole_word_mask}, --seed {cfg.seed}",
+        # The rate the evaluation masks are drawn at (--eval_mlm_probability, else --mlm_probability), written as
+        # checkpoints before --eval_mlm_probability wrote it, so theirs compare equal.
+        "evaluation masking": f"--mlm_probability {cfg.eval_mlm_probability or cfg.mlm_probability}"
+        f", --mask_replace_prob {cfg.mask_replace_prob}, --random_replace_prob {cfg.random_replace_prob}, "
+        f"--whole_word_mask {cfg.whole_word_mask}, --seed {cfg.seed}",
+        "figure that picks best/": best_by,
     }
 
 

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Optional
 
 import torch
@@ -78,10 +78,17 @@ def build_scaler(precision: str, device: torch.device) -> Scaler:
 
 @dataclass(frozen=True)
 class Masking:
-    """How batches are masked: the 80/10/10 rule and the vocabulary tables it reads (on the host)."""
+    """How batches are masked: the 80/10/10 rule and the vocabulary tables it reads (on the host); evaluation
+    may select at another rate (--eval_mlm_probability)."""
 
     spec: MaskingSpec
     tables: MaskingTables
+    eval_probability: Optional[float] = None  # None: the training rate
+
+    def for_evaluation(self) -> Masking:
+        if self.eval_probability is None:
+            return self
+        return Masking(replace(self.spec, mlm_probability=self.eval_probability), self.tables)
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -114,7 +121,7 @@ def build_masking(cfg: TrainConfig, tokenizer) -> Masking:
     spec = MaskingSpec(
         cfg.mlm_probability, cfg.mask_replace_prob, cfg.random_replace_prob, cfg.whole_word_mask, cfg.seed
     )
-    return Masking(spec, tables)
+    return Masking(spec, tables, cfg.eval_mlm_probability)
 
 
 def build_trainable(
@@ -263,6 +270,7 @@ def evaluate(loss_module: MaskedLMLoss, loader, env: DistEnv, masking: Masking, 
     masked tokens of all ranks, then divided once. Runs the unwrapped model: no DDP hooks, no collectives."""
     was_training = loss_module.training
     loss_module.eval()
+    masking = masking.for_evaluation()
     totals = torch.zeros(2, dtype=torch.float64, device=env.device)  # NLL, correct
     count = 0  # masked tokens, known on the host
     for raw in loader:

@@ -67,6 +67,8 @@ def test_best(run: Run, examples: Optional[Examples] = None) -> Optional[dict[st
         saved = read_json(os.path.join(best, "eval_results.json"))
         prefix = "swa_" if saved.get("swa") else ""
         validation = {k: saved[prefix + k] for k in EVAL_METRICS if prefix + k in saved}
+        if "probe" in saved:
+            validation["probe"] = saved["probe"]
         if test is not None:
             write_json_atomic(os.path.join(cfg.output_dir, TEST_RESULTS), {"step": saved["step"], **test})
             write_json_atomic(

@@ -21,6 +21,8 @@ from mlm.config import TrainConfig
 from mlm.data.cached import DataBundle
 from mlm.report.card import CARD_FILE, model_card
 from mlm.report.metrics import Throughput
+from mlm.report.probe import describe as describe_probe
+from mlm.report.probe import selection_value
 from mlm.report.tracking import Tracker
 from mlm.train.card_facts import card_facts
 from mlm.train.checkpoint import (
@@ -43,6 +45,7 @@ from mlm.train.export import export_pretrained
 from mlm.train.meter import StepMeter
 from mlm.train.plan import RunPlan
 from mlm.train.preemption import OUT_OF_TIME, OutOfTime, Preempted, StopRequest, signal_name
+from mlm.train.probe import Probe, probe_figures, selection_name
 from mlm.train.runlock import RunLock
 from mlm.train.swa import WeightAverage
 from mlm.train.writes import write_on_main
@@ -82,6 +85,7 @@ class Run:
     tracker: Tracker
     stop_request: StopRequest
     swa: Optional[WeightAverage] = None
+    probe: Optional[Probe] = None  # --probe_file's rows, probed at every evaluation
     lock: Optional[RunLock] = None  # rank 0's hold on output_dir (mlm/train/runlock.py); None elsewhere
 
 
@@ -100,14 +104,26 @@ def _epoch_float(run: Run) -> float:
 
 
 def evaluate_and_decide(run: Run) -> bool:
-    """Evaluate; on rank 0 keep the best perplexity, export best/, count patience. Returns the agreed stop flag."""
+    """Evaluate (and probe); on rank 0 keep the best model by --metric_for_best_model, export best/, count
+    patience. Returns the agreed stop flag."""
     cfg, state = run.cfg, run.state
     precision = run.trainable.precision
+    t0 = time.perf_counter()
     metrics = evaluate(run.trainable.loss, run.data.eval_loader, run.env, run.masking, precision)
+    eval_seconds = time.perf_counter() - t0
     swa = run.swa if run.swa is not None and run.swa.count else None
     if swa is not None:  # the averaged weights, evaluated the same exact way
         swa_metrics = evaluate(swa.loss_module, run.data.eval_loader, run.env, run.masking, precision)
         metrics.update({f"swa_{k}": v for k, v in swa_metrics.items()}, swa_snapshots=swa.count)
+    if run.probe is not None:
+        t0 = time.perf_counter()
+        figures = probe_figures(run.trainable.loss.model, run.probe, run.env, precision)
+        if figures is not None:  # rank 0
+            # What the probe costs beside the evaluation, in the history: seconds of each.
+            seconds = {"seconds": round(time.perf_counter() - t0, 3), "evaluation_seconds": round(eval_seconds, 3)}
+            metrics["probe"] = {**figures, **seconds}
+            if state.step == 0:  # the model as loaded: what the card and the log compare against
+                state.extra.setdefault("probe_base", figures)
     stop = write_on_main(
         run.env, cfg.output_dir, state.step, "the evaluation, best/ and the history", lambda: _decide(run, metrics, swa)
     )
@@ -116,9 +132,26 @@ def evaluate_and_decide(run: Run) -> bool:
         state.stopped_early = True
         run.tracker.write(
             f"early stopping at step {state.step}: no improvement in "
-            f"{cfg.early_stopping_patience} evaluations (best perplexity {state.best_metric})"
+            f"{cfg.early_stopping_patience} evaluations (best {best_name(run)} {state.best_metric})"
         )
     return stop
+
+
+def best_name(run: Run) -> str:
+    return selection_name(run.cfg, run.probe)
+
+
+def _best_value(run: Run, metrics: dict[str, Any], use_swa: bool) -> tuple[float, bool]:
+    """(the value that picks best/, whether higher is better)."""
+    if run.cfg.metric_for_best_model == "probe" and run.probe is not None:
+        return selection_value(metrics["probe"], run.probe.rows.task)
+    return (metrics["swa_perplexity"] if use_swa else metrics["perplexity"]), False
+
+
+def _improved(value: float, best: Optional[float], higher: bool, min_delta: float) -> bool:
+    if best is None:
+        return True
+    return value > best + min_delta if higher else value < best - min_delta
 
 
 def _decide(run: Run, metrics: dict[str, Any], swa: Optional[WeightAverage]) -> bool:
@@ -127,17 +160,23 @@ def _decide(run: Run, metrics: dict[str, Any], swa: Optional[WeightAverage]) -> 
     if run.lock is not None:
         run.lock.check()
     run.tracker.log_eval(state.step, _epoch_float(run), metrics)
-    use_swa = swa is not None and metrics["swa_perplexity"] < metrics["perplexity"]
-    ppl = metrics["swa_perplexity"] if use_swa else metrics["perplexity"]
-    improved = state.best_metric is None or ppl < state.best_metric - cfg.early_stopping_min_delta
+    # The SWA average is probed by perplexity only: under --metric_for_best_model probe, best/ is the live model.
+    use_swa = (
+        swa is not None
+        and cfg.metric_for_best_model == "perplexity"
+        and metrics["swa_perplexity"] < metrics["perplexity"]
+    )
+    value, higher = _best_value(run, metrics, use_swa)
+    improved = _improved(value, state.best_metric, higher, cfg.early_stopping_min_delta)
     model = run.trainable.loss.model
     run.tracker.log_predictions(state.step, model, run.tokenizer)
     if improved:
         best_model = swa.model if use_swa else model
         prefix = "swa_" if use_swa else ""
-        facts = card_facts(
-            run, {k: metrics[prefix + k] for k in EVAL_METRICS}, best_step=state.step, epoch=_epoch_float(run)
-        )
+        best_metrics = {k: metrics[prefix + k] for k in EVAL_METRICS}
+        if "probe" in metrics:
+            best_metrics["probe"] = metrics["probe"]
+        facts = card_facts(run, best_metrics, best_step=state.step, epoch=_epoch_float(run))
         export_pretrained(
             best_model,
             run.tokenizer,
@@ -145,23 +184,34 @@ def _decide(run: Run, metrics: dict[str, Any], swa: Optional[WeightAverage]) -> 
             {"step": state.step, "epoch": _epoch_float(run), **metrics, "swa": use_swa},
             {CARD_FILE: model_card(facts)},
         )
-        state.best_metric, state.best_step, state.bad_evals = ppl, state.step, 0  # once best/ is on disk
+        state.best_metric, state.best_step, state.bad_evals = value, state.step, 0  # once best/ is on disk
+        shown = f"{value:.4f}" if best_name(run) != "perplexity" else f"{value:.3f}"
         run.tracker.write(
-            f"new best perplexity {ppl:.3f} at step {state.step}"
+            f"new best {best_name(run)} {shown} at step {state.step}"
             f"{' (the SWA average)' if use_swa else ''}: exported best/"
         )
         run.tracker.summary(
             {
-                "best/perplexity": ppl,
+                "best/perplexity": metrics[f"{prefix}perplexity"],
                 "best/loss": metrics[f"{prefix}loss"],
                 "best/accuracy": metrics[f"{prefix}accuracy"],
                 "best/step": state.step,
                 "best/swa": use_swa,
+                **{f"best/probe_{k}": v for k, v in metrics.get("probe", {}).items()},
             }
         )
     else:
         state.bad_evals += 1
     return cfg.early_stopping_patience > 0 and state.bad_evals >= cfg.early_stopping_patience
+
+
+def probe_before_training(run: Run) -> None:
+    """The probe on the model as loaded, when no evaluation before the first step gives it
+    (--eval_on_start false): the base figures the card and the log compare against."""
+    figures = probe_figures(run.trainable.loss.model, run.probe, run.env, run.trainable.precision)
+    if figures is not None:
+        run.state.extra["probe_base"] = figures
+        run.tracker.write(f"probe on the model as loaded: {describe_probe(figures)}")
 
 
 # The options a model card lists (besides batch, steps, hardware and precision, which it shows anyway).
@@ -293,6 +343,8 @@ def fit(run: Run) -> TrainState:
     t_iteration = time.perf_counter()
     if cfg.eval_on_start and state.step == 0 and state.best_metric is None:
         stop = evaluate_and_decide(run)
+    elif run.probe is not None and state.step == 0 and "probe_base" not in state.extra:
+        probe_before_training(run)
     run.trainable.wrapped.train()
     while state.step < total and not stop:
         steps_before, fresh_epoch = state.step, state.micro_in_epoch == 0

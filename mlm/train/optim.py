@@ -11,7 +11,7 @@ from typing import Optional
 import torch
 from torch import nn
 
-from mlm.config import TrainConfig
+from mlm.config import TrainConfig, schedule_defaults, scheduler_kwargs
 
 _LAYER = re.compile(r"\.layers?\.(\d+)\.")
 
@@ -192,9 +192,14 @@ def build_scheduler(
     def make_lambda(steps: int) -> Callable[[float], float]:
         # transformers' schedules are LambdaLR factories: one built on a stand-in optimizer gives the function
         # (LambdaLR.lr_lambdas) without touching the real optimizer's learning rates.
-        stand_in = torch.optim.SGD([torch.zeros(1, requires_grad=True)], lr=1.0)
+        # Its lr is the run's: polynomial's lr_end is an absolute rate, read against the optimizer's initial lr.
+        stand_in = torch.optim.SGD([torch.zeros(1, requires_grad=True)], lr=cfg.learning_rate)
         lambda_lr = get_scheduler(
-            cfg.lr_scheduler_type, stand_in, num_warmup_steps=warmup_steps(cfg, steps), num_training_steps=steps
+            cfg.lr_scheduler_type,
+            stand_in,
+            num_warmup_steps=warmup_steps(cfg, steps),
+            num_training_steps=steps,
+            scheduler_specific_kwargs=schedule_defaults(cfg.lr_scheduler_type, scheduler_kwargs(cfg), steps),
         )
         return lambda_lr.lr_lambdas[0]
 

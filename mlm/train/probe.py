@@ -1,0 +1,91 @@
+"""The downstream probe at an evaluation: the encoder's features for every probe row, computed across the ranks
+(each row once, as the exact evaluation counts each example once), then the cross-validated fit on rank 0
+(mlm/report/probe.py).
+
+The rows are tokenised once, sorted by length and cut into fixed batches; rank r takes batches r, r + W, ...
+A row is always computed in the same batch, whatever the world size, so its features, and the figures, are the
+same on 1 and on 2 ranks."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Optional
+
+import numpy as np
+import torch
+from torch import nn
+
+from mlm.common.distributed import DistEnv, gather_to_main
+from mlm.config import TrainConfig
+from mlm.data.probe import ProbeSet, load_probe
+from mlm.report.probe import FIGURE_NAMES, SELECTION, fit_probe, require_sklearn
+from mlm.train.engine import autocast
+
+
+@dataclass(frozen=True)
+class Probe:
+    rows: ProbeSet
+    batches: list[dict[str, torch.Tensor]]  # input_ids and attention_mask, padded per batch
+    order: np.ndarray  # batches' rows in sequence: order[i] is the file row of the i-th row of the batches
+    folds: int
+    seed: int
+
+
+def build_probe(cfg: TrainConfig, tokenizer) -> Optional[Probe]:
+    """The probe of --probe_file, tokenised to --max_seq_length; None without one."""
+    if not cfg.probe_file:
+        return None
+    require_sklearn()
+    rows = load_probe(cfg)
+    encoded = tokenizer(rows.texts, truncation=True, max_length=cfg.max_seq_length)["input_ids"]
+    order = np.argsort([len(ids) for ids in encoded], kind="stable")  # less padding, the same on every rank
+    size = cfg.per_device_eval_batch_size
+    batches = []
+    for start in range(0, len(order), size):
+        chunk = [{"input_ids": encoded[i]} for i in order[start : start + size]]
+        padded = tokenizer.pad(chunk, return_tensors="pt", return_attention_mask=True)
+        batches.append({"input_ids": padded["input_ids"], "attention_mask": padded["attention_mask"]})
+    return Probe(rows, batches, order, cfg.probe_folds, cfg.seed)
+
+
+@torch.no_grad()
+def probe_features(model: nn.Module, probe: Probe, env: DistEnv, precision: str) -> Optional[np.ndarray]:
+    """Mean-pooled last hidden states [rows, hidden] in file order, on rank 0 (None elsewhere). The backbone
+    runs without the vocabulary head."""
+    encoder = model.base_model
+    was_training = model.training
+    model.eval()
+    mine = []
+    for b in range(env.rank, len(probe.batches), env.world_size):
+        ids = probe.batches[b]["input_ids"].to(env.device)
+        mask = probe.batches[b]["attention_mask"].to(env.device)
+        with autocast(precision, env.device):
+            hidden = encoder(input_ids=ids, attention_mask=mask)[0]
+        weights = mask.unsqueeze(-1).to(torch.float32)
+        pooled = (hidden.float() * weights).sum(dim=1) / weights.sum(dim=1)
+        mine.append((b, pooled.cpu().numpy()))
+    model.train(was_training)
+    gathered = gather_to_main(mine, env)
+    if gathered is None:
+        return None
+    by_batch = dict(item for part in gathered for item in part)
+    stacked = np.concatenate([by_batch[b] for b in range(len(probe.batches))])
+    features = np.empty_like(stacked)
+    features[probe.order] = stacked
+    return features
+
+
+def probe_figures(model: nn.Module, probe: Probe, env: DistEnv, precision: str) -> Optional[dict[str, float]]:
+    """The probe's figures on rank 0 (None elsewhere); every rank must call it (the features are gathered)."""
+    features = probe_features(model, probe, env, precision)
+    if features is None:
+        return None
+    targets = np.asarray(probe.rows.targets)
+    return fit_probe(features, targets, probe.rows.task, probe.folds, probe.seed)
+
+
+def selection_name(cfg: TrainConfig, probe: Optional[Probe]) -> str:
+    """The figure that picks best/: "perplexity", or the probe's "probe macro-F1" / "probe RMSE"."""
+    if cfg.metric_for_best_model != "probe" or probe is None:
+        return "perplexity"
+    return "probe " + FIGURE_NAMES[SELECTION[probe.rows.task][0]]

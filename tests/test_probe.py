@@ -1,0 +1,237 @@
+"""The downstream probe (issue 33 a): labelled texts of the user's task, a cross-validated linear probe on the
+encoder's features at every evaluation and on the model as loaded, in the banner, the log, the history, W&B and
+the model card; --metric_for_best_model probe picks best/; the same figures on 1 and 2 ranks; one line for each
+probe file that cannot be fitted."""
+
+from __future__ import annotations
+
+import csv
+import json
+import os
+import random
+
+import numpy as np
+import pytest
+from helpers import WORDS, make_text_file, read_json, run_train, tiny_args, train_here
+from wandb_offline import offline_runs, read_run
+
+from mlm.config import TrainConfig
+from mlm.data.probe import CLASSIFICATION, REGRESSION, load_probe
+from mlm.report.probe import fit_probe
+
+# Two topics a bag of words tells apart; numbers for the regression follow the share of one topic's words.
+TOPICS = {
+    "animals": "cat dog mat fire slept children".split(),
+    "places": "gardens trees rivers mountains skies".split(),
+}
+
+
+def probe_rows(n: int = 60, seed: int = 0) -> list[dict]:
+    rng = random.Random(seed)
+    rows = []
+    for i in range(n):
+        topic = "animals" if i % 2 == 0 else "places"
+        words = [rng.choice(TOPICS[topic]) if rng.random() < 0.12 else rng.choice(WORDS) for _ in range(12)]
+        share = sum(w in TOPICS["animals"] for w in words) / len(words)
+        rows.append({"text": " ".join(words), "label": topic, "score": round(1 + 5 * share, 2)})
+    return rows
+
+
+def write_rows(path: str, rows: list[dict]) -> str:
+    if path.endswith(".csv"):
+        with open(path, "w", newline="", encoding="utf-8") as fh:
+            writer = csv.DictWriter(fh, fieldnames=list(rows[0]) if rows else ["text", "label"])
+            writer.writeheader()
+            writer.writerows(rows)
+    else:
+        with open(path, "w", encoding="utf-8") as fh:
+            fh.writelines(json.dumps(r) + "\n" for r in rows)
+    return path
+
+
+@pytest.fixture(scope="module")
+def corpus(tmp_path_factory) -> dict:
+    d = tmp_path_factory.mktemp("probe")
+    return {
+        "train": make_text_file(str(d / "train.txt"), n_lines=300, seed=1),
+        "valid": make_text_file(str(d / "valid.txt"), n_lines=60, seed=2),
+        "probe": write_rows(str(d / "probe.csv"), probe_rows()),
+        "cache": str(d / "cache"),
+    }
+
+
+def args(corpus, config, tokenizer, out, **kw) -> list[str]:
+    opts = {
+        **dict(
+            train_file=corpus["train"],
+            validation_file=corpus["valid"],
+            probe_file=corpus["probe"],
+            max_train_steps=4,
+            eval_steps=2,
+            logging_steps=2,
+            report_to="none",
+            seed=5,
+            learning_rate=1e-3,
+        ),
+        **kw,
+    }
+    return tiny_args(config, str(tokenizer), out, corpus["cache"], **opts)
+
+
+# ---------------------------------------------------------------------- the rows and their task
+def test_text_labels_are_classes_numbers_a_regression_and_the_task_can_be_said(tmp_path):
+    path = write_rows(str(tmp_path / "p.jsonl"), probe_rows(40))
+    classes = load_probe(TrainConfig(probe_file=[path]))
+    assert classes.task == CLASSIFICATION and classes.classes == ["animals", "places"]
+    assert classes.targets[:2] == [0.0, 1.0] and len(classes.texts) == 40
+    scores = load_probe(TrainConfig(probe_file=[path], probe_label_column="score"))
+    assert scores.task == REGRESSION and scores.classes == [] and min(scores.targets) >= 1
+    ids = write_rows(
+        str(tmp_path / "ids.csv"), [{"text": r["text"], "label": i % 3} for i, r in enumerate(probe_rows(30))]
+    )
+    assert load_probe(TrainConfig(probe_file=[ids])).task == REGRESSION  # numbers, unless told
+    told = load_probe(TrainConfig(probe_file=[ids], probe_task="classification"))
+    assert told.task == CLASSIFICATION and told.classes == ["0", "1", "2"]
+
+
+def test_the_fit_separates_what_is_separable_and_is_fixed_by_the_seed():
+    rng = np.random.default_rng(0)
+    y = np.arange(200) % 2
+    separable = rng.normal(size=(200, 16)) + y[:, None] * 3.0
+    noise = rng.normal(size=(200, 16))
+    good = fit_probe(separable, y.astype(float), CLASSIFICATION, folds=5, seed=1)
+    assert good["accuracy"] > 0.95 and good["macro_f1"] > 0.95
+    chance = fit_probe(noise, y.astype(float), CLASSIFICATION, folds=5, seed=1)
+    assert chance["accuracy"] < 0.7
+    assert fit_probe(noise, y.astype(float), CLASSIFICATION, folds=5, seed=1) == chance
+    target = separable @ rng.normal(size=16)
+    fitted = fit_probe(separable, target, REGRESSION, folds=5, seed=1)
+    assert fitted["pearson"] > 0.99 and fitted["rmse"] < 0.1 * float(np.std(target))
+
+
+# ---------------------------------------------------------------------- bad probe files: one line each
+def bad_files(d) -> dict:
+    good = probe_rows(40)
+    return {
+        "missing_column": (
+            write_rows(str(d / "a.csv"), [{"text": r["text"], "topic": r["label"]} for r in good]),
+            ["'label' is not a column", "--probe_label_column"],
+        ),
+        "one_class": (
+            write_rows(str(d / "b.csv"), [{**r, "label": "animals"} for r in good]),
+            ["every row has the 'label' label 'animals'", "at least two classes"],
+        ),
+        "labels_missing": (
+            write_rows(str(d / "c.jsonl"), [{**r, "label": None} if i in (3, 7) else r for i, r in enumerate(good)]),
+            ["2 of 40 rows have no 'label' label (first: row 4)", "fill them in or drop those rows"],
+        ),
+        "more_classes_than_rows": (
+            write_rows(str(d / "e.csv"), [{**r, "label": f"id-{i}"} for i, r in enumerate(good)]),
+            ["40 classes in 40 rows", "fewer than the 5 folds", "holds labels, not ids"],
+        ),
+        "no_rows": (write_rows(str(d / "f.csv"), []), ["has no rows", "a text and a label per row"]),
+    }
+
+
+@pytest.mark.parametrize("name", ["missing_column", "one_class", "labels_missing", "more_classes_than_rows", "no_rows"])
+def test_a_probe_file_that_cannot_be_fitted_is_one_line(name, corpus, tiny_config_dir, tokenizer_path, tmp_path, capfd):
+    path, parts = bad_files(tmp_path)[name]
+    out = str(tmp_path / "run")
+    code = train_here(args({**corpus, "probe": path}, tiny_config_dir, tokenizer_path, out))
+    captured = capfd.readouterr()
+    assert code == 2, captured.out + captured.err
+    assert "Traceback" not in captured.out + captured.err
+    errors = [line for line in captured.err.splitlines() if line.strip()]
+    assert len(errors) == 1 and errors[0].startswith("error:"), captured.err
+    for part in parts:
+        assert part in errors[0], errors[0]
+    assert not os.path.exists(os.path.join(out, "checkpoints"))  # said before any work
+
+
+def test_the_probe_metric_needs_a_probe_file(tmp_path, capfd):
+    import train_ddp
+
+    assert train_ddp.main(["--metric_for_best_model", "probe", "--output_dir", str(tmp_path / "o")]) == 2
+    assert "--metric_for_best_model probe needs --probe_file" in capfd.readouterr().err
+
+
+# ---------------------------------------------------------------------- a run with a probe
+def figures_of(probe: dict) -> dict:
+    """The probe's figures, without the seconds it took."""
+    return {k: v for k, v in probe.items() if not k.endswith("seconds")}
+
+
+def probe_entries(out: str) -> list[tuple[int, dict]]:
+    history = read_json(os.path.join(out, "training_history.json"))
+    return [(h["step"], figures_of(h["eval"]["probe"])) for h in history if "eval" in h]
+
+
+def test_a_run_probes_every_evaluation_and_the_card_compares_base_and_best(
+    corpus, tiny_config_dir, tokenizer_path, tmp_path, capfd
+):
+    out = str(tmp_path / "one")
+    assert train_here(args(corpus, tiny_config_dir, tokenizer_path, out, metric_for_best_model="probe")) == 0
+    printed = capfd.readouterr().out
+    assert f"60 rows of {corpus['probe']}, 2 classes (animals, places); 5-fold linear probe" in printed
+    assert "best/ by probe macro-F1" in printed
+    entries = probe_entries(out)
+    assert [s for s, _ in entries] == [0, 2, 4]
+    for _, figures in entries:
+        assert set(figures) == {"accuracy", "macro_f1"} and 0.0 <= figures["macro_f1"] <= 1.0
+    assert "probe accuracy" in printed and "macro-F1" in printed  # the evaluation's log line
+    best = read_json(os.path.join(out, "best", "eval_results.json"))
+    chosen = max(entries, key=lambda e: (e[1]["macro_f1"], -e[0]))  # the first of the best
+    assert best["step"] == chosen[0] and figures_of(best["probe"]) == chosen[1]
+    card = open(os.path.join(out, "best", "README.md"), encoding="utf-8").read()
+    assert "## Your task: the downstream probe" in card and "best/ was chosen by probe macro-F1" in card
+    base = entries[0][1]
+    assert f"| base model, as loaded | {base['accuracy']:.4f} | {base['macro_f1']:.4f} |" in card
+    assert f"| this model (step {chosen[0]}) | {chosen[1]['accuracy']:.4f} |" in card
+    state = read_json(os.path.join(out, "checkpoints", "step-4", "trainer_state.json"))
+    assert figures_of(state["extra"]["probe_base"]) == base
+
+
+def test_without_an_evaluation_at_the_start_the_model_as_loaded_is_still_probed(
+    corpus, tiny_config_dir, tokenizer_path, tmp_path, capfd
+):
+    out = str(tmp_path / "run")
+    assert train_here(args(corpus, tiny_config_dir, tokenizer_path, out, eval_on_start="false")) == 0
+    printed = capfd.readouterr().out
+    assert "probe on the model as loaded: accuracy" in printed
+    assert [s for s, _ in probe_entries(out)] == [2, 4]
+    assert "| base model, as loaded |" in open(os.path.join(out, "best", "README.md"), encoding="utf-8").read()
+
+
+def test_a_resume_that_changes_what_picks_best_is_refused(corpus, tiny_config_dir, tokenizer_path, tmp_path, capfd):
+    out = str(tmp_path / "run")
+    assert train_here(args(corpus, tiny_config_dir, tokenizer_path, out, max_train_steps=2)) == 0
+    capfd.readouterr()
+    more = args(corpus, tiny_config_dir, tokenizer_path, out, max_train_steps=4, metric_for_best_model="probe")
+    assert train_here(more) == 2
+    err = capfd.readouterr().err
+    assert "its figure that picks best/ was perplexity, this run's is probe macro-F1" in err, err
+
+
+def test_two_ranks_give_the_one_rank_figures_and_log_them_to_wandb(
+    corpus, tiny_config_dir, tokenizer_path, tmp_path, capfd
+):
+    """Each probe row once across the ranks, in the batch it always has: the figures of 1 and 2 ranks agree."""
+    one = str(tmp_path / "one")  # the same global batch: 1 rank x accumulation 2 against 2 ranks x 1
+    assert train_here(args(corpus, tiny_config_dir, tokenizer_path, one, gradient_accumulation_steps=2)) == 0
+    capfd.readouterr()
+    two = str(tmp_path / "two")
+    r = run_train(
+        args(corpus, tiny_config_dir, tokenizer_path, two, report_to="wandb"),
+        nproc=2,
+        extra_env={"WANDB_MODE": "offline"},
+    )
+    assert r.returncode == 0, r.output[-3000:]
+    ones, twos = probe_entries(one), probe_entries(two)
+    assert [s for s, _ in ones] == [s for s, _ in twos] == [0, 2, 4]
+    assert ones[0][1] == twos[0][1]  # the model as loaded: the same features, bit for bit, the same figures
+    for (_, a), (_, b) in zip(ones[1:], twos[1:]):  # trained 2 x 1 against 1 x 2: equal within float tolerance
+        assert a == pytest.approx(b, abs=0.05)
+    run = read_run(offline_runs(two)[0])
+    logged = [h for h in run.history if "probe/macro_f1" in h]
+    assert [h["_step"] for h in logged] == [0, 2, 4]
+    assert logged[-1]["probe/accuracy"] == twos[-1][1]["accuracy"]
