@@ -48,11 +48,12 @@ from mlm.common.distributed import (
     wrap_ddp,
 )
 from mlm.common.files import DiskFull, free_bytes, is_disk_full, read_json, write_json_atomic
-from mlm.config import TrainConfig, parse_command_line, runtime_seconds
+from mlm.config import TrainConfig, parse_command_line, runtime_seconds, token_list
 from mlm.data import cached, streaming
 from mlm.inference.fill_mask import sample_rows
 from mlm.model import modeling
-from mlm.model.heads import head_path
+from mlm.model.heads import head_path, split_encoder_head
+from mlm.model.modeling import fresh_head_text
 from mlm.report import metrics, tracking
 from mlm.train import checkpoint, engine, finish, loop, optim, probe, runlock, writes
 from mlm.train.plan import BatchLayout, RunPlan
@@ -156,8 +157,39 @@ def banner(run: loop.Run, resume: Optional[str], peak_source: str) -> str:
             ),
             "output": cfg.output_dir + (f" (resuming from {resume}, step {run.state.step})" if resume else ""),
             **({"changed since checkpoint": "; ".join(run.plan.changes)} if run.plan.changes else {}),
+            **model_notes(run),
         }
     )
+
+
+def model_notes(run: loop.Run) -> dict[str, str]:
+    """Banner rows for a head initialised afresh, tokens added and embeddings resized."""
+    cfg, report, notes = run.cfg, run.loaded, {}
+    if report is not None and report.fresh:
+        notes["fresh head"] = (
+            f"{fresh_head_text(report.fresh)}; the first perplexity is near the vocabulary size "
+            f"({len(run.tokenizer)}) and fill-mask before training is noise"
+            + (
+                f"; the head trains alone for the first {cfg.head_warmup_steps} steps"
+                if cfg.head_warmup_steps
+                else "; --head_warmup_steps N trains it alone first"
+            )
+        )
+    elif cfg.head_warmup_steps:
+        notes["head warmup"] = f"the head trains alone for the first {cfg.head_warmup_steps} steps"
+    if report is not None and report.resized:
+        before, after = report.resized
+        added = [*token_list("add_tokens", cfg.add_tokens), *token_list("add_special_tokens", cfg.add_special_tokens)]
+        notes["tokens"] = (
+            f"embeddings resized {before} -> {after}"
+            + (
+                f" for {len(added)} added token(s): {', '.join(added[:8])}{' ...' if len(added) > 8 else ''}"
+                if added
+                else " (the tokenizer is larger than the model)"
+            )
+            + "; new rows initialised as transformers does"
+        )
+    return notes
 
 
 def build_run(
@@ -174,7 +206,14 @@ def build_run(
     resume = choose_resume(cfg, env)
     plan = plan_run(cfg, env, precision, resume, given)
     bundle = (streaming.build_streaming_data if cfg.streaming else cached.build_data)(cfg, env, tokenizer)
-    model = main_process_first(env, lambda: modeling.build_model(cfg, model_config, tokenizer), per_node)
+    model, loaded = main_process_first(
+        env, lambda: modeling.build_model_reporting(cfg, model_config, tokenizer), per_node
+    )
+    if cfg.head_warmup_steps and split_encoder_head(model)[1] is None:
+        raise UserError(
+            f"--head_warmup_steps {cfg.head_warmup_steps}: this model's masked-LM head is not one mlm-ddp knows "
+            "apart from its encoder (vocabulary logits at every position), so it cannot train alone; drop the option"
+        )
     model = model.to(env.device)
     main_only(env, lambda: checkpoint.check_free_space(cfg.output_dir, model) if cfg.do_train else None)
     length = loop.run_length(cfg, plan, bundle.train.micro_per_epoch)
@@ -255,6 +294,7 @@ def build_run(
         stop_request=stop_request,
         swa=swa,
         probe=task_probe,
+        loaded=loaded,
     )
     tracker.write(banner(run, resume, peak_source))
     return run

@@ -101,6 +101,16 @@ class TrainConfig:
         "model",
     )
     tokenizer_name: Optional[str] = _f(None, "Tokenizer (Hub id or directory); default: the model's.", "model")
+    add_tokens: Optional[str] = _f(
+        None,
+        "Tokens to add to the tokenizer, a comma list or @FILE (one per line): markers ([LEAD]) or domain terms. "
+        "They are masked like any word and start a word; the embeddings (and the output layer) grow to hold them, "
+        "new rows initialised as transformers does.",
+        "model",
+    )
+    add_special_tokens: Optional[str] = _f(
+        None, "Special tokens to add, a comma list or @FILE (one per line): never masked, like [CLS].", "model"
+    )
     config_overrides: Optional[str] = _f(
         None, "Overrides for a from-scratch config, e.g. 'num_hidden_layers=2,hidden_size=128'.", "model"
     )
@@ -263,6 +273,13 @@ class TrainConfig:
         "Layer-wise learning-rate decay FACTOR in (0, 1]: the head (and pooler) train at --learning_rate, "
         "encoder layer i of L at learning_rate * FACTOR**(L - i), the embeddings at learning_rate * FACTOR**(L + 1) "
         "(the decoder tied to the word embeddings goes with them). Off by default.",
+        "training",
+    )
+    head_warmup_steps: int = _f(
+        0,
+        "Train the masked-LM head alone for the first N optimizer steps (the encoder held exactly still), then "
+        "everything: for a checkpoint without a trained MLM head (DeBERTa-v3, sentence encoders), whose fresh "
+        "head would otherwise send noise into the encoder.",
         "training",
     )
     label_smoothing: float = _f(
@@ -508,6 +525,10 @@ def _check_numbers(c: TrainConfig) -> None:
     )
     _require(c.seed >= 0, f"--seed must be non-negative, got {c.seed}")
     _require(c.probe_folds >= 2, f"--probe_folds must be at least 2, got {c.probe_folds}")
+    _require(c.head_warmup_steps >= 0, f"--head_warmup_steps must be 0 (off) or more, got {c.head_warmup_steps}")
+    for flag in ("add_tokens", "add_special_tokens"):
+        if getattr(c, flag):
+            token_list(flag, getattr(c, flag))  # a missing @FILE or an empty list is said now
     _require(
         c.metric_for_best_model != "probe" or bool(c.probe_file),
         "--metric_for_best_model probe needs --probe_file (your task's labelled texts); give one, or keep "
@@ -536,6 +557,23 @@ def _check_numbers(c: TrainConfig) -> None:
             torch.cuda.is_available(),
             "--precision fp16 needs a CUDA GPU (GradScaler); on CPU use --precision bf16 or fp32",
         )
+
+
+def token_list(flag: str, value: Optional[str]) -> list[str]:
+    """--add_tokens / --add_special_tokens: a comma list, or @FILE with one token per line (blank lines skipped)."""
+    if not value:
+        return []
+    if value.startswith("@"):
+        path = value[1:]
+        _require(
+            os.path.isfile(path), f"--{flag} {value!r}: {path!r} is not a file; give @FILE with one token per line"
+        )
+        with open(path, encoding="utf-8") as fh:
+            tokens = [line.strip() for line in fh if line.strip()]
+    else:
+        tokens = [t.strip() for t in value.split(",") if t.strip()]
+    _require(bool(tokens), f"--{flag} {value!r} names no token; give TOKEN,TOKEN or @FILE")
+    return tokens
 
 
 def scheduler_kwargs(c: TrainConfig) -> dict[str, Any]:

@@ -251,3 +251,232 @@ def test_model_revision_reaches_every_from_pretrained(monkeypatch, tokenizer_pat
         "AutoTokenizer",
         "AutoModelForMaskedLM",
     }, seen
+
+
+# ---------------------------------------------------------------------- b. a fresh head, said and warmed
+@pytest.fixture(scope="module")
+def encoder_only(tmp_path_factory, tokenizer_path) -> str:
+    """A tiny BERT saved without its masked-LM head (as DeBERTa-v3 and sentence encoders ship), with a tokenizer."""
+    from helpers import TINY_BERT
+    from transformers import AutoTokenizer, BertConfig, BertModel
+
+    d = str(tmp_path_factory.mktemp("encoder-only"))
+    torch.manual_seed(3)
+    BertModel(BertConfig(vocab_size=30522, **TINY_BERT), add_pooling_layer=False).save_pretrained(d)
+    AutoTokenizer.from_pretrained(tokenizer_path).save_pretrained(d)
+    return d
+
+
+@pytest.fixture(scope="module")
+def corpus(tmp_path_factory) -> dict:
+    d = tmp_path_factory.mktemp("adaptation-corpus")
+    return {
+        "train": make_text_file(str(d / "train.txt"), n_lines=300, seed=1),
+        "valid": make_text_file(str(d / "valid.txt"), n_lines=60, seed=2),
+        "cache": str(d / "cache"),
+    }
+
+
+def run_args(model: str, corpus: dict, out: str, **kw) -> list[str]:
+    opts = {
+        "model_name_or_path": model,
+        "train_file": corpus["train"],
+        "validation_file": corpus["valid"],
+        "data_cache_dir": corpus["cache"],
+        "output_dir": out,
+        "max_seq_length": 32,
+        "per_device_train_batch_size": 4,
+        "per_device_eval_batch_size": 8,
+        "max_train_steps": 4,
+        "save_steps": 1,
+        "eval_steps": 4,
+        "save_total_limit": 10,
+        "learning_rate": 3e-3,
+        "warmup_ratio": 0.0,
+        "logging_steps": 1,
+        "report_to": "none",
+        "seed": 5,
+        **kw,
+    }
+    return [a for k, v in opts.items() if v is not None for a in (f"--{k}", str(v))]
+
+
+def weights(run_dir: str, step: int) -> dict:
+    from safetensors.torch import load_file
+
+    return load_file(os.path.join(run_dir, "checkpoints", f"step-{step}", "model.safetensors"))
+
+
+def test_a_fresh_head_is_named_in_the_banner_and_the_card(encoder_only, corpus, tmp_path, capfd):
+    from helpers import train_here
+
+    out = str(tmp_path / "run")
+    assert train_here(run_args(encoder_only, corpus, out, max_train_steps=1, eval_steps=1)) == 0
+    printed = capfd.readouterr().out
+    row = next(line for line in printed.splitlines() if line.strip().startswith("fresh head"))
+    for tensor in ("cls.predictions.transform.dense.weight", "cls.predictions.bias"):
+        assert tensor in row
+    assert "the first perplexity is near the vocabulary size (30522)" in row
+    assert "fill-mask before training is noise" in row and "--head_warmup_steps N" in row
+    card = open(os.path.join(out, "best", "README.md"), encoding="utf-8").read()
+    assert "Its masked-LM head was not trained before this run" in card and "cls.predictions.bias" in card
+
+
+def test_a_trained_head_is_not_called_fresh(corpus, tmp_path, capfd, forced_model_dir):
+    """A checkpoint that has its MLM head (forced_model_dir is a BertForMaskedLM) gets no such row."""
+    from helpers import train_here
+
+    out = str(tmp_path / "run")
+    forced = make_text_file(str(tmp_path / "t.txt"), n_lines=200, seed=9)
+    args = run_args(forced_model_dir, {**corpus, "train": forced, "valid": forced}, out, max_train_steps=1)
+    assert train_here(args) == 0
+    assert "fresh head" not in capfd.readouterr().out
+
+
+def test_head_warmup_holds_the_encoder_bit_identical_on_two_ranks(encoder_only, corpus, tmp_path):
+    from helpers import run_train
+    from safetensors.torch import load_file
+
+    out = str(tmp_path / "two")
+    r = run_train(run_args(encoder_only, corpus, out, head_warmup_steps=2, max_train_steps=3), nproc=2)
+    assert r.returncode == 0, r.output[-3000:]
+    assert "the head trains alone for the first 2 steps" in r.stdout
+    initial = load_file(os.path.join(encoder_only, "model.safetensors"))  # the encoder as shipped
+    for step in (1, 2):
+        saved = weights(out, step)
+        for name, tensor in initial.items():
+            assert torch.equal(saved[f"bert.{name}"], tensor), (step, name)  # not one bit moved
+        assert not torch.equal(
+            saved["cls.predictions.transform.dense.weight"], weights(out, 3)["cls.predictions.transform.dense.weight"]
+        )
+    after = weights(out, 3)
+    moved = [n for n, t in initial.items() if not torch.equal(after[f"bert.{n}"], t)]
+    assert len(moved) > len(initial) // 2  # then everything trains
+
+
+def test_a_resume_across_the_head_warmup_boundary_is_exact(encoder_only, corpus, tmp_path):
+    import shutil
+
+    from helpers import train_here
+
+    whole = str(tmp_path / "whole")
+    args = dict(head_warmup_steps=2, max_train_steps=4)
+    assert train_here(run_args(encoder_only, corpus, whole, **args)) == 0
+    cut = str(tmp_path / "cut")  # stopped after step 1's checkpoint, inside the warmup
+    shutil.copytree(whole, cut)
+    for step in (2, 3, 4):
+        shutil.rmtree(os.path.join(cut, "checkpoints", f"step-{step}"))
+    assert train_here(run_args(encoder_only, corpus, cut, **args)) == 0
+    a, b = weights(whole, 4), weights(cut, 4)
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_head_warmup_needs_a_head_it_can_tell_apart(monkeypatch, encoder_only, corpus, tmp_path, capfd):
+    from helpers import train_here
+
+    from mlm.model import heads
+
+    monkeypatch.setattr(heads, "_FAMILIES", ())  # an unknown family: logits at every position
+    monkeypatch.setattr("train_ddp.split_encoder_head", lambda model: (model, None))
+    assert train_here(run_args(encoder_only, corpus, str(tmp_path / "o"), head_warmup_steps=2)) == 2
+    assert "--head_warmup_steps 2: this model's masked-LM head is not one" in capfd.readouterr().err
+
+
+# ---------------------------------------------------------------------- c. new tokens
+def test_added_tokens_are_maskable_word_starts_and_added_special_tokens_never_masked(tmp_path):
+    from families import byte_level_bpe
+    from transformers import AutoTokenizer
+
+    from mlm.data.masking import build_masking_tables
+
+    for tok in (AutoTokenizer.from_pretrained(TOKENIZER_PATH()), byte_level_bpe(str(tmp_path / "bpe"))):
+        tok.add_tokens(["[LEAD]", "quixotic"])
+        tok.add_special_tokens({"additional_special_tokens": ["[POS]"]}, replace_extra_special_tokens=False)
+        tables = build_masking_tables(tok)
+        lead, quixotic, pos = tok.convert_tokens_to_ids(["[LEAD]", "quixotic", "[POS]"])
+        assert not tables.special[lead] and not tables.special[quixotic] and tables.special[pos]
+        assert not tables.continuation[lead] and not tables.continuation[quixotic]  # each starts a word
+        assert lead in tables.ordinary_ids.tolist() and pos not in tables.ordinary_ids.tolist()
+
+
+def TOKENIZER_PATH() -> str:
+    from helpers import minilm_path
+
+    return str(minilm_path())
+
+
+def test_added_tokens_resize_train_save_resume_and_predict_like_the_pipeline(encoder_only, corpus, tmp_path, capfd):
+    import shutil
+
+    from helpers import train_here
+    from transformers import AutoModelForMaskedLM, AutoTokenizer, pipeline
+
+    tokens = tmp_path / "tokens.txt"
+    tokens.write_text("[LEAD]\nquixotic\n")
+    lead_text = make_text_file(str(tmp_path / "lead.txt"), n_lines=200, seed=11)
+    with open(lead_text, "a", encoding="utf-8") as fh:
+        fh.writelines("[LEAD] the quixotic cat sat on the mat .\n" for _ in range(60))
+    data = {**corpus, "train": lead_text}
+    out = str(tmp_path / "run")
+    extra = dict(add_tokens=f"@{tokens}", add_special_tokens="[POS]", max_train_steps=4)
+    assert train_here(run_args(encoder_only, data, out, **extra)) == 0
+    printed = capfd.readouterr().out
+    assert "embeddings resized 30522 -> 30525 for 3 added token(s): [LEAD], quixotic, [POS]" in printed
+    for where in (os.path.join(out, "best"), os.path.join(out, "checkpoints", "step-4")):
+        tok = AutoTokenizer.from_pretrained(where)
+        assert len(tok) == 30525 and tok.convert_tokens_to_ids("[POS]") in tok.all_special_ids
+    model = AutoModelForMaskedLM.from_pretrained(os.path.join(out, "best"))
+    assert model.get_input_embeddings().num_embeddings == 30525
+    assert model.get_output_embeddings().weight.shape[0] == 30525
+
+    # A resume with the same tokens is exact; with other tokens it is one line.
+    cut = str(tmp_path / "cut")
+    shutil.copytree(out, cut)
+    for step in (3, 4):
+        shutil.rmtree(os.path.join(cut, "checkpoints", f"step-{step}"))
+    assert train_here(run_args(encoder_only, data, cut, **extra)) == 0
+    a, b = weights(out, 4), weights(cut, 4)
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    capfd.readouterr()
+    other = {**extra, "add_tokens": "[LEAD]", "max_train_steps": 5}
+    assert train_here(run_args(encoder_only, data, cut, **other)) == 2
+    err = capfd.readouterr().err
+    assert "cannot resume" in err and "its tokenizer was" in err and len(err.strip().splitlines()) == 1
+
+    # predict.py equals the fill-mask pipeline on the model with added tokens.
+    from test_predict import json_lines, run_main
+
+    best = os.path.join(out, "best")
+    texts = ["[LEAD] the [MASK] cat sat on the mat .", "the quixotic [MASK] sat on the mat ."]
+    fill = pipeline("fill-mask", model=best, tokenizer=best, device="cpu")
+    capfd.readouterr()
+    code, printed, err = run_main(["--model", best, "--json", "--device", "cpu", *texts], capfd)
+    assert code == 0, err
+    for obj, text in zip(json_lines(printed), texts):
+        expected = fill(text, top_k=5)
+        got = obj["masks"][0]["candidates"]
+        assert [c["token_id"] for c in got] == [e["token"] for e in expected]
+        assert all(abs(c["score"] - e["score"]) <= 1e-5 for c, e in zip(got, expected))
+
+
+def test_a_tokenizer_larger_than_the_model_resizes_it_with_a_banner_line(encoder_only, corpus, tmp_path, capfd):
+    from helpers import train_here
+    from transformers import AutoTokenizer
+
+    bigger = str(tmp_path / "bigger-tokenizer")
+    tok = AutoTokenizer.from_pretrained(encoder_only)
+    tok.add_tokens(["zyzzyva"])
+    tok.save_pretrained(bigger)
+    out = str(tmp_path / "run")
+    assert train_here(run_args(encoder_only, corpus, out, tokenizer_name=bigger, max_train_steps=1)) == 0
+    assert "embeddings resized 30522 -> 30523 (the tokenizer is larger than the model)" in capfd.readouterr().out
+
+
+def test_a_missing_token_file_is_one_line():
+    from mlm.common.cli import UserError
+    from mlm.config import parse_args
+
+    with pytest.raises(UserError, match="is not a file; give @FILE with one token per line"):
+        parse_args(["--add_tokens", "@/nonexistent/tokens.txt"])
+    with pytest.raises(UserError, match="names no token"):
+        parse_args(["--add_special_tokens", " , "])

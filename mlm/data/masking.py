@@ -101,6 +101,8 @@ def build_masking_tables(tokenizer, device: torch.device | str = "cpu") -> Maski
     # BERT's 30k pieces, on every rank of every run, and 2.5 s for XLM-R's 250k.
     continuation[[i for piece, i in vocab.items() if piece.startswith(marker) != marks_start]] = True
     unused[[i for piece, i in vocab.items() if _UNUSED.match(piece)]] = True
+    # Tokens added to the tokenizer ([LEAD], a domain term) are words of their own: each starts a word.
+    continuation[[i for i in tokenizer.get_added_vocab().values() if i < size]] = False
     ordinary = torch.nonzero(~special & ~unused).flatten()
     if tokenizer.mask_token_id is None:
         raise ValueError("the tokenizer has no mask token, so it cannot be used for masked-LM training")

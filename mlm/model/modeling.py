@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import importlib.util
 import logging
+from dataclasses import dataclass
 from typing import Optional
 
 import torch
@@ -12,7 +13,7 @@ from torch import nn
 
 from mlm.common.cli import UserError
 from mlm.common.hub import LOAD_ERRORS, load_error
-from mlm.config import TrainConfig
+from mlm.config import TrainConfig, token_list
 from mlm.data.masking import IGNORE_INDEX
 from mlm.model.heads import head_logits, split_encoder_head, usable_positions
 
@@ -104,15 +105,38 @@ def load_tokenizer(cfg: TrainConfig):
         raise load_error("tokenizer", name, e) from None
     if tok.mask_token_id is None:
         raise UserError(f"the tokenizer {name!r} has no mask token, so it cannot train a masked LM")
+    added = token_list("add_tokens", cfg.add_tokens)
+    special = token_list("add_special_tokens", cfg.add_special_tokens)
+    if added:
+        tok.add_tokens(added)
+    if special:
+        tok.add_special_tokens({"additional_special_tokens": special}, replace_extra_special_tokens=False)
     return tok
 
 
-def build_model(cfg: TrainConfig, config, tokenizer) -> nn.Module:
+@dataclass(frozen=True)
+class LoadReport:
+    """What building the model changed or could not load, for the banner and the model card."""
+
+    fresh: list[str]  # tensors the checkpoint lacked, initialised afresh (empty from scratch)
+    resized: Optional[tuple[int, int]] = None  # (embeddings before, after) when the tokenizer outgrew the model
+
+
+def fresh_head_text(fresh: list[str]) -> str:
+    """ "the checkpoint has no trained masked-LM head: cls.predictions.bias, ... (6 tensors) initialised afresh"."""
+    shown = ", ".join(fresh[:6]) + (f" and {len(fresh) - 6} more" if len(fresh) > 6 else "")
+    return f"the checkpoint lacks {len(fresh)} tensor(s) of the masked-LM model, initialised afresh: {shown}"
+
+
+def build_model_reporting(cfg: TrainConfig, config, tokenizer) -> tuple[nn.Module, LoadReport]:
     """AutoModelForMaskedLM, pretrained or from scratch, with the configured attention kernel.
 
     The master weights are fp32 whatever dtype the checkpoint's config records: transformers 5 loads a model in
     that dtype by default, so an fp16-saved model would give fp16 parameters (GradScaler cannot unscale them)
-    and a bf16 one pure-bf16 training. Autocast supplies the low precision."""
+    and a bf16 one pure-bf16 training. Autocast supplies the low precision.
+
+    Also returns the tensors the checkpoint lacked, initialised afresh (transformers' loading report): for
+    DeBERTa-v3 or a sentence encoder, the whole masked-LM head."""
     from transformers import AutoModelForMaskedLM
 
     torch.manual_seed(cfg.seed)  # the same fresh weights (head, or whole model) on every rank
@@ -122,10 +146,12 @@ def build_model(cfg: TrainConfig, config, tokenizer) -> nn.Module:
         model = AutoModelForMaskedLM.from_config(
             config, attn_implementation=attention, trust_remote_code=cfg.trust_remote_code, dtype=torch.float32
         )
+        fresh: list[str] = []  # everything is fresh, and said so as "from scratch"
     else:
         try:
-            model = AutoModelForMaskedLM.from_pretrained(
+            model, report = AutoModelForMaskedLM.from_pretrained(
                 cfg.model_name_or_path,
+                output_loading_info=True,
                 config=config,
                 revision=cfg.model_revision,
                 attn_implementation=attention,
@@ -134,14 +160,21 @@ def build_model(cfg: TrainConfig, config, tokenizer) -> nn.Module:
             )
         except LOAD_ERRORS as e:
             raise load_error("model", cfg.model_name_or_path, e) from None
+        fresh = sorted(report.get("missing_keys", []))
+    resized = None
     if len(tokenizer) > model.get_input_embeddings().num_embeddings:
-        raise UserError(
-            f"the tokenizer has {len(tokenizer)} tokens but the model only "
-            f"{model.get_input_embeddings().num_embeddings} embeddings; use the model's own tokenizer"
-        )
+        resized = (model.get_input_embeddings().num_embeddings, len(tokenizer))
+        # Added tokens, or a tokenizer larger than the model: the embeddings (and a tied or untied output layer)
+        # grow to hold them, the new rows initialised as transformers does (the mean and covariance of the old).
+        model.resize_token_embeddings(len(tokenizer))
     if cfg.gradient_checkpointing:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
-    return model
+    return model, LoadReport(fresh, resized)
+
+
+def build_model(cfg: TrainConfig, config, tokenizer) -> nn.Module:
+    """build_model_reporting's model alone."""
+    return build_model_reporting(cfg, config, tokenizer)[0]
 
 
 class MaskedLMLoss(nn.Module):
@@ -163,6 +196,11 @@ class MaskedLMLoss(nn.Module):
         # would make dynamo recompile the training graph with dynamic dimensions. The exported model is the
         # uncompiled one.
         self._training_nll = torch.compile(self._nll) if compile_training else self._nll
+
+    def encoder_parameters(self) -> list[nn.Parameter]:
+        """The encoder's parameters (the tied word embeddings among them): what --head_warmup_steps holds still."""
+        encoder, head = self._views
+        return [] if head is None else list(encoder.parameters())
 
     def masked_logits(
         self, input_ids: torch.Tensor, positions: torch.Tensor, attention_mask: Optional[torch.Tensor] = None

@@ -40,6 +40,7 @@ class CardFacts:
     # The downstream probe: {"origin", "task", "base": figures of the model as loaded, "best": of best/}
     probe: Optional[dict[str, Any]] = None
     selected_by: str = "perplexity"  # what picked best/
+    fresh_head: str = ""  # "the checkpoint lacks 6 tensor(s) ...": a head initialised afresh, else ""
 
 
 def _probe_section(f: CardFacts) -> list[str]:
@@ -152,6 +153,16 @@ def body(f: CardFacts) -> str:
         f"{f.base_label} fine-tuned with masked language modeling ({f.masking}) on {f.data_label}, with "
         "mlm-ddp on PyTorch DDP.",
         "",
+        *(
+            [
+                f"Its masked-LM head was not trained before this run: {f.fresh_head}. Before this fine-tuning its "
+                "fill-mask predictions were noise and its perplexity near the vocabulary size; the figures below "
+                "are the adapted model's.",
+                "",
+            ]
+            if f.fresh_head
+            else []
+        ),
         "## Results",
         "",
         *_results_table(f),

@@ -8,6 +8,7 @@ from typing import TYPE_CHECKING, Any, Optional
 import torch
 
 from mlm.common.distributed import DistEnv
+from mlm.model.modeling import fresh_head_text
 from mlm.report.card import CardFacts
 from mlm.train.engine import describe_precision
 from mlm.train.probe import selection_name
@@ -28,6 +29,9 @@ CARD_OPTIONS = (
     "whole_word_mask",
     "layerwise_lr_decay",
     "label_smoothing",
+    "head_warmup_steps",
+    "add_tokens",
+    "add_special_tokens",
     "swa_start_step",
     "num_train_epochs",
     "max_train_steps",
@@ -119,6 +123,7 @@ def card_facts(
         examples=examples or [],
         probe=_probe_facts(run, validation),
         selected_by=selection_name(run.cfg, run.probe),
+        fresh_head=fresh_head_text(run.loaded.fresh) if run.loaded is not None and run.loaded.fresh else "",
     )
 
 

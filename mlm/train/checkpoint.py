@@ -204,9 +204,15 @@ def check_free_space(output_dir: str, model: torch.nn.Module) -> None:
 
 
 def save_checkpoint(
-    output_dir: str, state: TrainState, model: torch.nn.Module, parts: Mapping[str, Stateful], save_total_limit: int
+    output_dir: str,
+    state: TrainState,
+    model: torch.nn.Module,
+    parts: Mapping[str, Stateful],
+    save_total_limit: int,
+    tokenizer=None,
 ) -> str:
-    """Rank 0 only: the weights, `<name>.pt` for each piece (None pieces skipped), the state, the manifest."""
+    """Rank 0 only: the weights, `<name>.pt` for each piece (None pieces skipped), the tokenizer's files (the
+    tokens a run added are part of what it trains), the state, the manifest."""
     from safetensors.torch import save_model
 
     root = os.path.join(output_dir, "checkpoints")
@@ -217,6 +223,8 @@ def save_checkpoint(
     os.makedirs(tmp)
     try:
         save_model(model, os.path.join(tmp, "model.safetensors"))  # handles the tied embedding/decoder weights
+        if tokenizer is not None:
+            tokenizer.save_pretrained(tmp)
         for name, piece in parts.items():
             if piece is not None:
                 torch.save(piece.state_dict(), os.path.join(tmp, f"{name}.pt"))
@@ -414,8 +422,9 @@ def resume_identity(cfg, model_config, tokenizer, eval_dataset, best_by: str = "
         batch = eval_dataset.__getitems__(list(range(start, min(start + 1024, len(eval_dataset)))))
         examples.update(batch["input_ids"].numpy().tobytes())
     return {
-        "model architecture": ", ".join(f"{k} {v}" for k, v in shape.items()),
+        # The tokenizer first: added tokens change the vocabulary size too, and the tokens are the cause.
         "tokenizer": f"{type(tokenizer).__name__} of {len(tokenizer)} tokens (vocabulary {_digest(vocab)})",
+        "model architecture": ", ".join(f"{k} {v}" for k, v in shape.items()),
         "--max_seq_length": str(cfg.max_seq_length),
         "evaluation data": f"{len(eval_dataset)} examples (content {examples.hexdigest()[:12]})",
         # The rate the evaluation masks are drawn at (--eval_mlm_probability, else --mlm_probability), written as

@@ -210,12 +210,16 @@ class StepResult:
     skipped: torch.Tensor  # 1 when the step was skipped (non-finite gradients), on the device
 
 
-def train_step(t: Trainable, micro_batches: list[Batch], env: DistEnv) -> StepResult:
+def train_step(t: Trainable, micro_batches: list[Batch], env: DistEnv, train_encoder: bool = True) -> StepResult:
     """One optimizer step over the micro-batches of this rank; no host-device sync.
 
     The gradient is that of (sum of masked-token NLL over the global batch) / (global masked-token count)
     (invariant 2): each micro-batch's NLL sum is scaled by world_size / global_count, and DDP's averaging over
     ranks divides by world_size again.
+
+    train_encoder=False (--head_warmup_steps): the encoder's gradients are dropped after the all-reduce, so the
+    optimizer, which skips a parameter without a gradient, leaves its weights and its moments exactly as they
+    were, and clipping measures the head alone.
     """
     local_count = sum(b.masked_count for b in micro_batches)
     # torch.full, not torch.tensor: a fill kernel takes the host number, a copy would wait for the stream.
@@ -231,6 +235,9 @@ def train_step(t: Trainable, micro_batches: list[Batch], env: DistEnv) -> StepRe
                 nll = t.wrapped(batch.input_ids, batch.positions, batch.targets, batch.attention_mask)
             t.scaler.scale(nll * scale).backward()
         loss_sum += nll.detach()
+    if not train_encoder:
+        for p in t.loss.encoder_parameters():
+            p.grad = None
     t.scaler.unscale_(t.optimizer)  # clip the true gradients, not the scaled ones
     grad_norm = torch.nn.utils.clip_grad_norm_(t.loss.parameters(), t.max_grad_norm or math.inf, foreach=True)
     nonfinite = ~torch.isfinite(grad_norm)  # the same on every rank: DDP has averaged the gradients

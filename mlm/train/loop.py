@@ -19,6 +19,7 @@ from mlm.common.cli import UserError
 from mlm.common.distributed import DistEnv, broadcast_flag, dist_max, gather_to_main
 from mlm.config import TrainConfig
 from mlm.data.cached import DataBundle
+from mlm.model.modeling import LoadReport
 from mlm.report.card import CARD_FILE, model_card
 from mlm.report.metrics import Throughput
 from mlm.report.probe import describe as describe_probe
@@ -86,6 +87,7 @@ class Run:
     stop_request: StopRequest
     swa: Optional[WeightAverage] = None
     probe: Optional[Probe] = None  # --probe_file's rows, probed at every evaluation
+    loaded: Optional[LoadReport] = None  # what loading the model initialised afresh or resized
     lock: Optional[RunLock] = None  # rank 0's hold on output_dir (mlm/train/runlock.py); None elsewhere
 
 
@@ -244,7 +246,8 @@ def _save(run: Run) -> None:
         # Readable before the model is built: a resume with another global batch sizes its run from it.
         run.state.extra["schedule"] = run.trainable.schedule.state_dict()
         parts = checkpoint_parts(run.trainable, run.swa, rngs)
-        path = save_checkpoint(run.cfg.output_dir, run.state, run.trainable.loss.model, parts, run.cfg.save_total_limit)
+        model = run.trainable.loss.model
+        path = save_checkpoint(run.cfg.output_dir, run.state, model, parts, run.cfg.save_total_limit, run.tokenizer)
         run.tracker.write(f"saved checkpoint {path}")
 
     write_on_main(run.env, run.cfg.output_dir, run.state.step, "a checkpoint", write)
@@ -318,7 +321,8 @@ def _one_step(run: Run, group: list[dict], meter: StepMeter) -> bool:
     """Mask, step, count; returns whether the epoch ended with this step."""
     state, env = run.state, run.env
     micro = [prepare_batch(raw, state.epoch, run.masking, env.device) for raw in group]
-    meter.add(train_step(run.trainable, micro, env))
+    head_only = state.step < run.cfg.head_warmup_steps  # --head_warmup_steps: the encoder held still
+    meter.add(train_step(run.trainable, micro, env, train_encoder=not head_only))
     state.step += 1
     state.micro_in_epoch += len(group)
     if run.swa is not None:
