@@ -25,7 +25,7 @@ import time
 
 import common
 import torch
-from gpu_throughput import DRY_RUN, bert_base, bert_config, load_chunks
+from gpu_throughput import DRY_RUN, bert_base, bert_config, kernel_times, load_chunks
 from torch.profiler import ProfilerActivity, profile
 from torch.utils.data import DataLoader
 
@@ -39,17 +39,6 @@ from mlm.train.engine import build_masking, build_trainable, prepare_batch, trai
 def sync(device: torch.device) -> None:
     if device.type == "cuda":
         torch.cuda.synchronize()
-
-
-def kernel_times(prof) -> tuple[float, int, list[tuple[str, float, int]]]:
-    """(device seconds, kernel count, [(name, seconds, count)] by time) of the profiled kernels."""
-    rows = []
-    for e in prof.key_averages():
-        t = getattr(e, "self_device_time_total", None) or getattr(e, "self_cuda_time_total", 0)
-        if t > 0 and e.device_type == torch.autograd.DeviceType.CUDA:
-            rows.append((e.key, t / 1e6, e.count))
-    rows.sort(key=lambda r: -r[1])
-    return sum(r[1] for r in rows), sum(r[2] for r in rows), rows
 
 
 def profile_row(

@@ -10,12 +10,17 @@ BERT-like FLOP formula for all three (ModernBERT's GeGLU and DeBERTa's relative 
 Data: WikiText-2 train cut into
 chunks of the sequence length, the same chunks on both sides, with the bert-base-uncased WordPiece tokenizer.
 Rows, in order of priority (a row that would not fit in what is left of --budget_s is printed as not run):
-sequence 128 x batch 64 and 512 x 16, bf16 (compute capability 8.0 and up) and fp16 + GradScaler, eager, then
-the same with torch.compile. Each row alternates ours, HF, ours, HF (--repeats per side), each run a fresh model
-timed over --steps optimizer steps after --warmup (compilation happens in the warm-up).
+bert-base at sequence 128 x batch 256 and at the largest batch of ours that fits (powers of two from 256, found
+with one eager step each), in the card's precision (bf16 from compute capability 8.0), eager and compiled; then
+fill-mask; then deberta-v3-base and modernbert-base likewise; then all of it in fp16 + GradScaler. Each row
+alternates ours, HF, ours, HF (--repeats per side), each run a fresh model timed over --steps optimizer steps after
+--warmup (compilation happens in the warm-up), then 3 steps of ours under torch.profiler: busy/wall (the summed
+kernel time over the step's wall time) and kernels per step. Where the Trainer's full-vocabulary logits do not
+fit at ours' largest batch, its cell says so.
   ours: the step train_ddp.py runs: host masking (prepare_batch) + train_step (autocast, GradScaler for fp16, the
         head at the masked positions only, fused AdamW, clipping, the on-device schedule), --torch_compile
-        compiling the encoder; loader batches as build_data makes them.
+        compiling the whole fixed-shape step with --compile_mode (reduce-overhead: captured as CUDA graphs);
+        loader batches as build_data makes them.
   HF:   Trainer + DataCollatorForLanguageModeling(mlm_probability=0.15), optim adamw_torch_fused, bf16/fp16,
         torch_compile for the compiled rows; timed by a callback that synchronises at the two marks only.
 MFU: the model FLOPs a step needs (encoder and attention on every token, the head at the 15% masked positions:
@@ -58,6 +63,10 @@ def sync() -> None:
 ARCHS = ("bert-base", "deberta-v3-base", "modernbert-base")
 
 
+MAX_BATCH = 0  # a Row's batch: the largest per-device batch of ours that fits on the card (largest_batch)
+COMPILE_MODE = {"mode": "reduce-overhead"}  # ours compiled: whole step fixed-shape, captured as CUDA graphs
+
+
 @dataclass(frozen=True)
 class Row:
     seq: int
@@ -68,8 +77,9 @@ class Row:
 
     @property
     def label(self) -> str:
+        batch = "largest batch" if self.batch == MAX_BATCH else str(self.batch)
         return (
-            f"{'' if self.arch == 'bert-base' else self.arch + ', '}{self.seq} x {self.batch}, {self.precision}"
+            f"{'' if self.arch == 'bert-base' else self.arch + ', '}{self.seq} x {batch}, {self.precision}"
             f"{' + GradScaler' if self.precision == 'fp16' else ''}{', compiled' if self.compile else ''}"
         )
 
@@ -122,28 +132,83 @@ def bert_base(arch: str = "bert-base"):
     return AutoModelForMaskedLM.from_config(arch_config(arch), dtype=torch.float32)
 
 
-def run_ours(row: Row, chunks: ChunkDataset, tokenizer, warmup: int, steps: int) -> float:
-    """Seconds of `steps` optimizer steps after `warmup`."""
+def kernel_times(prof) -> tuple[float, int, list[tuple[str, float, int]]]:
+    """(device seconds, kernel count, [(name, seconds, count)] by time) of the profiled kernels."""
+    rows = []
+    for e in prof.key_averages():
+        t = getattr(e, "self_device_time_total", None) or getattr(e, "self_cuda_time_total", 0)
+        if t > 0 and e.device_type == torch.autograd.DeviceType.CUDA:
+            rows.append((e.key, t / 1e6, e.count))
+    rows.sort(key=lambda r: -r[1])
+    return sum(r[1] for r in rows), sum(r[2] for r in rows), rows
+
+
+def run_ours(row: Row, chunks: ChunkDataset, tokenizer, warmup: int, steps: int, batch: int) -> dict:
+    """Seconds of `steps` optimizer steps after `warmup`; then 3 steps under torch.profiler: the GPU's busy
+    seconds per step and kernels per step."""
+    from torch.profiler import ProfilerActivity, profile
+
     cfg = TrainConfig(
-        learning_rate=5e-5, num_warmup_steps=0, per_device_train_batch_size=row.batch, torch_compile=row.compile
+        learning_rate=5e-5,
+        num_warmup_steps=0,
+        per_device_train_batch_size=batch,
+        torch_compile=row.compile,
+        torch_compile_mode=COMPILE_MODE["mode"] if row.compile else "default",
     )
-    trainable = build_trainable(cfg, bert_base(row.arch).to(DEVICE), row.precision, DEVICE, warmup + steps)
+    trainable = build_trainable(cfg, bert_base(row.arch).to(DEVICE), row.precision, DEVICE, warmup + steps + 3)
     trainable.loss.train()
     masking = build_masking(cfg, tokenizer)
     sampler = GlobalOrderSampler(chunks, 1, 0, cfg.seed)
-    loader = DataLoader(chunks, batch_size=row.batch, sampler=sampler, collate_fn=lambda b: b, drop_last=True)
+    loader = DataLoader(chunks, batch_size=batch, sampler=sampler, collate_fn=lambda b: b, drop_last=True)
     env = DistEnv(rank=0, local_rank=0, world_size=1, device=DEVICE)
-    t0 = 0.0
-    for i, raw in enumerate(loader):
+    t0, seconds, profiled = 0.0, 0.0, 3
+    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if DEVICE.type == "cuda" else [])
+    prof = None
+    for i, raw in enumerate(_cycle(loader)):
         if i == warmup:
             sync()
             t0 = time.perf_counter()
         if i == warmup + steps:
+            sync()
+            seconds = time.perf_counter() - t0
+            prof = profile(activities=activities)
+            prof.__enter__()
+        if i == warmup + steps + profiled:
+            sync()
+            prof.__exit__(None, None, None)
             break
-        batch = prepare_batch(raw, 0, masking, DEVICE)
-        train_step(trainable, [batch], env)
-    sync()
-    return time.perf_counter() - t0
+        batch_ = prepare_batch(raw, 0, masking, DEVICE)
+        train_step(trainable, [batch_], env)
+    busy, kernels, _ = kernel_times(prof) if DEVICE.type == "cuda" else (0.0, 0, [])
+    del trainable
+    if DEVICE.type == "cuda":
+        torch.cuda.empty_cache()
+    return {"seconds": seconds, "busy_per_step": busy / profiled, "kernels_per_step": kernels / profiled}
+
+
+def _cycle(loader):
+    while True:
+        yield from loader
+
+
+def largest_batch(row: Row, chunks: ChunkDataset, tokenizer) -> int:
+    """The largest per-device batch (a power of two from 256) whose eager step of ours fits in the card's memory;
+    a compiled step needs no more."""
+    candidates = (4, 8) if DRY_RUN["on"] else (256, 512, 1024, 2048, 4096)
+    fits = candidates[0]
+    eager = Row(row.seq, candidates[0], row.precision, False, row.arch)
+    for batch in candidates:
+        if batch > len(chunks):
+            break
+        try:
+            run_ours(eager, chunks, tokenizer, 1, 1, batch)
+        except torch.cuda.OutOfMemoryError:
+            break
+        finally:
+            if DEVICE.type == "cuda":
+                torch.cuda.empty_cache()
+        fits = batch
+    return fits
 
 
 class Rows(torch.utils.data.Dataset):
@@ -162,7 +227,7 @@ class Rows(torch.utils.data.Dataset):
         return {"input_ids": ids, "special_tokens_mask": special}
 
 
-def run_hf(row: Row, chunks: ChunkDataset, tokenizer, warmup: int, steps: int) -> float:
+def run_hf(row: Row, chunks: ChunkDataset, tokenizer, warmup: int, steps: int, batch: int) -> float:
     from transformers import (
         DataCollatorForLanguageModeling,
         PrinterCallback,
@@ -182,7 +247,7 @@ def run_hf(row: Row, chunks: ChunkDataset, tokenizer, warmup: int, steps: int) -
     with tempfile.TemporaryDirectory() as out:
         args = TrainingArguments(
             output_dir=out,
-            per_device_train_batch_size=row.batch,
+            per_device_train_batch_size=batch,
             max_steps=warmup + steps,
             learning_rate=5e-5,
             weight_decay=0.01,
@@ -254,28 +319,26 @@ PREDICT = "fill-mask"
 
 
 def plan(native_bf16: bool) -> list:
-    """The rows in order of priority (the budget cuts from the end): the headline (sequence 128, the card's
-    precision) eager and compiled first, fill-mask once the eager rows are in."""
+    """The rows in order of priority (the budget cuts from the end): bert-base at 128 x 256 and at the largest
+    batch that fits, in the card's precision, eager and compiled (the MFU goal's rows); fill-mask; then
+    deberta-v3-base and modernbert-base likewise; then fp16 + GradScaler (what T4s run) for each."""
     first, second = ("bf16", "fp16") if native_bf16 else ("fp16", None)
-    order = [
-        (128, 64, first, False),
-        (128, 64, second, False),
-        (128, 64, first, True),
-        (128, 64, first, False, "deberta-v3-base"),
-        (128, 64, first, False, "modernbert-base"),
-        (512, 16, first, False),
-        (512, 16, second, False),
-        PREDICT,
-        (128, 64, second, True),
-        (512, 16, first, True),
-        (512, 16, second, True),
-    ]
+    order = []
+    for arch in ARCHS:
+        for batch in (256, MAX_BATCH):
+            order += [(128, batch, first, False, arch), (128, batch, first, True, arch)]
+        if arch == "bert-base":
+            order.append(PREDICT)
+    for arch in ARCHS:
+        for batch in (256, MAX_BATCH):
+            order += [(128, batch, second, False, arch), (128, batch, second, True, arch)]
     if DRY_RUN["on"]:
         order = [
-            (128, 64, "bf16", False),
-            (128, 64, "bf16", True),
-            (128, 64, "bf16", False, "deberta-v3-base"),
-            (128, 64, "bf16", False, "modernbert-base"),
+            (128, 8, "bf16", False),
+            (128, 8, "bf16", True),
+            (128, MAX_BATCH, "bf16", False),
+            (128, 8, "bf16", False, "deberta-v3-base"),
+            (128, 8, "bf16", True, "modernbert-base"),
             PREDICT,
         ]
     return [item if item == PREDICT else Row(*item) for item in order if item == PREDICT or item[2] is not None]
@@ -287,17 +350,23 @@ def table(results: list[dict], peak: float, peak_source: str, predict: dict | No
         "",
         f"MFU against {peak / 1e12:.0f} TFLOP/s ({peak_source}).",
         "",
-        "| row | ours samples/s | HF Trainer samples/s | ours / HF | ours MFU | HF MFU |",
-        "| --- | --- | --- | --- | --- | --- |",
+        "| row | batch | ours samples/s | HF Trainer samples/s | ours / HF | ours MFU | HF MFU | ours busy/wall |"
+        " ours kernels/step |",
+        "| --- | --- | --- | --- | --- | --- | --- | --- | --- |",
     ]
     for r in results:
         if "skipped" in r:
-            lines.append(f"| {r['row']} | not run: {r['skipped']} | | | | |")
+            lines.append(f"| {r['row']} | | not run: {r['skipped']} | | | | | | |")
             continue
+        hf = (
+            (f"{r['hf']:.1f} ({', '.join(f'{x:.1f}' for x in r['hf_runs'])})", f"{r['ours'] / r['hf']:.2f}x")
+            if r["hf"]
+            else ("out of memory", "HF cannot")
+        )
         lines.append(
-            f"| {r['row']} | {r['ours']:.1f} ({', '.join(f'{x:.1f}' for x in r['ours_runs'])}) | "
-            f"{r['hf']:.1f} ({', '.join(f'{x:.1f}' for x in r['hf_runs'])}) | {r['ours'] / r['hf']:.2f}x | "
-            f"{r['ours_mfu']:.3f} | {r['hf_mfu']:.3f} |"
+            f"| {r['row']} | {r['batch']} | {r['ours']:.1f} ({', '.join(f'{x:.1f}' for x in r['ours_runs'])}) | "
+            f"{hf[0]} | {hf[1]} | {r['ours_mfu']:.3f} | {r['hf_mfu']:.3f} | {r['busy_wall']:.2f} | "
+            f"{r['kernels']:.0f} |"
         )
     if not predict:
         lines += ["", "Fill-mask: not run (time budget)."]
@@ -327,11 +396,18 @@ def main() -> None:
     p.add_argument("--steps", type=int, default=20)
     p.add_argument("--repeats", type=int, default=2)
     p.add_argument(
+        "--compile_mode",
+        default="reduce-overhead",
+        choices=("default", "reduce-overhead", "max-autotune"),
+        help="ours compiled: --torch_compile_mode (reduce-overhead captures the step as CUDA graphs)",
+    )
+    p.add_argument(
         "--dry_run",
         action="store_true",
         help="on the CPU with a tiny BERT, bf16 rows only, 2 steps: checks the script, measures nothing",
     )
     a = p.parse_args()
+    COMPILE_MODE["mode"] = a.compile_mode
     if a.dry_run:
         global DEVICE
         DEVICE, DRY_RUN["on"] = torch.device("cpu"), True
@@ -355,6 +431,7 @@ def main() -> None:
         "(compiled rows: 1), medians (runs in brackets)"
     )
     chunks: dict[int, ChunkDataset] = {}
+    largest: dict[tuple, int] = {}
     results: list[dict] = []
     predict = None
     eager_cost, compiled_cost = 45.0, 130.0  # guesses until a row of the kind has run
@@ -375,27 +452,43 @@ def main() -> None:
         t0 = time.perf_counter()
         if row.seq not in chunks:
             chunks[row.seq] = load_chunks(tokenizer, wikitext, row.seq)
-        ours, hf = [], []
+        batch = row.batch
+        if batch == MAX_BATCH:
+            key = (row.arch, row.seq, row.precision)
+            if key not in largest:
+                largest[key] = largest_batch(row, chunks[row.seq], tokenizer)
+            batch = largest[key]
+        ours, hf, profiles = [], [], []
         for _ in range(1 if row.compile else a.repeats):  # a compiled run costs a compilation on each side
-            ours.append(a.steps * row.batch / run_ours(row, chunks[row.seq], tokenizer, a.warmup, a.steps))
-            hf.append(a.steps * row.batch / run_hf(row, chunks[row.seq], tokenizer, a.warmup, a.steps))
-            print(f"{row.label}: ours {ours[-1]:.1f}, HF {hf[-1]:.1f} samples/s", flush=True)
+            timed = run_ours(row, chunks[row.seq], tokenizer, a.warmup, a.steps, batch)
+            ours.append(a.steps * batch / timed["seconds"])
+            profiles.append(timed)
+            try:  # the Trainer's full-vocabulary logits may not fit where ours (masked positions only) do
+                hf.append(a.steps * batch / run_hf(row, chunks[row.seq], tokenizer, a.warmup, a.steps, batch))
+            except torch.cuda.OutOfMemoryError:
+                torch.cuda.empty_cache()
+                hf.append(0.0)
+            print(f"{row.label} (batch {batch}): ours {ours[-1]:.1f}, HF {hf[-1]:.1f} samples/s", flush=True)
         needed = mlm_step_flops(
             MlmShape.from_config(arch_config(row.arch)),
-            row.seq * row.batch,
-            row.batch * row.seq**2,
-            0.15 * (row.seq - 2) * row.batch,
+            row.seq * batch,
+            batch * row.seq**2,
+            0.15 * (row.seq - 2) * batch,
         )
         mo, mh = common.median(ours), common.median(hf)
+        wall = a.steps * batch / mo / a.steps  # seconds per step
         results.append(
             {
                 "row": row.label,
+                "batch": batch,
                 "ours": mo,
                 "hf": mh,
                 "ours_runs": ours,
                 "hf_runs": hf,
-                "ours_mfu": needed * mo / row.batch / peak,
-                "hf_mfu": needed * mh / row.batch / peak,
+                "ours_mfu": needed * mo / batch / peak,
+                "hf_mfu": needed * mh / batch / peak,
+                "busy_wall": common.median([t["busy_per_step"] for t in profiles]) / wall,
+                "kernels": common.median([t["kernels_per_step"] for t in profiles]),
             }
         )
         spent = time.perf_counter() - t0

@@ -44,6 +44,7 @@ SCHEDULERS = (
 )
 REPORT_TO = ("all", "wandb", "none")
 PROBE_TASKS = ("auto", "classification", "regression")
+COMPILE_MODES = ("default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs")
 BEST_METRICS = ("perplexity", "probe")
 CACHE_SCOPES = ("node", "shared")
 ATTENTION_KERNELS = ("auto", "sdpa", "eager", "flash_attention_2")
@@ -132,6 +133,14 @@ class TrainConfig:
         "capacity fixed by the batch shape); evaluation stays eager. Pays on GPUs; the first "
         "step compiles.",
         "model",
+    )
+    torch_compile_mode: str = _f(
+        "default",
+        "torch.compile's mode with --torch_compile: default (kernels fused, launched one by one); reduce-overhead "
+        "(the step's forward and backward captured as CUDA graphs, replayed with one launch: for a GPU whose "
+        "steps wait on the host); max-autotune, max-autotune-no-cudagraphs (longer compiles, tuned matmuls).",
+        "model",
+        choices=COMPILE_MODES,
     )
     tf32: bool = _f(True, "Allow TF32 matmuls for fp32 work on Ampere and newer GPUs (no effect elsewhere).", "model")
     # --- data ---
@@ -525,6 +534,10 @@ def _check_numbers(c: TrainConfig) -> None:
     )
     _require(c.seed >= 0, f"--seed must be non-negative, got {c.seed}")
     _require(c.probe_folds >= 2, f"--probe_folds must be at least 2, got {c.probe_folds}")
+    _require(
+        c.torch_compile or c.torch_compile_mode == "default",
+        f"--torch_compile_mode {c.torch_compile_mode} applies to --torch_compile; add --torch_compile",
+    )
     _require(c.head_warmup_steps >= 0, f"--head_warmup_steps must be 0 (off) or more, got {c.head_warmup_steps}")
     for flag in ("add_tokens", "add_special_tokens"):
         if getattr(c, flag):

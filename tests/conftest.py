@@ -36,6 +36,12 @@ def pytest_configure(config):
     config.addinivalue_line("markers", "gpu: needs a CUDA GPU (tests/gpu/, collected only where CUDA is present)")
 
 
+def pytest_unconfigure(config):
+    import rank_pool
+
+    rank_pool.close_all()
+
+
 @pytest.fixture(scope="session")
 def tokenizer_path() -> str:
     return minilm_path()

@@ -158,10 +158,20 @@ def run_train(
     cwd: str = ROOT,
     fault: Optional[dict] = None,
 ) -> Result:
-    """train_ddp.py under torchrun on nproc >= 1 gloo ranks, or plain python when nproc == 0.
+    """train_ddp.py on nproc >= 1 gloo ranks, or plain python when nproc == 0.
 
-    fault: run tests/faulty_train.py instead, with this fault injected (see that file)."""
+    The ranks are this pytest worker's pool of spawned interpreters (tests/rank_pool.py: the same main, the
+    variables torchrun sets), unless torchrun is what is tested: torchrun_args or a fault, more than 2 ranks, or a
+    variable read at import time (then real torchrun with fresh interpreters).
+    fault: run tests/faulty_train.py under torchrun instead, with this fault injected (see that file)."""
+    import rank_pool
+
     script = os.path.join(ROOT, "tests", "faulty_train.py") if fault else os.path.join(ROOT, "train_ddp.py")
+    if 1 <= nproc <= 2 and not torchrun_args and not fault and rank_pool.importable_env(extra_env):
+        t0, port = time.perf_counter(), free_port()
+        envs = [{**_env(extra_env), **rank_env(rank, nproc, port)} for rank in range(nproc)]
+        code, out, err = rank_pool.pool(nproc).run(list(args), envs, cwd, timeout)
+        return Result(code, out, err, time.perf_counter() - t0)
     if fault:
         extra_env = {**(extra_env or {}), "MLM_FAULT": json.dumps(fault)}
     if nproc == 0:

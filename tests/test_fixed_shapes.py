@@ -195,3 +195,38 @@ def test_without_the_fixed_capacity_the_step_would_recompile(tokenizer, chunks, 
     monkeypatch.setattr(engine, "masked_slots", lambda count, capacity, tokens: count)
     _, after = compiled_steps(tokenizer, chunks, monkeypatch, steps=6)
     assert after[-1] > after[0]
+
+
+# ---------------------------------------------------------------------- capture (issue 34 b, the CPU side)
+@pytest.mark.parametrize("mode, captured", [("default", False), ("reduce-overhead", True), ("max-autotune", True)])
+def test_the_compile_mode_reaches_torch_compile_and_a_capturing_mode_marks_each_step(
+    tokenizer, chunks, monkeypatch, mode, captured
+):
+    """What a GPU run would do, seen on the CPU: torch.compile gets the mode, and with a mode that captures CUDA
+    graphs every training forward starts a new step of replays (torch.compiler.cudagraph_mark_step_begin), so a
+    replay never overwrites outputs the step still needs."""
+    seen, marks = [], []
+    real_compile = torch.compile
+
+    def compile_spy(fn, **kwargs):
+        seen.append(kwargs.get("mode"))
+        return real_compile(fn, backend="eager")
+
+    monkeypatch.setattr(torch, "compile", compile_spy)
+    monkeypatch.setattr(torch.compiler, "cudagraph_mark_step_begin", lambda: marks.append(1))
+    cfg = TrainConfig(torch_compile=True, torch_compile_mode=mode, learning_rate=1e-3, num_warmup_steps=0)
+    trainable = engine.build_trainable(cfg, tiny_bert(len(tokenizer)), "fp32", CPU, 3)
+    trainable.loss.train()
+    masking = engine.build_masking(cfg, tokenizer)
+    micro = [engine.prepare_batch(chunks.__getitems__(list(range(i * 4, i * 4 + 4))), 0, masking, CPU) for i in (0, 1)]
+    engine.train_step(trainable, micro, ENV)  # two micro-batches: two forwards
+    assert seen == [mode]
+    assert len(marks) == (2 if captured else 0)
+
+
+def test_a_compile_mode_without_torch_compile_is_one_line():
+    from mlm.common.cli import UserError
+    from mlm.config import parse_args
+
+    with pytest.raises(UserError, match="--torch_compile_mode reduce-overhead applies to --torch_compile"):
+        parse_args(["--torch_compile_mode", "reduce-overhead"])

@@ -60,12 +60,20 @@ def predict_html(models: list[FillMask], text: str, top_k: int) -> list[str]:
     return out
 
 
+def page_warnings(models: list[FillMask]) -> str:
+    """What the server console says about a model (a fresh MLM head), on the page too."""
+    return "\n".join(f"**Warning:** {m.warning}" for m in models if m.warning)
+
+
 def build_demo(model: FillMask, compare: Optional[FillMask] = None):
     import gradio as gr
 
     models = [model] + ([compare] if compare else [])
     with gr.Blocks(title="mlm-ddp fill-mask") as demo:
         gr.Markdown("## Fill-mask\nWrite a sentence with `[MASK]` where the model should predict a word.")
+        warnings = page_warnings(models)
+        if warnings:
+            gr.Markdown(warnings, elem_id="warnings")
         with gr.Row():
             text = gr.Textbox(label="Text", value=SAMPLE_SENTENCES[0], lines=2, elem_id="text", scale=4)
             top_k = gr.Slider(1, 20, value=5, step=1, label="top-k", elem_id="top_k", scale=1)

@@ -86,7 +86,7 @@ def main(argv: list[str] | None = None) -> int:
     parent = os.path.dirname(os.path.abspath(args.out))
     if not os.path.isdir(parent):
         raise UserError(f"{args.out!r}: the directory {parent!r} does not exist")
-    model, tokenizer = load_model(resolve_model_path(args.model_dir, "model_dir"), torch.device("cpu"), "model_dir")
+    model, tokenizer, _ = load_model(resolve_model_path(args.model_dir, "model_dir"), torch.device("cpu"), "model_dir")
     export(model, args.out, args.opset)
     diff = check(model, tokenizer, args.out, model.config)
     print(

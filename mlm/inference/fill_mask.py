@@ -138,6 +138,7 @@ class FillMask:
         flag: str = "--model",
     ):
         """flag: the option that named the model, for error lines (predict.py's --compare names its own)."""
+        warning: Optional[str] = None  # a fresh (untrained) MLM head, said where the predictions are shown
         if isinstance(model, os.PathLike):
             model = os.fspath(model)
         if isinstance(model, str) and onnx:  # the graph runs; the directory gives the tokenizer and config
@@ -145,11 +146,12 @@ class FillMask:
             model, tokenizer = load_onnx(resolve_model_path(model, flag), onnx, flag)
         elif isinstance(model, str):
             name = name or model
-            model, tokenizer = load_model(resolve_model_path(model, flag), resolve_device(device), flag)
+            model, tokenizer, warning = load_model(resolve_model_path(model, flag), resolve_device(device), flag)
         elif tokenizer is None:
             raise TypeError("FillMask(model, tokenizer): a model object needs its tokenizer")
         self.model, self.tokenizer = model.eval(), tokenizer
         self.name = name or type(model).__name__
+        self.warning = warning
         self.device = model.device if hasattr(model, "device") else next(model.parameters()).device
         self.encoder, self.head = split_encoder_head(model)
         self.max_length = max_input_length(model.config, tokenizer)

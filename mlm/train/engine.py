@@ -130,7 +130,12 @@ def build_trainable(
     """The loss module around the model (not yet under DDP), fused AdamW, the schedule and the scaler.
     global_batch: examples per optimizer step, which the schedule counts in (a resume with another continues
     it by examples seen)."""
-    loss = MaskedLMLoss(model, compile_training=cfg.torch_compile, label_smoothing=cfg.label_smoothing)
+    loss = MaskedLMLoss(
+        model,
+        compile_training=cfg.torch_compile,
+        label_smoothing=cfg.label_smoothing,
+        compile_mode=cfg.torch_compile_mode,
+    )
     optimizer = build_optimizer(cfg, loss, device)
     return Trainable(
         wrapped=loss,

@@ -298,14 +298,27 @@ def test_stop_and_resume_with_dropout_ends_with_the_uninterrupted_weights(uninte
 
 
 # ---------------------------------------------------------------------- torch.compile
-def test_torch_compile_trains_and_its_best_matches_eager(
-    configs, gpu_tokenizer, gpu_wikitext, cache_dir, tmp_path, monkeypatch
-):
-    if not ON_GPU:  # the dry run checks the wiring, not inductor's code generation
+def compile_on_the_cpu(monkeypatch) -> None:
+    """The dry run checks the wiring, not inductor's code generation (nor CUDA graphs)."""
+    if not ON_GPU:
         real = torch.compile
-        monkeypatch.setattr(torch, "compile", lambda m, **k: real(m, **{**k, "backend": "aot_eager"}))
+
+        def on_cpu(fn, **kwargs):
+            kwargs.pop("mode", None)
+            return real(fn, **{**kwargs, "backend": "aot_eager"})
+
+        monkeypatch.setattr(torch, "compile", on_cpu)
+
+
+@pytest.mark.parametrize("compile_mode", ["default", "reduce-overhead"])
+def test_torch_compile_trains_and_its_best_matches_eager(
+    configs, gpu_tokenizer, gpu_wikitext, cache_dir, tmp_path, monkeypatch, compile_mode
+):
+    """Compiled (default) and compiled and captured as CUDA graphs (reduce-overhead) against eager."""
+    compile_on_the_cpu(monkeypatch)
     results = {}
-    for mode, extra in (("eager", {}), ("compiled", {"torch_compile": "true"})):
+    compiled_args = {"torch_compile": "true", "torch_compile_mode": compile_mode}
+    for mode, extra in (("eager", {}), ("compiled", compiled_args)):
         out = str(tmp_path / mode)
         assert (
             train(
@@ -328,7 +341,7 @@ def test_torch_compile_trains_and_its_best_matches_eager(
     loss_gap = max(abs(a["loss"] - b["loss"]) / a["loss"] for a, b in zip(eager_hist, compiled_hist))
     speed = compiled_hist[-1]["samples_per_s"] / eager_hist[-1]["samples_per_s"]
     measured(
-        "torch.compile vs eager",
+        f"torch.compile ({compile_mode}) vs eager",
         max_abs_weight_diff=diff,
         mean_abs_weight_diff=mean_diff,
         max_relative_loss_gap=loss_gap,
@@ -338,6 +351,53 @@ def test_torch_compile_trains_and_its_best_matches_eager(
     )
     assert len(compiled_hist) == len(eager_hist) == 12
     assert ppl_gap <= 0.01 and loss_gap <= 0.01 and mean_diff <= 5e-5
+
+
+def test_under_capture_an_overflow_is_skipped_and_a_sigterm_resume_is_exact(
+    configs, gpu_tokenizer, gpu_wikitext, cache_dir, tmp_path, monkeypatch
+):
+    """What holds eagerly holds with the step captured as CUDA graphs (--torch_compile_mode reduce-overhead): an
+    injected non-finite loss at step 3 is skipped (GradScaler in fp16, the fused skip in bf16) without a host
+    sync, and a run stopped by SIGTERM at a step boundary resumes to the uninterrupted run's weights."""
+    compile_on_the_cpu(monkeypatch)
+    forward, calls = MaskedLMLoss.forward, {"n": 0}
+
+    def overflow_at_3(self, *args, **kwargs):
+        calls["n"] += 1
+        nll = forward(self, *args, **kwargs)
+        return nll * float("inf") if calls["n"] == 3 else nll
+
+    captured = {"torch_compile": "true", "torch_compile_mode": "reduce-overhead", "precision": low_precision()}
+    flags = [a for k, v in captured.items() for a in (f"--{k}", v)]
+    out = str(tmp_path / "overflow")
+    with monkeypatch.context() as m:
+        m.setattr(MaskedLMLoss, "forward", overflow_at_3)
+        args = train_args(configs["no_dropout"], gpu_tokenizer, gpu_wikitext, out, cache_dir, max_train_steps=6)
+        assert train(args + flags) == 0
+    by_step = {e["step"]: e for e in train_entries(out)}
+    assert by_step[3]["skipped_steps"] == 1 and math.isfinite(by_step[4]["loss"]), by_step[3]
+
+    whole, stopped = str(tmp_path / "whole"), str(tmp_path / "stopped")
+    flags += ["--save_steps", "4", "--save_total_limit", "5"]
+    base = train_args(configs["no_dropout"], gpu_tokenizer, gpu_wikitext, whole, cache_dir, max_train_steps=8)
+    assert train(base + flags) == 0
+    step, done = loop.train_step, {"n": 0}
+
+    def sigterm_after_4(*a, **k):
+        result = step(*a, **k)
+        done["n"] += 1
+        if done["n"] == 4:
+            os.kill(os.getpid(), signal.SIGTERM)
+        return result
+
+    args = [stopped if a == whole else a for a in base] + flags
+    with monkeypatch.context() as m:
+        m.setattr(loop, "train_step", sigterm_after_4)
+        assert train(args) == 143
+    assert train(args) == 0
+    diff = max_diff(weights(whole, 8), weights(stopped, 8))
+    measured("capture: SIGTERM resume", max_abs_weight_diff=diff)
+    assert diff <= 1e-4
 
 
 # ---------------------------------------------------------------------- predict.py on CUDA
