@@ -161,16 +161,17 @@ def run_train(
     """train_ddp.py on nproc >= 1 gloo ranks, or plain python when nproc == 0.
 
     The ranks are this pytest worker's pool of spawned interpreters (tests/rank_pool.py: the same main, the
-    variables torchrun sets), unless torchrun is what is tested: torchrun_args or a fault, more than 2 ranks, or a
-    variable read at import time (then real torchrun with fresh interpreters).
-    fault: run tests/faulty_train.py under torchrun instead, with this fault injected (see that file)."""
+    variables torchrun sets), unless torchrun is what is tested: torchrun_args, a fault that kills or raises, more
+    than 2 ranks, or a variable read at import time (then real torchrun with fresh interpreters).
+    fault: inject this fault (tests/faulty_train.py): in the pool for one that only records or slows a run
+    (rank_pool.POOL_FAULTS), else under torchrun running tests/faulty_train.py."""
     import rank_pool
 
     script = os.path.join(ROOT, "tests", "faulty_train.py") if fault else os.path.join(ROOT, "train_ddp.py")
-    if 1 <= nproc <= 2 and not torchrun_args and not fault and rank_pool.importable_env(extra_env):
+    if 1 <= nproc <= 2 and not torchrun_args and rank_pool.pool_fault(fault) and rank_pool.importable_env(extra_env):
         t0, port = time.perf_counter(), free_port()
         envs = [{**_env(extra_env), **rank_env(rank, nproc, port)} for rank in range(nproc)]
-        code, out, err = rank_pool.pool(nproc).run(list(args), envs, cwd, timeout)
+        code, out, err = rank_pool.pool(nproc).run(list(args), envs, cwd, timeout, fault)
         return Result(code, out, err, time.perf_counter() - t0)
     if fault:
         extra_env = {**(extra_env or {}), "MLM_FAULT": json.dumps(fault)}

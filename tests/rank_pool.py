@@ -29,6 +29,33 @@ from typing import Optional
 IMPORT_TIME_PREFIXES = ("HF_", "HUGGINGFACE", "TRANSFORMERS", "TORCH", "PYTORCH", "OMP_", "MKL_", "TOKENIZERS")
 
 
+# Faults (tests/faulty_train.py) that only watch or slow a run: a rank of the pool installs them for one run and
+# restores what they replaced. Faults that kill or raise, or fake CUDA, run under torchrun.
+POOL_FAULTS = {"record", "sleep", "prep_sleep", "compile_backend"}
+
+
+def pool_fault(fault: Optional[dict]) -> bool:
+    return fault is None or set(fault) <= POOL_FAULTS
+
+
+def _patched_places() -> list[tuple[object, str]]:
+    """Everything faulty_train.install may replace."""
+    import torch
+
+    from mlm.data import cached
+    from mlm.model import modeling
+    from mlm.train import checkpoint, loop
+
+    return [
+        (loop, "prepare_batch"),
+        (loop, "train_step"),
+        (cached, "_build_cache"),
+        (modeling.MaskedLMLoss, "forward"),
+        (checkpoint.torch, "save"),
+        (torch, "compile"),
+    ]
+
+
 def importable_env(extra_env: Optional[dict]) -> bool:
     return not any(k.startswith(IMPORT_TIME_PREFIXES) and os.environ.get(k) != v for k, v in (extra_env or {}).items())
 
@@ -55,7 +82,7 @@ def _serve(conn) -> None:
             return
         if request is None:
             return
-        argv, env, cwd = request
+        argv, env, cwd, fault = request
         os.environ.clear()
         os.environ.update(env)
         os.chdir(cwd)
@@ -68,7 +95,12 @@ def _serve(conn) -> None:
         saved = os.dup(1), os.dup(2)
         os.dup2(out.fileno(), 1)
         os.dup2(err.fileno(), 2)
+        saved_places = [(obj, name, obj.__dict__[name]) for obj, name in _patched_places()]
         try:
+            if fault:
+                import faulty_train
+
+                faulty_train.install(fault)
             code = train_ddp.main(argv)
         except SystemExit as e:  # argparse's --help, say
             code = e.code if isinstance(e.code, int) else 1
@@ -76,6 +108,8 @@ def _serve(conn) -> None:
             traceback.print_exc()
             code = 1
         finally:
+            for obj, name, value in saved_places:
+                setattr(obj, name, value)
             sys.stdout.flush()
             sys.stderr.flush()
             os.dup2(saved[0], 1)
@@ -100,10 +134,12 @@ class RankPool:
     def alive(self) -> bool:
         return all(p.is_alive() for p in self.procs)
 
-    def run(self, argv: list[str], envs: list[dict], cwd: str, timeout: float) -> tuple[int, str, str]:
+    def run(
+        self, argv: list[str], envs: list[dict], cwd: str, timeout: float, fault: Optional[dict] = None
+    ) -> tuple[int, str, str]:
         """(0 when every rank returned 0, else 1, as torchrun exits; stdout and stderr of each rank in order)."""
         for conn, env in zip(self.conns, envs):
-            conn.send((argv, env, cwd))
+            conn.send((argv, env, cwd, fault))
         deadline, results = time.monotonic() + timeout, []
         for rank, conn in enumerate(self.conns):
             if not conn.poll(max(0.0, deadline - time.monotonic())):

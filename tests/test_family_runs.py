@@ -7,15 +7,13 @@ of one), which is where most of the cost of a family would otherwise go."""
 
 from __future__ import annotations
 
-import json
 import os
 import shutil
-import sys
 
 import pytest
 import torch
 from families import save_family, training_text
-from helpers import ROOT, once_for_all_workers, read_json, run_command, run_train, train_here
+from helpers import once_for_all_workers, read_json, run_train, train_here
 from test_ddp import load_weights, max_abs_diff
 from test_predict import json_lines, run_main
 
@@ -60,7 +58,7 @@ def family_args(model_dir: str, out: str, cache: str, corpus, **kw) -> list[str]
 
 @pytest.fixture(scope="session")
 def runs(tmp_path_factory) -> dict:
-    """Every family saved, and trained for STEPS steps under 2 gloo ranks, in one torchrun (tests/sequence_train.py)
+    """Every family saved, and trained for STEPS steps under 2 gloo ranks (the pool's, tests/rank_pool.py), once
     for the whole test run: {name: (model dir, run dir)}."""
     return once_for_all_workers(tmp_path_factory, "family-runs", train_families)
 
@@ -70,22 +68,9 @@ def train_families(d: str) -> dict:
     made = {
         name: (save_family(name, os.path.join(d, name, "model")), os.path.join(d, name, "two")) for name in FAMILIES
     }
-    plan = os.path.join(d, "runs.json")
-    with open(plan, "w") as fh:
-        json.dump([family_args(model, two, os.path.join(d, "cache"), corpus) for model, two in made.values()], fh)
-    r = run_command(
-        [
-            sys.executable,
-            "-m",
-            "torch.distributed.run",
-            "--nproc_per_node=2",
-            "--standalone",
-            os.path.join(ROOT, "tests", "sequence_train.py"),
-            plan,
-        ],
-        timeout=600,
-    )
-    assert r.returncode == 0, r.output[-4000:]
+    for name, (model, two) in made.items():
+        r = run_train(family_args(model, two, os.path.join(d, "cache"), corpus), nproc=2, timeout=300)
+        assert r.returncode == 0, f"{name}: {r.output[-4000:]}"
     return {"corpus": corpus, "cache": os.path.join(d, "cache"), **made}
 
 
