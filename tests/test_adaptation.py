@@ -8,6 +8,7 @@ import os
 import pytest
 import torch
 from helpers import ROOT, make_text_file
+from test_ddp import load_weights
 
 from mlm.common.distributed import DistEnv
 from mlm.config import TrainConfig, load_config_file
@@ -27,12 +28,9 @@ def chunks(tokenizer, tmp_path_factory) -> ChunkDataset:
 
 
 def tiny_loss(vocab: int):
-    from helpers import TINY_BERT
-    from transformers import BertConfig, BertForMaskedLM
+    from helpers import tiny_bert
 
-    torch.manual_seed(0)
-    model = BertForMaskedLM(BertConfig(vocab_size=vocab, **TINY_BERT))
-    return engine.build_trainable(TrainConfig(), model, "fp32", CPU, 10).loss
+    return engine.build_trainable(TrainConfig(), tiny_bert(vocab), "fp32", CPU, 10).loss
 
 
 def evaluation(tokenizer, chunks, **masking) -> dict:
@@ -301,12 +299,6 @@ def run_args(model: str, corpus: dict, out: str, **kw) -> list[str]:
     return [a for k, v in opts.items() if v is not None for a in (f"--{k}", str(v))]
 
 
-def weights(run_dir: str, step: int) -> dict:
-    from safetensors.torch import load_file
-
-    return load_file(os.path.join(run_dir, "checkpoints", f"step-{step}", "model.safetensors"))
-
-
 def test_a_fresh_head_is_named_in_the_banner_and_the_card(encoder_only, corpus, tmp_path, capfd):
     from helpers import train_here
 
@@ -343,13 +335,14 @@ def test_head_warmup_holds_the_encoder_bit_identical_on_two_ranks(encoder_only, 
     assert "the head trains alone for the first 2 steps" in r.stdout
     initial = load_file(os.path.join(encoder_only, "model.safetensors"))  # the encoder as shipped
     for step in (1, 2):
-        saved = weights(out, step)
+        saved = load_weights(out, step)
         for name, tensor in initial.items():
             assert torch.equal(saved[f"bert.{name}"], tensor), (step, name)  # not one bit moved
         assert not torch.equal(
-            saved["cls.predictions.transform.dense.weight"], weights(out, 3)["cls.predictions.transform.dense.weight"]
+            saved["cls.predictions.transform.dense.weight"],
+            load_weights(out, 3)["cls.predictions.transform.dense.weight"],
         )
-    after = weights(out, 3)
+    after = load_weights(out, 3)
     moved = [n for n, t in initial.items() if not torch.equal(after[f"bert.{n}"], t)]
     assert len(moved) > len(initial) // 2  # then everything trains
 
@@ -367,7 +360,7 @@ def test_a_resume_across_the_head_warmup_boundary_is_exact(encoder_only, corpus,
     for step in (2, 3, 4):
         shutil.rmtree(os.path.join(cut, "checkpoints", f"step-{step}"))
     assert train_here(run_args(encoder_only, corpus, cut, **args)) == 0
-    a, b = weights(whole, 4), weights(cut, 4)
+    a, b = load_weights(whole, 4), load_weights(cut, 4)
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
 
 
@@ -435,7 +428,7 @@ def test_added_tokens_resize_train_save_resume_and_predict_like_the_pipeline(enc
     for step in (3, 4):
         shutil.rmtree(os.path.join(cut, "checkpoints", f"step-{step}"))
     assert train_here(run_args(encoder_only, data, cut, **extra)) == 0
-    a, b = weights(out, 4), weights(cut, 4)
+    a, b = load_weights(out, 4), load_weights(cut, 4)
     assert all(torch.equal(a[k], b[k]) for k in a)
     capfd.readouterr()
     other = {**extra, "add_tokens": "[LEAD]", "max_train_steps": 5}

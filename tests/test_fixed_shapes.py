@@ -10,7 +10,7 @@ import os
 
 import pytest
 import torch
-from helpers import TINY_BERT, free_port, make_text_file
+from helpers import free_port, make_text_file, tiny_bert
 
 from mlm.common.distributed import DistEnv
 from mlm.config import TrainConfig
@@ -21,13 +21,6 @@ from mlm.train import engine
 CPU = torch.device("cpu")
 ENV = DistEnv(rank=0, local_rank=0, world_size=1, device=CPU)
 ROWS, LENGTH = 8, 32
-
-
-def tiny_bert(vocab: int, seed: int = 0):
-    from transformers import BertConfig, BertForMaskedLM
-
-    torch.manual_seed(seed)
-    return BertForMaskedLM(BertConfig(vocab_size=vocab, **TINY_BERT))
 
 
 def text_chunks(tokenizer, directory: str, length: int = LENGTH) -> ChunkDataset:

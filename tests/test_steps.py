@@ -8,7 +8,7 @@ import os
 
 import pytest
 import torch
-from helpers import TINY_BERT, make_text_file, read_json, tiny_args
+from helpers import make_text_file, read_json, tiny_args, tiny_bert
 
 from mlm.common.distributed import DistEnv
 from mlm.config import TrainConfig, parse_args
@@ -19,13 +19,6 @@ from mlm.train.swa import WeightAverage
 
 CPU = torch.device("cpu")
 ENV = DistEnv(rank=0, local_rank=0, world_size=1, device=CPU)
-
-
-def tiny_bert(vocab: int, seed: int = 0):
-    from transformers import BertConfig, BertForMaskedLM
-
-    torch.manual_seed(seed)
-    return BertForMaskedLM(BertConfig(vocab_size=vocab, **TINY_BERT))
 
 
 @pytest.fixture(scope="module")

@@ -15,6 +15,7 @@ from mlm.common.files import TOKENIZER_FILES, has_tokenizer_files
 from mlm.common.hub import LOAD_ERRORS, load_error
 from mlm.inference.onnx import OnnxMaskedLM
 from mlm.model.heads import usable_positions
+from mlm.model.modeling import fresh_tensors
 
 log = logging.getLogger("mlm")
 _SANE_MAX_LENGTH = 1_000_000  # tokenizers without a limit report model_max_length as a huge sentinel
@@ -106,7 +107,7 @@ def load_model(path: str, device: torch.device, flag: str = "--model") -> tuple[
         model, info = AutoModelForMaskedLM.from_pretrained(path, output_loading_info=True, dtype=torch.float32)
     except LOAD_ERRORS as e:
         raise load_error("model", path, e) from None
-    fresh = sorted(k for k in info.get("missing_keys", ()) if "embeddings.position_ids" not in k)
+    fresh = fresh_tensors(info)
     warning = None
     if fresh:
         warning = (

@@ -123,8 +123,14 @@ class LoadReport:
     resized: Optional[tuple[int, int]] = None  # (embeddings before, after) when the tokenizer outgrew the model
 
 
+def fresh_tensors(loading_info: dict) -> list[str]:
+    """The weights from_pretrained(output_loading_info=True) initialised afresh, sorted: the checkpoint's
+    missing keys less the position-id buffer, which is not a weight."""
+    return sorted(k for k in loading_info.get("missing_keys", ()) if "embeddings.position_ids" not in k)
+
+
 def fresh_head_text(fresh: list[str]) -> str:
-    """ "the checkpoint has no trained masked-LM head: cls.predictions.bias, ... (6 tensors) initialised afresh"."""
+    """ "the checkpoint lacks 6 tensor(s) of the masked-LM model, initialised afresh: cls.predictions.bias, ..."."""
     shown = ", ".join(fresh[:6]) + (f" and {len(fresh) - 6} more" if len(fresh) > 6 else "")
     return f"the checkpoint lacks {len(fresh)} tensor(s) of the masked-LM model, initialised afresh: {shown}"
 
@@ -161,7 +167,7 @@ def build_model_reporting(cfg: TrainConfig, config, tokenizer) -> tuple[nn.Modul
             )
         except LOAD_ERRORS as e:
             raise load_error("model", cfg.model_name_or_path, e) from None
-        fresh = sorted(report.get("missing_keys", []))
+        fresh = fresh_tensors(report)
     resized = None
     if len(tokenizer) > model.get_input_embeddings().num_embeddings:
         resized = (model.get_input_embeddings().num_embeddings, len(tokenizer))
