@@ -8,12 +8,18 @@ The parts and the invariants they keep: docs/DESIGN.md.
 
 from __future__ import annotations
 
+import sys
+
+from mlm.config import answer_user_errors_first
+
+if __name__ == "__main__":
+    # Bad options and paths are answered here, in a tenth of a second on every rank, before the imports below
+    # (torch, then transformers) cost each rank seconds.
+    answer_user_errors_first(sys.argv[1:])
+
 import json
 import logging
 import os
-import signal
-import sys
-import threading
 import time
 from dataclasses import replace
 from typing import Optional
@@ -26,10 +32,8 @@ from mlm.common.cli import (
     EXIT_FAILURE,
     EXIT_NONFINITE,
     EXIT_USER_ERROR,
-    LocalUserError,
     UserError,
     quiet_logging,
-    report,
     versions,
 )
 from mlm.common.distributed import (
@@ -38,7 +42,6 @@ from mlm.common.distributed import (
     broadcast_object,
     describe_failure,
     dist_sum,
-    env_rank,
     init_distributed,
     is_peer_failure,
     main_decides,
@@ -48,6 +51,7 @@ from mlm.common.distributed import (
     wrap_ddp,
 )
 from mlm.common.files import DiskFull, free_bytes, is_disk_full, read_json, write_json_atomic
+from mlm.common.workers import env_rank, report_user_error, restart_count, stopped_on_a_user_error
 from mlm.config import TrainConfig, parse_command_line, runtime_seconds, token_list
 from mlm.data import cached, streaming
 from mlm.inference.fill_mask import sample_rows
@@ -57,10 +61,9 @@ from mlm.model.modeling import fresh_head_text
 from mlm.report import metrics, tracking
 from mlm.train import checkpoint, engine, finish, loop, optim, probe, runlock, writes
 from mlm.train.plan import BatchLayout, RunPlan
-from mlm.train.preemption import OutOfTime, Preempted, StopRequest
+from mlm.train.preemption import OutOfTime, Preempted, StoppedPreparing, StopRequest
 from mlm.train.swa import WeightAverage
 
-USER_ERROR_GRACE_S = 3.0
 log = logging.getLogger("mlm")
 
 
@@ -205,7 +208,11 @@ def build_run(
     task_probe = probe.build_probe(cfg, tokenizer)  # a bad probe file is said before any data is prepared
     resume = choose_resume(cfg, env)
     plan = plan_run(cfg, env, precision, resume, given)
-    bundle = (streaming.build_streaming_data if cfg.streaming else cached.build_data)(cfg, env, tokenizer)
+    bundle = (
+        streaming.build_streaming_data(cfg, env, tokenizer)
+        if cfg.streaming
+        else cached.build_data(cfg, env, tokenizer, stop_request.raise_if_signalled)  # Ctrl-C stops a long one
+    )
     model, loaded = main_process_first(
         env, lambda: modeling.build_model_reporting(cfg, model_config, tokenizer), per_node
     )
@@ -364,63 +371,10 @@ def run_locked(
         )
 
 
-def restart_count() -> int:
-    """How many times torchrun has restarted this worker group (--max-restarts); 0 on the first attempt."""
-    return int(os.environ.get("TORCHELASTIC_RESTART_COUNT", "0"))
-
-
-class _Stopped(Exception):
-    pass
-
-
-def _stopped(signum: int, frame) -> None:
-    raise _Stopped
-
-
-def wait_for_rank_0_to_report(seconds: float) -> None:
-    """Sleep up to `seconds`, ended early by SIGTERM: torchrun sends it once another worker has exited, so rank
-    0 has printed its line and the command can end now rather than at the end of the grace."""
-    if threading.current_thread() is not threading.main_thread():
-        time.sleep(seconds)  # signal handlers can only be set from the main thread
-        return
-    previous = signal.signal(signal.SIGTERM, _stopped)
-    try:
-        time.sleep(seconds)
-    except _Stopped:
-        pass
-    finally:
-        signal.signal(signal.SIGTERM, previous)
-
-
-USER_ERROR_FILE = "MLM_USER_ERROR_FILE"  # set by launch.sh: where a user error is noted for torchrun's restarts
-
-
-def note_user_error(e: UserError) -> None:
-    """Tell launch.sh (and torchrun's restarted attempts, which read it) that this run stopped on a user error:
-    retrying cannot fix a typo or a bad data file."""
-    path = os.environ.get(USER_ERROR_FILE)
-    if path:
-        with open(path, "a", encoding="utf-8") as fh:
-            fh.write(f"{e}\n")
-
-
-def stopped_on_a_user_error() -> bool:
-    """A restarted attempt after a user error: it would fail the same way and say so again."""
-    path = os.environ.get(USER_ERROR_FILE)
-    return restart_count() > 0 and bool(path) and os.path.isfile(path) and os.path.getsize(path) > 0
-
-
 def report_failure(e: BaseException, rank: int) -> int:
     """The exit code of a run that raised: each kind of failure said once, by the rank that knows it."""
     if isinstance(e, UserError):
-        # Every rank sees the same error; one line from rank 0 is enough, unless only this rank saw it.
-        if rank == 0 or isinstance(e, LocalUserError):
-            note_user_error(e)
-            return report(e)
-        if int(os.environ.get("WORLD_SIZE", "1")) > 1:
-            # torchrun stops the other workers as soon as one exits: leave rank 0 time to print the error.
-            wait_for_rank_0_to_report(USER_ERROR_GRACE_S)
-        return EXIT_USER_ERROR
+        return report_user_error(e, rank)
     if isinstance(e, OutOfTime):
         if rank == 0:
             print(
@@ -428,6 +382,14 @@ def report_failure(e: BaseException, rank: int) -> int:
                 file=sys.stderr,
                 flush=True,
             )
+        return e.exit_code
+    if isinstance(e, StoppedPreparing):  # on the rank preparing the data; the others wait for it and end quietly
+        print(
+            f"{e} while preparing the data, before the first step: nothing to save, and the unfinished cache "
+            f"entry was removed. Run the same command again to start (exit code {e.exit_code})",
+            file=sys.stderr,
+            flush=True,
+        )
         return e.exit_code
     if isinstance(e, Preempted):
         if rank == 0:
@@ -481,6 +443,8 @@ def main(argv: list[str] | None = None) -> int:
         train(cfg, env, stop_request, given)
         return 0
     except Exception as e:
+        if stop_request is not None and stop_request.signum and is_peer_failure(e):
+            return 128 + stop_request.signum  # a rank waiting for a preparation that the same signal stopped
         return report_failure(e, rank)
     finally:
         if stop_request is not None:

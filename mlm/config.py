@@ -22,8 +22,9 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any, Optional, Union
 
-from mlm.common.cli import OUTPUTS_ROOT, OneLineErrors, UserError, command_line, looks_like_path
+from mlm.common.cli import EXIT_USER_ERROR, OUTPUTS_ROOT, OneLineErrors, UserError, command_line, looks_like_path
 from mlm.common.files import has_tokenizer_files, input_in_run_dir
+from mlm.common.workers import env_rank, report_user_error, stopped_on_a_user_error
 
 DEFAULT_MODEL = "bert-base-uncased"
 DEFAULT_DATASET, DEFAULT_DATASET_CONFIG = "wikitext", "wikitext-2-raw-v1"
@@ -426,8 +427,10 @@ class TrainConfig:
         return dataclasses.asdict(self)
 
     # ------------------------------------------------------------------ checks
-    def resolve_and_validate(self) -> TrainConfig:
-        """Fill derived defaults and check every value; raise UserError naming the problem and the fix."""
+    def resolve_and_validate(self, light: bool = False) -> TrainConfig:
+        """Fill derived defaults and check every value; raise UserError naming the problem and the fix.
+        light: skip the checks that import torch (the schedule tried on a stand-in optimizer, fp16's GPU), for
+        the early answer to a typo (mlm.common.workers); the full parse that follows makes them."""
         if self.model_name_or_path is None and not self.from_scratch:
             self.model_name_or_path = DEFAULT_MODEL
         if self.train_file or self.dataset_dir:
@@ -436,8 +439,9 @@ class TrainConfig:
             self.dataset_config_name = DEFAULT_DATASET_CONFIG
         if self.output_dir is None:
             self.output_dir = os.path.join(OUTPUTS_ROOT, default_run_name(self))
-        _check_numbers(self)
-        _check_schedule(self)
+        _check_numbers(self, light)
+        if not light:
+            _check_schedule(self)
         _check_sources(self)
         _check_model_paths(self)
         _check_output(self)
@@ -460,7 +464,7 @@ def _require(ok: bool, message: str) -> None:
         raise UserError(message)
 
 
-def _check_numbers(c: TrainConfig) -> None:
+def _check_numbers(c: TrainConfig, light: bool = False) -> None:
     for f in dataclasses.fields(c):  # choices again: values from a --config file bypass argparse's check
         choices, v = f.metadata.get("choices"), getattr(c, f.name)
         _require(choices is None or v in choices, f"--{f.name} must be one of {', '.join(choices or ())}, got {v!r}")
@@ -563,7 +567,7 @@ def _check_numbers(c: TrainConfig) -> None:
         c.dataloader_num_workers is None or c.dataloader_num_workers >= 0,
         f"--dataloader_num_workers must be 0 or more, got {c.dataloader_num_workers}",
     )
-    if c.precision == "fp16":
+    if c.precision == "fp16" and not light:
         import torch  # imported here: validation of everything else needs no torch
 
         _require(
@@ -633,6 +637,7 @@ def schedule_defaults(name: str, kwargs: dict[str, Any], total_steps: int) -> di
 
 
 def _check_local_file(flag: str, path: str) -> None:
+    _require(bool(path.strip()), f"--{flag} is empty; give the path of an existing text file")
     _require(
         not os.path.isdir(path),
         f"--{flag} {path!r} is a directory; give its files, or a glob such as '{os.path.join(path, '*.txt')}'",
@@ -669,14 +674,14 @@ def _check_sources(c: TrainConfig) -> None:
         not (c.validation_file and not c.train_file),
         "--validation_file needs --train_file; with --dataset_dir the validation file is wiki.valid.raw",
     )
-    if c.dataset_dir:
-        _require(
-            os.path.isdir(c.dataset_dir),
-            f"--dataset_dir {c.dataset_dir!r} is not a directory; give the "
-            "folder holding wiki.train.raw and wiki.valid.raw",
-        )
+    if c.dataset_dir is not None:
+        d, fix = c.dataset_dir, "give the folder holding wiki.train.raw and wiki.valid.raw"
+        _require(bool(d.strip()), f"--dataset_dir is empty; {fix}")
+        _require(not os.path.isfile(d), f"--dataset_dir {d!r} is a file; {fix}")
+        _require(os.path.isdir(d), f"--dataset_dir {d!r} does not exist; {fix}")
         for name in WIKITEXT_FILES.values():
-            _check_local_file("dataset_dir", os.path.join(c.dataset_dir, name))
+            _require(os.path.isfile(os.path.join(d, name)), f"--dataset_dir {d!r} holds no {name}; {fix}")
+            _check_local_file("dataset_dir", os.path.join(d, name))
     for flag in ("train_file", "validation_file", "test_file", "probe_file"):
         if getattr(c, flag):
             setattr(c, flag, _expand_files(flag, getattr(c, flag)))
@@ -716,6 +721,10 @@ def _check_model_paths(c: TrainConfig) -> None:
         name = getattr(c, flag)
         if name is None:
             continue
+        _require(
+            bool(name.strip()),
+            f"--{flag} is empty; give a Hub id (e.g. bert-base-uncased) or a directory written by save_pretrained",
+        )
         if os.path.isdir(name):
             _require(
                 os.path.isfile(os.path.join(name, "config.json")) or flag == "tokenizer_name",
@@ -726,8 +735,12 @@ def _check_model_paths(c: TrainConfig) -> None:
                 has_tok = has_tokenizer_files(name)
                 _require(
                     has_tok or flag == "model_name_or_path" and c.tokenizer_name is not None,
-                    f"--{flag} {name!r} holds no tokenizer files; add them with tokenizer.save_pretrained or "
-                    "pass --tokenizer_name",
+                    f"--{flag} {name!r} holds no tokenizer files; "
+                    + (
+                        "give a Hub id or a directory written by tokenizer.save_pretrained"
+                        if flag == "tokenizer_name"
+                        else "add them with tokenizer.save_pretrained or pass --tokenizer_name"
+                    ),
                 )
         elif os.path.isfile(name):
             _require(
@@ -760,6 +773,10 @@ def _writable_dir(what: str, path: str, fix: str) -> str:
     while not os.path.exists(existing):
         existing = os.path.dirname(existing)
     _require(
+        not os.path.isfile(existing),
+        f"{what} {path!r} cannot be made: {existing!r} is a file, not a directory; {fix}",
+    )
+    _require(
         os.path.isdir(existing) and os.access(existing, os.W_OK | os.X_OK),
         f"{what} {path!r} cannot be written: {existing!r} is not a writable directory (a read-only mount, or "
         f"another user's); {fix}",
@@ -781,10 +798,10 @@ def _check_output(c: TrainConfig) -> None:
     )
     r = c.resume_from_checkpoint
     if r not in (None, "auto", "none"):
-        _require(
-            os.path.isdir(r),
-            f"--resume_from_checkpoint {r!r} is not a directory; give a checkpoints/step-N folder, 'auto' or 'none'",
-        )
+        fix = "give a checkpoints/step-N folder, 'auto' or 'none'"
+        _require(bool(r.strip()), f"--resume_from_checkpoint is empty; {fix}")
+        _require(not os.path.isfile(r), f"--resume_from_checkpoint {r!r} is a file; {fix}")
+        _require(os.path.isdir(r), f"--resume_from_checkpoint {r!r} does not exist; {fix}")
         exported = os.path.isfile(os.path.join(r, "config.json")) and not os.path.isfile(
             os.path.join(r, "trainer_state.json")
         )
@@ -793,6 +810,10 @@ def _check_output(c: TrainConfig) -> None:
             f"--resume_from_checkpoint {r!r} is an exported model (best/ or save_pretrained), not a resumable "
             "checkpoint; resume from a checkpoints/step-N folder or 'auto', or start a new run from it with "
             f"--model_name_or_path {r}",
+        )
+        _require(
+            os.path.isfile(os.path.join(r, "trainer_state.json")),
+            f"--resume_from_checkpoint {r!r} is not a checkpoint (it holds no trainer_state.json); {fix}",
         )
     if c.overwrite_output_dir:
         _check_overwrite_spares_inputs(c)
@@ -934,7 +955,11 @@ def build_parser(prog: str = "train_ddp.py") -> argparse.ArgumentParser:
 
 
 def load_config_file(path: str) -> dict[str, Any]:
-    _require(os.path.isfile(path), f"--config {path!r} does not exist; give a YAML or JSON file")
+    fix = "give a YAML or JSON file of options (see configs/)"
+    _require(bool(path.strip()), f"--config is empty; {fix}")
+    _require(not os.path.isdir(path), f"--config {path!r} is a directory; {fix}")
+    _require(os.path.isfile(path), f"--config {path!r} does not exist; {fix}")
+    _require(os.path.getsize(path) > 0, f"--config {path!r} is empty; {fix}")
     with open(path, encoding="utf-8") as fh:
         text = fh.read()
     try:
@@ -983,25 +1008,26 @@ def parse_args(argv: Optional[Sequence[str]] = None, prog: str = "train_ddp.py")
 
 
 def parse_command_line(
-    argv: Optional[Sequence[str]] = None, prog: str = "train_ddp.py"
+    argv: Optional[Sequence[str]] = None, prog: str = "train_ddp.py", light: bool = False
 ) -> tuple[TrainConfig, frozenset[str]]:
     """The validated TrainConfig, and which options the user gave (command line or --config file) as opposed to
-    defaults: a resume keeps the checkpoint's global batch by deriving the accumulation, unless the user set it."""
+    defaults: a resume keeps the checkpoint's global batch by deriving the accumulation, unless the user set it.
+    light: every check but those that import torch (TrainConfig.resolve_and_validate)."""
     parser = build_parser(prog)
     argv = list(sys.argv[1:] if argv is None else argv)
     pre, _ = parser.parse_known_args(argv)
-    if pre.config:
+    if pre.config is not None:
         file_values = load_config_file(pre.config)
         # Values from the file pass through the same type conversion as the command line.
         parser.set_defaults(**{k: _coerce(k, v) for k, v in file_values.items() if k not in TRAINER_ALIASES})
     ns = parser.parse_args(argv)
     values = {f.name: getattr(ns, f.name) for f in dataclasses.fields(TrainConfig)}
     named = {a[2:].split("=", 1)[0].replace("-", "_") for a in argv if a.startswith("--")}
-    named |= set(file_values) if pre.config else set()
+    named |= set(file_values) if pre.config is not None else set()
     aliases = {a: getattr(ns, f"alias_{a}") for a in TRAINER_ALIASES}
-    aliases.update({a: v for a, v in (file_values if pre.config else {}).items() if a in TRAINER_ALIASES})
+    aliases.update({a: v for a, v in (file_values if pre.config is not None else {}).items() if a in TRAINER_ALIASES})
     _merge_aliases(values, aliases, named)
-    cfg = TrainConfig(**values).resolve_and_validate()
+    cfg = TrainConfig(**values).resolve_and_validate(light)
     named |= {option for option in _alias_values({a: v for a, v in aliases.items() if v}).keys()}
     return cfg, frozenset(named)
 
@@ -1030,6 +1056,19 @@ def _coerce(name: str, value: Any) -> Any:
         return tp(value)
     except (ValueError, TypeError):
         raise UserError(f"option {name} in the config file: {value!r} is not a valid {tp.__name__}") from None
+
+
+def answer_user_errors_first(argv: Sequence[str]) -> None:
+    """For train_ddp.py before its imports (torch, then transformers, seconds on every rank): exit with the user
+    error's line and code when the options or the paths they name are wrong, or when a restarted attempt follows
+    one; return when the run can start. --help exits here too. The checks that need torch are left to main's
+    full parse, after the imports."""
+    if stopped_on_a_user_error():
+        sys.exit(EXIT_USER_ERROR)
+    try:
+        parse_command_line(list(argv), light=True)
+    except UserError as e:
+        sys.exit(report_user_error(e, env_rank()))
 
 
 @command_line

@@ -16,6 +16,7 @@ for _k, _v in {
 import pytest  # noqa: E402
 import torch  # noqa: E402
 from helpers import (  # noqa: E402
+    READ_ONLY_MOUNTS,
     SHARED_WIKITEXT,
     TINY_BERT,
     make_text_file,
@@ -40,6 +41,16 @@ def pytest_unconfigure(config):
     import rank_pool
 
     rank_pool.close_all()
+
+
+@pytest.fixture(autouse=True)
+def unmount_read_only_dirs():
+    """The read-only mounts a test made (helpers.read_only_dir), gone after it (a lazy unmount)."""
+    import subprocess
+
+    yield
+    while READ_ONLY_MOUNTS:
+        subprocess.run(["umount", "-l", READ_ONLY_MOUNTS.pop()], check=False)
 
 
 @pytest.fixture(scope="session")

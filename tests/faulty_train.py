@@ -15,6 +15,8 @@ product's code. Steps count this process's optimizer steps, so on a fresh run th
   "fake_cuda": {"count": N, "capability": [7, 5], "name": "Tesla T4"}  torch.cuda reports N such GPUs
   "compile_backend": B   torch.compile uses backend B (e.g. aot_eager: graph capture without code generation)
   "prep_sleep": T   building the tokenised cache takes T seconds longer (a long preparation)
+  "prep_batch_sleep": T   the cache is built from batches of 20 texts, each T seconds longer (a long preparation
+                 that can be stopped between batches)
 """
 
 import hashlib
@@ -72,6 +74,18 @@ def install(fault: dict) -> None:
             return original_build(*args, **kwargs)
 
         cached._build_cache = build_cache
+
+    if fault.get("prep_batch_sleep"):
+        from mlm.data import sources
+
+        sources.TEXT_BATCH_ROWS = 20
+        original_append = cached._PartWriter.append
+
+        def append(self, *args, **kwargs):
+            time.sleep(fault["prep_batch_sleep"])
+            return original_append(self, *args, **kwargs)
+
+        cached._PartWriter.append = append
 
     if fault.get("fake_cuda"):
         fake = fault["fake_cuda"]

@@ -356,3 +356,18 @@ def sharpened_minilm(directory: str) -> str:
     model.save_pretrained(directory)
     AutoTokenizer.from_pretrained(minilm_path()).save_pretrained(directory)
     return directory
+
+
+READ_ONLY_MOUNTS: list[str] = []  # unmounted after each test by conftest's unmount_read_only_dirs
+
+
+def read_only_dir(tmp_path) -> str:
+    """A directory on a read-only filesystem: a bind mount of an empty folder, remounted read-only (root can
+    write anywhere else)."""
+    source, target = tmp_path / "ro-source", tmp_path / "ro"
+    source.mkdir()
+    target.mkdir()
+    subprocess.run(["mount", "--bind", str(source), str(target)], check=True)
+    subprocess.run(["mount", "-o", "remount,bind,ro", str(target)], check=True)
+    READ_ONLY_MOUNTS.append(str(target))
+    return str(target)

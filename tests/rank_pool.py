@@ -6,7 +6,8 @@ about 4 CPU-seconds of imports per rank (torch, transformers), most of the suite
 pool starts its ranks once per pytest worker (multiprocessing's spawn: real interpreters, not forks) and hands
 each run the variables torchrun gives a worker (RANK, WORLD_SIZE, MASTER_ADDR/PORT, ...), its environment,
 working directory and arguments; each rank then runs the same train_ddp.main that torchrun's workers run, and
-creates and destroys its process group as they do. What torchrun itself does (its agent, restarts, signals,
+creates and destroys its process group as they do; once a rank has failed, the others get SIGTERM, as torchrun's
+agent sends them. What torchrun itself does (its agent, restarts, signals,
 elastic membership, a failing rank's peers stopped) is tested under real torchrun (helpers.run_train with
 torchrun_args or a fault, helpers.start_ranks).
 
@@ -18,10 +19,12 @@ from __future__ import annotations
 import atexit
 import multiprocessing as mp
 import os
+import signal
 import sys
 import tempfile
 import time
 import traceback
+from multiprocessing import connection
 from typing import Optional
 
 # Read when a module is imported, so a run cannot change them in a rank that has already imported it: a run
@@ -70,6 +73,9 @@ def _serve(conn) -> None:
     import torch
 
     import train_ddp  # once: what the pool exists to pay only once
+
+    # Between runs a SIGTERM (below, RankPool.run) finds nothing to stop; a run installs its own handlers.
+    signal.signal(signal.SIGTERM, lambda signum, frame: None)
 
     # A spawned child inherits the spawn start method; a rank torchrun starts has the platform's default (fork),
     # which its loader workers use.
@@ -137,17 +143,28 @@ class RankPool:
     def run(
         self, argv: list[str], envs: list[dict], cwd: str, timeout: float, fault: Optional[dict] = None
     ) -> tuple[int, str, str]:
-        """(0 when every rank returned 0, else 1, as torchrun exits; stdout and stderr of each rank in order)."""
+        """(0 when every rank returned 0, else 1, as torchrun exits; stdout and stderr of each rank in order).
+        Once a rank returns non-zero, the ranks still running get SIGTERM, as torchrun's agent sends them."""
         for conn, env in zip(self.conns, envs):
             conn.send((argv, env, cwd, fault))
-        deadline, results = time.monotonic() + timeout, []
-        for rank, conn in enumerate(self.conns):
-            if not conn.poll(max(0.0, deadline - time.monotonic())):
+        deadline, results, failed = time.monotonic() + timeout, {}, False
+        while len(results) < self.nproc:
+            waiting = [c for c in self.conns if c not in results]
+            ready = connection.wait(waiting, timeout=max(0.0, deadline - time.monotonic()))
+            if not ready:
                 self.close(kill=True)
-                raise AssertionError(f"rank {rank} was still running after {timeout:.0f} s (a hang): {argv}")
-            results.append(conn.recv())
-        code = 0 if all(c == 0 for c, _, _ in results) else 1
-        return code, "".join(o for _, o, _ in results), "".join(e for _, _, e in results)
+                ranks = [self.conns.index(c) for c in waiting]
+                raise AssertionError(f"rank(s) {ranks} still running after {timeout:.0f} s (a hang): {argv}")
+            for conn in ready:
+                results[conn] = conn.recv()
+                failed = failed or results[conn][0] != 0
+            if failed:
+                for conn, proc in zip(self.conns, self.procs):
+                    if conn not in results and proc.pid is not None:
+                        os.kill(proc.pid, signal.SIGTERM)
+        ordered = [results[c] for c in self.conns]
+        code = 0 if all(c == 0 for c, _, _ in ordered) else 1
+        return code, "".join(o for _, o, _ in ordered), "".join(e for _, _, e in ordered)
 
     def close(self, kill: bool = False) -> None:
         for conn, proc in zip(self.conns, self.procs):

@@ -4,6 +4,8 @@ memory map, and ranks wait for a long preparation without a timeout firing."""
 import json
 import logging
 import os
+import signal
+import time
 import tracemalloc
 
 import numpy as np
@@ -194,3 +196,47 @@ def test_an_abandoned_preparation_is_removed_by_the_next_run(tmp_path, tokenizer
     load_token_streams(cfg_for(tmp_path, train_file=path), tokenizer, str(cache))
     left = sorted(n for n in os.listdir(cache) if n.startswith("."))
     assert left == [".tmp-live"]
+
+
+@pytest.mark.parametrize("signum", [signal.SIGINT, signal.SIGTERM], ids=["SIGINT", "SIGTERM"])
+def test_a_signal_stops_a_long_preparation_and_removes_its_entry(signum, tmp_path, tiny_config_dir, tokenizer_path):
+    """Ctrl-C (SIGINT to the terminal's process group: torchrun and its workers) or a platform's SIGTERM to
+    torchrun while rank 0 tokenises for a minute: it stops after the batch in hand, removes its unfinished entry
+    and says so; every rank exits with 128 + the signal, by that decision and not by the --stop_grace_seconds
+    watchdog."""
+    from helpers import ROOT, start, torchrun_command
+
+    text = make_text_file(str(tmp_path / "train.txt"), n_lines=2400, seed=1)
+    cache = tmp_path / "cache"
+    args = tiny_args(
+        tiny_config_dir,
+        tokenizer_path,
+        str(tmp_path / "out"),
+        str(cache),
+        train_file=text,
+        max_train_steps=2,
+        stop_grace_seconds=60,
+    )
+    fault = {"MLM_FAULT": json.dumps({"prep_batch_sleep": 0.5})}  # 120 batches of 20 texts: a minute
+    script = os.path.join(ROOT, "tests", "faulty_train.py")
+    p = start(torchrun_command(2, script, args), fault, new_session=True)
+    try:
+        deadline = time.monotonic() + 60
+        while not (cache.is_dir() and any(n.startswith(".tmp-") for n in os.listdir(cache))):
+            assert p.poll() is None and time.monotonic() < deadline, "".join(p.communicate(timeout=10))
+            time.sleep(0.2)
+        time.sleep(1.0)  # a few batches in
+        if signum == signal.SIGINT:
+            os.killpg(p.pid, signum)
+        else:
+            p.send_signal(signum)
+        output = "".join(p.communicate(timeout=60))
+    finally:
+        if p.poll() is None:
+            os.killpg(p.pid, signal.SIGKILL)
+            p.communicate()
+    name = signal.Signals(signum).name
+    assert f"stopped by {name} while preparing the data" in output, output[-3000:]
+    assert f"exit code {128 + signum}" in output and "could not stop cleanly" not in output, output[-3000:]
+    assert p.returncode != 0
+    assert sorted(os.listdir(cache)) == [], os.listdir(cache)  # no entry, finished or not

@@ -21,6 +21,7 @@ import torch.distributed as dist
 
 from mlm.common import messages
 from mlm.common.cli import LocalUserError, UserError
+from mlm.common.workers import env_rank
 
 T = TypeVar("T")
 log = logging.getLogger("mlm")
@@ -58,11 +59,6 @@ class DistEnv:
     @property
     def distributed(self) -> bool:
         return self.world_size > 1
-
-
-def env_rank() -> int:
-    """Global rank from torchrun's environment, usable before the process group exists."""
-    return int(os.environ.get("RANK", "0"))
 
 
 def check_gpu_count(local_rank: int) -> None:

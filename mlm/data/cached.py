@@ -32,7 +32,7 @@ from mlm.common.files import sha256_file
 from mlm.common.processes import pid_alive, process_start
 from mlm.config import TrainConfig, default_cache_dir
 from mlm.data.cleaning import TextReport
-from mlm.data.sources import build_source, holdout_count
+from mlm.data.sources import build_source, holdout_count, no_text_error
 from mlm.data.text import Framing, frame, plain_backend, text_encoder
 
 log = logging.getLogger("mlm")
@@ -192,8 +192,9 @@ def _prefetched(batches: Iterator[list[str]], depth: int = 2) -> Iterator[list[s
         reader.join()
 
 
-def _build_cache(tmp: str, source, tokenizer, builder: Callable) -> dict:
-    """Every part of source tokenised batch by batch into raw files in tmp; the splits' layout over them."""
+def _build_cache(tmp: str, source, tokenizer, builder: Callable, check_stop: Callable[[], None]) -> dict:
+    """Every part of source tokenised batch by batch into raw files in tmp; the splits' layout over them.
+    check_stop() runs after each batch and raises to stop (a signal: Ctrl-C, a platform's SIGTERM)."""
     dtype, layout = token_dtype(tokenizer), {}
     progress = PrepProgress(source.size, source.description)
     try:
@@ -204,6 +205,7 @@ def _build_cache(tmp: str, source, tokenizer, builder: Callable) -> dict:
                 for texts in _prefetched(batches()):
                     writer.append(builder(tokenizer, texts))
                     progress.advance(sum(map(len, texts)))
+                    check_stop()
             finally:
                 writer.close()
             texts, tokens = (0, writer.n_texts), (0, writer.n_tokens)
@@ -290,14 +292,23 @@ def _read_cache(path: str) -> Optional[tuple[dict[str, TokenStream], dict]]:
     return streams, meta
 
 
+def _go_on() -> None:
+    pass
+
+
 def load_token_streams(
-    cfg: TrainConfig, tokenizer, cache_dir: str, builder: Callable = tokenize_texts
+    cfg: TrainConfig,
+    tokenizer,
+    cache_dir: str,
+    builder: Callable = tokenize_texts,
+    check_stop: Callable[[], None] = _go_on,
 ) -> tuple[dict[str, TokenStream], bool, TextReport]:
     """Token streams for train and validation (and test, when the source has one), from the cache or built into
     it. The texts are read, tokenised and written a batch at a time (builder(tokenizer, texts) -> TokenStream),
     so preparing needs the same memory for any corpus size; the entry is a temporary sibling until complete, then
-    renamed. Returns (streams, hit, what --text_errors replaced or skipped when the texts were read, kept with the
-    cache for later hits)."""
+    renamed; check_stop() may raise between batches to stop, and the temporary entry is then removed. Returns
+    (streams, hit, what --text_errors replaced or skipped when the texts were read, kept with the cache for later
+    hits)."""
     source = build_source(cfg)
     path = os.path.join(cache_dir, cache_key(tokenizer_fingerprint(tokenizer), source.fingerprint))
     cached = _read_cache(path)
@@ -314,13 +325,10 @@ def load_token_streams(
         with open(os.path.join(tmp, "owner.json"), "w") as fh:  # whose preparation this is, for the next run
             start = process_start(os.getpid())
             json.dump({"host": socket.gethostname(), "pid": os.getpid(), "pid_start": start and start[1]}, fh)
-        meta = _build_cache(tmp, source, tokenizer, builder)
+        meta = _build_cache(tmp, source, tokenizer, builder, check_stop)
         tokens = {split: where["tokens"][1] - where["tokens"][0] for split, where in meta["layout"].items()}
         if tokens["train"] == 0:  # checked before caching, so an empty stream is never cached
-            raise UserError(
-                f"the training text ({source.description}) holds no tokens, only blank lines or "
-                "whitespace; give a file that holds text"
-            )
+            raise no_text_error(source.description)
         meta.update(
             {
                 "version": CACHE_VERSION,
@@ -621,12 +629,15 @@ def eval_loader(cfg: TrainConfig, env: DistEnv, valid) -> DataLoader:
     )
 
 
-def build_data(cfg: TrainConfig, env: DistEnv, tokenizer) -> DataBundle:
-    """The cached path: every split tokenised once (on a leader per node), then chunked and loaded."""
+def build_data(cfg: TrainConfig, env: DistEnv, tokenizer, check_stop: Callable[[], None] = _go_on) -> DataBundle:
+    """The cached path: every split tokenised once (on a leader per node), then chunked and loaded. check_stop:
+    as for load_token_streams."""
     cache_dir = cfg.data_cache_dir or default_cache_dir()
     t0 = time.perf_counter()
     streams, hit, report = main_process_first(
-        env, lambda: load_token_streams(cfg, tokenizer, cache_dir), per_node=cfg.cache_scope == "node"
+        env,
+        lambda: load_token_streams(cfg, tokenizer, cache_dir, check_stop=check_stop),
+        per_node=cfg.cache_scope == "node",
     )
     built = build_datasets(cfg, streams, tokenizer)
     train, valid, test = built["train"], built["validation"], built.get("test")

@@ -13,7 +13,7 @@ from typing import Any, Optional
 
 from mlm.common.cli import UserError
 from mlm.config import TrainConfig, builder_for
-from mlm.data.sources import builder_options, files_label, json_lines_error, quiet_json_reader
+from mlm.data.sources import builder_options, file_read_error, files_label, quiet_file_readers
 
 CLASSIFICATION, REGRESSION = "classification", "regression"
 
@@ -66,14 +66,14 @@ def _rows(cfg: TrainConfig, paths: list[str]) -> tuple[list[str], list[dict]]:
     """(column names, rows) of the probe files, read by the datasets library's packaged builders."""
     import datasets
 
-    quiet_json_reader()
+    quiet_file_readers()
     ds = datasets.load_dataset(
         builder_for(paths[0]), data_files={"probe": paths}, split="probe", streaming=True, **builder_options(paths[0])
     )
     try:
         rows = list(ds)
-    except Exception:  # a JSON line that does not parse: say which, as the training files do
-        bad = json_lines_error(paths)
+    except Exception as e:  # a JSON line that does not parse (...): say which, as the training files do
+        bad = file_read_error(paths, e)
         if bad is None:
             raise
         raise UserError(bad) from None

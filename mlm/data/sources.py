@@ -8,6 +8,7 @@ Both paths name files, splits and datasets the same way, so they live here, belo
 from __future__ import annotations
 
 import hashlib
+import itertools
 import json
 import logging
 import os
@@ -178,13 +179,13 @@ def iter_text_file(
     kind = builder_for(path)
     bars = datasets.is_progress_bar_enabled()
     datasets.disable_progress_bars()  # "Generating train split" for a local file is noise, on every run
-    quiet_json_reader()
+    quiet_file_readers()
     try:
         ds = datasets.load_dataset(kind, data_files=readable, split="train", **builder_options(readable))
     except Exception as e:
-        bad = json_lines_error([path])
         raise UserError(
-            bad or f"could not read {path!r} as {kind} ({type(e).__name__}); check the file's format"
+            file_read_error([path], e)
+            or f"could not read {path!r} as {kind} ({type(e).__name__}); check the file's format"
         ) from None
     finally:
         if bars:
@@ -306,13 +307,44 @@ def _local_source(cfg: TrainConfig) -> Source:
     )
 
 
-# datasets' JSON reader logs a failed file with pages of pandas' and pyarrow's tracebacks; json_lines_error says
-# the same in one line, naming the row, so that logger stays quiet (in loader workers too: they inherit it).
-_JSON_READER_LOG = "datasets.packaged_modules.json.json"
+# datasets' readers log a file that fails in pages of pandas' and pyarrow's tracebacks (a CSV's twice);
+# file_read_error says it in one line instead.
+_READER_LOGS = [f"datasets.packaged_modules.{kind}.{kind}" for kind in ("json", "csv", "parquet")]
 
 
-def quiet_json_reader() -> None:
-    logging.getLogger(_JSON_READER_LOG).setLevel(logging.CRITICAL)
+def quiet_file_readers() -> None:
+    for name in _READER_LOGS:
+        logging.getLogger(name).setLevel(logging.CRITICAL)
+
+
+READER_PACKAGES = ("pandas", "pyarrow", "datasets", "json")  # whose exceptions say a file could not be read
+
+
+def _reader_cause(e: Optional[BaseException]) -> Optional[BaseException]:
+    """The innermost exception in e's chain that a file reader (pandas, pyarrow, datasets, json) raised."""
+    found, seen = None, set()
+    while e is not None and id(e) not in seen:
+        seen.add(id(e))
+        if type(e).__module__.split(".")[0] in READER_PACKAGES:
+            found = e
+        e = e.__cause__ or e.__context__
+    return found
+
+
+def file_read_error(paths: Sequence[str], e: BaseException) -> Optional[str]:
+    """One line for a local file that its reader could not read (a JSON line that does not parse, a CSV row
+    with more fields than the header, a damaged Parquet file): where, and the reader's own words; None when
+    the failure is not a reader's (then it is a bug, and keeps its traceback)."""
+    bad = json_lines_error(paths)
+    cause = _reader_cause(e)
+    if bad or cause is None or not paths:
+        return bad
+    words = (str(cause).strip().splitlines() or [""])[0]
+    where = paths[0] if len(paths) == 1 else f"{paths[0]} (or another of its {len(paths)} files)"
+    return (
+        f"could not read {where!r} as {builder_for(paths[0])} ({type(cause).__name__}: {words}); check the "
+        "file's format"
+    )
 
 
 def json_lines_error(paths: Sequence[str]) -> Optional[str]:
@@ -327,17 +359,23 @@ def json_lines_error(paths: Sequence[str]) -> Optional[str]:
             if first == "[":  # one JSON document (an array of rows), which datasets reads whole too
                 try:
                     json.load(fh)
+                    continue
                 except ValueError as e:
-                    return f"{path!r} line {e.lineno} is not valid JSON ({e.msg}, column {e.colno}); fix the file"
-                continue
+                    if e.msg != "Extra data" or e.colno != 1:
+                        return f"{path!r} line {e.lineno} is not valid JSON ({e.msg}, column {e.colno}); fix the file"
+                fh.seek(0)  # more after a first array: JSON Lines whose rows are arrays, found below
             for n, line in enumerate(fh, 1):  # JSON Lines: a line at a time, for a file of any size
                 try:
-                    if line.strip():
-                        json.loads(line)
+                    row = json.loads(line) if line.strip() else {}
                 except ValueError as e:
                     return (
                         f"{path!r} line {n} is not valid JSON ({e.msg}, column {e.colno}); fix that line: each "
                         "line of a JSON Lines file is one object"
+                    )
+                if not isinstance(row, dict):
+                    return (
+                        f"{path!r} line {n} is a JSON {type(row).__name__}, not an object; each line of a JSON "
+                        'Lines file is one object of columns, such as {"text": "..."}'
                     )
     return None
 
@@ -448,7 +486,7 @@ def open_split(cfg: TrainConfig, split: str, report: Optional[TextReport] = None
             p if p.endswith(".parquet") else readable_copy(p, cfg.text_errors, report, text_copies_dir(cfg))
             for p in paths
         ]
-        quiet_json_reader()
+        quiet_file_readers()
         ds = datasets.load_dataset(
             builder_for(paths[0]),
             data_files={split: readable},
@@ -475,8 +513,8 @@ def open_split(cfg: TrainConfig, split: str, report: Optional[TextReport] = None
         ds = splits[split]
     try:
         columns = stream_columns(ds)
-    except Exception:  # reading a JSON file's first rows: say which line breaks it, as the cached path does
-        bad = json_lines_error(paths or [])
+    except Exception as e:  # reading a file's first rows: say which line breaks it, as the cached path does
+        bad = file_read_error(paths or [], e)
         if bad is None:
             raise
         raise UserError(bad) from None
@@ -504,23 +542,49 @@ def split_label(cfg: TrainConfig, split: str) -> str:
     return f"dataset {hub_label(cfg.dataset_name, cfg.dataset_config_name)} split {split}"
 
 
+def no_text_error(description: str) -> UserError:
+    """A training split without a token: the same line on the cached and the streamed path."""
+    return UserError(
+        f"the training text ({description}) holds no tokens, only blank lines or whitespace; give a file that holds "
+        "text"
+    )
+
+
+def _split_texts(cfg: TrainConfig, split: str, ds, report: TextReport) -> Iterator[Optional[str]]:
+    """Each row's text of an opened split (None for a row --text_errors skips); a reader's failure (a JSON line
+    that does not parse, a ragged CSV row) is its one line, as on the cached path."""
+    columns, label = split_columns(cfg, split), split_label(cfg, split)
+    try:
+        for i, row in enumerate(ds):
+            values = [row[n] for n in columns.names]
+            yield columns.row_text(values, cfg.text_errors, f"{label} row {i + 1}", report, label)
+    except UserError:
+        raise
+    except Exception as e:
+        bad = file_read_error(local_files(cfg, split) or [], e)
+        if bad is None:
+            raise
+        raise UserError(bad) from None
+
+
+BLANK_PEEK_ROWS = 10_000  # a stream read this far with no text yet is left to training to judge
+
+
+def blank_stream(cfg: TrainConfig, split: str = "train") -> bool:
+    """Whether a streamed split ends within its first BLANK_PEEK_ROWS rows without any text (the cached path
+    finds that when it has tokenised everything; a stream is never read whole before training)."""
+    seen = 0
+    for text in itertools.islice(_split_texts(cfg, split, open_split(cfg, split), TextReport()), BLANK_PEEK_ROWS):
+        seen += 1
+        if text and text.strip():
+            return False
+    return seen < BLANK_PEEK_ROWS
+
+
 def whole_split(cfg: TrainConfig, split: str, report: TextReport) -> Optional[list[str]]:
     """The whole validation (or test) split, read from its stream: it is finite, and evaluation must count each
     example exactly once. None for a test split the source does not have."""
     ds = open_split(cfg, split, report, missing_ok=split == "test")
     if ds is None:
         return None
-    columns, label = split_columns(cfg, split), split_label(cfg, split)
-    texts = (
-        columns.row_text([row[n] for n in columns.names], cfg.text_errors, f"{label} row {i + 1}", report, label)
-        for i, row in enumerate(ds)
-    )
-    try:
-        return [t for t in texts if t is not None]
-    except UserError:
-        raise
-    except Exception:
-        bad = json_lines_error(local_files(cfg, split) or [])
-        if bad is None:
-            raise
-        raise UserError(bad) from None
+    return [t for t in _split_texts(cfg, split, ds, report) if t is not None]

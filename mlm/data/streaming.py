@@ -42,8 +42,10 @@ from mlm.data.cached import DataBundle, build_datasets, eval_loader, eval_stats,
 from mlm.data.cleaning import TextReport
 from mlm.data.sources import (
     TextColumns,
-    json_lines_error,
+    blank_stream,
+    file_read_error,
     local_files,
+    no_text_error,
     open_split,
     split_columns,
     split_label,
@@ -133,8 +135,8 @@ class PackedBatches(torch.utils.data.IterableDataset):
                     rows = []
         except UserError:
             raise
-        except Exception:
-            bad = json_lines_error(self.files)  # the same line the cached path gives, not datasets' pages
+        except Exception as e:
+            bad = file_read_error(self.files, e)  # the same line the cached path gives, not datasets' pages
             if bad is None:
                 raise
             raise LocalUserError(bad) from None
@@ -231,11 +233,13 @@ def build_streaming_data(cfg: TrainConfig, env: DistEnv, tokenizer) -> DataBundl
         os.environ["TOKENIZERS_PARALLELISM"] = "false"
     # Downloads of the validation split (and the Hub script/metadata) happen once per node, or once in all.
     report = TextReport()
-    texts = main_process_first(
-        env,
-        lambda: {split: whole_split(cfg, split, report) for split in ("validation", "test")},
-        per_node=cfg.cache_scope == "node",
-    )
+
+    def read_whole_splits() -> dict[str, Optional[list[str]]]:
+        if blank_stream(cfg, "train"):  # the cached path's line for a training file of blank lines
+            raise no_text_error(split_label(cfg, "train"))
+        return {split: whole_split(cfg, split, report) for split in ("validation", "test")}
+
+    texts = main_process_first(env, read_whole_splits, per_node=cfg.cache_scope == "node")
     streams = {split: tokenize_texts(tokenizer, t) for split, t in texts.items() if t is not None}
     built = build_datasets(cfg, streams, tokenizer)
     valid, test = built["validation"], built.get("test")

@@ -41,6 +41,11 @@ class Preempted(Exception):
         return 128 + self.signum
 
 
+class StoppedPreparing(Preempted):
+    """Raised where a signal arrives while the data is prepared, before the first step: nothing to save yet, and
+    the unfinished cache entry is removed on the way out."""
+
+
 OUT_OF_TIME = 1000  # what agreed() returns when the --max_runtime budget is reached (no signal is numbered so)
 EXIT_OUT_OF_TIME = 5
 
@@ -87,6 +92,12 @@ class StopRequest:
         self._previous.clear()
         if self._watchdog is not None:
             self._watchdog.cancel()
+
+    def raise_if_signalled(self) -> None:
+        """For work before the first step (preparing the data): stop now, on this rank, when a signal came; the
+        ranks waiting for it learn of the stop from its failure."""
+        if self.signum:
+            raise StoppedPreparing(self.signum)
 
     def _handle(self, signum: int, frame) -> None:
         # Only the first signal counts: Ctrl-C reaches a worker twice (from the terminal and from torchrun).
