@@ -202,6 +202,7 @@ def build_run(
     if env.device.type == "cuda":
         torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = cfg.tf32
     per_node = cfg.cache_scope == "node"  # downloads land in each node's cache, unless nodes share one
+    main_decides(env, lambda: tracking.use_wandb(cfg.report_to))  # a missing W&B key is said before any work
     model_config = main_process_first(env, lambda: modeling.load_model_config(cfg), per_node)
     modeling.check_model_config(cfg, model_config)
     tokenizer = main_process_first(env, lambda: modeling.load_tokenizer(cfg), per_node)

@@ -437,14 +437,17 @@ class TrainConfig:
             self.dataset_name = self.dataset_config_name = None
         elif self.dataset_name == DEFAULT_DATASET and self.dataset_config_name is None:
             self.dataset_config_name = DEFAULT_DATASET_CONFIG
-        if self.output_dir is None:
+        default_output = self.output_dir is None
+        if default_output:
             self.output_dir = os.path.join(OUTPUTS_ROOT, default_run_name(self))
         _check_numbers(self, light)
         if not light:
             _check_schedule(self)
         _check_sources(self)
         _check_model_paths(self)
-        _check_output(self)
+        _check_output(
+            self, "the default --output_dir (under the current directory)" if default_output else "--output_dir"
+        )
         return self
 
 
@@ -784,9 +787,10 @@ def _writable_dir(what: str, path: str, fix: str) -> str:
     return existing
 
 
-def _check_output(c: TrainConfig) -> None:
+def _check_output(c: TrainConfig, what: str = "--output_dir") -> None:
+    """what: how the output directory is named in a line (the option, or the default it fell back to)."""
     out = c.output_dir
-    existing = _writable_dir("--output_dir", out, "choose another --output_dir")
+    existing = _writable_dir(what, out, "choose another --output_dir")
     cache_fix = "point --data_cache_dir at a directory you can write (its disk holds the tokenised data)"
     if c.data_cache_dir is not None:
         _writable_dir("--data_cache_dir", c.data_cache_dir, cache_fix)

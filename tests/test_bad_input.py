@@ -155,10 +155,11 @@ def worker_logs(log_dir: str, local_rank: int) -> tuple[str, str]:
     return tuple(open(p, encoding="utf-8", errors="replace").read() for p in paths)
 
 
-# Under torchrun, one case for each place an error can arise: the options (every rank, before any process
-# group; the other option cases take the same path, and each one's message is checked in one process below),
-# rank 0's data preparation (the other data cases take its path), and the model's config on every rank.
-TORCHRUN_CASES = ["mlm_probability_0", "blank_train_file", "max_seq_length_beyond_positions"]
+# Under torchrun, the place an error arises on rank 0 while the others wait for it: its data preparation (the
+# other data cases take its path). The options (every rank, before its imports) run under torchrun in
+# tests/test_paths.py; an error every rank meets by itself (the model's config) is test_every_rank_exits_by_itself's.
+# Each case's message is checked in one process below.
+TORCHRUN_CASES = ["blank_train_file"]
 
 
 @pytest.mark.parametrize("name", TORCHRUN_CASES)
@@ -196,8 +197,9 @@ def test_bad_input_in_one_process(name, tmp_path, tiny_config_dir, tokenizer_pat
 
 # Under torchrun a rank that would hang is killed by the launcher once another rank fails, so the test above
 # cannot see it. Here the two ranks are started by hand, with the variables torchrun sets, and each one must
-# exit by itself, non-zero and quietly, within the limit. The first case fails before the process group
-# exists; the others after it, on rank 0 alone (blank file) or on every rank (positions).
+# exit by itself, non-zero and quietly, within the limit. The first case fails before torch is imported
+# (mlm.config.answer_user_errors_first); the others after the process group exists, on rank 0 alone (blank
+# file) or on every rank (positions).
 @pytest.mark.parametrize("name", ["missing_train_file", "blank_train_file", "max_seq_length_beyond_positions"])
 def test_every_rank_exits_by_itself(name, tmp_path, tiny_config_dir, tokenizer_path):
     case = build_case(name, tmp_path, tiny_config_dir, tokenizer_path)

@@ -13,7 +13,7 @@ import sys
 from dataclasses import dataclass, field
 
 import pytest
-from helpers import make_text_file, read_only_dir, run_train, tiny_args
+from helpers import ROOT, make_text_file, read_only_dir, run_train, tiny_args
 from test_bad_input import check_error_line, lines, worker_logs
 
 
@@ -23,6 +23,7 @@ class Case:
     problem: list[str]
     fix: str
     env: dict = field(default_factory=dict)
+    cwd: str = ROOT
 
 
 # What each kind of bad path is called in the line.
@@ -37,12 +38,14 @@ KIND_WORDS = {
 FILE_OPTIONS = ["train_file", "validation_file", "test_file", "probe_file", "config"]
 # Directories (or Hub ids) the run reads.
 READ_DIRS = ["model_name_or_path", "tokenizer_name", "config_name", "dataset_dir", "resume_from_checkpoint"]
-# Directories the run writes; the default cache is where runs without --data_cache_dir write their tokens.
-WRITE_DIRS = ["output_dir", "data_cache_dir", "default_cache"]
+# Directories the run writes, and the defaults: the cache of runs without --data_cache_dir ($XDG_CACHE_HOME), and
+# the output directory of runs without --output_dir (outputs/ in the current directory).
+WRITE_DIRS = ["output_dir", "data_cache_dir", "default_cache", "default_output"]
 
 # The fix each option's line gives (a substring of it).
 FIXES = {
     "output_dir": "choose another --output_dir",
+    "default_output": "choose another --output_dir",
     "data_cache_dir": "point --data_cache_dir at a directory you can write",
     "default_cache": "point --data_cache_dir at a directory you can write",
     "train_file": "give",
@@ -70,8 +73,8 @@ HOLDS_NOTHING = {
 TABLE = (
     [(o, k) for o in FILE_OPTIONS for k in ("empty", "missing", "dir_for_file", "holds_nothing")]
     + [(o, k) for o in READ_DIRS for k in ("empty", "missing", "file_for_dir", "holds_nothing")]
-    + [(o, k) for o in WRITE_DIRS if o != "default_cache" for k in ("empty", "file_for_dir", "unwritable")]
-    + [("default_cache", k) for k in ("file_for_dir", "unwritable")]
+    + [(o, k) for o in WRITE_DIRS[:2] for k in ("empty", "file_for_dir", "unwritable")]
+    + [(o, k) for o in WRITE_DIRS[2:] for k in ("file_for_dir", "unwritable")]
 )
 # One cell of each kind under real torchrun.
 UNDER_TORCHRUN = [
@@ -115,9 +118,17 @@ def path_case(option: str, kind: str, tmp_path, config_dir: str, tokenizer: str)
     out, cache = str(tmp_path / "out"), str(tmp_path / "data-cache")
     kw: dict = {"train_file": text}
     env: dict = {}
-    path = bad_path(kind, tmp_path, option)
-    named = f"--{option}"
-    if option == "output_dir":
+    named, cwd = f"--{option}", ROOT
+    path = bad_path(kind, tmp_path, option) if option != "default_output" else "outputs"
+    if option == "default_output":  # the current directory is read-only, or holds a file named outputs
+        out, named = None, "the default --output_dir"
+        if kind == "unwritable":
+            cwd = read_only_dir(tmp_path)
+        else:
+            cwd = str(tmp_path / "cwd")
+            os.makedirs(cwd)
+            (tmp_path / "cwd" / "outputs").write_text("a file, not a directory\n")
+    elif option == "output_dir":
         out = path
     elif option == "data_cache_dir":
         cache = path
@@ -134,7 +145,7 @@ def path_case(option: str, kind: str, tmp_path, config_dir: str, tokenizer: str)
     problem = [named, KIND_WORDS.get(kind) or HOLDS_NOTHING[option]]
     if path:
         problem.append(os.path.basename(path))
-    return Case(tiny_args(config_dir, tokenizer, out, cache, **kw), problem, FIXES[option], env)
+    return Case(tiny_args(config_dir, tokenizer, out, cache, **kw), problem, FIXES[option], env, cwd)
 
 
 def assert_nothing_made(tmp_path) -> None:
@@ -145,7 +156,7 @@ def assert_nothing_made(tmp_path) -> None:
 @pytest.mark.parametrize("option,kind", TABLE)
 def test_a_bad_path_is_one_line_on_two_ranks(option, kind, tmp_path, tiny_config_dir, tokenizer_path):
     case = path_case(option, kind, tmp_path, tiny_config_dir, tokenizer_path)
-    r = run_train(case.args, nproc=2, extra_env=case.env, timeout=60)
+    r = run_train(case.args, nproc=2, extra_env=case.env, timeout=60, cwd=case.cwd)
     assert r.returncode != 0 and "Traceback" not in r.output, r.output
     check_error_line(r.stderr, case)  # one line from the two ranks: rank 0's
     assert not lines(r.stdout), r.stdout
@@ -157,7 +168,12 @@ def test_a_bad_path_under_torchrun(option, kind, tmp_path, tiny_config_dir, toke
     case = path_case(option, kind, tmp_path, tiny_config_dir, tokenizer_path)
     log_dir = str(tmp_path / "torchrun-logs")
     r = run_train(
-        case.args, nproc=2, timeout=120, extra_env=case.env, torchrun_args=["--log-dir", log_dir, "--redirects", "3"]
+        case.args,
+        nproc=2,
+        timeout=120,
+        extra_env=case.env,
+        torchrun_args=["--log-dir", log_dir, "--redirects", "3"],
+        cwd=case.cwd,
     )
     assert r.returncode != 0
     out0, err0 = worker_logs(log_dir, 0)

@@ -5,6 +5,7 @@ Every method is a no-op on ranks other than 0, so callers never branch on the ra
 
 from __future__ import annotations
 
+import importlib.util
 import logging
 import math
 import netrc
@@ -36,13 +37,9 @@ def use_wandb(report_to: str) -> bool:
     """wandb: required (error if it cannot work); all: used when installed and set up; none: never."""
     if report_to == "none":
         return False
-    try:
-        import wandb  # noqa: F401
-    except ImportError:
+    if importlib.util.find_spec("wandb") is None:  # asked before any work: no import of wandb yet
         if report_to == "wandb":
-            raise UserError(
-                "--report_to wandb but wandb is not installed; pip install wandb, or --report_to none"
-            ) from None
+            raise UserError("--report_to wandb but wandb is not installed; pip install wandb, or --report_to none")
         return False
     mode = os.environ.get("WANDB_MODE", "").lower()
     if mode in ("offline", "disabled", "dryrun") or _wandb_has_key():
