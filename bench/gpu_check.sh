@@ -7,7 +7,8 @@
 # ASSETS_DIR (default .gpu-assets) is what bench/gpu_prepare.sh filled on a machine with package access: the
 # tokenizer, WikiText-2 and wheels for datasets and wandb. The GPU machine needs only this working tree, that
 # folder and a Python with torch and transformers. Into OUT_DIR (default $OUT, else gpu-check-out) go machine.txt,
-# gpu_tests.log, measured.txt (the figures the tests measured), gpu_throughput.log, gpu_table.md and .json.
+# gpu_tests.log, measured.txt (the figures the tests measured), cast_once.md and .log (issue 34 c),
+# gpu_throughput.log, gpu_table.md and .json.
 #
 # Environment: GPU_CHECK_BUDGET_S (360) the whole check; GPU_CHECK_TESTS_S (190) the tests' share;
 # GPU_CHECK_SKIP_TESTS=1 spends the whole budget on the table (a second try, for the rows the first left out);
@@ -57,6 +58,8 @@ if [[ "${GPU_CHECK_SKIP_TESTS:-0}" != "1" ]]; then
     tests_rc=${PIPESTATUS[0]}
     (( tests_rc == 124 )) && echo "gpu_check.sh: the tests ran past $tests_s s and were stopped" | tee -a "$out/gpu_tests.log"
     grep -o "measured: .*" "$out/gpu_tests.log" > "$out/measured.txt" || true
+    # Issue 34 (c): autocast's weight casts against a low-precision copy refreshed once a step (about 40 s).
+    timeout 150 "$python" bench/cast_once.py --out "$out" "${dry_bench_args[@]}" 2>&1 | tee "$out/cast_once.log"
 fi
 
 left=$(( budget - (SECONDS - start) - 10 ))

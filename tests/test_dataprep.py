@@ -261,3 +261,20 @@ def test_sigterm_stops_a_preparation_after_the_batch_in_hand(tokenizer, tmp_path
         stop.uninstall()
     assert stopped.value.exit_code == 143 and len(batches) == 3
     assert os.listdir(cache) == []
+
+
+def test_only_the_preparing_rank_hashes_a_cached_entry(tokenizer, tmp_path, monkeypatch):
+    """A cache hit is verified (sizes and SHA-256) by the rank that prepares, once; the ranks that read the entry
+    after it (verify=False, as build_data passes them) and the preparing rank right after building do not hash
+    the files again."""
+    path = make_text_file(str(tmp_path / "train.txt"), n_lines=300)
+    cfg, cache = cfg_for(tmp_path, train_file=path), str(tmp_path / "cache")
+    hashed = []
+    monkeypatch.setattr(cached, "sha256_file", lambda p: hashed.append(p) or files.sha256_file(p))
+    load_token_streams(cfg, tokenizer, cache)
+    built = len(hashed)  # each file once, for the record written with the entry
+    assert built > 0
+    _, hit, _ = load_token_streams(cfg, tokenizer, cache, verify=False)
+    assert hit and len(hashed) == built
+    _, hit, _ = load_token_streams(cfg, tokenizer, cache)
+    assert hit and len(hashed) == 2 * built

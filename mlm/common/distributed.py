@@ -264,14 +264,17 @@ def _leader_first(env: DistEnv, leader: bool, fn: Callable[[], T]) -> T | None:
     return result
 
 
-def main_process_first(env: DistEnv, fn: Callable[[], T], per_node: bool = False) -> T:
-    """Run fn on a leader first (it downloads or builds caches), then on the others, which read the result.
+def leads(env: DistEnv, per_node: bool = False) -> bool:
+    """Whether this rank is main_process_first's leader: global rank 0, or with per_node each node's local rank 0
+    (nodes that do not share a disk each need their own copy)."""
+    return env.local_rank == 0 if per_node else env.is_main
 
-    The leader is global rank 0, or with per_node each node's local rank 0 (nodes that do not share a disk each
-    need their own copy)."""
+
+def main_process_first(env: DistEnv, fn: Callable[[], T], per_node: bool = False) -> T:
+    """Run fn on a leader first (it downloads or builds caches), then on the others, which read the result."""
     if not env.distributed:
         return fn()
-    leader = env.local_rank == 0 if per_node else env.is_main
+    leader = leads(env, per_node)
     result = _leader_first(env, leader, fn)
     return result if leader else fn()
 

@@ -27,7 +27,7 @@ import torch
 from torch.utils.data import DataLoader, DistributedSampler
 
 from mlm.common.cli import UserError
-from mlm.common.distributed import DistEnv, main_process_first
+from mlm.common.distributed import DistEnv, leads, main_process_first
 from mlm.common.files import sha256_file
 from mlm.common.processes import pid_alive, process_start
 from mlm.config import TrainConfig, default_cache_dir
@@ -270,14 +270,14 @@ def _remove_abandoned_builds(cache_dir: str) -> None:
             shutil.rmtree(tmp, ignore_errors=True)
 
 
-def _read_cache(path: str) -> Optional[tuple[dict[str, TokenStream], dict]]:
-    """(streams, meta) of a cache entry, or None: each split a memory map of its slice of a part's files. A
-    damaged entry is removed (and so built again), with a line saying so."""
+def _read_cache(path: str, verify: bool = True) -> Optional[tuple[dict[str, TokenStream], dict]]:
+    """(streams, meta) of a cache entry, or None: each split a memory map of its slice of a part's files. verify:
+    a damaged entry is removed (and so built again), with a line saying so."""
     if not os.path.isfile(os.path.join(path, "meta.json")):
         return None
     with open(os.path.join(path, "meta.json")) as fh:
         meta = json.load(fh)
-    damage = _damage(path, meta)
+    damage = _damage(path, meta) if verify else None
     if damage:
         log.warning(f"warning: the cached tokens in {path} are damaged ({damage}); preparing them again")
         shutil.rmtree(path, ignore_errors=True)
@@ -302,16 +302,18 @@ def load_token_streams(
     cache_dir: str,
     builder: Callable = tokenize_texts,
     check_stop: Callable[[], None] = _go_on,
+    verify: bool = True,
 ) -> tuple[dict[str, TokenStream], bool, TextReport]:
     """Token streams for train and validation (and test, when the source has one), from the cache or built into
     it. The texts are read, tokenised and written a batch at a time (builder(tokenizer, texts) -> TokenStream),
     so preparing needs the same memory for any corpus size; the entry is a temporary sibling until complete, then
     renamed; check_stop() may raise between batches to stop, and the temporary entry is then removed. Returns
     (streams, hit, what --text_errors replaced or skipped when the texts were read, kept with the cache for later
-    hits)."""
+    hits). verify: check a cached entry's files against their recorded sizes and checksums (the rank that
+    prepares does; the ranks that read what it checked or built skip the hashing)."""
     source = build_source(cfg)
     path = os.path.join(cache_dir, cache_key(tokenizer_fingerprint(tokenizer), source.fingerprint))
-    cached = _read_cache(path)
+    cached = _read_cache(path, verify)
     if cached is not None:
         streams, meta = cached
         return streams, True, TextReport(meta.get("text_errors", {}))
@@ -351,7 +353,7 @@ def load_token_streams(
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
-    streams, _ = _read_cache(path)
+    streams, _ = _read_cache(path, verify=False)  # its checksums were taken from these files a moment ago
     return streams, False, source.report
 
 
@@ -634,10 +636,11 @@ def build_data(cfg: TrainConfig, env: DistEnv, tokenizer, check_stop: Callable[[
     as for load_token_streams."""
     cache_dir = cfg.data_cache_dir or default_cache_dir()
     t0 = time.perf_counter()
+    per_node = cfg.cache_scope == "node"
     streams, hit, report = main_process_first(
         env,
-        lambda: load_token_streams(cfg, tokenizer, cache_dir, check_stop=check_stop),
-        per_node=cfg.cache_scope == "node",
+        lambda: load_token_streams(cfg, tokenizer, cache_dir, check_stop=check_stop, verify=leads(env, per_node)),
+        per_node=per_node,
     )
     built = build_datasets(cfg, streams, tokenizer)
     train, valid, test = built["train"], built["validation"], built.get("test")
