@@ -23,18 +23,13 @@ import argparse
 import json
 import os
 import statistics
-import time
 
 import common  # noqa: F401 - the offline environment and the repository on sys.path
+import gpu_throughput
 import torch
-from gpu_throughput import kernel_times
+from gpu_throughput import time_and_profile
 
 DEVICE = torch.device("cuda", 0) if torch.cuda.is_available() else torch.device("cpu")
-
-
-def sync() -> None:
-    if DEVICE.type == "cuda":
-        torch.cuda.synchronize()
 
 
 def build_model(tiny: bool) -> torch.nn.Module:
@@ -98,20 +93,9 @@ def run(side: str, data: list, dtype: torch.dtype, warmup: int, steps: int, tiny
     fused = DEVICE.type == "cuda"
     opt = torch.optim.AdamW(params, lr=1e-4, fused=fused)
     scaler = torch.amp.GradScaler(DEVICE.type, enabled=dtype == torch.float16)
-    from torch.profiler import ProfilerActivity, profile
+    losses: list[torch.Tensor] = []
 
-    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if DEVICE.type == "cuda" else [])
-    t0, seconds, loss, prof = 0.0, 0.0, float("nan"), None
-    profiled = 3
-    for i in range(warmup + steps + profiled):
-        if i == warmup:
-            sync()
-            t0 = time.perf_counter()
-        if i == warmup + steps:
-            sync()
-            seconds = time.perf_counter() - t0
-            prof = profile(activities=activities)
-            prof.__enter__()
+    def step(i: int) -> None:
         with torch.autocast(DEVICE.type, dtype=dtype):
             out = model(**data[i % len(data)])
         scaler.scale(out.loss).backward()
@@ -125,11 +109,14 @@ def run(side: str, data: list, dtype: torch.dtype, warmup: int, steps: int, tiny
         if copies:
             copies.refresh()
         if i == warmup + steps - 1:
-            loss = out.loss.item()
-    sync()
-    prof.__exit__(None, None, None)
-    _, kernels, _ = kernel_times(prof) if DEVICE.type == "cuda" else (0.0, 0, [])
-    return {"ms_per_step": 1000 * seconds / steps, "kernels_per_step": kernels / profiled, "loss": loss}
+            losses.append(out.loss.detach())  # read after the timing: .item() would wait for the device
+
+    timed = time_and_profile(step, warmup, steps)
+    return {
+        "ms_per_step": 1000 * timed["seconds"] / steps,
+        "kernels_per_step": timed["kernels_per_step"],
+        "loss": losses[0].item(),
+    }
 
 
 def main() -> None:
@@ -144,7 +131,7 @@ def main() -> None:
     p.add_argument("--dry_run", action="store_true")
     a = p.parse_args()
     if a.dry_run:
-        DEVICE = torch.device("cpu")
+        DEVICE = gpu_throughput.DEVICE = torch.device("cpu")
         a.batch, a.seq, a.warmup, a.steps, a.repeats = 4, 32, 1, 2, 1
     native_bf16 = DEVICE.type == "cpu" or torch.cuda.get_device_capability(0) >= (8, 0)
     dtype = torch.bfloat16 if native_bf16 else torch.float16

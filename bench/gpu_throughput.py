@@ -38,6 +38,7 @@ import json
 import os
 import tempfile
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import common
@@ -146,8 +147,6 @@ def kernel_times(prof) -> tuple[float, int, list[tuple[str, float, int]]]:
 def run_ours(row: Row, chunks: ChunkDataset, tokenizer, warmup: int, steps: int, batch: int) -> dict:
     """Seconds of `steps` optimizer steps after `warmup`; then 3 steps under torch.profiler: the GPU's busy
     seconds per step and kernels per step."""
-    from torch.profiler import ProfilerActivity, profile
-
     cfg = TrainConfig(
         learning_rate=5e-5,
         num_warmup_steps=0,
@@ -161,28 +160,38 @@ def run_ours(row: Row, chunks: ChunkDataset, tokenizer, warmup: int, steps: int,
     sampler = GlobalOrderSampler(chunks, 1, 0, cfg.seed)
     loader = DataLoader(chunks, batch_size=batch, sampler=sampler, collate_fn=lambda b: b, drop_last=True)
     env = DistEnv(rank=0, local_rank=0, world_size=1, device=DEVICE)
-    t0, seconds, profiled = 0.0, 0.0, 3
-    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if DEVICE.type == "cuda" else [])
-    prof = None
-    for i, raw in enumerate(_cycle(loader)):
-        if i == warmup:
-            sync()
-            t0 = time.perf_counter()
-        if i == warmup + steps:
-            sync()
-            seconds = time.perf_counter() - t0
-            prof = profile(activities=activities)
-            prof.__enter__()
-        if i == warmup + steps + profiled:
-            sync()
-            prof.__exit__(None, None, None)
-            break
-        batch_ = prepare_batch(raw, 0, masking, DEVICE)
-        train_step(trainable, [batch_], env)
-    busy, kernels, _ = kernel_times(prof) if DEVICE.type == "cuda" else (0.0, 0, [])
-    del trainable
+    timed = _timed_steps(trainable, masking, _cycle(loader), env, warmup, steps)
+    del trainable  # before empty_cache: the model and its optimizer state go
     if DEVICE.type == "cuda":
         torch.cuda.empty_cache()
+    return timed
+
+
+def _timed_steps(trainable, masking, raws, env: DistEnv, warmup: int, steps: int) -> dict:
+    return time_and_profile(
+        lambda i: train_step(trainable, [prepare_batch(next(raws), 0, masking, DEVICE)], env), warmup, steps
+    )
+
+
+def time_and_profile(step: Callable[[int], None], warmup: int, steps: int, profiled: int = 3) -> dict:
+    """step(i) for i in order: `steps` of them timed after `warmup`, then `profiled` more under torch.profiler.
+    Returns the timed seconds, and the device's busy seconds and kernels per profiled step (0 on a CPU)."""
+    from torch.profiler import ProfilerActivity, profile
+
+    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if DEVICE.type == "cuda" else [])
+    for i in range(warmup):
+        step(i)
+    sync()
+    t0 = time.perf_counter()
+    for i in range(warmup, warmup + steps):
+        step(i)
+    sync()
+    seconds = time.perf_counter() - t0
+    with profile(activities=activities) as prof:
+        for i in range(warmup + steps, warmup + steps + profiled):
+            step(i)
+        sync()
+    busy, kernels, _ = kernel_times(prof) if DEVICE.type == "cuda" else (0.0, 0, [])
     return {"seconds": seconds, "busy_per_step": busy / profiled, "kernels_per_step": kernels / profiled}
 
 
