@@ -430,7 +430,7 @@ class TrainConfig:
     def resolve_and_validate(self, light: bool = False) -> TrainConfig:
         """Fill derived defaults and check every value; raise UserError naming the problem and the fix.
         light: skip the checks that import torch (the schedule tried on a stand-in optimizer, fp16's GPU), for
-        the early answer to a typo (mlm.common.workers); the full parse that follows makes them."""
+        the early answer to a typo (answer_user_errors_first); the full parse that follows makes them."""
         if self.model_name_or_path is None and not self.from_scratch:
             self.model_name_or_path = DEFAULT_MODEL
         if self.train_file or self.dataset_dir:
@@ -440,8 +440,9 @@ class TrainConfig:
         default_output = self.output_dir is None
         if default_output:
             self.output_dir = os.path.join(OUTPUTS_ROOT, default_run_name(self))
-        _check_numbers(self, light)
-        if not light:
+        _check_numbers(self)
+        if not light:  # the checks that import torch
+            _check_precision(self)
             _check_schedule(self)
         _check_sources(self)
         _check_model_paths(self)
@@ -467,7 +468,7 @@ def _require(ok: bool, message: str) -> None:
         raise UserError(message)
 
 
-def _check_numbers(c: TrainConfig, light: bool = False) -> None:
+def _check_numbers(c: TrainConfig) -> None:
     for f in dataclasses.fields(c):  # choices again: values from a --config file bypass argparse's check
         choices, v = f.metadata.get("choices"), getattr(c, f.name)
         _require(choices is None or v in choices, f"--{f.name} must be one of {', '.join(choices or ())}, got {v!r}")
@@ -570,7 +571,10 @@ def _check_numbers(c: TrainConfig, light: bool = False) -> None:
         c.dataloader_num_workers is None or c.dataloader_num_workers >= 0,
         f"--dataloader_num_workers must be 0 or more, got {c.dataloader_num_workers}",
     )
-    if c.precision == "fp16" and not light:
+
+
+def _check_precision(c: TrainConfig) -> None:
+    if c.precision == "fp16":
         import torch  # imported here: validation of everything else needs no torch
 
         _require(
@@ -679,9 +683,7 @@ def _check_sources(c: TrainConfig) -> None:
     )
     if c.dataset_dir is not None:
         d, fix = c.dataset_dir, "give the folder holding wiki.train.raw and wiki.valid.raw"
-        _require(bool(d.strip()), f"--dataset_dir is empty; {fix}")
-        _require(not os.path.isfile(d), f"--dataset_dir {d!r} is a file; {fix}")
-        _require(os.path.isdir(d), f"--dataset_dir {d!r} does not exist; {fix}")
+        _existing_dir("--dataset_dir", d, fix)
         for name in WIKITEXT_FILES.values():
             _require(os.path.isfile(os.path.join(d, name)), f"--dataset_dir {d!r} holds no {name}; {fix}")
             _check_local_file("dataset_dir", os.path.join(d, name))
@@ -767,6 +769,13 @@ def _check_model_paths(c: TrainConfig) -> None:
     )
 
 
+def _existing_dir(what: str, path: str, fix: str) -> None:
+    """A directory a run reads (what names its option): one line when it is empty, a file, or missing."""
+    _require(bool(path.strip()), f"{what} is empty; {fix}")
+    _require(not os.path.isfile(path), f"{what} {path!r} is a file; {fix}")
+    _require(os.path.isdir(path), f"{what} {path!r} does not exist; {fix}")
+
+
 def _writable_dir(what: str, path: str, fix: str) -> str:
     """A directory a run writes (what names it: an option, or a default): one line when it is empty, a file, or
     cannot be created or written; the nearest existing directory (for the free-space check)."""
@@ -803,9 +812,7 @@ def _check_output(c: TrainConfig, what: str = "--output_dir") -> None:
     r = c.resume_from_checkpoint
     if r not in (None, "auto", "none"):
         fix = "give a checkpoints/step-N folder, 'auto' or 'none'"
-        _require(bool(r.strip()), f"--resume_from_checkpoint is empty; {fix}")
-        _require(not os.path.isfile(r), f"--resume_from_checkpoint {r!r} is a file; {fix}")
-        _require(os.path.isdir(r), f"--resume_from_checkpoint {r!r} does not exist; {fix}")
+        _existing_dir("--resume_from_checkpoint", r, fix)
         exported = os.path.isfile(os.path.join(r, "config.json")) and not os.path.isfile(
             os.path.join(r, "trainer_state.json")
         )
@@ -1020,16 +1027,15 @@ def parse_command_line(
     parser = build_parser(prog)
     argv = list(sys.argv[1:] if argv is None else argv)
     pre, _ = parser.parse_known_args(argv)
-    if pre.config is not None:
-        file_values = load_config_file(pre.config)
-        # Values from the file pass through the same type conversion as the command line.
-        parser.set_defaults(**{k: _coerce(k, v) for k, v in file_values.items() if k not in TRAINER_ALIASES})
+    file_values = load_config_file(pre.config) if pre.config is not None else {}
+    # Values from the file pass through the same type conversion as the command line.
+    parser.set_defaults(**{k: _coerce(k, v) for k, v in file_values.items() if k not in TRAINER_ALIASES})
     ns = parser.parse_args(argv)
     values = {f.name: getattr(ns, f.name) for f in dataclasses.fields(TrainConfig)}
     named = {a[2:].split("=", 1)[0].replace("-", "_") for a in argv if a.startswith("--")}
-    named |= set(file_values) if pre.config is not None else set()
+    named |= set(file_values)
     aliases = {a: getattr(ns, f"alias_{a}") for a in TRAINER_ALIASES}
-    aliases.update({a: v for a, v in (file_values if pre.config is not None else {}).items() if a in TRAINER_ALIASES})
+    aliases.update({a: v for a, v in file_values.items() if a in TRAINER_ALIASES})
     _merge_aliases(values, aliases, named)
     cfg = TrainConfig(**values).resolve_and_validate(light)
     named |= {option for option in _alias_values({a: v for a, v in aliases.items() if v}).keys()}

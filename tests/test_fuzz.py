@@ -182,30 +182,24 @@ def test_a_run_on_drawn_options_and_files_ends_as_the_readme_says(
     """A whole run (train_ddp.main, a world of one) on a drawn training file, drawn option values and drawn bad
     paths: exit 0, or exit 2 with one `error:` line, or another documented code; never a traceback."""
     from helpers import tiny_args, train_here
+    from test_paths import bad_path
 
     base = tmp_path_factory.mktemp("fuzz-run")
     own_suffix, data = CONTENTS[content]
     train = base / f"train{suffix or own_suffix}"
     train.write_bytes(data)
 
-    def path(kind: str, name: str) -> str:
-        p = base / name
-        if kind == "empty":
-            return ""
-        if kind == "missing":
-            return str(base / "missing" / name)
-        if kind == "file_for_dir":
-            p.write_text("a file\n")
-        elif kind == "dir_for_file":
-            p.mkdir()
-        return str(p)
+    def path(kind: str, option: str) -> str:
+        """A good path for the option, or a bad one of the kind (test_paths.bad_path)."""
+        return str(base / option) if kind == "good" else bad_path(kind, base, option)
 
     drawn = {name: OPTION_VALUES[name][i % len(OPTION_VALUES[name])] for name, i in options.items()}
-    train_path = str(train) if train_kind == "good" else path(train_kind, "train-path")
+    train_path = str(train) if train_kind == "good" else path(train_kind, "train_file")
     kw = {"max_train_steps": 1, "eval_on_start": "false", "save_total_limit": 1, "train_file": train_path, **drawn}
     if drawn.get("streaming") == "true":
         kw["validation_file"] = str(train)
-    args = tiny_args(tiny_config_dir, tokenizer_path, path(output_kind, "out"), path(cache_kind, "cache"), **kw)
+    out, cache = path(output_kind, "output_dir"), path(cache_kind, "data_cache_dir")
+    args = tiny_args(tiny_config_dir, tokenizer_path, out, cache, **kw)
     capfd.readouterr()
     code = train_here(args)
     captured = capfd.readouterr()
