@@ -371,3 +371,22 @@ def read_only_dir(tmp_path) -> str:
     subprocess.run(["mount", "-o", "remount,bind,ro", str(target)], check=True)
     READ_ONLY_MOUNTS.append(str(target))
     return str(target)
+
+
+def small_corpus(directory) -> dict:
+    """The tests' usual run data in `directory`: 300 training lines, 60 validation lines, a cache folder."""
+    d = str(directory)
+    return {
+        "train": make_text_file(os.path.join(d, "train.txt"), n_lines=300, seed=1),
+        "valid": make_text_file(os.path.join(d, "valid.txt"), n_lines=60, seed=2),
+        "cache": os.path.join(d, "cache"),
+    }
+
+
+def text_chunks(tokenizer, path: str, seq: int = 32):
+    """The text file's lines tokenised and cut into examples of `seq` tokens, as the cached path cuts them."""
+    from mlm.data.cached import ChunkDataset, tokenize_texts
+
+    with open(path, encoding="utf-8") as fh:
+        stream = tokenize_texts(tokenizer, fh.read().split("\n"))
+    return ChunkDataset(stream, seq, tokenizer.cls_token_id, tokenizer.sep_token_id)

@@ -7,12 +7,13 @@ import os
 
 import pytest
 import torch
-from helpers import ROOT, make_text_file
+from helpers import ROOT, make_text_file, small_corpus, text_chunks
 from test_ddp import load_weights
+from test_family_runs import family_args
 
 from mlm.common.distributed import DistEnv
 from mlm.config import TrainConfig, load_config_file
-from mlm.data.cached import ChunkDataset, eval_shard, tokenize_texts
+from mlm.data.cached import ChunkDataset, eval_shard
 from mlm.train import engine
 
 CPU = torch.device("cpu")
@@ -21,10 +22,9 @@ ENV = DistEnv(rank=0, local_rank=0, world_size=1, device=CPU)
 
 @pytest.fixture(scope="module")
 def chunks(tokenizer, tmp_path_factory) -> ChunkDataset:
-    path = make_text_file(str(tmp_path_factory.mktemp("adaptation") / "t.txt"), n_lines=200, seed=4)
-    with open(path, encoding="utf-8") as fh:
-        stream = tokenize_texts(tokenizer, fh.read().split("\n"))
-    return ChunkDataset(stream, 32, tokenizer.cls_token_id, tokenizer.sep_token_id)
+    return text_chunks(
+        tokenizer, make_text_file(str(tmp_path_factory.mktemp("adaptation") / "t.txt"), n_lines=200, seed=4)
+    )
 
 
 def tiny_loss(vocab: int):
@@ -267,36 +267,13 @@ def encoder_only(tmp_path_factory, tokenizer_path) -> str:
 
 @pytest.fixture(scope="module")
 def corpus(tmp_path_factory) -> dict:
-    d = tmp_path_factory.mktemp("adaptation-corpus")
-    return {
-        "train": make_text_file(str(d / "train.txt"), n_lines=300, seed=1),
-        "valid": make_text_file(str(d / "valid.txt"), n_lines=60, seed=2),
-        "cache": str(d / "cache"),
-    }
+    return small_corpus(tmp_path_factory.mktemp("adaptation-corpus"))
 
 
 def run_args(model: str, corpus: dict, out: str, **kw) -> list[str]:
-    opts = {
-        "model_name_or_path": model,
-        "train_file": corpus["train"],
-        "validation_file": corpus["valid"],
-        "data_cache_dir": corpus["cache"],
-        "output_dir": out,
-        "max_seq_length": 32,
-        "per_device_train_batch_size": 4,
-        "per_device_eval_batch_size": 8,
-        "max_train_steps": 4,
-        "save_steps": 1,
-        "eval_steps": 4,
-        "save_total_limit": 10,
-        "learning_rate": 3e-3,
-        "warmup_ratio": 0.0,
-        "logging_steps": 1,
-        "report_to": "none",
-        "seed": 5,
-        **kw,
-    }
-    return [a for k, v in opts.items() if v is not None for a in (f"--{k}", str(v))]
+    """test_family_runs' run (4 steps here, a save at each, evaluation on start) on this module's corpus."""
+    opts = {"max_train_steps": 4, "save_steps": 1, "eval_steps": 4, "eval_on_start": None, **kw}
+    return family_args(model, out, corpus["cache"], (corpus["train"], corpus["valid"]), **opts)
 
 
 def test_a_fresh_head_is_named_in_the_banner_and_the_card(encoder_only, corpus, tmp_path, capfd):

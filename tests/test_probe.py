@@ -12,7 +12,7 @@ import random
 
 import numpy as np
 import pytest
-from helpers import WORDS, make_text_file, read_json, run_train, tiny_args, train_here
+from helpers import WORDS, read_json, run_train, small_corpus, tiny_args, train_here
 from wandb_offline import offline_runs, read_run
 
 from mlm.config import TrainConfig
@@ -52,12 +52,7 @@ def write_rows(path: str, rows: list[dict]) -> str:
 @pytest.fixture(scope="module")
 def corpus(tmp_path_factory) -> dict:
     d = tmp_path_factory.mktemp("probe")
-    return {
-        "train": make_text_file(str(d / "train.txt"), n_lines=300, seed=1),
-        "valid": make_text_file(str(d / "valid.txt"), n_lines=60, seed=2),
-        "probe": write_rows(str(d / "probe.csv"), probe_rows()),
-        "cache": str(d / "cache"),
-    }
+    return {**small_corpus(d), "probe": write_rows(str(d / "probe.csv"), probe_rows())}
 
 
 def args(corpus, config, tokenizer, out, **kw) -> list[str]:

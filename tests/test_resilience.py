@@ -15,7 +15,7 @@ import time
 
 import pytest
 import torch
-from helpers import TINY_BERT, make_text_file, read_json, run_train, start_ranks, tiny_args, wait_all, write_tiny_config
+from helpers import TINY_BERT, read_json, run_train, small_corpus, start_ranks, tiny_args, wait_all, write_tiny_config
 from test_ddp import load_weights, max_abs_diff
 
 STEPS = 12
@@ -29,12 +29,7 @@ def setup(tmp_path_factory):
     config = write_tiny_config(
         str(d / "cfg"), **{**TINY_BERT, "hidden_dropout_prob": 0.1, "attention_probs_dropout_prob": 0.1}
     )
-    return {
-        "config": config,
-        "train": make_text_file(str(d / "train.txt"), n_lines=300, seed=1),
-        "valid": make_text_file(str(d / "valid.txt"), n_lines=60, seed=2),
-        "cache": str(d / "cache"),
-    }
+    return {"config": config, **small_corpus(d)}
 
 
 def args_for(setup, out: str, tokenizer_path, **kw) -> list[str]:

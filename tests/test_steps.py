@@ -8,11 +8,11 @@ import os
 
 import pytest
 import torch
-from helpers import make_text_file, read_json, tiny_args, tiny_bert
+from helpers import make_text_file, read_json, text_chunks, tiny_args, tiny_bert
 
 from mlm.common.distributed import DistEnv
 from mlm.config import TrainConfig, parse_args
-from mlm.data.cached import ChunkDataset, eval_shard, tokenize_texts
+from mlm.data.cached import ChunkDataset, eval_shard
 from mlm.data.masking import IGNORE_INDEX
 from mlm.train import checkpoint, engine, loop
 from mlm.train.swa import WeightAverage
@@ -23,10 +23,7 @@ ENV = DistEnv(rank=0, local_rank=0, world_size=1, device=CPU)
 
 @pytest.fixture(scope="module")
 def chunks(tokenizer, tmp_path_factory) -> ChunkDataset:
-    path = make_text_file(str(tmp_path_factory.mktemp("steps") / "t.txt"), n_lines=120, seed=5)
-    with open(path, encoding="utf-8") as fh:
-        stream = tokenize_texts(tokenizer, fh.read().split("\n"))
-    return ChunkDataset(stream, 32, tokenizer.cls_token_id, tokenizer.sep_token_id)
+    return text_chunks(tokenizer, make_text_file(str(tmp_path_factory.mktemp("steps") / "t.txt"), n_lines=120, seed=5))
 
 
 def parts(tokenizer, precision: str = "fp32", accumulation: int = 1):

@@ -8,7 +8,7 @@ import os
 
 import pytest
 import torch
-from helpers import TINY_BERT, make_text_file, read_json, run_train, tiny_args
+from helpers import TINY_BERT, read_json, run_train, small_corpus, tiny_args
 from wandb_offline import offline_runs, read_run
 
 from mlm.inference.fill_mask import SAMPLE_SENTENCES
@@ -16,12 +16,7 @@ from mlm.inference.fill_mask import SAMPLE_SENTENCES
 
 @pytest.fixture(scope="module")
 def corpus(tmp_path_factory):
-    d = tmp_path_factory.mktemp("tracking-corpus")
-    return {
-        "train": make_text_file(str(d / "train.txt"), n_lines=300, seed=1),
-        "valid": make_text_file(str(d / "valid.txt"), n_lines=60, seed=2),
-        "cache": str(d / "cache"),
-    }
+    return small_corpus(tmp_path_factory.mktemp("tracking-corpus"))
 
 
 def args(corpus, config, tokenizer, out, **kw) -> list[str]:
