@@ -58,11 +58,11 @@ def test_search_runs_persists_resumes_and_writes_the_best_config(tmp_path, tiny_
     base = write_base(tmp_path / "base.yaml", tiny_config_dir, tokenizer_path, corpus, str(tmp_path / "cache"), SPACE)
     db = f"sqlite:///{tmp_path / 'search.db'}"
     common = ["--study_name", "tiny", "--storage", db, "--config", base, "--output_dir", str(tmp_path / "s")]
-    r = search(*common, "--n_trials", "4", "--n_jobs", "2")
+    r = search(*common, "--n_trials", "2", "--n_jobs", "2")
     assert r.returncode == 0, r.output[-3000:]
     study = optuna.load_study(study_name="tiny", storage=db)
     states = [t.state for t in study.trials]
-    assert states.count(optuna.trial.TrialState.COMPLETE) + states.count(optuna.trial.TrialState.PRUNED) == 4
+    assert states.count(optuna.trial.TrialState.COMPLETE) + states.count(optuna.trial.TrialState.PRUNED) == 2
     assert "best trial" in r.stdout and "parameter importances" in r.stdout
     first = {t.number: t.params for t in study.trials}
     # Every trial was a real run: its history has the evaluations, its options the sampled values.
@@ -74,8 +74,8 @@ def test_search_runs_persists_resumes_and_writes_the_best_config(tmp_path, tiny_
     r = search(*common, "--n_trials", "1")
     assert r.returncode == 0, r.output[-3000:]
     study = optuna.load_study(study_name="tiny", storage=db)
-    assert len(study.trials) == 5 and {t.number: t.params for t in study.trials[:4]} == first
-    assert "5 trials" in r.stdout
+    assert len(study.trials) == 3 and {t.number: t.params for t in study.trials[:2]} == first
+    assert "3 trials" in r.stdout
     # best.yaml is ready for train_ddp.py and holds the best trial's values.
     best_yaml = tmp_path / "s" / "best.yaml"
     cfg = parse_args(["--config", str(best_yaml)])
@@ -95,8 +95,8 @@ def test_median_pruning_stops_a_clearly_worse_trial(tmp_path, tiny_config_dir, t
     )
     db = f"sqlite:///{tmp_path / 'prune.db'}"
     study = optuna.create_study(study_name="prune", storage=db, direction="minimize")
-    # Two short runs that learn, then a long one that cannot (forced through the queue): it must be stopped.
-    for lr, steps in ((3e-3, 12), (4e-3, 12), (1e-9, 400)):
+    # A short run that learns, then a long one that cannot (forced through the queue): it must be stopped.
+    for lr, steps in ((3e-3, 12), (1e-9, 400)):
         study.enqueue_trial({"learning_rate": lr, "max_train_steps": steps})
     r = search(
         "--study_name",
@@ -106,20 +106,20 @@ def test_median_pruning_stops_a_clearly_worse_trial(tmp_path, tiny_config_dir, t
         "--config",
         base,
         "--n_trials",
-        "3",
+        "2",
         "--output_dir",
         str(tmp_path / "s"),
         "--pruner_startup_trials",
-        "2",
+        "1",
     )
     assert r.returncode == 0, r.output[-3000:]
     trials = optuna.load_study(study_name="prune", storage=db).trials
-    assert [t.state for t in trials] == [optuna.trial.TrialState.COMPLETE] * 2 + [optuna.trial.TrialState.PRUNED]
-    assert trials[2].params["learning_rate"] == 1e-9 and "trial 2: pruned at step 4" in r.stdout
+    assert [t.state for t in trials] == [optuna.trial.TrialState.COMPLETE, optuna.trial.TrialState.PRUNED]
+    assert trials[1].params["learning_rate"] == 1e-9 and "trial 1: pruned at step 4" in r.stdout
     # The pruned run was stopped (SIGTERM: it saved and left): it never reached its last step.
-    history = yaml.safe_load(open(tmp_path / "s" / "trial-2" / "run" / "training_history.json"))
+    history = yaml.safe_load(open(tmp_path / "s" / "trial-1" / "run" / "training_history.json"))
     assert max(e["step"] for e in history) < 400
-    assert "stop requested (SIGTERM)" in open(tmp_path / "s" / "trial-2" / "train.log").read()
+    assert "stop requested (SIGTERM)" in open(tmp_path / "s" / "trial-1" / "train.log").read()
 
 
 def test_search_user_errors(tmp_path, capfd):

@@ -237,7 +237,8 @@ def test_an_elastic_job_that_loses_a_node_reforms_and_finishes(corpus, tmp_path)
     and worker are killed after the step-4 checkpoint; the first node's torchrun re-forms the group alone, and the
     run resumes on one process (accumulation 2 keeps the global batch) and ends as the uninterrupted run.
     last_call_timeout is how long the first node waits for the second before it would start alone: 10 s, so a
-    loaded machine that starts the second torchrun late still forms the group of two (2 s did not, once)."""
+    loaded machine that starts the second torchrun late still forms the group of two (2 s did not, once). A node's
+    heartbeat every second, 3 missed: the vanished node leaves the rendezvous 3 s after its death, not 15 s."""
     import json
     import signal
     import sys
@@ -260,7 +261,7 @@ def test_an_elastic_job_that_loses_a_node_reforms_and_finishes(corpus, tmp_path)
             "--rdzv_id=mlm-elastic-test",
             "--local_addr=127.0.0.1",
             "--max-restarts=1",
-            "--rdzv-conf=last_call_timeout=10",
+            "--rdzv-conf=last_call_timeout=10,keep_alive_interval=1,keep_alive_max_attempt=3",
             os.path.join(ROOT, "tests", "faulty_train.py"),
             *corpus["args"](out),
         ]
