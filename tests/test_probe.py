@@ -12,12 +12,13 @@ import random
 
 import numpy as np
 import pytest
+import torch
 from helpers import WORDS, read_json, run_train, small_corpus, tiny_args, train_here
 from wandb_offline import offline_runs, read_run
 
 from mlm.config import TrainConfig
 from mlm.data.probe import CLASSIFICATION, REGRESSION, load_probe
-from mlm.report.probe import fit_probe
+from mlm.report.probe import compare, fit_probe
 
 # Two topics a bag of words tells apart; numbers for the regression follow the share of one topic's words.
 TOPICS = {
@@ -104,6 +105,110 @@ def test_the_fit_separates_what_is_separable_and_is_fixed_by_the_seed():
     assert fitted["pearson"] > 0.99 and fitted["rmse"] < 0.1 * float(np.std(target))
 
 
+def test_each_fold_is_scored_on_its_own_rows():
+    """The per-fold figures are those of the folds' held-out rows: their size-weighted mean squared error is the
+    overall one, and a separable set is separated in every fold."""
+    rng = np.random.default_rng(3)
+    x = rng.normal(size=(103, 8))
+    target = x @ rng.normal(size=8) + rng.normal(scale=0.5, size=103)
+    fitted = fit_probe(x, target, REGRESSION, folds=5, seed=2)
+    sizes = [21, 21, 21, 20, 20]  # KFold's split of 103 rows into 5
+    pooled = sum(n * r**2 for n, r in zip(sizes, fitted["rmse_by_fold"])) / 103
+    assert pooled == pytest.approx(fitted["rmse"] ** 2, rel=1e-9)
+    y = np.arange(200) % 2
+    separated = fit_probe(rng.normal(size=(200, 16)) + y[:, None] * 3.0, y.astype(float), CLASSIFICATION, 4, 1)
+    assert len(separated["macro_f1_by_fold"]) == 4 and min(separated["macro_f1_by_fold"]) > 0.9
+
+
+@pytest.mark.parametrize(
+    "task, before, after, verdict",
+    [
+        (CLASSIFICATION, [0.5, 0.6, 0.7], [0.6, 0.7, 0.8], "better in all 3 folds: the adaptation helped this task"),
+        (CLASSIFICATION, [0.5, 0.6, 0.7], [0.4, 0.5, 0.6], "worse in all 3 folds: the adaptation hurt this task"),
+        (CLASSIFICATION, [0.5, 0.6, 0.7], [0.9, 0.6, 0.6], "better in 1 of 3 folds: no clear change for this task"),
+        (REGRESSION, [1.0, 1.2, 0.9], [0.8, 1.1, 0.7], "better in all 3 folds: the adaptation helped this task"),
+        (REGRESSION, [1.0, 1.2, 0.9], [1.1, 1.3, 1.0], "worse in all 3 folds: the adaptation hurt this task"),
+    ],
+)
+def test_the_comparison_counts_the_folds_where_best_did_better(task, before, after, verdict):
+    """A lower RMSE is better, a higher macro-F1 is; a mixed count is no clear change, whatever the mean says."""
+    name = "macro_f1" if task == CLASSIFICATION else "rmse"
+    base = {name: float(np.mean(before)), f"{name}_by_fold": before}
+    best = {name: float(np.mean(after)), f"{name}_by_fold": after}
+    said = compare(base, best, task, best_step=40)
+    label = "macro-F1" if task == CLASSIFICATION else "RMSE"
+    change = best[name] - base[name]
+    assert (
+        said == f"{label} {base[name]:.4f} as loaded -> {best[name]:.4f} at best/ (step 40), {change:+.4f}; {verdict}"
+    )
+
+
+def test_the_comparison_says_when_best_is_the_model_as_loaded_or_folds_are_missing():
+    base = {"macro_f1": 0.5, "macro_f1_by_fold": [0.5, 0.5]}
+    assert compare(base, base, CLASSIFICATION, best_step=0).endswith(
+        "best/ is the model as loaded, no step of training improved on it"
+    )
+    old = {"macro_f1": 0.5}  # a checkpoint's base figures from before the folds were kept
+    assert compare(old, {"macro_f1": 0.6, "macro_f1_by_fold": [0.6, 0.6]}, CLASSIFICATION, 8).endswith(
+        "+0.1000; the model as loaded was probed before per-fold figures were kept, so no fold count"
+    )
+
+
+def test_best_holding_the_swa_average_is_described_by_the_average_s_own_probe(
+    corpus, tiny_config_dir, tokenizer_path, tmp_path, monkeypatch
+):
+    """When the SWA average has the lower perplexity, best/ holds it: the probe figures beside best/ (its
+    eval_results, the card) are the average's, computed again here from best/'s weights, not the live model's.
+    The average is made to lead by halving its perplexity: what is tested is what follows from it leading."""
+    from transformers import AutoModelForMaskedLM, AutoTokenizer
+
+    import mlm.train.loop as loop
+    from mlm.common.distributed import DistEnv
+    from mlm.config import parse_args
+    from mlm.train.probe import build_probe, probe_figures
+
+    real = loop.evaluate
+
+    def average_leads(loss_module, *rest):
+        figures = real(loss_module, *rest)
+        if loss_module is not loop_run_loss[0]:
+            figures["perplexity"] /= 2
+        return figures
+
+    loop_run_loss = [None]
+    fit = loop.fit
+
+    def remember(run):
+        loop_run_loss[0] = run.trainable.loss
+        return fit(run)
+
+    monkeypatch.setattr(loop, "evaluate", average_leads)
+    monkeypatch.setattr(loop, "fit", remember)
+    out = str(tmp_path / "swa")
+    options = args(  # scores: a regression's RMSE tells two close models apart
+        corpus,
+        tiny_config_dir,
+        tokenizer_path,
+        out,
+        swa_start_step=1,
+        eval_on_start="false",
+        probe_label_column="score",
+    )
+    assert train_here(options) == 0
+    saved = read_json(os.path.join(out, "best", "eval_results.json"))
+    assert saved["swa"] and saved["step"] == 4
+    assert figures_of(saved["swa_probe"]) != figures_of(saved["probe"])  # the average is another model
+    best = os.path.join(out, "best")
+    model = AutoModelForMaskedLM.from_pretrained(best)
+    cfg = parse_args(options)
+    probe = build_probe(cfg, AutoTokenizer.from_pretrained(best))
+    env = DistEnv(rank=0, local_rank=0, world_size=1, device=torch.device("cpu"))
+    again = probe_figures(model, probe, env, "fp32")
+    assert overall(saved["swa_probe"]) == pytest.approx(overall(again), abs=1e-6)
+    card = open(os.path.join(best, "README.md"), encoding="utf-8").read()
+    assert f"| this model (step 4) | {again['rmse']:.4f} | {again['pearson']:.4f} |" in card
+
+
 # ---------------------------------------------------------------------- bad probe files: one line each
 def bad_files(d) -> dict:
     good = probe_rows(40)
@@ -156,6 +261,11 @@ def figures_of(probe: dict) -> dict:
     return {k: v for k, v in probe.items() if not k.endswith("seconds")}
 
 
+def overall(figures: dict) -> dict:
+    """The figures over all rows, without the per-fold lists."""
+    return {k: v for k, v in figures.items() if not k.endswith("_by_fold")}
+
+
 def probe_entries(out: str) -> list[tuple[int, dict]]:
     history = read_json(os.path.join(out, "training_history.json"))
     return [(h["step"], figures_of(h["eval"]["probe"])) for h in history if "eval" in h]
@@ -172,7 +282,8 @@ def test_a_run_probes_every_evaluation_and_the_card_compares_base_and_best(
     entries = probe_entries(out)
     assert [s for s, _ in entries] == [0, 2, 4]
     for _, figures in entries:
-        assert set(figures) == {"accuracy", "macro_f1"} and 0.0 <= figures["macro_f1"] <= 1.0
+        assert set(figures) == {"accuracy", "macro_f1", "macro_f1_by_fold"} and 0.0 <= figures["macro_f1"] <= 1.0
+        assert len(figures["macro_f1_by_fold"]) == 5
     assert "probe accuracy" in printed and "macro-F1" in printed  # the evaluation's log line
     best = read_json(os.path.join(out, "best", "eval_results.json"))
     chosen = max(entries, key=lambda e: (e[1]["macro_f1"], -e[0]))  # the first of the best
@@ -184,6 +295,14 @@ def test_a_run_probes_every_evaluation_and_the_card_compares_base_and_best(
     assert f"| this model (step {chosen[0]}) | {chosen[1]['accuracy']:.4f} |" in card
     state = read_json(os.path.join(out, "checkpoints", "step-4", "trainer_state.json"))
     assert figures_of(state["extra"]["probe_base"]) == base
+    # Did it help: said at the end and in the card, from the fold-by-fold figures of the history.
+    folds = list(zip(base["macro_f1_by_fold"], chosen[1]["macro_f1_by_fold"]))
+    better, worse = sum(a > b for b, a in folds), sum(a < b for b, a in folds)
+    said = compare(base, chosen[1], CLASSIFICATION, chosen[0])
+    count = {5: "better in all 5 folds"}.get(better) or {5: "worse in all 5 folds"}.get(worse)
+    assert (count or f"better in {better} of 5 folds") in said or chosen[0] == 0
+    assert f"your task (probe.csv): {said}" in printed
+    assert f"Against the model as loaded: {said}." in card
 
 
 def test_without_an_evaluation_at_the_start_the_model_as_loaded_is_still_probed(
@@ -225,8 +344,12 @@ def test_two_ranks_give_the_one_rank_figures_and_log_them_to_wandb(
     assert [s for s, _ in ones] == [s for s, _ in twos] == [0, 2, 4]
     assert ones[0][1] == twos[0][1]  # the model as loaded: the same features, bit for bit, the same figures
     for (_, a), (_, b) in zip(ones[1:], twos[1:]):  # trained 2 x 1 against 1 x 2: equal within float tolerance
-        assert a == pytest.approx(b, abs=0.05)
+        assert overall(a) == pytest.approx(overall(b), abs=0.05)
     run = read_run(offline_runs(two)[0])
     logged = [h for h in run.history if "probe/macro_f1" in h]
     assert [h["_step"] for h in logged] == [0, 2, 4]
     assert logged[-1]["probe/accuracy"] == twos[-1][1]["accuracy"]
+    assert not any("probe/macro_f1_by_fold" in h for h in logged)  # the per-fold lists stay in the history
+    base, best = twos[0][1], read_json(os.path.join(two, "best", "eval_results.json"))["probe"]
+    assert run.summary["base/probe_macro_f1"] == base["macro_f1"]
+    assert run.summary["best/probe_macro_f1"] == best["macro_f1"]

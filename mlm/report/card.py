@@ -37,7 +37,8 @@ class CardFacts:
     train_seconds: float = 0.0
     options: dict[str, Any] = field(default_factory=dict)
     examples: list[list[Any]] = field(default_factory=list)  # rows of (text, top tokens per mask, fill, score)
-    # The downstream probe: {"origin", "task", "base": figures of the model as loaded, "best": of best/}
+    # The downstream probe: {"origin", "task", "folds", "base": figures of the model as loaded, "best": of best/,
+    # "compared": mlm.report.probe.compare's sentence, "" without the base}
     probe: Optional[dict[str, Any]] = None
     selected_by: str = "perplexity"  # what picked best/
     fresh_head: str = ""  # "the checkpoint lacks 6 tensor(s) ...": a head initialised afresh, else ""
@@ -61,6 +62,8 @@ def _probe_section(f: CardFacts) -> list[str]:
     if base:
         rows.append("| base model, as loaded | " + " | ".join(f"{base[k]:.4f}" for k in names) + " |")
     rows.append(f"| this model (step {f.best_step}) | " + " | ".join(f"{best[k]:.4f}" for k in names) + " |")
+    if f.probe.get("compared"):
+        rows += ["", f"Against the model as loaded: {f.probe['compared']}."]
     return rows + [""]
 
 

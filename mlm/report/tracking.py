@@ -20,6 +20,7 @@ from mlm.common.files import HISTORY, append_json_list, read_history, write_json
 from mlm.config import TrainConfig
 from mlm.report.card import coverage
 from mlm.report.probe import describe as describe_probe
+from mlm.report.probe import scalars
 
 log = logging.getLogger("mlm")
 
@@ -186,8 +187,8 @@ class Tracker:
         self._record({"step": step, "epoch": round(epoch, 4), "eval": metrics})
         probe = metrics.get("probe") or {}
         if self.wandb and step > self.wandb_floor:
-            values = {f"eval/{k}": v for k, v in metrics.items() if k != "probe"}
-            self.wandb.log({**values, **{f"probe/{k}": v for k, v in probe.items()}}, step=step)
+            values = {f"eval/{k}": v for k, v in metrics.items() if not isinstance(v, dict)}  # not the probes
+            self.wandb.log({**values, **{f"probe/{k}": v for k, v in scalars(probe).items()}}, step=step)
         self.write(
             f"eval at step {step}: loss {metrics['loss']:.4f} perplexity {metrics['perplexity']:.3f} "
             f"accuracy {metrics['accuracy']:.4f} ({metrics['masked_tokens']} masked tokens"

@@ -11,6 +11,7 @@ import torch
 from mlm.common.distributed import DistEnv
 from mlm.model.modeling import fresh_head_text
 from mlm.report.card import CardFacts
+from mlm.report.probe import compare
 from mlm.train.engine import describe_precision
 from mlm.train.probe import selection_name
 
@@ -154,20 +155,21 @@ def card_facts(
         train_seconds=run.state.train_seconds,
         options=card_options(run),
         examples=examples or [],
-        probe=_probe_facts(run, validation),
+        probe=_probe_facts(run, validation, best_step),
         selected_by=selection_name(run.cfg, run.probe),
         fresh_head=fresh_head_text(run.loaded.fresh) if run.loaded is not None and run.loaded.fresh else "",
     )
 
 
-def _probe_facts(run: Run, validation: dict[str, Any]) -> Optional[dict[str, Any]]:
+def _probe_facts(run: Run, validation: dict[str, Any], best_step: int) -> Optional[dict[str, Any]]:
     if run.probe is None or "probe" not in validation:
         return None
-    rows = run.probe.rows
+    rows, base, best = run.probe.rows, run.state.extra.get("probe_base"), validation["probe"]
     return {
         "origin": ", ".join(local_name(p) for p in run.cfg.probe_file or []),
         "task": f"{len(rows.classes)} classes" if rows.classes else "regression",
         "folds": run.probe.folds,
-        "base": run.state.extra.get("probe_base"),
-        "best": validation["probe"],
+        "base": base,
+        "best": best,
+        "compared": compare(base, best, rows.task, best_step) if base else "",
     }

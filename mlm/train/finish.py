@@ -16,6 +16,7 @@ from mlm.common.distributed import broadcast_weights, main_decides
 from mlm.common.files import read_json, write_json_atomic, write_text_atomic
 from mlm.model.modeling import MaskedLMLoss
 from mlm.report.card import CARD_FILE, coverage, model_card
+from mlm.report.probe import scalars
 from mlm.train.card_facts import card_facts
 from mlm.train.engine import EVAL_METRICS, evaluate
 from mlm.train.loop import Run
@@ -67,8 +68,8 @@ def test_best(run: Run, examples: Optional[Examples] = None) -> Optional[dict[st
         saved = read_json(os.path.join(best, "eval_results.json"))
         prefix = "swa_" if saved.get("swa") else ""
         validation = {k: saved[prefix + k] for k in EVAL_METRICS if prefix + k in saved}
-        if "probe" in saved:
-            validation["probe"] = saved["probe"]
+        if prefix + "probe" in saved:  # the probe of what best/ holds (the SWA average's own, when it is that)
+            validation["probe"] = saved[prefix + "probe"]
         if test is not None:
             write_json_atomic(os.path.join(cfg.output_dir, TEST_RESULTS), {"step": saved["step"], **test})
             write_json_atomic(
@@ -86,6 +87,9 @@ def test_best(run: Run, examples: Optional[Examples] = None) -> Optional[dict[st
             run, validation, best_step=saved["step"], epoch=saved.get("epoch", 0.0), test=test, examples=rows
         )
         write_text_atomic(os.path.join(best, CARD_FILE), model_card(facts))
+        if facts.probe and facts.probe.get("compared"):  # did it help the task: said last, beside the test figure
+            run.tracker.write(f"your task ({facts.probe['origin']}): {facts.probe['compared']}")
+            run.tracker.summary({f"base/probe_{k}": v for k, v in scalars(facts.probe["base"]).items()})
 
     write_on_main(env, cfg.output_dir, state.step, "the test results and the model card", write)
     return test

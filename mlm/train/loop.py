@@ -23,7 +23,7 @@ from mlm.model.modeling import LoadReport
 from mlm.report.card import CARD_FILE, model_card
 from mlm.report.metrics import Throughput
 from mlm.report.probe import describe as describe_probe
-from mlm.report.probe import selection_value
+from mlm.report.probe import scalars, selection_value
 from mlm.report.tracking import Tracker
 from mlm.train.card_facts import card_facts
 from mlm.train.checkpoint import (
@@ -126,6 +126,10 @@ def evaluate_and_decide(run: Run) -> bool:
             metrics["probe"] = {**figures, **seconds}
             if state.step == 0:  # the model as loaded: what the card and the log compare against
                 state.extra.setdefault("probe_base", figures)
+        if swa is not None and _swa_leads(run, metrics):  # best/ would hold the average: probe the average itself
+            swa_figures = probe_figures(swa.model, run.probe, run.env, precision)
+            if swa_figures is not None:
+                metrics["swa_probe"] = swa_figures
     stop = write_on_main(
         run.env, cfg.output_dir, state.step, "the evaluation, best/ and the history", lambda: _decide(run, metrics, swa)
     )
@@ -156,18 +160,24 @@ def _improved(value: float, best: Optional[float], higher: bool, min_delta: floa
     return value > best + min_delta if higher else value < best - min_delta
 
 
+def _swa_leads(run: Run, metrics: dict[str, Any]) -> bool:
+    """Whether best/ would be the SWA average: it is chosen by perplexity only (under --metric_for_best_model
+    probe, best/ is the live model), when its perplexity is the lower. Every rank decides the same (the
+    evaluation's figures are reduced over all ranks)."""
+    return (
+        "swa_perplexity" in metrics
+        and run.cfg.metric_for_best_model == "perplexity"
+        and metrics["swa_perplexity"] < metrics["perplexity"]
+    )
+
+
 def _decide(run: Run, metrics: dict[str, Any], swa: Optional[WeightAverage]) -> bool:
     """Rank 0: log the evaluation, export best/ when it improved, count patience; whether to stop early."""
     cfg, state = run.cfg, run.state
     if run.lock is not None:
         run.lock.check()
     run.tracker.log_eval(state.step, _epoch_float(run), metrics)
-    # The SWA average is probed by perplexity only: under --metric_for_best_model probe, best/ is the live model.
-    use_swa = (
-        swa is not None
-        and cfg.metric_for_best_model == "perplexity"
-        and metrics["swa_perplexity"] < metrics["perplexity"]
-    )
+    use_swa = swa is not None and _swa_leads(run, metrics)
     value, higher = _best_value(run, metrics, use_swa)
     improved = _improved(value, state.best_metric, higher, cfg.early_stopping_min_delta)
     model = run.trainable.loss.model
@@ -176,8 +186,8 @@ def _decide(run: Run, metrics: dict[str, Any], swa: Optional[WeightAverage]) -> 
         best_model = swa.model if use_swa else model
         prefix = "swa_" if use_swa else ""
         best_metrics = {k: metrics[prefix + k] for k in EVAL_METRICS}
-        if "probe" in metrics:
-            best_metrics["probe"] = metrics["probe"]
+        if prefix + "probe" in metrics:
+            best_metrics["probe"] = metrics[prefix + "probe"]
         facts = card_facts(run, best_metrics, best_step=state.step, epoch=_epoch_float(run))
         export_pretrained(
             best_model,
@@ -199,7 +209,7 @@ def _decide(run: Run, metrics: dict[str, Any], swa: Optional[WeightAverage]) -> 
                 "best/accuracy": metrics[f"{prefix}accuracy"],
                 "best/step": state.step,
                 "best/swa": use_swa,
-                **{f"best/probe_{k}": v for k, v in metrics.get("probe", {}).items()},
+                **{f"best/probe_{k}": v for k, v in scalars(best_metrics.get("probe", {})).items()},
             }
         )
     else:
