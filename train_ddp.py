@@ -153,7 +153,8 @@ def banner(run: loop.Run, resume: Optional[str], peak_source: str) -> str:
             **(
                 {
                     "probe": f"{run.probe.rows.describe()}; {run.probe.folds}-fold linear probe at every "
-                    f"evaluation; best/ by {probe.selection_name(cfg, run.probe)}"
+                    f"evaluation ({probe.cost(run.probe, eval_examples(run), cfg.max_seq_length)}); best/ by "
+                    f"{probe.selection_name(cfg, run.probe)}"
                 }
                 if run.probe is not None
                 else {}
@@ -163,6 +164,14 @@ def banner(run: loop.Run, resume: Optional[str], peak_source: str) -> str:
             **model_notes(run),
         }
     )
+
+
+def eval_examples(run: loop.Run) -> Optional[int]:
+    """The evaluation's examples, where its dataset has a length."""
+    try:
+        return len(run.data.eval_loader.dataset)
+    except (AttributeError, TypeError):
+        return None
 
 
 def model_notes(run: loop.Run) -> dict[str, str]:

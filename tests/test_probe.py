@@ -274,11 +274,23 @@ def probe_entries(out: str) -> list[tuple[int, dict]]:
 def test_a_run_probes_every_evaluation_and_the_card_compares_base_and_best(
     corpus, tiny_config_dir, tokenizer_path, tmp_path, capfd
 ):
+    from transformers import AutoTokenizer
+
+    from mlm.config import parse_args
+    from mlm.train.probe import build_probe
+
     out = str(tmp_path / "one")
-    assert train_here(args(corpus, tiny_config_dir, tokenizer_path, out, metric_for_best_model="probe")) == 0
+    options = args(corpus, tiny_config_dir, tokenizer_path, out, metric_for_best_model="probe")
+    assert train_here(options) == 0
     printed = capfd.readouterr().out
     assert f"60 rows of {corpus['probe']}, 2 classes (animals, places); 5-fold linear probe" in printed
     assert "best/ by probe macro-F1" in printed
+    # What each probing costs beside an evaluation, said before the first step: the positions of its padded
+    # batches against the evaluation's examples of 32 tokens.
+    tokens = build_probe(parse_args(options), AutoTokenizer.from_pretrained(str(tokenizer_path))).tokens
+    assert tokens >= 60 * 12  # at least a token a word
+    examples = read_json(os.path.join(out, "best", "eval_results.json"))["examples"]
+    assert f"at every evaluation ({tokens:,} tokens, {tokens / (examples * 32):.0%} of an evaluation's)" in printed
     entries = probe_entries(out)
     assert [s for s, _ in entries] == [0, 2, 4]
     for _, figures in entries:

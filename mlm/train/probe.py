@@ -30,6 +30,11 @@ class Probe:
     folds: int
     seed: int
 
+    @property
+    def tokens(self) -> int:
+        """Token positions one probing computes (padding included): what it costs beside an evaluation."""
+        return sum(int(b["input_ids"].numel()) for b in self.batches)
+
 
 def build_probe(cfg: TrainConfig, tokenizer) -> Optional[Probe]:
     """The probe of --probe_file, tokenised to --max_seq_length; None without one."""
@@ -82,6 +87,15 @@ def probe_figures(model: nn.Module, probe: Probe, env: DistEnv, precision: str) 
         return None
     targets = np.asarray(probe.rows.targets)
     return fit_probe(features, targets, probe.rows.task, probe.folds, probe.seed)
+
+
+def cost(probe: Probe, eval_examples: Optional[int], max_seq_length: int) -> str:
+    """ "200,660 tokens, 83% of an evaluation's": the probe's forward work beside the evaluation's (its examples
+    are max_seq_length long), said before the first step, since it is paid at every evaluation."""
+    text = f"{probe.tokens:,} tokens"
+    if eval_examples:
+        text += f", {probe.tokens / (eval_examples * max_seq_length):.0%} of an evaluation's"
+    return text
 
 
 def selection_name(cfg: TrainConfig, probe: Optional[Probe]) -> str:
