@@ -328,6 +328,26 @@ def test_without_an_evaluation_at_the_start_the_model_as_loaded_is_still_probed(
     assert "| base model, as loaded |" in open(os.path.join(out, "best", "README.md"), encoding="utf-8").read()
 
 
+def test_a_resume_compares_with_the_model_as_loaded_only_on_the_same_rows(
+    corpus, tiny_config_dir, tokenizer_path, tmp_path, capfd
+):
+    """The base figures are kept in the checkpoint with the rows they were measured on: a resume on the same rows
+    compares best/ with them; one that probes other rows says it cannot, instead of comparing two tasks."""
+    same, other = str(tmp_path / "same"), str(tmp_path / "other")
+    for out in (same, other):
+        assert train_here(args(corpus, tiny_config_dir, tokenizer_path, out, max_train_steps=2)) == 0
+    capfd.readouterr()
+    assert train_here(args(corpus, tiny_config_dir, tokenizer_path, same, max_train_steps=4)) == 0
+    assert "your task (probe.csv): macro-F1 " in capfd.readouterr().out
+    rows = write_rows(str(tmp_path / "other.csv"), probe_rows(60, seed=9))
+    assert train_here(args({**corpus, "probe": rows}, tiny_config_dir, tokenizer_path, other, max_train_steps=4)) == 0
+    printed = capfd.readouterr().out
+    said = "the model as loaded was probed on 60 rows (content "
+    assert f"your task (other.csv): {said}" in printed and "this run probes 60 rows" in printed
+    card = open(os.path.join(other, "best", "README.md"), encoding="utf-8").read()
+    assert "| base model, as loaded |" not in card and "The model as loaded was probed on 60 rows" in card
+
+
 def test_a_resume_that_changes_what_picks_best_is_refused(corpus, tiny_config_dir, tokenizer_path, tmp_path, capfd):
     out = str(tmp_path / "run")
     assert train_here(args(corpus, tiny_config_dir, tokenizer_path, out, max_train_steps=2)) == 0

@@ -38,7 +38,7 @@ class CardFacts:
     options: dict[str, Any] = field(default_factory=dict)
     examples: list[list[Any]] = field(default_factory=list)  # rows of (text, top tokens per mask, fill, score)
     # The downstream probe: {"origin", "task", "folds", "base": figures of the model as loaded, "best": of best/,
-    # "compared": mlm.report.probe.compare's sentence, "" without the base}
+    # "compared": mlm.report.probe.compare's sentence; without the base, why there is none (or "")}
     probe: Optional[dict[str, Any]] = None
     selected_by: str = "perplexity"  # what picked best/
     fresh_head: str = ""  # "the checkpoint lacks 6 tensor(s) ...": a head initialised afresh, else ""
@@ -62,8 +62,9 @@ def _probe_section(f: CardFacts) -> list[str]:
     if base:
         rows.append("| base model, as loaded | " + " | ".join(f"{base[k]:.4f}" for k in names) + " |")
     rows.append(f"| this model (step {f.best_step}) | " + " | ".join(f"{best[k]:.4f}" for k in names) + " |")
-    if f.probe.get("compared"):
-        rows += ["", f"Against the model as loaded: {f.probe['compared']}."]
+    said = f.probe.get("compared")
+    if said:  # the comparison, or why there is none
+        rows += ["", f"Against the model as loaded: {said}." if base else f"{said[0].upper()}{said[1:]}."]
     return rows + [""]
 
 

@@ -13,7 +13,7 @@ from mlm.model.modeling import fresh_head_text
 from mlm.report.card import CardFacts
 from mlm.report.probe import compare
 from mlm.train.engine import describe_precision
-from mlm.train.probe import selection_name
+from mlm.train.probe import base_figures, selection_name
 
 if TYPE_CHECKING:  # the loop hands its Run in; it imports this module
     from mlm.train.loop import Run
@@ -164,12 +164,13 @@ def card_facts(
 def _probe_facts(run: Run, validation: dict[str, Any], best_step: int) -> Optional[dict[str, Any]]:
     if run.probe is None or "probe" not in validation:
         return None
-    rows, base, best = run.probe.rows, run.state.extra.get("probe_base"), validation["probe"]
+    rows, best = run.probe.rows, validation["probe"]
+    base, why_not = base_figures(run.state.extra, run.probe)
     return {
         "origin": ", ".join(local_name(p) for p in run.cfg.probe_file or []),
         "task": f"{len(rows.classes)} classes" if rows.classes else "regression",
         "folds": run.probe.folds,
         "base": base,
         "best": best,
-        "compared": compare(base, best, rows.task, best_step) if base else "",
+        "compared": compare(base, best, rows.task, best_step) if base else why_not,
     }

@@ -89,7 +89,7 @@ def test_best(run: Run, examples: Optional[Examples] = None) -> Optional[dict[st
         write_text_atomic(os.path.join(best, CARD_FILE), model_card(facts))
         if facts.probe and facts.probe.get("compared"):  # did it help the task: said last, beside the test figure
             run.tracker.write(f"your task ({facts.probe['origin']}): {facts.probe['compared']}")
-            run.tracker.summary({f"base/probe_{k}": v for k, v in scalars(facts.probe["base"]).items()})
+            run.tracker.summary({f"base/probe_{k}": v for k, v in scalars(facts.probe["base"] or {}).items()})
 
     write_on_main(env, cfg.output_dir, state.step, "the test results and the model card", write)
     return test

@@ -46,7 +46,7 @@ from mlm.train.export import export_pretrained
 from mlm.train.meter import StepMeter
 from mlm.train.plan import RunPlan
 from mlm.train.preemption import OUT_OF_TIME, OutOfTime, Preempted, StopRequest, signal_name
-from mlm.train.probe import Probe, probe_figures, selection_name
+from mlm.train.probe import Probe, keep_base, probe_figures, selection_name
 from mlm.train.runlock import RunLock
 from mlm.train.swa import WeightAverage
 from mlm.train.writes import write_on_main
@@ -125,7 +125,7 @@ def evaluate_and_decide(run: Run) -> bool:
             seconds = {"seconds": round(time.perf_counter() - t0, 3), "evaluation_seconds": round(eval_seconds, 3)}
             metrics["probe"] = {**figures, **seconds}
             if state.step == 0:  # the model as loaded: what the card and the log compare against
-                state.extra.setdefault("probe_base", figures)
+                keep_base(state.extra, run.probe, figures)
         if swa is not None and _swa_leads(run, metrics):  # best/ would hold the average: probe the average itself
             swa_figures = probe_figures(swa.model, run.probe, run.env, precision)
             if swa_figures is not None:
@@ -222,7 +222,7 @@ def probe_before_training(run: Run) -> None:
     (--eval_on_start false): the base figures the card and the log compare against."""
     figures = probe_figures(run.trainable.loss.model, run.probe, run.env, run.trainable.precision)
     if figures is not None:
-        run.state.extra["probe_base"] = figures
+        keep_base(run.state.extra, run.probe, figures)
         run.tracker.write(f"probe on the model as loaded: {describe_probe(figures)}")
 
 

@@ -9,7 +9,7 @@ same on 1 and on 2 ranks."""
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Optional
+from typing import Any, Optional
 
 import numpy as np
 import torch
@@ -87,6 +87,31 @@ def probe_figures(model: nn.Module, probe: Probe, env: DistEnv, precision: str) 
         return None
     targets = np.asarray(probe.rows.targets)
     return fit_probe(features, targets, probe.rows.task, probe.folds, probe.seed)
+
+
+def rows_identity(probe: Probe) -> str:
+    """The rows and folds the figures were measured on: two figures compare only under the same."""
+    return f"{len(probe.rows.texts)} rows (content {probe.rows.digest()}), {probe.folds} folds"
+
+
+def keep_base(extra: dict[str, Any], probe: Probe, figures: dict[str, Any]) -> None:
+    """The model as loaded's figures, kept in the checkpoints' state with the rows they were measured on."""
+    if "probe_base" not in extra:
+        extra["probe_base"], extra["probe_base_rows"] = figures, rows_identity(probe)
+
+
+def base_figures(extra: dict[str, Any], probe: Probe) -> tuple[Optional[dict[str, Any]], str]:
+    """(the model as loaded's figures, or None; why there are none, or ""). A resume may probe other rows than
+    the run's start did (--probe_file, --probe_folds): its base figures then compare with nothing."""
+    base, rows = extra.get("probe_base"), extra.get("probe_base_rows")
+    if base is None:
+        return None, ""
+    if rows is not None and rows != rows_identity(probe):
+        return None, (
+            f"the model as loaded was probed on {rows}, this run probes {rows_identity(probe)} (the probe changed "
+            "when the run resumed), so best/ is not compared with it"
+        )
+    return base, ""
 
 
 def cost(probe: Probe, eval_examples: Optional[int], max_seq_length: int) -> str:
