@@ -385,6 +385,13 @@ class TrainConfig:
         choices=PROBE_TASKS,
     )
     probe_folds: int = _f(5, "Cross-validation folds of the probe (fixed by --seed).", "probe")
+    max_probe_samples: Optional[int] = _f(
+        None,
+        "Probe a sample of this many rows of --probe_file (drawn once by --seed, each class in its share): the "
+        "probe costs a forward pass over its rows at every evaluation, and a few thousand rows give steady "
+        "figures (default: every row).",
+        "probe",
+    )
     # --- output ---
     output_dir: Optional[str] = _f(None, "Run directory (default: outputs/<model>-<dataset>).", "output")
     overwrite_output_dir: bool = _f(
@@ -542,6 +549,10 @@ def _check_numbers(c: TrainConfig) -> None:
     )
     _require(c.seed >= 0, f"--seed must be non-negative, got {c.seed}")
     _require(c.probe_folds >= 2, f"--probe_folds must be at least 2, got {c.probe_folds}")
+    _require(
+        c.max_probe_samples is None or c.max_probe_samples >= 2 * c.probe_folds,
+        f"--max_probe_samples must be at least twice --probe_folds ({2 * c.probe_folds}), got {c.max_probe_samples}",
+    )
     _require(
         c.torch_compile or c.torch_compile_mode == "default",
         f"--torch_compile_mode {c.torch_compile_mode} applies to --torch_compile; add --torch_compile",

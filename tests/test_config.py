@@ -239,6 +239,7 @@ BAD_VALUES = [
     ("early_stopping_patience", -1),
     ("early_stopping_min_delta", -0.5),
     ("seed", -1),
+    ("max_probe_samples", 9),  # fewer than two rows a fold of the default 5
 ]
 
 

@@ -9,6 +9,7 @@ import csv
 import json
 import os
 import random
+from collections import Counter
 
 import numpy as np
 import pytest
@@ -16,6 +17,7 @@ import torch
 from helpers import WORDS, read_json, run_train, small_corpus, tiny_args, train_here
 from wandb_offline import offline_runs, read_run
 
+from mlm.common.cli import UserError
 from mlm.config import TrainConfig
 from mlm.data.probe import CLASSIFICATION, REGRESSION, load_probe
 from mlm.report.probe import compare, fit_probe
@@ -88,6 +90,33 @@ def test_text_labels_are_classes_numbers_a_regression_and_the_task_can_be_said(t
     assert load_probe(TrainConfig(probe_file=[ids])).task == REGRESSION  # numbers, unless told
     told = load_probe(TrainConfig(probe_file=[ids], probe_task="classification"))
     assert told.task == CLASSIFICATION and told.classes == ["0", "1", "2"]
+
+
+def test_a_sample_of_the_rows_is_drawn_once_by_the_seed_with_each_class_in_its_share(tmp_path):
+    rows = probe_rows(60)
+    rows[1]["label"] = rows[3]["label"] = "animals"  # 32 animals, 28 places
+    path = write_rows(str(tmp_path / "p.csv"), rows)
+    full = load_probe(TrainConfig(probe_file=[path]))
+    sample = load_probe(TrainConfig(probe_file=[path], max_probe_samples=15, seed=3))
+    assert len(sample.texts) == 15 and sample.file_rows == 60 and sample.describe().startswith("15 of 60 rows of ")
+    where = [full.texts.index(t) for t in sample.texts]
+    assert where == sorted(where)  # in file order
+    assert all(full.targets[i] == t for i, t in zip(where, sample.targets))  # each text with its own label
+    assert sorted(Counter(sample.targets).values()) == [7, 8]  # 32:28 of 15
+    assert load_probe(TrainConfig(probe_file=[path], max_probe_samples=15, seed=3)) == sample
+    assert load_probe(TrainConfig(probe_file=[path], max_probe_samples=15, seed=4)).texts != sample.texts
+    assert load_probe(TrainConfig(probe_file=[path], max_probe_samples=60)) == full  # every row: no sample
+
+
+def test_a_sample_too_small_for_a_class_s_folds_is_one_line(tmp_path):
+    rows = [{**r, "label": "rare" if i < 5 else r["label"]} for i, r in enumerate(probe_rows(60))]
+    path = write_rows(str(tmp_path / "p.csv"), rows)
+    assert len(load_probe(TrainConfig(probe_file=[path])).classes) == 3  # every row: 5 rare rows, enough
+    with pytest.raises(UserError) as e:
+        load_probe(TrainConfig(probe_file=[path], max_probe_samples=20))
+    said = str(e.value)
+    assert said.startswith("--max_probe_samples 20: a sample of 20 of the 60 rows") and "\n" not in said
+    assert "a class with 2 row(s), fewer than the 5 folds" in said and "give a larger --max_probe_samples" in said
 
 
 def test_the_fit_separates_what_is_separable_and_is_fixed_by_the_seed():

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import math
 from collections import Counter
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any, Optional
 
 from mlm.common.cli import UserError
@@ -27,6 +27,7 @@ class ProbeSet:
     task: str  # CLASSIFICATION or REGRESSION
     classes: list[str]  # class names in index order; [] for a regression
     origin: str  # the files, for messages
+    file_rows: int = 0  # the rows of the files, when these are a sample of them (--max_probe_samples)
 
     def digest(self) -> str:
         """The rows' content, short: a resume that picks best/ by the probe must probe the same rows."""
@@ -37,11 +38,12 @@ class ProbeSet:
 
     def describe(self) -> str:
         """The banner's line: rows, task and what the labels are."""
+        rows = f"{len(self.texts)}{f' of {self.file_rows}' if self.file_rows else ''} rows of {self.origin}"
         if self.task == CLASSIFICATION:
             shown = ", ".join(self.classes[:6]) + (", ..." if len(self.classes) > 6 else "")
-            return f"{len(self.texts)} rows of {self.origin}, {len(self.classes)} classes ({shown})"
+            return f"{rows}, {len(self.classes)} classes ({shown})"
         lo, hi = min(self.targets), max(self.targets)
-        return f"{len(self.texts)} rows of {self.origin}, regression on numbers from {lo:g} to {hi:g}"
+        return f"{rows}, regression on numbers from {lo:g} to {hi:g}"
 
 
 def _number(v: Any) -> Optional[float]:
@@ -88,10 +90,46 @@ def _check(ok: bool, message: str) -> None:
 
 def load_probe(cfg: TrainConfig, folds: Optional[int] = None) -> ProbeSet:
     """The probe's rows, checked: every row has a text and a label, and the labels can be cross-validated in
-    `folds` folds (cfg.probe_folds)."""
+    `folds` folds (cfg.probe_folds); a sample of them under --max_probe_samples."""
+    rows = _load_rows(cfg, folds or cfg.probe_folds)
+    if cfg.max_probe_samples is None or cfg.max_probe_samples >= len(rows.texts):
+        return rows
+    return _sample(rows, cfg.max_probe_samples, folds or cfg.probe_folds, cfg.seed)
+
+
+def _sample(rows: ProbeSet, size: int, folds: int, seed: int) -> ProbeSet:
+    """`size` rows drawn once by the seed, in file order; classes keep their shares (scikit-learn's stratified
+    split), so every class keeps the rows its folds need where the sample can hold them."""
+    from sklearn.model_selection import train_test_split
+
+    everything = list(range(len(rows.texts)))
+    stratify = rows.targets if rows.task == CLASSIFICATION else None
+    try:
+        kept, _ = train_test_split(everything, train_size=size, random_state=seed, stratify=stratify)
+    except ValueError:  # fewer rows than classes
+        kept = []
+    kept = sorted(kept)
+    counts = Counter(rows.targets[i] for i in kept)
+    if rows.task == CLASSIFICATION:
+        fewest = min(counts.get(float(c), 0) for c in range(len(rows.classes)))
+        _check(
+            fewest >= folds,
+            f"--max_probe_samples {size}: a sample of {size} of the {len(rows.texts)} rows of {rows.origin} leaves "
+            f"a class with {fewest} row(s), fewer than the {folds} folds (there are {len(rows.classes)} classes); "
+            "give a larger --max_probe_samples",
+        )
+    return replace(
+        rows,
+        texts=[rows.texts[i] for i in kept],
+        targets=[rows.targets[i] for i in kept],
+        file_rows=len(rows.texts),
+    )
+
+
+def _load_rows(cfg: TrainConfig, folds: int) -> ProbeSet:
+    """Every row of the probe files, checked."""
     paths = list(cfg.probe_file or [])
     origin = files_label(paths)
-    folds = folds or cfg.probe_folds
     _check(not paths[0].endswith((".txt", ".raw")), f"--probe_file {origin}: give a csv, json, jsonl or parquet file")
     columns, rows = _rows(cfg, paths)
     _check(bool(rows), f"--probe_file {origin} has no rows; give a file with a text and a label per row")
