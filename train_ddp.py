@@ -246,7 +246,7 @@ def build_run(
     # What later checkpoints record and a resume must find unchanged (rank 0 saves; the others hold None).
     best_by = probe.selection_name(cfg, task_probe)
     if best_by != "perplexity":
-        best_by += f" of {len(task_probe.rows.texts)} rows (content {task_probe.rows.digest()})"
+        best_by += f" of {task_probe.rows.identity()}"
     identity = main_decides(
         env, lambda: checkpoint.resume_identity(cfg, model.config, tokenizer, bundle.eval_loader.dataset, best_by)
     )

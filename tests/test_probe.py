@@ -196,20 +196,17 @@ def test_best_holding_the_swa_average_is_described_by_the_average_s_own_probe(
     from mlm.config import parse_args
     from mlm.train.probe import build_probe, probe_figures
 
-    real = loop.evaluate
+    real, fit, live = loop.evaluate, loop.fit, []
+
+    def remember(run):  # the live model's loss module, to tell it from the average's
+        live.append(run.trainable.loss)
+        return fit(run)
 
     def average_leads(loss_module, *rest):
         figures = real(loss_module, *rest)
-        if loss_module is not loop_run_loss[0]:
+        if loss_module is not live[-1]:
             figures["perplexity"] /= 2
         return figures
-
-    loop_run_loss = [None]
-    fit = loop.fit
-
-    def remember(run):
-        loop_run_loss[0] = run.trainable.loss
-        return fit(run)
 
     monkeypatch.setattr(loop, "evaluate", average_leads)
     monkeypatch.setattr(loop, "fit", remember)

@@ -29,12 +29,14 @@ class ProbeSet:
     origin: str  # the files, for messages
     file_rows: int = 0  # the rows of the files, when these are a sample of them (--max_probe_samples)
 
-    def digest(self) -> str:
-        """The rows' content, short: a resume that picks best/ by the probe must probe the same rows."""
+    def identity(self) -> str:
+        """ "60 rows (content 3f2a...)": the rows' count and content, short. A resume that picks best/ by the probe
+        must probe the same rows, and base figures compare only with figures of the same rows."""
         import hashlib
         import json
 
-        return hashlib.sha256(json.dumps([self.texts, self.targets]).encode()).hexdigest()[:12]
+        digest = hashlib.sha256(json.dumps([self.texts, self.targets]).encode()).hexdigest()[:12]
+        return f"{len(self.texts)} rows (content {digest})"
 
     def describe(self) -> str:
         """The banner's line: rows, task and what the labels are."""
@@ -91,10 +93,11 @@ def _check(ok: bool, message: str) -> None:
 def load_probe(cfg: TrainConfig, folds: Optional[int] = None) -> ProbeSet:
     """The probe's rows, checked: every row has a text and a label, and the labels can be cross-validated in
     `folds` folds (cfg.probe_folds); a sample of them under --max_probe_samples."""
-    rows = _load_rows(cfg, folds or cfg.probe_folds)
+    folds = folds or cfg.probe_folds
+    rows = _load_rows(cfg, folds)
     if cfg.max_probe_samples is None or cfg.max_probe_samples >= len(rows.texts):
         return rows
-    return _sample(rows, cfg.max_probe_samples, folds or cfg.probe_folds, cfg.seed)
+    return _sample(rows, cfg.max_probe_samples, folds, cfg.seed)
 
 
 def _sample(rows: ProbeSet, size: int, folds: int, seed: int) -> ProbeSet:
@@ -102,15 +105,14 @@ def _sample(rows: ProbeSet, size: int, folds: int, seed: int) -> ProbeSet:
     split), so every class keeps the rows its folds need where the sample can hold them."""
     from sklearn.model_selection import train_test_split
 
-    everything = list(range(len(rows.texts)))
     stratify = rows.targets if rows.task == CLASSIFICATION else None
     try:
-        kept, _ = train_test_split(everything, train_size=size, random_state=seed, stratify=stratify)
+        kept, _ = train_test_split(range(len(rows.texts)), train_size=size, random_state=seed, stratify=stratify)
     except ValueError:  # fewer rows than classes
         kept = []
     kept = sorted(kept)
-    counts = Counter(rows.targets[i] for i in kept)
     if rows.task == CLASSIFICATION:
+        counts = Counter(rows.targets[i] for i in kept)
         fewest = min(counts.get(float(c), 0) for c in range(len(rows.classes)))
         _check(
             fewest >= folds,

@@ -91,7 +91,7 @@ def probe_figures(model: nn.Module, probe: Probe, env: DistEnv, precision: str) 
 
 def rows_identity(probe: Probe) -> str:
     """The rows and folds the figures were measured on: two figures compare only under the same."""
-    return f"{len(probe.rows.texts)} rows (content {probe.rows.digest()}), {probe.folds} folds"
+    return f"{probe.rows.identity()}, {probe.folds} folds"
 
 
 def keep_base(extra: dict[str, Any], probe: Probe, figures: dict[str, Any]) -> None:
